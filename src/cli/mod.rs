@@ -1,0 +1,77 @@
+//! The `moppa` command line: clap definitions, dispatch, and the mapping of failures to exit
+//! codes (2 = usage / bad value, 1 = runtime failure, 130 = interrupted).
+
+mod physics_cmds;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for usage errors and invalid values.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status for runtime failures (unreadable files, bad data).
+pub const EXIT_FAILURE: i32 = 1;
+
+/// A failure with the exit code it maps to; printed once, as one line, by `main`.
+#[derive(Debug)]
+pub enum CliError {
+    /// A bad flag value or combination: exit 2.
+    Usage(anyhow::Error),
+    /// A runtime failure: exit 1.
+    Failure(anyhow::Error),
+}
+
+impl CliError {
+    /// The process exit code.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Usage(_) => EXIT_USAGE,
+            Self::Failure(_) => EXIT_FAILURE,
+        }
+    }
+
+    /// The message, causes joined on one line.
+    #[must_use]
+    pub fn message(&self) -> String {
+        let (Self::Usage(e) | Self::Failure(e)) = self;
+        format!("{e:#}")
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Failure(e)
+    }
+}
+
+/// Shorthand for a usage error.
+pub(crate) fn usage(msg: impl std::fmt::Display) -> CliError {
+    CliError::Usage(anyhow::anyhow!("{msg}"))
+}
+
+/// MoPPA Studio: see and steer physics-prior adapters (heat, wave, Poisson) while they train.
+///
+/// Run without a subcommand to open the desktop app (when built with the `gui` feature).
+#[derive(Debug, Parser)]
+#[command(name = "moppa", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; none opens the app.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the frequency grid Λ, the three spectral filters and their impulse responses.
+    Filters(physics_cmds::FiltersArgs),
+    /// Apply one prior to an image at full resolution, per colour channel.
+    Apply(physics_cmds::ApplyArgs),
+}
+
+/// Runs a parsed subcommand.
+pub fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Filters(args) => physics_cmds::filters(&args),
+        Command::Apply(args) => physics_cmds::apply(&args),
+    }
+}

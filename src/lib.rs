@@ -1,0 +1,8 @@
+//! MoPPA Studio: see and steer physics-prior adapters while they train.
+//!
+//! Layers (each may use the ones before it): [`physics`] (DCT, the three priors) → `model`
+//! (candle ViT + adapters) → `train` (engine, protocol) → the CLI and the desktop app.
+
+pub mod cli;
+pub mod model;
+pub mod physics;

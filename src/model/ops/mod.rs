@@ -1,0 +1,138 @@
+//! Training ops with real backward passes, in two implementations behind one API:
+//!
+//! - `fused`: candle custom ops over vectorised, rayon-parallel CPU kernels (`cpu`), used for
+//!   `f32` on the CPU. Frozen weights cost no weight gradients.
+//! - `composite`: candle's own differentiable primitives, for every other device/dtype (CUDA,
+//!   `f64` gradient checks) and as the reference the fused ops are tested against.
+//!
+//! candle's fused `LayerNorm` / `softmax_last_dim` have no backward pass and are never used.
+
+pub mod composite;
+pub mod cpu;
+pub mod fused;
+pub mod layout;
+
+use candle_core::{DType, Result, Tensor};
+pub use cpu::attention::Dims;
+pub use layout::HalfLayout;
+use std::sync::Arc;
+
+/// Which implementation the model's ops use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Fused CPU ops where possible (CPU + f32), composite elsewhere.
+    #[default]
+    Auto,
+    /// Always the composite ops (the reference).
+    Composite,
+}
+
+impl Kernels {
+    /// Whether to run the fused op for this tensor.
+    #[must_use]
+    pub fn fused_for(self, x: &Tensor) -> bool {
+        self == Self::Auto && x.device().is_cpu() && x.dtype() == DType::F32
+    }
+}
+
+/// `LayerNorm(x; γ, β)` over the last dimension.
+pub fn layer_norm(
+    k: Kernels,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if k.fused_for(x) {
+        x.contiguous()?.apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            fused::LayerNormOp { eps: eps as f32 },
+        )
+    } else {
+        composite::layer_norm(x, gamma, beta, eps)
+    }
+}
+
+/// `x·Wᵀ + b` over the last dimension; frozen (untracked) weights get no gradient work.
+pub fn linear(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if k.fused_for(x) {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, fused::LinearOp)
+    } else {
+        composite::linear(x, w, Some(b))
+    }
+}
+
+/// `x·Wᵀ` without a bias.
+pub fn linear_no_bias(k: Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if k.fused_for(x) {
+        let zero = Tensor::zeros(w.dim(0)?, x.dtype(), x.device())?;
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &zero, fused::LinearOp)
+    } else {
+        composite::linear(x, w, None)
+    }
+}
+
+/// Exact GELU.
+pub fn gelu(k: Kernels, x: &Tensor) -> Result<Tensor> {
+    if k.fused_for(x) {
+        x.contiguous()?.apply_op1(fused::GeluOp)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// One attention half of a timm block (`x + ls1 ⊙ attn(norm1(x))`), with an optional LoRA
+/// update `(B, T, 2D)` added to q and v.
+pub fn attn_half(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    layout: &Arc<HalfLayout>,
+    delta: Option<&Tensor>,
+    heads: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    if !k.fused_for(x) {
+        return composite::attn_half(x, w, layout, delta, heads, eps);
+    }
+    let (b, t, d) = x.dims3()?;
+    let save = x.track_op() || w.track_op() || delta.is_some_and(Tensor::track_op);
+    let op = fused::AttnHalfOp::new(
+        Dims { b, t, d, heads },
+        eps as f32,
+        layout.clone(),
+        delta.is_some(),
+        save,
+        w.track_op(),
+    );
+    let placeholder;
+    let third = match delta {
+        Some(dl) => dl.contiguous()?,
+        None => {
+            placeholder = Tensor::zeros(1, DType::F32, x.device())?;
+            placeholder.clone()
+        }
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
+}
+
+/// One MLP half of a timm block (`x + ls2 ⊙ mlp(norm2(x))`).
+pub fn mlp_half(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    layout: &Arc<HalfLayout>,
+    hidden: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    if !k.fused_for(x) {
+        return composite::mlp_half(x, w, layout, eps);
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    let save = x.track_op() || w.track_op();
+    let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op());
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}

@@ -1,0 +1,378 @@
+//! Training ops: the fused CPU ops against the composite reference (values and gradients), and
+//! both against finite differences. The composite ops are built from candle's differentiable
+//! primitives; the finite-difference checks run them in f64.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use moppa_studio::model::ops::{self, HalfLayout, Kernels, composite};
+use std::sync::Arc;
+
+/// Deterministic normal noise (xorshift + Box-Muller), `f32`.
+fn randn(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    let den = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    num / den.max(1e-30)
+}
+
+/// Runs `f` on fresh `Var`s made from `inputs` (as `dtype`), returns the output and the gradient
+/// of `Σ out ⊙ r` for each input (`None` where `trainable[i]` is false: passed as a plain tensor).
+fn eval(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    trainable: &[bool],
+    r: &Tensor,
+    dtype: DType,
+) -> (Tensor, Vec<Option<Tensor>>) {
+    let vars: Vec<Option<Var>> = inputs
+        .iter()
+        .zip(trainable)
+        .map(|(t, &tr)| tr.then(|| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()))
+        .collect();
+    let args: Vec<Tensor> = inputs
+        .iter()
+        .zip(&vars)
+        .map(|(t, v)| {
+            v.as_ref()
+                .map_or_else(|| t.to_dtype(dtype).unwrap(), |v| v.as_tensor().clone())
+        })
+        .collect();
+    let out = f(&args).unwrap();
+    let loss = (&out * r.to_dtype(dtype).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let g = vars
+        .iter()
+        .map(|v| {
+            v.as_ref()
+                .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+        })
+        .collect();
+    (out, g)
+}
+
+/// Fused (f32) vs composite (f64): outputs and every gradient.
+fn compare(
+    fused: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    trainable: &[bool],
+    tol: f64,
+) {
+    let probe = fused(inputs).unwrap();
+    let r = randn(probe.dims(), 1.0, 99);
+    let (out_f, g_f2) = eval(fused, inputs, trainable, &r, DType::F32);
+    let (out_c, g_c) = eval(reference, inputs, trainable, &r, DType::F64);
+    let e = rel_err(&out_f, &out_c);
+    assert!(e < tol, "forward: relative error {e}");
+    for (i, (a, b)) in g_f2.iter().zip(&g_c).enumerate() {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let e = rel_err(a, b);
+                assert!(e < tol * 10.0, "gradient of input {i}: relative error {e}");
+                let norm = b
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(norm > 0.0, "gradient of input {i} is zero");
+            }
+            (None, None) => {}
+            _ => panic!("gradient presence differs for input {i}"),
+        }
+    }
+}
+
+/// Central finite differences of `Σ f(inputs) ⊙ r` in f64 at a few coordinates of each input.
+fn finite_difference(
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    trainable: &[bool],
+    samples: usize,
+) {
+    let inputs: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::F64).unwrap())
+        .collect();
+    let probe = f(&inputs).unwrap();
+    let r = randn(probe.dims(), 1.0, 7).to_dtype(DType::F64).unwrap();
+    let (_, grads) = eval(f, &inputs, trainable, &r, DType::F64);
+    let loss = |args: &[Tensor]| -> f64 {
+        (f(args).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let h = 1e-6;
+    for (i, g) in grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        let gflat: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+        let n = base.len();
+        for s in 0..samples.min(n) {
+            let j = (s * 7919 + 13) % n;
+            let mut plus = base.clone();
+            plus[j] += h;
+            let mut minus = base.clone();
+            minus[j] -= h;
+            let mut args = inputs.clone();
+            args[i] = Tensor::from_vec(plus, inputs[i].shape(), &Device::Cpu).unwrap();
+            let lp = loss(&args);
+            args[i] = Tensor::from_vec(minus, inputs[i].shape(), &Device::Cpu).unwrap();
+            let lm = loss(&args);
+            let fd = (lp - lm) / (2.0 * h);
+            let tol = 1e-6 * (1.0 + fd.abs().max(gflat[j].abs()));
+            assert!(
+                (fd - gflat[j]).abs() < tol,
+                "input {i}[{j}]: autograd {} vs finite difference {fd}",
+                gflat[j]
+            );
+        }
+    }
+}
+
+fn flat_weights(layout: &HalfLayout, seed: u64) -> Tensor {
+    // LayerNorm gains near 1, layer scale near 0.5, everything else small random.
+    let mut w: Vec<f32> = randn(&[layout.len], 0.2, seed).to_vec1().unwrap();
+    for (i, s) in layout.slots.iter().enumerate() {
+        if i == ops::layout::NORM_W || i == ops::layout::LS {
+            let base = if i == ops::layout::LS { 0.5 } else { 1.0 };
+            for v in &mut w[s.range()] {
+                *v += base;
+            }
+        }
+        if !s.present {
+            let fill = if i == ops::layout::LS { 1.0 } else { 0.0 };
+            w[s.range()].fill(fill);
+        }
+    }
+    Tensor::from_vec(w, layout.len, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn layer_norm_fused_matches_composite_and_finite_differences() {
+    let x = (randn(&[3, 5, 16], 1.0, 1) + 0.3).unwrap();
+    let g = (randn(&[16], 0.2, 2) + 1.0).unwrap();
+    let b = randn(&[16], 0.2, 3);
+    let fused = |a: &[Tensor]| ops::layer_norm(Kernels::Auto, &a[0], &a[1], &a[2], 1e-6);
+    let reference = |a: &[Tensor]| composite::layer_norm(&a[0], &a[1], &a[2], 1e-6);
+    let inputs = [x, g, b];
+    compare(&fused, &reference, &inputs, &[true, true, true], 1e-5);
+    compare(&fused, &reference, &inputs, &[true, false, false], 1e-5);
+    finite_difference(&reference, &inputs, &[true, true, true], 12);
+}
+
+#[test]
+fn linear_fused_matches_composite_and_finite_differences() {
+    let x = randn(&[4, 6, 12], 1.0, 4);
+    let w = randn(&[9, 12], 0.3, 5);
+    let b = randn(&[9], 0.3, 6);
+    let fused = |a: &[Tensor]| ops::linear(Kernels::Auto, &a[0], &a[1], &a[2]);
+    let reference = |a: &[Tensor]| composite::linear(&a[0], &a[1], Some(&a[2]));
+    let inputs = [x, w, b];
+    compare(&fused, &reference, &inputs, &[true, true, true], 1e-5);
+    // A frozen weight: only the input gradient.
+    compare(&fused, &reference, &inputs, &[true, false, false], 1e-5);
+    finite_difference(&reference, &inputs, &[true, true, true], 12);
+}
+
+#[test]
+fn gelu_fused_matches_composite_and_finite_differences() {
+    let x = randn(&[5, 33], 2.0, 8);
+    let fused = |a: &[Tensor]| ops::gelu(Kernels::Auto, &a[0]);
+    let reference = |a: &[Tensor]| a[0].gelu_erf();
+    compare(&fused, &reference, &[x.clone()], &[true], 1e-5);
+    finite_difference(&reference, &[x], &[true], 20);
+}
+
+fn attn_case(qkv_bias: bool, ls: bool, with_delta: bool, train_w: bool) {
+    let (b, t, d, heads) = (3, 7, 12, 3);
+    let layout = Arc::new(HalfLayout::attn(d, qkv_bias, ls));
+    let x = randn(&[b, t, d], 1.0, 10);
+    let w = flat_weights(&layout, 11);
+    let delta = randn(&[b, t, 2 * d], 0.3, 12);
+    let l1 = layout.clone();
+    let fused = move |a: &[Tensor]| {
+        ops::attn_half(
+            Kernels::Auto,
+            &a[0],
+            &a[1],
+            &l1,
+            with_delta.then_some(&a[2]),
+            heads,
+            1e-6,
+        )
+    };
+    let l2 = layout.clone();
+    let reference = move |a: &[Tensor]| {
+        composite::attn_half(&a[0], &a[1], &l2, with_delta.then_some(&a[2]), heads, 1e-6)
+    };
+    let inputs = [x, w, delta];
+    let trainable = [true, train_w, with_delta];
+    compare(&fused, &reference, &inputs, &trainable, 2e-5);
+    if train_w {
+        // Placeholder slots (absent qkv bias / layer scale) never receive a gradient.
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let out = fused(&[
+            vars[0].as_tensor().clone(),
+            vars[1].as_tensor().clone(),
+            vars[2].as_tensor().clone(),
+        ])
+        .unwrap();
+        let g = out.sum_all().unwrap().backward().unwrap();
+        let gw: Vec<f32> = g.get(vars[1].as_tensor()).unwrap().to_vec1().unwrap();
+        for s in layout.slots.iter().filter(|s| !s.present) {
+            assert!(
+                gw[s.range()].iter().all(|v| *v == 0.0),
+                "{} must not train",
+                s.name
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_half_fused_matches_composite() {
+    attn_case(true, false, false, false);
+    attn_case(true, false, true, false);
+    attn_case(false, true, false, true);
+    attn_case(true, true, true, true);
+}
+
+#[test]
+fn attention_half_composite_matches_finite_differences() {
+    let (b, t, d, heads) = (2, 5, 8, 2);
+    let layout = Arc::new(HalfLayout::attn(d, true, true));
+    let inputs = [
+        randn(&[b, t, d], 1.0, 20),
+        flat_weights(&layout, 21),
+        randn(&[b, t, 2 * d], 0.3, 22),
+    ];
+    let reference =
+        move |a: &[Tensor]| composite::attn_half(&a[0], &a[1], &layout, Some(&a[2]), heads, 1e-6);
+    finite_difference(&reference, &inputs, &[true, true, true], 30);
+}
+
+fn mlp_case(ls: bool, train_w: bool) {
+    let (b, t, d, hidden) = (2, 9, 12, 40);
+    let layout = Arc::new(HalfLayout::mlp(d, hidden, ls));
+    let inputs = [randn(&[b, t, d], 1.0, 30), flat_weights(&layout, 31)];
+    let l1 = layout.clone();
+    let fused = move |a: &[Tensor]| ops::mlp_half(Kernels::Auto, &a[0], &a[1], &l1, hidden, 1e-6);
+    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6);
+    compare(&fused, &reference, &inputs, &[true, train_w], 2e-5);
+}
+
+#[test]
+fn mlp_half_fused_matches_composite() {
+    mlp_case(false, false);
+    mlp_case(false, true);
+    mlp_case(true, true);
+}
+
+#[test]
+fn mlp_half_composite_matches_finite_differences() {
+    let (d, hidden) = (6, 16);
+    let layout = Arc::new(HalfLayout::mlp(d, hidden, true));
+    let inputs = [randn(&[2, 4, d], 1.0, 40), flat_weights(&layout, 41)];
+    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6);
+    finite_difference(&reference, &inputs, &[true, true], 30);
+}
+
+#[test]
+fn fused_ops_match_finite_differences_in_f32() {
+    // Direct finite differences on the fused ops themselves (f32 forward, f64 loss), with a step
+    // and tolerance suited to single precision.
+    let (b, t, d, heads, hidden) = (2, 5, 8, 2, 24);
+    let al = Arc::new(HalfLayout::attn(d, true, false));
+    let ml = Arc::new(HalfLayout::mlp(d, hidden, false));
+    let x = randn(&[b, t, d], 1.0, 50);
+    let wa = flat_weights(&al, 51);
+    let wm = flat_weights(&ml, 52);
+    let f = |x: &Tensor| -> Tensor {
+        let y = ops::attn_half(Kernels::Auto, x, &wa, &al, None, heads, 1e-6).unwrap();
+        ops::mlp_half(Kernels::Auto, &y, &wm, &ml, hidden, 1e-6).unwrap()
+    };
+    let r = randn(&[b, t, d], 1.0, 53).to_dtype(DType::F64).unwrap();
+    let loss = |x: &Tensor| {
+        (f(x).to_dtype(DType::F64).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let xv = Var::from_tensor(&x).unwrap();
+    let out = f(xv.as_tensor()).to_dtype(DType::F64).unwrap();
+    let g = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g: Vec<f32> = g
+        .get(xv.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-2f32;
+    for j in (0..base.len()).step_by(7) {
+        let mut p = base.clone();
+        p[j] += h;
+        let mut m = base.clone();
+        m[j] -= h;
+        let lp = loss(&Tensor::from_vec(p, x.shape(), &Device::Cpu).unwrap());
+        let lm = loss(&Tensor::from_vec(m, x.shape(), &Device::Cpu).unwrap());
+        let fd = (lp - lm) / (2.0 * f64::from(h));
+        let tol = 2e-3 * (1.0 + fd.abs());
+        assert!(
+            (fd - f64::from(g[j])).abs() < tol,
+            "x[{j}]: backward {} vs finite difference {fd}",
+            g[j]
+        );
+    }
+    // Softmax composite sanity: rows sum to one.
+    let p = composite::softmax(&randn(&[3, 11], 3.0, 54)).unwrap();
+    let s: Vec<f32> = p.sum(D::Minus1).unwrap().to_vec1().unwrap();
+    assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-6));
+}
