@@ -13,24 +13,40 @@
 use moppa_studio::physics::{FilterSet, Prior, PriorCoeffs, impulse_width, radial_profile};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<f64> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let args: Vec<f64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     let mut coeffs = PriorCoeffs::default();
     if let [kappa, c, eps, ..] = args[..] {
         (coeffs.kappa, coeffs.c, coeffs.eps) = (kappa, c, eps);
     }
     let (h, w) = (14, 14);
     let set = FilterSet::new(h, w, coeffs)?;
-    println!("grid {h}×{w}, κ = {}, c = {}, ε = {}, τ = {}, γ = {}", coeffs.kappa, coeffs.c, coeffs.eps, coeffs.tau, coeffs.gamma);
+    println!(
+        "grid {h}×{w}, κ = {}, c = {}, ε = {}, τ = {}, γ = {}",
+        coeffs.kappa, coeffs.c, coeffs.eps, coeffs.tau, coeffs.gamma
+    );
     println!("{:>7} {:>9} {:>9} {:>9}", "√Λ", "heat", "wave", "poisson");
-    let profiles: Vec<Vec<(f64, f64)>> = Prior::ALL.iter().map(|&p| radial_profile(&set.lambda, set.gain(p))).collect();
+    let profiles: Vec<Vec<(f64, f64)>> = Prior::ALL
+        .iter()
+        .map(|&p| radial_profile(&set.lambda, set.gain(p)))
+        .collect();
     // Every 8th distinct frequency keeps the table short.
     let n = profiles[0].len();
     for i in (0..n).step_by(8).chain(std::iter::once(n - 1)) {
-        println!("{:>7.3} {:>9.4} {:>9.4} {:>9.4}", profiles[0][i].0, profiles[0][i].1, profiles[1][i].1, profiles[2][i].1);
+        println!(
+            "{:>7.3} {:>9.4} {:>9.4} {:>9.4}",
+            profiles[0][i].0, profiles[0][i].1, profiles[1][i].1, profiles[2][i].1
+        );
     }
     println!("impulse-response width (RMS distance of |response| from the impulse, in cells):");
     for p in Prior::ALL {
-        println!("  {:<8} {:.3}", p.name(), impulse_width(h, w, set.impulse(p)));
+        println!(
+            "  {:<8} {:.3}",
+            p.name(),
+            impulse_width(h, w, set.impulse(p))
+        );
     }
     Ok(())
 }
