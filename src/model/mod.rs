@@ -3,3 +3,19 @@
 //! adapter checkpoints.
 
 pub mod ops;
+pub mod config;
+pub mod error;
+pub mod resample;
+pub mod tensor_file;
+pub mod vit;
+
+pub use config::{MethodConfig, MethodKind, Placement, Pool, RouterKind, VitConfig};
+pub use error::ModelError;
+pub use vit::{BackboneOptions, Vit};
+pub mod adaptformer;
+pub mod init;
+pub mod lora;
+pub mod moppa;
+pub mod peft;
+
+pub use peft::{Forward, PeftModel, cross_entropy};

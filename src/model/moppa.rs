@@ -1,0 +1,260 @@
+//! The MoPPA unit: Mixture of Physical Priors Adapter (Wang, Li, Ye, Zhang, arXiv 2412.02759),
+//! as this project defines it in METHOD.md.
+//!
+//! `z = h W_downᵀ + b_down` → the patch part as a grid → `Ẑ = DCT2(Z)` → per prior
+//! `Y_p = IDCT2(G_p ⊙ Ẑ)` (heat, wave, Poisson) → `y = Σ_p α_p Y_p` (router) → `out = s · y W_upᵀ`.
+//! Prefix tokens bypass the filters. All transforms are 2-D matrix products with contiguous
+//! operands (`(B·r, HW) × (HW, HW)`), so the same code runs on CPU and CUDA.
+
+use super::config::{MethodConfig, RouterKind};
+use super::init::Init;
+use super::ops::{self, Kernels, composite};
+use crate::physics::Prior;
+use crate::physics::tensor::{SpectralGrid, inv_softplus, softplus};
+use candle_core::{D, Result, Tensor, Var};
+
+/// The router of one unit.
+#[derive(Debug)]
+pub enum Router {
+    /// A single prior: `α ≡ 1`, no route loss.
+    None,
+    /// Per-token mixture from `h`.
+    Token {
+        /// `(k, D)`.
+        w: Var,
+        /// `(k)`.
+        b: Var,
+    },
+    /// Per-image mixture from the mean patch token.
+    Image {
+        /// `(k, D)`.
+        w: Var,
+        /// `(k)`.
+        b: Var,
+    },
+    /// One learned mixture for the block.
+    Layer {
+        /// `(k)`, initialised at 0.
+        logits: Var,
+    },
+}
+
+/// Hyper-parameters that can change while training (read at every forward pass).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Live {
+    /// τ of heat and wave.
+    pub tau: f64,
+    /// Wave damping γ.
+    pub gamma: f64,
+    /// Router temperature T.
+    pub temperature: f64,
+    /// Output scale s.
+    pub scale: f64,
+    /// Route-regularization weight λ.
+    pub route_weight: f64,
+}
+
+impl Live {
+    /// From a method config.
+    #[must_use]
+    pub fn from_config(m: &MethodConfig) -> Self {
+        Self {
+            tau: m.tau,
+            gamma: m.gamma,
+            temperature: m.temperature,
+            scale: m.scale,
+            route_weight: m.route_weight,
+        }
+    }
+}
+
+/// What one unit returns.
+#[derive(Debug)]
+pub struct UnitOutput {
+    /// The update added to the residual stream, `(B, T, D)`.
+    pub out: Tensor,
+    /// Router weights of the patch tokens: `(B, HW, k)` (token), `(B, 1, k)` (image),
+    /// `(1, 1, k)` (layer); `None` for a single prior.
+    pub alpha: Option<Tensor>,
+    /// `KL(ᾱ ‖ U_k)` for this block (not yet weighted by λ); `None` for a single prior.
+    pub route_kl: Option<Tensor>,
+}
+
+/// One block's MoPPA parameters.
+#[derive(Debug)]
+pub struct MoppaUnit {
+    /// Active priors, in the order heat, wave, Poisson.
+    pub priors: Vec<Prior>,
+    /// Rank r.
+    pub rank: usize,
+    /// `W_down (r, D)`.
+    pub down_w: Var,
+    /// `b_down (r)`.
+    pub down_b: Var,
+    /// `W_up (D, r)`, zero-initialised.
+    pub up_w: Var,
+    /// The router.
+    pub router: Router,
+    /// Raw κ (heat), `κ = softplus(kappa_raw)`.
+    pub kappa_raw: Option<Var>,
+    /// Raw c (wave).
+    pub c_raw: Option<Var>,
+    /// Raw ε (Poisson).
+    pub eps_raw: Option<Var>,
+    /// Poisson source map `S (H, W)`, initialised at 1.
+    pub source: Option<Var>,
+}
+
+/// METHOD.md's initial coefficient of channel `j` of `r`: `f_j = j/(r−1)` (0 when r = 1).
+fn init_curve(r: usize, f: impl Fn(f64) -> f64) -> Vec<f32> {
+    (0..r)
+        .map(|j| {
+            let fj = if r == 1 { 0.0 } else { j as f64 / (r - 1) as f64 };
+            inv_softplus(f(fj)) as f32
+        })
+        .collect()
+}
+
+impl MoppaUnit {
+    /// A freshly initialised unit for width `d` on an `h × w` grid.
+    pub fn new(d: usize, (h, w): (usize, usize), cfg: &MethodConfig, init: &mut Init) -> Result<Self> {
+        let r = cfg.rank;
+        let priors = cfg.active_priors();
+        let k = priors.len();
+        let has = |p: Prior| priors.contains(&p);
+        let down_w = init.kaiming_uniform(r, d)?;
+        let bound = 1.0 / (d as f64).sqrt();
+        let down_b = {
+            let v = init.kaiming_uniform(1, r)?.as_tensor().flatten_all()?;
+            // U(±1/√D) like nn.Linear's bias: rescale the U(±1/√r) draw.
+            Var::from_tensor(&(v * (bound * (r as f64).sqrt()))?)?
+        };
+        let up_w = init.zeros(&[d, r])?;
+        let router = match (k, cfg.router) {
+            (1, _) => Router::None,
+            (_, RouterKind::Token) => Router::Token {
+                w: init.kaiming_uniform(k, d)?,
+                b: init.zeros(&[k])?,
+            },
+            (_, RouterKind::Image) => Router::Image {
+                w: init.kaiming_uniform(k, d)?,
+                b: init.zeros(&[k])?,
+            },
+            (_, RouterKind::Layer) => Router::Layer { logits: init.zeros(&[k])? },
+        };
+        let coeff = |on: bool, f: &dyn Fn(f64) -> f64| -> Result<Option<Var>> { on.then(|| init.from_values(init_curve(r, f), &[r])).transpose() };
+        Ok(Self {
+            kappa_raw: coeff(has(Prior::Heat), &|f| 10f64.powf(-2.0 + 2.0 * f))?,
+            c_raw: coeff(has(Prior::Wave), &|f| 0.25 + 1.25 * f)?,
+            eps_raw: coeff(has(Prior::Poisson), &|f| 10f64.powf(-1.0 + 2.0 * f))?,
+            source: has(Prior::Poisson).then(|| init.from_values(vec![1.0; h * w], &[h, w])).transpose()?,
+            priors,
+            rank: r,
+            down_w,
+            down_b,
+            up_w,
+            router,
+        })
+    }
+
+    /// Every trainable tensor with its checkpoint name under `prefix` (`blocks.{i}.moppa`).
+    #[must_use]
+    pub fn named_vars(&self, prefix: &str) -> Vec<(String, Var)> {
+        let mut v = vec![
+            (format!("{prefix}.down.weight"), self.down_w.clone()),
+            (format!("{prefix}.down.bias"), self.down_b.clone()),
+            (format!("{prefix}.up.weight"), self.up_w.clone()),
+        ];
+        match &self.router {
+            Router::None => {}
+            Router::Token { w, b } | Router::Image { w, b } => {
+                v.push((format!("{prefix}.router.weight"), w.clone()));
+                v.push((format!("{prefix}.router.bias"), b.clone()));
+            }
+            Router::Layer { logits } => v.push((format!("{prefix}.router.logits"), logits.clone())),
+        }
+        for (name, var) in [("kappa_raw", &self.kappa_raw), ("c_raw", &self.c_raw), ("eps_raw", &self.eps_raw), ("source", &self.source)] {
+            if let Some(var) = var {
+                v.push((format!("{prefix}.{name}"), var.clone()));
+            }
+        }
+        v
+    }
+
+    /// The spectral gains of the active priors, each `(r, HW)`, in prior order.
+    pub fn filters(&self, grid: &SpectralGrid, live: &Live) -> Result<Vec<Tensor>> {
+        let raw = |v: &Option<Var>| -> Result<Tensor> {
+            let v = v.as_ref().ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing coefficient".into()))?;
+            softplus(v.as_tensor())
+        };
+        self.priors
+            .iter()
+            .map(|p| match p {
+                Prior::Heat => grid.heat(&raw(&self.kappa_raw)?, live.tau),
+                Prior::Wave => grid.wave(&raw(&self.c_raw)?, live.tau, live.gamma),
+                Prior::Poisson => {
+                    let s = self.source.as_ref().ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing source map".into()))?;
+                    grid.poisson(&raw(&self.eps_raw)?, &s.as_tensor().flatten_all()?)
+                }
+            })
+            .collect()
+    }
+
+    /// The unit on normalised tokens `h (B, T, D)` with `prefix` leading tokens.
+    pub fn forward(&self, h: &Tensor, grid: &SpectralGrid, prefix: usize, live: &Live, kernels: Kernels) -> Result<UnitOutput> {
+        let (b, t, _d) = h.dims3()?;
+        let (r, hw, k) = (self.rank, grid.cells(), self.priors.len());
+        if t != prefix + hw {
+            candle_core::bail!("MoPPA unit: {t} tokens, expected {prefix} prefix + {hw} patches");
+        }
+        // Down-projection, fused with the token router's logits into one matrix product.
+        let (z, token_logits) = match &self.router {
+            Router::Token { w, b: rb } => {
+                let wc = Tensor::cat(&[self.down_w.as_tensor(), w.as_tensor()], 0)?;
+                let bc = Tensor::cat(&[self.down_b.as_tensor(), rb.as_tensor()], 0)?;
+                let zz = ops::linear(kernels, h, &wc, &bc)?;
+                (zz.narrow(D::Minus1, 0, r)?, Some(zz.narrow(D::Minus1, r, k)?))
+            }
+            _ => (ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?, None),
+        };
+        let z_pre = z.narrow(1, 0, prefix)?;
+        // (B, HW, r) → rows of grids (B·r, HW).
+        let z_grid = z.narrow(1, prefix, hw)?.transpose(1, 2)?.contiguous()?.reshape((b * r, hw))?;
+        // Ẑ = Z·Kᵀ row-wise (K = C_H ⊗ C_W).
+        let z_hat = z_grid.matmul(&grid.kron_t)?.reshape((b, 1, r, hw))?;
+        let gains = Tensor::stack(&self.filters(grid, live)?, 0)?.unsqueeze(0)?; // (1, k, r, HW)
+        let filtered = z_hat.broadcast_mul(&gains)?.reshape((b * k * r, hw))?;
+        // Y_p = IDCT2(G_p ⊙ Ẑ): rows times K.
+        let y_all = filtered.matmul(&grid.kron)?.reshape((b, k, r, hw))?;
+        let alpha = match &self.router {
+            Router::None => None,
+            Router::Token { .. } => {
+                let logits = token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
+                Some(composite::softmax(&(logits.narrow(1, prefix, hw)? / live.temperature)?)?)
+            }
+            Router::Image { w, b: rb } => {
+                let mean = h.narrow(1, prefix, hw)?.mean(1)?;
+                let logits = ops::linear(kernels, &mean, w.as_tensor(), rb.as_tensor())?;
+                Some(composite::softmax(&(logits / live.temperature)?)?.unsqueeze(1)?)
+            }
+            Router::Layer { logits } => Some(composite::softmax(&(logits.as_tensor() / live.temperature)?)?.reshape((1, 1, k))?),
+        };
+        let y_patch = match &alpha {
+            // (B|1, HW|1, k) → (B|1, k, 1, HW|1)
+            Some(a) => y_all.broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?.sum(1)?,
+            None => y_all.squeeze(1)?,
+        };
+        let y_patch = y_patch.transpose(1, 2)?; // (B, HW, r)
+        let y = Tensor::cat(&[&z_pre, &y_patch], 1)?;
+        let out = (ops::linear_no_bias(kernels, &y.contiguous()?, self.up_w.as_tensor())? * live.scale)?;
+        let route_kl = match &alpha {
+            Some(a) => {
+                let mean = a.flatten_to(1)?.reshape(((), k))?.mean(0)?; // ᾱ over batch and patch tokens
+                let kl = (&mean * (mean.clone() * k as f64)?.log()?)?.sum_all()?;
+                Some(kl)
+            }
+            None => None,
+        };
+        Ok(UnitOutput { out, alpha, route_kl })
+    }
+}

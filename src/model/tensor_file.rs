@@ -1,0 +1,209 @@
+//! Reading and writing safetensors files with their `__metadata__`, on the host.
+
+use super::error::{ModelError, Result};
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest as _, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A tensor on the host, as `f32` (f16/bf16/f64 files are converted on load).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// A tensor from a shape and values.
+    #[must_use]
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Self { shape, data }
+    }
+
+    /// As a candle tensor.
+    pub fn to_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+        candle_core::Tensor::from_vec(self.data.clone(), self.shape.as_slice(), device)
+    }
+}
+
+/// Integer tensors (labels in fixtures) are kept apart from the float ones.
+#[derive(Clone, Debug, Default)]
+pub struct TensorFile {
+    /// Where it came from.
+    pub path: PathBuf,
+    /// Float tensors by name.
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// Integer tensors by name (as i64).
+    pub int_tensors: BTreeMap<String, (Vec<usize>, Vec<i64>)>,
+    /// `__metadata__`.
+    pub metadata: HashMap<String, String>,
+    /// sha256 of the file's bytes, lower-case hex.
+    pub sha256: String,
+}
+
+fn format_err(path: &Path, msg: impl Into<String>) -> ModelError {
+    ModelError::Format {
+        path: path.to_owned(),
+        msg: msg.into(),
+    }
+}
+
+impl TensorFile {
+    /// Reads and decodes a whole file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Decodes file contents (`path` is only used in messages).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(format_err(path, "the file is empty"));
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, format!("not a safetensors file ({e})")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(path, format!("bad header ({e})")))?;
+        let mut out = Self {
+            path: path.to_owned(),
+            metadata: meta.metadata().clone().unwrap_or_default(),
+            sha256: hex(&Sha256::digest(bytes)),
+            ..Self::default()
+        };
+        for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let raw = view.data();
+            let data: Vec<f32> = match view.dtype() {
+                Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::F64 => raw
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                    .collect(),
+                Dtype::I64 => {
+                    let v = raw
+                        .chunks_exact(8)
+                        .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                        .collect();
+                    out.int_tensors.insert(name, (shape, v));
+                    continue;
+                }
+                Dtype::I32 => {
+                    let v = raw.chunks_exact(4).map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect();
+                    out.int_tensors.insert(name, (shape, v));
+                    continue;
+                }
+                other => return Err(format_err(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
+            };
+            out.tensors.insert(name, HostTensor { shape, data });
+        }
+        Ok(out)
+    }
+
+    /// A float tensor by name.
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| ModelError::Missing {
+            path: self.path.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// A float tensor checked against an expected shape.
+    pub fn get_shaped(&self, name: &str, expected: &[usize]) -> Result<&HostTensor> {
+        let t = self.get(name)?;
+        if t.shape != expected {
+            return Err(ModelError::Shape {
+                path: self.path.clone(),
+                name: name.to_owned(),
+                expected: expected.to_vec(),
+                got: t.shape.clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Whether a float tensor exists.
+    #[must_use]
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// Lower-case hex of bytes.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// sha256 of a file's bytes, lower-case hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+/// How to store floats in a written file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreAs {
+    /// Full precision.
+    F32,
+    /// Half precision (the built-in backbone, to stay inside the assets budget).
+    F16,
+}
+
+/// Writes tensors and metadata atomically: a temporary file in the same folder, fsync, rename.
+/// A failure never leaves a half-written file behind.
+pub fn write_atomic(path: &Path, tensors: &BTreeMap<String, HostTensor>, metadata: &HashMap<String, String>, store: StoreAs) -> Result<()> {
+    let io = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let raw = match store {
+                StoreAs::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                StoreAs::F16 => t.data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            };
+            (name.clone(), raw, t.shape.clone())
+        })
+        .collect();
+    let dtype = match store {
+        StoreAs::F32 => Dtype::F32,
+        StoreAs::F16 => Dtype::F16,
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, raw, shape)| {
+            safetensors::tensor::TensorView::new(dtype, shape.clone(), raw)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| format_err(path, format!("cannot encode '{name}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let data = safetensors::serialize(views, Some(metadata.clone())).map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    result.map_err(io)
+}
