@@ -79,7 +79,14 @@ impl Default for VitConfig {
 }
 
 impl VitConfig {
-    fn base(img: usize, patch: usize, d: usize, depth: usize, heads: usize, classes: usize) -> Self {
+    fn base(
+        img: usize,
+        patch: usize,
+        d: usize,
+        depth: usize,
+        heads: usize,
+        classes: usize,
+    ) -> Self {
         let mut c = Self {
             img_size: img,
             patch_size: patch,
@@ -166,10 +173,16 @@ impl VitConfig {
     /// Checks internal consistency; the error says what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.patch_size == 0 || self.img_size % self.patch_size != 0 {
-            return Err(format!("img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size));
+            return Err(format!(
+                "img_size {} is not a multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
         }
         if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
-            return Err(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
+            return Err(format!(
+                "embed_dim {} is not divisible by num_heads {}",
+                self.embed_dim, self.num_heads
+            ));
         }
         if self.depth == 0 || self.embed_dim == 0 || self.in_chans == 0 {
             return Err("depth, embed_dim and in_chans must be positive".into());
@@ -203,7 +216,13 @@ pub enum MethodKind {
 
 impl MethodKind {
     /// All methods, in the order tables list them.
-    pub const ALL: [Self; 5] = [Self::Linear, Self::Full, Self::Lora, Self::Adaptformer, Self::Moppa];
+    pub const ALL: [Self; 5] = [
+        Self::Linear,
+        Self::Full,
+        Self::Lora,
+        Self::Adaptformer,
+        Self::Moppa,
+    ];
 
     /// Name as on the command line.
     #[must_use]
@@ -298,7 +317,10 @@ impl MethodConfig {
     /// A method with every other setting at its default.
     #[must_use]
     pub fn of(method: MethodKind) -> Self {
-        Self { method, ..Self::default() }
+        Self {
+            method,
+            ..Self::default()
+        }
     }
 
     /// Validates ranges; the error names the field and value.
@@ -307,10 +329,18 @@ impl MethodConfig {
             return Err("rank must be ≥ 1".into());
         }
         let pos = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 { Ok(()) } else { Err(format!("{name} must be > 0 (got {v})")) }
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be > 0 (got {v})"))
+            }
         };
         let nonneg = |name: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{name} must be ≥ 0 (got {v})")) }
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be ≥ 0 (got {v})"))
+            }
         };
         pos("tau", self.tau)?;
         pos("temperature", self.temperature)?;
@@ -358,6 +388,18 @@ impl MethodConfig {
                 }
                 if self.route_weight == 0.0 && priors.len() > 1 {
                     s.push_str(" λ=0");
+                }
+                if self.placement == Placement::ParallelMlp {
+                    s.push_str(" parallel");
+                }
+                if self.router != RouterKind::Token && priors.len() > 1 {
+                    s = format!(
+                        "{s} {}-router",
+                        match self.router {
+                            RouterKind::Image => "image",
+                            _ => "layer",
+                        }
+                    );
                 }
                 s
             }

@@ -2,9 +2,9 @@
 //! AdaptFormer, linear probe, full fine-tuning), training ops with explicit backward passes, and
 //! adapter checkpoints.
 
-pub mod ops;
 pub mod config;
 pub mod error;
+pub mod ops;
 pub mod resample;
 pub mod tensor_file;
 pub mod vit;
@@ -19,3 +19,4 @@ pub mod moppa;
 pub mod peft;
 
 pub use peft::{Forward, PeftModel, cross_entropy};
+pub mod checkpoint;

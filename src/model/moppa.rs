@@ -109,7 +109,11 @@ pub struct MoppaUnit {
 fn init_curve(r: usize, f: impl Fn(f64) -> f64) -> Vec<f32> {
     (0..r)
         .map(|j| {
-            let fj = if r == 1 { 0.0 } else { j as f64 / (r - 1) as f64 };
+            let fj = if r == 1 {
+                0.0
+            } else {
+                j as f64 / (r - 1) as f64
+            };
             inv_softplus(f(fj)) as f32
         })
         .collect()
@@ -117,18 +121,19 @@ fn init_curve(r: usize, f: impl Fn(f64) -> f64) -> Vec<f32> {
 
 impl MoppaUnit {
     /// A freshly initialised unit for width `d` on an `h × w` grid.
-    pub fn new(d: usize, (h, w): (usize, usize), cfg: &MethodConfig, init: &mut Init) -> Result<Self> {
+    pub fn new(
+        d: usize,
+        (h, w): (usize, usize),
+        cfg: &MethodConfig,
+        init: &mut Init,
+    ) -> Result<Self> {
         let r = cfg.rank;
         let priors = cfg.active_priors();
         let k = priors.len();
         let has = |p: Prior| priors.contains(&p);
         let down_w = init.kaiming_uniform(r, d)?;
-        let bound = 1.0 / (d as f64).sqrt();
-        let down_b = {
-            let v = init.kaiming_uniform(1, r)?.as_tensor().flatten_all()?;
-            // U(±1/√D) like nn.Linear's bias: rescale the U(±1/√r) draw.
-            Var::from_tensor(&(v * (bound * (r as f64).sqrt()))?)?
-        };
+        // nn.Linear's default bias init.
+        let down_b = init.uniform(&[r], 1.0 / (d as f64).sqrt())?;
         let up_w = init.zeros(&[d, r])?;
         let router = match (k, cfg.router) {
             (1, _) => Router::None,
@@ -140,14 +145,21 @@ impl MoppaUnit {
                 w: init.kaiming_uniform(k, d)?,
                 b: init.zeros(&[k])?,
             },
-            (_, RouterKind::Layer) => Router::Layer { logits: init.zeros(&[k])? },
+            (_, RouterKind::Layer) => Router::Layer {
+                logits: init.zeros(&[k])?,
+            },
         };
-        let coeff = |on: bool, f: &dyn Fn(f64) -> f64| -> Result<Option<Var>> { on.then(|| init.from_values(init_curve(r, f), &[r])).transpose() };
+        let coeff = |on: bool, f: &dyn Fn(f64) -> f64| -> Result<Option<Var>> {
+            on.then(|| init.from_values(init_curve(r, f), &[r]))
+                .transpose()
+        };
         Ok(Self {
             kappa_raw: coeff(has(Prior::Heat), &|f| 10f64.powf(-2.0 + 2.0 * f))?,
             c_raw: coeff(has(Prior::Wave), &|f| 0.25 + 1.25 * f)?,
             eps_raw: coeff(has(Prior::Poisson), &|f| 10f64.powf(-1.0 + 2.0 * f))?,
-            source: has(Prior::Poisson).then(|| init.from_values(vec![1.0; h * w], &[h, w])).transpose()?,
+            source: has(Prior::Poisson)
+                .then(|| init.from_values(vec![1.0; h * w], &[h, w]))
+                .transpose()?,
             priors,
             rank: r,
             down_w,
@@ -173,7 +185,12 @@ impl MoppaUnit {
             }
             Router::Layer { logits } => v.push((format!("{prefix}.router.logits"), logits.clone())),
         }
-        for (name, var) in [("kappa_raw", &self.kappa_raw), ("c_raw", &self.c_raw), ("eps_raw", &self.eps_raw), ("source", &self.source)] {
+        for (name, var) in [
+            ("kappa_raw", &self.kappa_raw),
+            ("c_raw", &self.c_raw),
+            ("eps_raw", &self.eps_raw),
+            ("source", &self.source),
+        ] {
             if let Some(var) = var {
                 v.push((format!("{prefix}.{name}"), var.clone()));
             }
@@ -184,7 +201,9 @@ impl MoppaUnit {
     /// The spectral gains of the active priors, each `(r, HW)`, in prior order.
     pub fn filters(&self, grid: &SpectralGrid, live: &Live) -> Result<Vec<Tensor>> {
         let raw = |v: &Option<Var>| -> Result<Tensor> {
-            let v = v.as_ref().ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing coefficient".into()))?;
+            let v = v
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing coefficient".into()))?;
             softplus(v.as_tensor())
         };
         self.priors
@@ -193,7 +212,9 @@ impl MoppaUnit {
                 Prior::Heat => grid.heat(&raw(&self.kappa_raw)?, live.tau),
                 Prior::Wave => grid.wave(&raw(&self.c_raw)?, live.tau, live.gamma),
                 Prior::Poisson => {
-                    let s = self.source.as_ref().ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing source map".into()))?;
+                    let s = self.source.as_ref().ok_or_else(|| {
+                        candle_core::Error::Msg("MoPPA unit: missing source map".into())
+                    })?;
                     grid.poisson(&raw(&self.eps_raw)?, &s.as_tensor().flatten_all()?)
                 }
             })
@@ -201,7 +222,14 @@ impl MoppaUnit {
     }
 
     /// The unit on normalised tokens `h (B, T, D)` with `prefix` leading tokens.
-    pub fn forward(&self, h: &Tensor, grid: &SpectralGrid, prefix: usize, live: &Live, kernels: Kernels) -> Result<UnitOutput> {
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        grid: &SpectralGrid,
+        prefix: usize,
+        live: &Live,
+        kernels: Kernels,
+    ) -> Result<UnitOutput> {
         let (b, t, _d) = h.dims3()?;
         let (r, hw, k) = (self.rank, grid.cells(), self.priors.len());
         if t != prefix + hw {
@@ -213,13 +241,23 @@ impl MoppaUnit {
                 let wc = Tensor::cat(&[self.down_w.as_tensor(), w.as_tensor()], 0)?;
                 let bc = Tensor::cat(&[self.down_b.as_tensor(), rb.as_tensor()], 0)?;
                 let zz = ops::linear(kernels, h, &wc, &bc)?;
-                (zz.narrow(D::Minus1, 0, r)?, Some(zz.narrow(D::Minus1, r, k)?))
+                (
+                    zz.narrow(D::Minus1, 0, r)?,
+                    Some(zz.narrow(D::Minus1, r, k)?),
+                )
             }
-            _ => (ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?, None),
+            _ => (
+                ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?,
+                None,
+            ),
         };
         let z_pre = z.narrow(1, 0, prefix)?;
         // (B, HW, r) → rows of grids (B·r, HW).
-        let z_grid = z.narrow(1, prefix, hw)?.transpose(1, 2)?.contiguous()?.reshape((b * r, hw))?;
+        let z_grid = z
+            .narrow(1, prefix, hw)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * r, hw))?;
         // Ẑ = Z·Kᵀ row-wise (K = C_H ⊗ C_W).
         let z_hat = z_grid.matmul(&grid.kron_t)?.reshape((b, 1, r, hw))?;
         let gains = Tensor::stack(&self.filters(grid, live)?, 0)?.unsqueeze(0)?; // (1, k, r, HW)
@@ -229,24 +267,33 @@ impl MoppaUnit {
         let alpha = match &self.router {
             Router::None => None,
             Router::Token { .. } => {
-                let logits = token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
-                Some(composite::softmax(&(logits.narrow(1, prefix, hw)? / live.temperature)?)?)
+                let logits =
+                    token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
+                Some(composite::softmax(
+                    &(logits.narrow(1, prefix, hw)? / live.temperature)?,
+                )?)
             }
             Router::Image { w, b: rb } => {
                 let mean = h.narrow(1, prefix, hw)?.mean(1)?;
                 let logits = ops::linear(kernels, &mean, w.as_tensor(), rb.as_tensor())?;
                 Some(composite::softmax(&(logits / live.temperature)?)?.unsqueeze(1)?)
             }
-            Router::Layer { logits } => Some(composite::softmax(&(logits.as_tensor() / live.temperature)?)?.reshape((1, 1, k))?),
+            Router::Layer { logits } => Some(
+                composite::softmax(&(logits.as_tensor() / live.temperature)?)?
+                    .reshape((1, 1, k))?,
+            ),
         };
         let y_patch = match &alpha {
             // (B|1, HW|1, k) → (B|1, k, 1, HW|1)
-            Some(a) => y_all.broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?.sum(1)?,
+            Some(a) => y_all
+                .broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?
+                .sum(1)?,
             None => y_all.squeeze(1)?,
         };
         let y_patch = y_patch.transpose(1, 2)?; // (B, HW, r)
         let y = Tensor::cat(&[&z_pre, &y_patch], 1)?;
-        let out = (ops::linear_no_bias(kernels, &y.contiguous()?, self.up_w.as_tensor())? * live.scale)?;
+        let out =
+            (ops::linear_no_bias(kernels, &y.contiguous()?, self.up_w.as_tensor())? * live.scale)?;
         let route_kl = match &alpha {
             Some(a) => {
                 let mean = a.flatten_to(1)?.reshape(((), k))?.mean(0)?; // ᾱ over batch and patch tokens
@@ -255,6 +302,10 @@ impl MoppaUnit {
             }
             None => None,
         };
-        Ok(UnitOutput { out, alpha, route_kl })
+        Ok(UnitOutput {
+            out,
+            alpha,
+            route_kl,
+        })
     }
 }

@@ -11,7 +11,7 @@ use super::moppa::{Live, MoppaUnit};
 use super::ops::{self, Kernels};
 use super::vit::Vit;
 use crate::physics::tensor::SpectralGrid;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 /// The adapter of one block.
 #[derive(Debug)]
@@ -79,13 +79,19 @@ pub struct PeftModel {
 
 impl PeftModel {
     /// Injects `method` into `backbone` for a task with `classes`, initialising with `seed`.
-    pub fn new(mut backbone: Vit, method: MethodConfig, classes: Vec<String>, seed: u64) -> Result<Self> {
+    pub fn new(
+        mut backbone: Vit,
+        method: MethodConfig,
+        classes: Vec<String>,
+        seed: u64,
+    ) -> Result<Self> {
         method.validate().map_err(ModelError::Config)?;
         if classes.is_empty() {
             return Err(ModelError::Config("the task has no classes".into()));
         }
         let device = backbone.device().clone();
-        let mut init = Init::new(seed, &device);
+        let dtype = backbone.dtype();
+        let mut init = Init::new(seed, &device, dtype);
         let d = backbone.cfg.embed_dim;
         let g = backbone.grid();
         let mut vars = Vec::new();
@@ -95,9 +101,18 @@ impl PeftModel {
         let mut adapters = Vec::with_capacity(backbone.depth());
         for i in 0..backbone.depth() {
             let a = match method.method {
-                MethodKind::Moppa => BlockAdapter::Moppa(MoppaUnit::new(d, (g, g), &method, &mut init)?),
-                MethodKind::Lora => BlockAdapter::Lora(LoraUnit::new(d, method.rank, method.lora_alpha.unwrap_or(method.rank as f64), &mut init)?),
-                MethodKind::Adaptformer => BlockAdapter::AdaptFormer(AdaptFormerUnit::new(d, method.rank, &mut init)?),
+                MethodKind::Moppa => {
+                    BlockAdapter::Moppa(MoppaUnit::new(d, (g, g), &method, &mut init)?)
+                }
+                MethodKind::Lora => BlockAdapter::Lora(LoraUnit::new(
+                    d,
+                    method.rank,
+                    method.lora_alpha.unwrap_or(method.rank as f64),
+                    &mut init,
+                )?),
+                MethodKind::Adaptformer => {
+                    BlockAdapter::AdaptFormer(AdaptFormerUnit::new(d, method.rank, &mut init)?)
+                }
                 MethodKind::Linear | MethodKind::Full => BlockAdapter::None,
             };
             vars.extend(adapter_vars(i, &a));
@@ -110,18 +125,19 @@ impl PeftModel {
         };
         vars.push(("head.weight".into(), head.w.clone()));
         vars.push(("head.bias".into(), head.b.clone()));
-        let head_dist = if backbone.cfg.dist_token && backbone.cfg.pool == super::config::Pool::Token {
-            let h = Head {
-                w: init.kaiming_uniform(n, d)?,
-                b: init.zeros(&[n])?,
+        let head_dist =
+            if backbone.cfg.dist_token && backbone.cfg.pool == super::config::Pool::Token {
+                let h = Head {
+                    w: init.kaiming_uniform(n, d)?,
+                    b: init.zeros(&[n])?,
+                };
+                vars.push(("head_dist.weight".into(), h.w.clone()));
+                vars.push(("head_dist.bias".into(), h.b.clone()));
+                Some(h)
+            } else {
+                None
             };
-            vars.push(("head_dist.weight".into(), h.w.clone()));
-            vars.push(("head_dist.bias".into(), h.b.clone()));
-            Some(h)
-        } else {
-            None
-        };
-        let grid = SpectralGrid::new(g, g, DType::F32, &device)?;
+        let grid = SpectralGrid::new(g, g, dtype, &device)?;
         Ok(Self {
             live: Live::from_config(&method),
             backbone,
@@ -154,7 +170,14 @@ impl PeftModel {
         let (al, ml) = self.backbone.layouts();
         self.vars
             .iter()
-            .map(|(name, v)| v.elem_count() - if name.ends_with("_half") { phantom_of(name, al, ml) } else { 0 })
+            .map(|(name, v)| {
+                v.elem_count()
+                    - if name.ends_with("_half") {
+                        phantom_of(name, al, ml)
+                    } else {
+                        0
+                    }
+            })
             .sum()
     }
 
@@ -203,7 +226,10 @@ impl PeftModel {
                         kls.push(kl);
                     }
                     if want_routing && let Some(a) = res.alpha {
-                        routing.push(BlockRouting { block: i, alpha: a.detach() });
+                        routing.push(BlockRouting {
+                            block: i,
+                            alpha: a.detach(),
+                        });
                     }
                 }
             }
@@ -220,13 +246,21 @@ impl PeftModel {
             let n = kls.len() as f64;
             Some((Tensor::stack(&kls, 0)?.sum_all()? * (self.live.route_weight / n))?)
         };
-        Ok(Forward { logits, route_loss, routing })
+        Ok(Forward {
+            logits,
+            route_loss,
+            routing,
+        })
     }
 }
 
 fn phantom_of(name: &str, al: &super::ops::HalfLayout, ml: &super::ops::HalfLayout) -> usize {
     let lay = if name.ends_with("attn_half") { al } else { ml };
-    lay.slots.iter().filter(|s| !s.present).map(super::ops::layout::Slot::len).sum()
+    lay.slots
+        .iter()
+        .filter(|s| !s.present)
+        .map(super::ops::layout::Slot::len)
+        .sum()
 }
 
 /// The named variables of block `i`'s adapter.

@@ -23,7 +23,10 @@ impl HostTensor {
     }
 
     /// As a candle tensor.
-    pub fn to_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+    pub fn to_tensor(
+        &self,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
         candle_core::Tensor::from_vec(self.data.clone(), self.shape.as_slice(), device)
     }
 }
@@ -65,8 +68,10 @@ impl TensorFile {
         if bytes.is_empty() {
             return Err(format_err(path, "the file is empty"));
         }
-        let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, format!("not a safetensors file ({e})")))?;
-        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(path, format!("bad header ({e})")))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| format_err(path, format!("not a safetensors file ({e})")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| format_err(path, format!("bad header ({e})")))?;
         let mut out = Self {
             path: path.to_owned(),
             metadata: meta.metadata().clone().unwrap_or_default(),
@@ -77,27 +82,48 @@ impl TensorFile {
             let shape = view.shape().to_vec();
             let raw = view.data();
             let data: Vec<f32> = match view.dtype() {
-                Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
                 Dtype::F64 => raw
                     .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                    .map(|b| {
+                        f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                    })
                     .collect(),
                 Dtype::I64 => {
                     let v = raw
                         .chunks_exact(8)
-                        .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                        .map(|b| {
+                            i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                        })
                         .collect();
                     out.int_tensors.insert(name, (shape, v));
                     continue;
                 }
                 Dtype::I32 => {
-                    let v = raw.chunks_exact(4).map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect();
+                    let v = raw
+                        .chunks_exact(4)
+                        .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                        .collect();
                     out.int_tensors.insert(name, (shape, v));
                     continue;
                 }
-                other => return Err(format_err(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
+                other => {
+                    return Err(format_err(
+                        path,
+                        format!("tensor '{name}' has unsupported dtype {other:?}"),
+                    ));
+                }
             };
             out.tensors.insert(name, HostTensor { shape, data });
         }
@@ -137,10 +163,12 @@ impl TensorFile {
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// sha256 of a file's bytes, lower-case hex.
@@ -163,7 +191,12 @@ pub enum StoreAs {
 
 /// Writes tensors and metadata atomically: a temporary file in the same folder, fsync, rename.
 /// A failure never leaves a half-written file behind.
-pub fn write_atomic(path: &Path, tensors: &BTreeMap<String, HostTensor>, metadata: &HashMap<String, String>, store: StoreAs) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: &HashMap<String, String>,
+    store: StoreAs,
+) -> Result<()> {
     let io = |source| ModelError::Io {
         path: path.to_owned(),
         source,
@@ -173,7 +206,11 @@ pub fn write_atomic(path: &Path, tensors: &BTreeMap<String, HostTensor>, metadat
         .map(|(name, t)| {
             let raw = match store {
                 StoreAs::F32 => t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                StoreAs::F16 => t.data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                StoreAs::F16 => t
+                    .data
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
             };
             (name.clone(), raw, t.shape.clone())
         })
@@ -190,9 +227,15 @@ pub fn write_atomic(path: &Path, tensors: &BTreeMap<String, HostTensor>, metadat
                 .map_err(|e| format_err(path, format!("cannot encode '{name}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let data = safetensors::serialize(views, Some(metadata.clone())).map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let data = safetensors::serialize(views, Some(metadata.clone()))
+        .map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         use std::io::Write as _;

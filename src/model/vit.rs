@@ -109,22 +109,48 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     let path = &tf.path;
     let pw = tf.get("patch_embed.proj.weight")?;
     let [d, c, p, p2] = pw.shape[..] else {
-        return Err(err_cfg(path, format!("patch_embed.proj.weight has shape {:?}, expected (D, C, p, p)", pw.shape)));
+        return Err(err_cfg(
+            path,
+            format!(
+                "patch_embed.proj.weight has shape {:?}, expected (D, C, p, p)",
+                pw.shape
+            ),
+        ));
     };
     if p != p2 {
         return Err(err_cfg(path, "non-square patches are not supported"));
     }
-    let depth = (0..).take_while(|i| tf.has(&format!("blocks.{i}.norm1.weight"))).count();
-    let hidden = tf.get("blocks.0.mlp.fc1.weight")?.shape.first().copied().unwrap_or(0);
-    let reg_tokens = tf.tensors.get("reg_token").map_or(0, |t| t.shape.get(1).copied().unwrap_or(0));
+    let depth = (0..)
+        .take_while(|i| tf.has(&format!("blocks.{i}.norm1.weight")))
+        .count();
+    let hidden = tf
+        .get("blocks.0.mlp.fc1.weight")?
+        .shape
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let reg_tokens = tf
+        .tensors
+        .get("reg_token")
+        .map_or(0, |t| t.shape.get(1).copied().unwrap_or(0));
     let class_token = tf.has("cls_token");
     let dist_token = tf.has("dist_token");
     let prefix = usize::from(class_token) + reg_tokens + usize::from(dist_token);
     let npos = tf.get("pos_embed")?.shape.get(1).copied().unwrap_or(0);
-    let (grid, no_embed_class) = match (npos.checked_sub(prefix).and_then(is_square), is_square(npos)) {
+    let (grid, no_embed_class) = match (
+        npos.checked_sub(prefix).and_then(is_square),
+        is_square(npos),
+    ) {
         (Some(g), _) => (g, false),
         (None, Some(g)) => (g, true),
-        _ => return Err(err_cfg(path, format!("pos_embed covers {npos} tokens: not a square grid (+{prefix} prefix tokens)"))),
+        _ => {
+            return Err(err_cfg(
+                path,
+                format!(
+                    "pos_embed covers {npos} tokens: not a square grid (+{prefix} prefix tokens)"
+                ),
+            ));
+        }
     };
     let heads = match opts.heads {
         Some(h) => h,
@@ -170,10 +196,15 @@ impl Vit {
     }
 
     /// Builds from decoded tensors; every tensor must be known and of the right shape.
-    pub fn from_tensor_file(tf: &TensorFile, opts: &BackboneOptions, device: &Device) -> Result<Self> {
+    pub fn from_tensor_file(
+        tf: &TensorFile,
+        opts: &BackboneOptions,
+        device: &Device,
+    ) -> Result<Self> {
         let path = tf.path.clone();
         let mut cfg = match tf.metadata.get(BACKBONE_META_KEY) {
-            Some(json) => serde_json::from_str::<VitConfig>(json).map_err(|e| err_cfg(&path, format!("bad {BACKBONE_META_KEY} metadata: {e}")))?,
+            Some(json) => serde_json::from_str::<VitConfig>(json)
+                .map_err(|e| err_cfg(&path, format!("bad {BACKBONE_META_KEY} metadata: {e}")))?,
             None => infer_config(tf, opts)?,
         };
         if let Some(h) = opts.heads {
@@ -197,10 +228,21 @@ impl Vit {
         let prefix = cfg.prefix_tokens;
         let mut patch_w = take("patch_embed.proj.weight", &[d, c, p, p])?;
         patch_w.shape = vec![d, c * p * p];
-        let patch_b = cfg.patch_bias.then(|| take("patch_embed.proj.bias", &[d])).transpose()?;
-        let cls = cfg.class_token.then(|| take("cls_token", &[1, 1, d])).transpose()?;
-        let reg = (cfg.reg_tokens > 0).then(|| take("reg_token", &[1, cfg.reg_tokens, d])).transpose()?;
-        let dist = cfg.dist_token.then(|| take("dist_token", &[1, 1, d])).transpose()?;
+        let patch_b = cfg
+            .patch_bias
+            .then(|| take("patch_embed.proj.bias", &[d]))
+            .transpose()?;
+        let cls = cfg
+            .class_token
+            .then(|| take("cls_token", &[1, 1, d]))
+            .transpose()?;
+        let reg = (cfg.reg_tokens > 0)
+            .then(|| take("reg_token", &[1, cfg.reg_tokens, d]))
+            .transpose()?;
+        let dist = cfg
+            .dist_token
+            .then(|| take("dist_token", &[1, 1, d]))
+            .transpose()?;
         let pos_prefix = if cfg.no_embed_class { 0 } else { prefix };
         let mut pos = take("pos_embed", &[1, pos_prefix + file_grid * file_grid, d])?;
         let grid = cfg.grid();
@@ -210,12 +252,26 @@ impl Vit {
             data.extend(resample_grid(body, d, (file_grid, file_grid), (grid, grid)));
             pos = HostTensor::new(vec![1, pos_prefix + grid * grid, d], data);
         }
-        let norm = |take: &mut dyn FnMut(&str, &[usize]) -> Result<HostTensor>, name: &str| -> Result<(HostTensor, HostTensor)> {
-            Ok((take(&format!("{name}.weight"), &[d])?, take(&format!("{name}.bias"), &[d])?))
+        let norm = |take: &mut dyn FnMut(&str, &[usize]) -> Result<HostTensor>,
+                    name: &str|
+         -> Result<(HostTensor, HostTensor)> {
+            Ok((
+                take(&format!("{name}.weight"), &[d])?,
+                take(&format!("{name}.bias"), &[d])?,
+            ))
         };
-        let norm_pre = cfg.norm_pre.then(|| norm(&mut take, "norm_pre")).transpose()?;
-        let final_norm = cfg.final_norm.then(|| norm(&mut take, "norm")).transpose()?;
-        let fc_norm = cfg.fc_norm.then(|| norm(&mut take, "fc_norm")).transpose()?;
+        let norm_pre = cfg
+            .norm_pre
+            .then(|| norm(&mut take, "norm_pre"))
+            .transpose()?;
+        let final_norm = cfg
+            .final_norm
+            .then(|| norm(&mut take, "norm"))
+            .transpose()?;
+        let fc_norm = cfg
+            .fc_norm
+            .then(|| norm(&mut take, "fc_norm"))
+            .transpose()?;
         let attn_layout = Arc::new(HalfLayout::attn(d, cfg.qkv_bias, cfg.layer_scale));
         let mlp_layout = Arc::new(HalfLayout::mlp(d, cfg.mlp_hidden(), cfg.layer_scale));
         let mut blocks = Vec::with_capacity(cfg.depth);
@@ -237,28 +293,57 @@ impl Vit {
             blocks.push((attn, mlp));
         }
         if tf.has(&format!("blocks.{}.norm1.weight", cfg.depth)) {
-            return Err(err_cfg(&path, format!("the file has more than the configured {} blocks", cfg.depth)));
+            return Err(err_cfg(
+                &path,
+                format!("the file has more than the configured {} blocks", cfg.depth),
+            ));
         }
         let head = if tf.has("head.weight") && cfg.num_classes > 0 {
-            Some((take("head.weight", &[cfg.num_classes, d])?, take("head.bias", &[cfg.num_classes])?))
+            Some((
+                take("head.weight", &[cfg.num_classes, d])?,
+                take("head.bias", &[cfg.num_classes])?,
+            ))
         } else {
             None
         };
         let head_dist = if cfg.dist_token && tf.has("head_dist.weight") {
-            Some((take("head_dist.weight", &[cfg.num_classes, d])?, take("head_dist.bias", &[cfg.num_classes])?))
+            Some((
+                take("head_dist.weight", &[cfg.num_classes, d])?,
+                take("head_dist.bias", &[cfg.num_classes])?,
+            ))
         } else {
             None
         };
-        let unknown: Vec<String> = tf.tensors.keys().filter(|k| !known.contains(k)).cloned().collect();
+        let unknown: Vec<String> = tf
+            .tensors
+            .keys()
+            .filter(|k| !known.contains(k))
+            .cloned()
+            .collect();
         if !unknown.is_empty() {
-            return Err(ModelError::Unknown { path, names: unknown });
+            return Err(ModelError::Unknown {
+                path,
+                names: unknown,
+            });
         }
         let t = |h: &HostTensor| h.to_tensor(device);
         let tn = |n: Option<(HostTensor, HostTensor)>| -> Result<Option<Norm>> {
-            n.map(|(w, b)| Ok(Norm { w: t(&w)?, b: t(&b)? })).transpose()
+            n.map(|(w, b)| {
+                Ok(Norm {
+                    w: t(&w)?,
+                    b: t(&b)?,
+                })
+            })
+            .transpose()
         };
         let tl = |n: Option<(HostTensor, HostTensor)>| -> Result<Option<Linear>> {
-            n.map(|(w, b)| Ok(Linear { w: t(&w)?, b: t(&b)? })).transpose()
+            n.map(|(w, b)| {
+                Ok(Linear {
+                    w: t(&w)?,
+                    b: t(&b)?,
+                })
+            })
+            .transpose()
         };
         Ok(Self {
             source: BackboneSource {
@@ -301,12 +386,14 @@ impl Vit {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tn = |n: usize| -> Vec<f32> {
             (0..n)
-                .map(|_| loop {
-                    // Box-Muller, truncated at ±2σ like timm's trunc_normal_.
-                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                    if z.abs() <= 2.0 {
-                        break (0.02 * z) as f32;
+                .map(|_| {
+                    loop {
+                        // Box-Muller, truncated at ±2σ like timm's trunc_normal_.
+                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                        if z.abs() <= 2.0 {
+                            break (0.02 * z) as f32;
+                        }
                     }
                 })
                 .collect()
@@ -314,13 +401,22 @@ impl Vit {
         let (d, p, c) = (cfg.embed_dim, cfg.patch_size, cfg.in_chans);
         let mut tf = TensorFile {
             path: PathBuf::from("<random>"),
-            metadata: [(BACKBONE_META_KEY.to_owned(), serde_json::to_string(&cfg).unwrap_or_default())].into(),
+            metadata: [(
+                BACKBONE_META_KEY.to_owned(),
+                serde_json::to_string(&cfg).unwrap_or_default(),
+            )]
+            .into(),
             ..TensorFile::default()
         };
         let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
-            tf.tensors.insert(name.to_owned(), HostTensor::new(shape, data));
+            tf.tensors
+                .insert(name.to_owned(), HostTensor::new(shape, data));
         };
-        put("patch_embed.proj.weight", vec![d, c, p, p], tn(d * c * p * p));
+        put(
+            "patch_embed.proj.weight",
+            vec![d, c, p, p],
+            tn(d * c * p * p),
+        );
         if cfg.patch_bias {
             put("patch_embed.proj.bias", vec![d], vec![0.0; d]);
         }
@@ -328,12 +424,20 @@ impl Vit {
             put("cls_token", vec![1, 1, d], tn(d));
         }
         if cfg.reg_tokens > 0 {
-            put("reg_token", vec![1, cfg.reg_tokens, d], tn(cfg.reg_tokens * d));
+            put(
+                "reg_token",
+                vec![1, cfg.reg_tokens, d],
+                tn(cfg.reg_tokens * d),
+            );
         }
         if cfg.dist_token {
             put("dist_token", vec![1, 1, d], tn(d));
         }
-        let npos = if cfg.no_embed_class { 0 } else { cfg.prefix_tokens } + cfg.grid() * cfg.grid();
+        let npos = if cfg.no_embed_class {
+            0
+        } else {
+            cfg.prefix_tokens
+        } + cfg.grid() * cfg.grid();
         put("pos_embed", vec![1, npos, d], tn(npos * d));
         let ones = |n: usize| vec![1.0f32; n];
         for name in ["norm_pre", "norm", "fc_norm"] {
@@ -347,7 +451,10 @@ impl Vit {
                 put(&format!("{name}.bias"), vec![d], vec![0.0; d]);
             }
         }
-        for lay in [HalfLayout::attn(d, cfg.qkv_bias, cfg.layer_scale), HalfLayout::mlp(d, cfg.mlp_hidden(), cfg.layer_scale)] {
+        for lay in [
+            HalfLayout::attn(d, cfg.qkv_bias, cfg.layer_scale),
+            HalfLayout::mlp(d, cfg.mlp_hidden(), cfg.layer_scale),
+        ] {
             for i in 0..cfg.depth {
                 for s in lay.slots.iter().filter(|s| s.present) {
                     let data = if s.shape.len() == 2 {
@@ -364,16 +471,92 @@ impl Vit {
             }
         }
         if cfg.num_classes > 0 {
-            put("head.weight", vec![cfg.num_classes, d], tn(cfg.num_classes * d));
-            put("head.bias", vec![cfg.num_classes], vec![0.0; cfg.num_classes]);
+            put(
+                "head.weight",
+                vec![cfg.num_classes, d],
+                tn(cfg.num_classes * d),
+            );
+            put(
+                "head.bias",
+                vec![cfg.num_classes],
+                vec![0.0; cfg.num_classes],
+            );
             if cfg.dist_token {
-                put("head_dist.weight", vec![cfg.num_classes, d], tn(cfg.num_classes * d));
-                put("head_dist.bias", vec![cfg.num_classes], vec![0.0; cfg.num_classes]);
+                put(
+                    "head_dist.weight",
+                    vec![cfg.num_classes, d],
+                    tn(cfg.num_classes * d),
+                );
+                put(
+                    "head_dist.bias",
+                    vec![cfg.num_classes],
+                    vec![0.0; cfg.num_classes],
+                );
             }
         }
         let mut vit = Self::from_tensor_file(&tf, &BackboneOptions::default(), device)?;
         vit.source = BackboneSource::default();
         Ok(vit)
+    }
+
+    /// The same backbone with every weight in `dtype` (f64 for gradient checks, bf16 on GPUs).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let c = |t: &Tensor| t.to_dtype(dtype);
+        let cn = |n: &Option<Norm>| -> candle_core::Result<Option<Norm>> {
+            n.as_ref()
+                .map(|n| {
+                    Ok(Norm {
+                        w: c(&n.w)?,
+                        b: c(&n.b)?,
+                    })
+                })
+                .transpose()
+        };
+        let cl = |l: &Option<Linear>| -> candle_core::Result<Option<Linear>> {
+            l.as_ref()
+                .map(|l| {
+                    Ok(Linear {
+                        w: c(&l.w)?,
+                        b: c(&l.b)?,
+                    })
+                })
+                .transpose()
+        };
+        let co = |t: &Option<Tensor>| t.as_ref().map(c).transpose();
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            source: self.source.clone(),
+            kernels: self.kernels,
+            patch_w: c(&self.patch_w)?,
+            patch_b: co(&self.patch_b)?,
+            cls_token: co(&self.cls_token)?,
+            reg_token: co(&self.reg_token)?,
+            dist_token: co(&self.dist_token)?,
+            pos_embed: c(&self.pos_embed)?,
+            norm_pre: cn(&self.norm_pre)?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(BlockWeights {
+                        attn: c(&b.attn)?,
+                        mlp: c(&b.mlp)?,
+                    })
+                })
+                .collect::<candle_core::Result<_>>()?,
+            norm: cn(&self.norm)?,
+            fc_norm: cn(&self.fc_norm)?,
+            head: cl(&self.head)?,
+            head_dist: cl(&self.head_dist)?,
+            attn_layout: self.attn_layout.clone(),
+            mlp_layout: self.mlp_layout.clone(),
+        })
+    }
+
+    /// The dtype of the weights.
+    #[must_use]
+    pub fn dtype(&self) -> DType {
+        self.patch_w.dtype()
     }
 
     /// The device the weights live on.
@@ -414,13 +597,21 @@ impl Vit {
         if let Some(b) = &mut self.patch_b {
             var("patch_embed.proj.bias".into(), b)?;
         }
-        for (name, t) in [("cls_token", &mut self.cls_token), ("reg_token", &mut self.reg_token), ("dist_token", &mut self.dist_token)] {
+        for (name, t) in [
+            ("cls_token", &mut self.cls_token),
+            ("reg_token", &mut self.reg_token),
+            ("dist_token", &mut self.dist_token),
+        ] {
             if let Some(t) = t {
                 var(name.into(), t)?;
             }
         }
         var("pos_embed".into(), &mut self.pos_embed)?;
-        for (name, n) in [("norm_pre", &mut self.norm_pre), ("norm", &mut self.norm), ("fc_norm", &mut self.fc_norm)] {
+        for (name, n) in [
+            ("norm_pre", &mut self.norm_pre),
+            ("norm", &mut self.norm),
+            ("fc_norm", &mut self.fc_norm),
+        ] {
             if let Some(n) = n {
                 var(format!("{name}.weight"), &mut n.w)?;
                 var(format!("{name}.bias"), &mut n.b)?;
@@ -462,7 +653,10 @@ impl Vit {
         }
         .reshape((b, g * g, d))?;
         let mut prefix: Vec<Tensor> = Vec::new();
-        for t in [&self.cls_token, &self.dist_token, &self.reg_token].into_iter().flatten() {
+        for t in [&self.cls_token, &self.dist_token, &self.reg_token]
+            .into_iter()
+            .flatten()
+        {
             prefix.push(t.broadcast_as((b, t.dim(1)?, d))?.contiguous()?);
         }
         let x = if cfg.no_embed_class {
@@ -497,12 +691,27 @@ impl Vit {
 
     /// The attention half of block `i`, with an optional LoRA update `(B, T, 2D)` for q and v.
     pub fn attn(&self, i: usize, x: &Tensor, delta: Option<&Tensor>) -> Result<Tensor> {
-        Ok(ops::attn_half(self.kernels, x, &self.blocks[i].attn, &self.attn_layout, delta, self.cfg.num_heads, self.cfg.ln_eps)?)
+        Ok(ops::attn_half(
+            self.kernels,
+            x,
+            &self.blocks[i].attn,
+            &self.attn_layout,
+            delta,
+            self.cfg.num_heads,
+            self.cfg.ln_eps,
+        )?)
     }
 
     /// The MLP half of block `i`.
     pub fn mlp(&self, i: usize, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::mlp_half(self.kernels, x, &self.blocks[i].mlp, &self.mlp_layout, self.cfg.mlp_hidden(), self.cfg.ln_eps)?)
+        Ok(ops::mlp_half(
+            self.kernels,
+            x,
+            &self.blocks[i].mlp,
+            &self.mlp_layout,
+            self.cfg.mlp_hidden(),
+            self.cfg.ln_eps,
+        )?)
     }
 
     /// Final norm, pooling and `fc_norm`: `(B, T, D)` → `(B, D)`; for distilled backbones also
@@ -534,7 +743,9 @@ impl Vit {
 
     /// The backbone's own classifier on pooled features (distilled: the mean of both heads).
     pub fn own_logits(&self, pooled: &Tensor, dist: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let Some(head) = &self.head else { return Ok(None) };
+        let Some(head) = &self.head else {
+            return Ok(None);
+        };
         let y = ops::linear(self.kernels, pooled, &head.w, &head.b)?;
         match (&self.head_dist, dist) {
             (Some(hd), Some(f)) => {
@@ -564,19 +775,36 @@ impl Vit {
         let (d, p, c) = (cfg.embed_dim, cfg.patch_size, cfg.in_chans);
         let mut out = BTreeMap::new();
         let host = |t: &Tensor, shape: Vec<usize>| -> Result<HostTensor> {
-            Ok(HostTensor::new(shape, t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?))
+            Ok(HostTensor::new(
+                shape,
+                t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            ))
         };
-        out.insert("patch_embed.proj.weight".into(), host(&self.patch_w, vec![d, c, p, p])?);
+        out.insert(
+            "patch_embed.proj.weight".into(),
+            host(&self.patch_w, vec![d, c, p, p])?,
+        );
         if let Some(b) = &self.patch_b {
             out.insert("patch_embed.proj.bias".into(), host(b, vec![d])?);
         }
-        for (name, t) in [("cls_token", &self.cls_token), ("reg_token", &self.reg_token), ("dist_token", &self.dist_token)] {
+        for (name, t) in [
+            ("cls_token", &self.cls_token),
+            ("reg_token", &self.reg_token),
+            ("dist_token", &self.dist_token),
+        ] {
             if let Some(t) = t {
                 out.insert(name.into(), host(t, t.dims().to_vec())?);
             }
         }
-        out.insert("pos_embed".into(), host(&self.pos_embed, self.pos_embed.dims().to_vec())?);
-        for (name, n) in [("norm_pre", &self.norm_pre), ("norm", &self.norm), ("fc_norm", &self.fc_norm)] {
+        out.insert(
+            "pos_embed".into(),
+            host(&self.pos_embed, self.pos_embed.dims().to_vec())?,
+        );
+        for (name, n) in [
+            ("norm_pre", &self.norm_pre),
+            ("norm", &self.norm),
+            ("fc_norm", &self.fc_norm),
+        ] {
             if let Some(n) = n {
                 out.insert(format!("{name}.weight"), host(&n.w, vec![d])?);
                 out.insert(format!("{name}.bias"), host(&n.b, vec![d])?);
@@ -586,7 +814,10 @@ impl Vit {
             for (w, lay) in [(&b.attn, &self.attn_layout), (&b.mlp, &self.mlp_layout)] {
                 let flat: Vec<f32> = w.to_dtype(DType::F32)?.to_vec1()?;
                 for s in lay.slots.iter().filter(|s| s.present) {
-                    out.insert(format!("blocks.{i}.{}", s.name), HostTensor::new(s.shape.clone(), flat[s.range()].to_vec()));
+                    out.insert(
+                        format!("blocks.{i}.{}", s.name),
+                        HostTensor::new(s.shape.clone(), flat[s.range()].to_vec()),
+                    );
                 }
             }
         }
