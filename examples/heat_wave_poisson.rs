@@ -13,10 +13,7 @@
 use moppa_studio::physics::{FilterSet, Prior, PriorCoeffs, impulse_width, radial_profile};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<f64> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
+    let args: Vec<f64> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
     let mut coeffs = PriorCoeffs::default();
     if let [kappa, c, eps, ..] = args[..] {
         (coeffs.kappa, coeffs.c, coeffs.eps) = (kappa, c, eps);
@@ -42,11 +39,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("impulse-response width (RMS distance of |response| from the impulse, in cells):");
     for p in Prior::ALL {
-        println!(
-            "  {:<8} {:.3}",
-            p.name(),
-            impulse_width(h, w, set.impulse(p))
-        );
+        println!("  {:<8} {:.3}", p.name(), impulse_width(h, w, set.impulse(p)));
     }
     Ok(())
 }

@@ -27,14 +27,10 @@ fn grid(v: &serde_json::Value) -> Vec<Vec<f64>> {
 fn filters_json_matches_method_formulas() {
     let (kappa, c, eps, tau, gamma) = (0.37, 1.1, 2.5, 0.8, 0.15);
     let out = moppa(&[
-        "filters", "--grid", "14", "--grid-w", "9", "--kappa", "0.37", "--c", "1.1", "--eps",
-        "2.5", "--tau", "0.8", "--gamma", "0.15",
+        "filters", "--grid", "14", "--grid-w", "9", "--kappa", "0.37", "--c", "1.1", "--eps", "2.5", "--tau", "0.8",
+        "--gamma", "0.15",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     assert_eq!(v["grid"], serde_json::json!([14, 9]));
     assert_eq!(v["coeffs"]["kappa"].as_f64(), Some(kappa));
@@ -45,17 +41,12 @@ fn filters_json_matches_method_formulas() {
         grid(&v["wave"]),
         grid(&v["poisson"]),
     );
-    assert_eq!(
-        (lambda.len(), lambda[0].len()),
-        (14, 9),
-        "rows = n, columns = m"
-    );
+    assert_eq!((lambda.len(), lambda[0].len()), (14, 9), "rows = n, columns = m");
     // The formulas of METHOD.md, written out independently of the library.
     let pi = std::f64::consts::PI;
     for n in 0..14 {
         for m in 0..9 {
-            let l = 4.0 * (pi * n as f64 / 28.0).sin().powi(2)
-                + 4.0 * (pi * m as f64 / 18.0).sin().powi(2);
+            let l = 4.0 * (pi * n as f64 / 28.0).sin().powi(2) + 4.0 * (pi * m as f64 / 18.0).sin().powi(2);
             assert!((lambda[n][m] - l).abs() < 1e-6);
             assert!((heat[n][m] - (-kappa * tau * l).exp()).abs() < 1e-6);
             let w = (-gamma * tau * l.sqrt()).exp() * (c * tau * l.sqrt()).cos();
@@ -84,8 +75,7 @@ fn filters_defaults_and_csv() {
     assert_eq!(lines.next(), Some("field,n,m,value"));
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 7 * 9, "7 fields × 9 cells");
-    let fields: std::collections::BTreeSet<&str> =
-        rows.iter().map(|r| r.split(',').next().unwrap()).collect();
+    let fields: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.split(',').next().unwrap()).collect();
     let want = [
         "heat",
         "impulse_heat",
@@ -146,15 +136,7 @@ fn apply_writes_filtered_images_and_reports_bad_paths() {
         ("poisson", "--eps", "0.05"),
     ] {
         let output = dir.path().join(format!("{prior}.png"));
-        let out = moppa(&[
-            "apply",
-            "--prior",
-            prior,
-            flag,
-            value,
-            inp,
-            output.to_str().unwrap(),
-        ]);
+        let out = moppa(&["apply", "--prior", prior, flag, value, inp, output.to_str().unwrap()]);
         assert!(
             out.status.success(),
             "{prior}: {}",
@@ -162,37 +144,18 @@ fn apply_writes_filtered_images_and_reports_bad_paths() {
         );
         let result = image::open(&output).unwrap().to_rgb8();
         assert_eq!(result.dimensions(), (48, 32));
-        assert_ne!(
-            result.as_raw(),
-            img.as_raw(),
-            "{prior} must change the image"
-        );
+        assert_ne!(result.as_raw(), img.as_raw(), "{prior} must change the image");
     }
     // Missing input: runtime failure (exit 1), one line naming the path.
     let missing = dir.path().join("nope.png");
-    let out = moppa(&[
-        "apply",
-        "--prior",
-        "heat",
-        missing.to_str().unwrap(),
-        "/tmp/x.png",
-    ]);
+    let out = moppa(&["apply", "--prior", "heat", missing.to_str().unwrap(), "/tmp/x.png"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.contains("nope.png") && err.trim_end().lines().count() == 1,
-        "{err}"
-    );
+    assert!(err.contains("nope.png") && err.trim_end().lines().count() == 1, "{err}");
     // Undecodable input.
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
-    let out = moppa(&[
-        "apply",
-        "--prior",
-        "heat",
-        junk.to_str().unwrap(),
-        "/tmp/x.png",
-    ]);
+    let out = moppa(&["apply", "--prior", "heat", junk.to_str().unwrap(), "/tmp/x.png"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("junk.png"));
     // Unwritable output: exit 1, nothing left behind.
@@ -201,14 +164,6 @@ fn apply_writes_filtered_images_and_reports_bad_paths() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("out.png"));
     // Non-positive coefficient: exit 2.
-    let out = moppa(&[
-        "apply",
-        "--prior",
-        "heat",
-        "--kappa",
-        "0",
-        inp,
-        "/tmp/x.png",
-    ]);
+    let out = moppa(&["apply", "--prior", "heat", "--kappa", "0", inp, "/tmp/x.png"]);
     assert_eq!(out.status.code(), Some(2));
 }

@@ -37,14 +37,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
         .sqrt();
-    let den = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
     num / den.max(1e-30)
 }
 
@@ -71,17 +64,11 @@ fn eval(
         })
         .collect();
     let out = f(&args).unwrap();
-    let loss = (&out * r.to_dtype(dtype).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
+    let loss = (&out * r.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let g = vars
         .iter()
-        .map(|v| {
-            v.as_ref()
-                .map(|v| grads.get(v.as_tensor()).unwrap().clone())
-        })
+        .map(|v| v.as_ref().map(|v| grads.get(v.as_tensor()).unwrap().clone()))
         .collect();
     (out, g)
 }
@@ -105,13 +92,7 @@ fn compare(
             (Some(a), Some(b)) => {
                 let e = rel_err(a, b);
                 assert!(e < tol * 10.0, "gradient of input {i}: relative error {e}");
-                let norm = b
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
                 assert!(norm > 0.0, "gradient of input {i} is zero");
             }
             (None, None) => {}
@@ -127,10 +108,7 @@ fn finite_difference(
     trainable: &[bool],
     samples: usize,
 ) {
-    let inputs: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.to_dtype(DType::F64).unwrap())
-        .collect();
+    let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect();
     let probe = f(&inputs).unwrap();
     let r = randn(probe.dims(), 1.0, 7).to_dtype(DType::F64).unwrap();
     let (_, grads) = eval(f, &inputs, trainable, &r, DType::F64);
@@ -243,18 +221,14 @@ fn attn_case(qkv_bias: bool, ls: bool, with_delta: bool, train_w: bool) {
         )
     };
     let l2 = layout.clone();
-    let reference = move |a: &[Tensor]| {
-        composite::attn_half(&a[0], &a[1], &l2, with_delta.then_some(&a[2]), heads, 1e-6)
-    };
+    let reference =
+        move |a: &[Tensor]| composite::attn_half(&a[0], &a[1], &l2, with_delta.then_some(&a[2]), heads, 1e-6);
     let inputs = [x, w, delta];
     let trainable = [true, train_w, with_delta];
     compare(&fused, &reference, &inputs, &trainable, 2e-5);
     if train_w {
         // Placeholder slots (absent qkv bias / layer scale) never receive a gradient.
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let out = fused(&[
             vars[0].as_tensor().clone(),
             vars[1].as_tensor().clone(),
@@ -264,11 +238,7 @@ fn attn_case(qkv_bias: bool, ls: bool, with_delta: bool, train_w: bool) {
         let g = out.sum_all().unwrap().backward().unwrap();
         let gw: Vec<f32> = g.get(vars[1].as_tensor()).unwrap().to_vec1().unwrap();
         for s in layout.slots.iter().filter(|s| !s.present) {
-            assert!(
-                gw[s.range()].iter().all(|v| *v == 0.0),
-                "{} must not train",
-                s.name
-            );
+            assert!(gw[s.range()].iter().all(|v| *v == 0.0), "{} must not train", s.name);
         }
     }
 }
@@ -290,8 +260,7 @@ fn attention_half_composite_matches_finite_differences() {
         flat_weights(&layout, 21),
         randn(&[b, t, 2 * d], 0.3, 22),
     ];
-    let reference =
-        move |a: &[Tensor]| composite::attn_half(&a[0], &a[1], &layout, Some(&a[2]), heads, 1e-6);
+    let reference = move |a: &[Tensor]| composite::attn_half(&a[0], &a[1], &layout, Some(&a[2]), heads, 1e-6);
     finite_difference(&reference, &inputs, &[true, true, true], 30);
 }
 
@@ -347,13 +316,7 @@ fn fused_ops_match_finite_differences_in_f32() {
     let xv = Var::from_tensor(&x).unwrap();
     let out = f(xv.as_tensor()).to_dtype(DType::F64).unwrap();
     let g = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g: Vec<f32> = g
-        .get(xv.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let g: Vec<f32> = g.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let base: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
     let h = 1e-2f32;
     for j in (0..base.len()).step_by(7) {

@@ -8,7 +8,7 @@ use moppa_studio::model::checkpoint::load_adapter;
 use moppa_studio::model::ops::Kernels;
 use moppa_studio::model::tensor_file::{HostTensor, TensorFile};
 use moppa_studio::model::{
-    BackboneOptions, MethodConfig, MethodKind, PeftModel, Placement, RouterKind, Vit, VitConfig,
+    BackboneOptions, MethodConfig, MethodKind, PeftModel, Placement, RouterKind, Vit, VitConfig, count_trainable,
     cross_entropy,
 };
 use moppa_studio::physics::Prior;
@@ -59,10 +59,7 @@ fn method_of(meta: &serde_json::Value) -> MethodConfig {
         .unwrap_or_else(|| Prior::ALL.to_vec());
     MethodConfig {
         method,
-        rank: meta
-            .get("rank")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(4) as usize,
+        rank: meta.get("rank").and_then(serde_json::Value::as_u64).unwrap_or(4) as usize,
         placement: if meta.get("placement").and_then(|v| v.as_str()) == Some("parallel_mlp") {
             Placement::ParallelMlp
         } else {
@@ -117,19 +114,10 @@ fn load_case(name: &str, kernels: Kernels, dtype: DType) -> Case {
 
 fn labels(tf: &TensorFile) -> Tensor {
     let (_, v) = &tf.int_tensors["labels"];
-    Tensor::from_vec(
-        v.iter().map(|&l| l as u32).collect::<Vec<_>>(),
-        v.len(),
-        &Device::Cpu,
-    )
-    .unwrap()
+    Tensor::from_vec(v.iter().map(|&l| l as u32).collect::<Vec<_>>(), v.len(), &Device::Cpu).unwrap()
 }
 
-fn loss_of(
-    model: &PeftModel,
-    tf: &TensorFile,
-    dtype: DType,
-) -> (Tensor, moppa_studio::model::Forward) {
+fn loss_of(model: &PeftModel, tf: &TensorFile, dtype: DType) -> (Tensor, moppa_studio::model::Forward) {
     let images = tf
         .get("images")
         .unwrap()
@@ -151,11 +139,7 @@ fn check_case(name: &str, kernels: Kernels) {
     let (loss, fwd) = loss_of(&model, &tf, DType::F32);
     let e = diff(&fwd.logits, &t("logits")) / norm(&t("logits"));
     assert!(e < 1e-5, "{name}: logits relative error {e}");
-    assert!(
-        diff(&loss, &t("loss")) < 1e-5,
-        "{name}: loss {loss} vs {}",
-        t("loss")
-    );
+    assert!(diff(&loss, &t("loss")) < 1e-5, "{name}: loss {loss} vs {}", t("loss"));
     match &fwd.route_loss {
         Some(r) => assert!(
             diff(r, &t("route_loss")) < 1e-7,
@@ -244,15 +228,12 @@ fn finite_difference_case(name: &str, params: &[&str]) {
             .unwrap();
         let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for j in [0, base.len() / 2, base.len() - 1] {
-            let mut eval = |delta: f64| {
+            let eval = |delta: f64| {
                 let mut v = base.clone();
                 v[j] += delta;
                 var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
                     .unwrap();
-                loss_of(&model, &tf, DType::F64)
-                    .0
-                    .to_scalar::<f64>()
-                    .unwrap()
+                loss_of(&model, &tf, DType::F64).0.to_scalar::<f64>().unwrap()
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
             var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
@@ -285,10 +266,7 @@ fn moppa_gradients_match_finite_differences() {
     .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     finite_difference_case("moppa_token", &refs);
-    finite_difference_case(
-        "moppa_layer",
-        &["blocks.1.moppa.router.logits", "blocks.1.moppa.c_raw"],
-    );
+    finite_difference_case("moppa_layer", &["blocks.1.moppa.router.logits", "blocks.1.moppa.c_raw"]);
     finite_difference_case(
         "moppa_image",
         &["blocks.0.moppa.router.weight", "blocks.0.moppa.eps_raw"],
@@ -359,13 +337,7 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
         } else {
             tiny_backbone(1)
         };
-        let model = PeftModel::new(
-            backbone,
-            method.clone(),
-            vec!["a".into(), "b".into(), "c".into()],
-            5,
-        )
-        .unwrap();
+        let model = PeftModel::new(backbone, method.clone(), vec!["a".into(), "b".into(), "c".into()], 5).unwrap();
         // Zero-initialised up-projections would hide every gradient upstream of them.
         for (name, var) in model.trainable() {
             if name.ends_with("up.weight") || name.ends_with(".b") {
@@ -419,35 +391,17 @@ fn zero_up_projection_gives_the_backbones_logits() {
     };
     let head = TensorFile::read(&fixture("vit_cls.safetensors")).unwrap();
     for method in all_methods() {
-        let model = PeftModel::new(
-            vit(),
-            method.clone(),
-            (0..7).map(|i| i.to_string()).collect(),
-            3,
-        )
-        .unwrap();
+        let model = PeftModel::new(vit(), method.clone(), (0..7).map(|i| i.to_string()).collect(), 3).unwrap();
         // Use the backbone's own head so the logits are comparable.
         model
             .head
             .w
-            .set(
-                &head
-                    .get("head.weight")
-                    .unwrap()
-                    .to_tensor(&Device::Cpu)
-                    .unwrap(),
-            )
+            .set(&head.get("head.weight").unwrap().to_tensor(&Device::Cpu).unwrap())
             .unwrap();
         model
             .head
             .b
-            .set(
-                &head
-                    .get("head.bias")
-                    .unwrap()
-                    .to_tensor(&Device::Cpu)
-                    .unwrap(),
-            )
+            .set(&head.get("head.bias").unwrap().to_tensor(&Device::Cpu).unwrap())
             .unwrap();
         let got = model.forward(&images, false).unwrap().logits;
         assert!(diff(&got, &want) / norm(&want) < 1e-5, "{}", method.label());
@@ -475,9 +429,7 @@ fn parameter_counts_follow_the_formula() {
             &Device::Cpu,
         )
         .unwrap();
-        PeftModel::new(vit, m, classes.clone(), 0)
-            .unwrap()
-            .num_trainable()
+        PeftModel::new(vit, m, classes.clone(), 0).unwrap().num_trainable()
     };
     let (r, d, hw) = (8, 768, 196);
     assert_eq!(
@@ -508,31 +460,17 @@ fn adapter_checkpoint_reproduces_logits_bit_for_bit() {
     moppa_studio::model::tensor_file::write_atomic(
         &backbone_path,
         &tensors,
-        &[(
-            "moppa.backbone".to_owned(),
-            serde_json::to_string(&vit.cfg).unwrap(),
-        )]
-        .into(),
+        &[("moppa.backbone".to_owned(), serde_json::to_string(&vit.cfg).unwrap())].into(),
         moppa_studio::model::tensor_file::StoreAs::F32,
     )
     .unwrap();
-    let load =
-        || Vit::from_file(&backbone_path, &BackboneOptions::default(), &Device::Cpu).unwrap();
+    let load = || Vit::from_file(&backbone_path, &BackboneOptions::default(), &Device::Cpu).unwrap();
     let (images, _) = toy_batch(3, 3);
     for method in all_methods() {
-        let model = PeftModel::new(
-            load(),
-            method.clone(),
-            vec!["x".into(), "y".into(), "z".into()],
-            9,
-        )
-        .unwrap();
+        let model = PeftModel::new(load(), method.clone(), vec!["x".into(), "y".into(), "z".into()], 9).unwrap();
         for (_, var) in model.trainable() {
-            var.set(
-                &(var.as_tensor() + Tensor::randn(0f32, 0.1, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap(),
-            )
-            .unwrap();
+            var.set(&(var.as_tensor() + Tensor::randn(0f32, 0.1, var.dims(), &Device::Cpu).unwrap()).unwrap())
+                .unwrap();
         }
         let path = dir
             .path()
@@ -619,10 +557,73 @@ fn all_methods_overfit_a_toy_batch() {
             opt.backward_step(&loss_at(&model)).unwrap();
         }
         let last = loss_at(&model).to_scalar::<f32>().unwrap();
-        assert!(
-            last < 0.6 * first,
-            "{}: loss {first} → {last}",
-            method.label()
-        );
+        assert!(last < 0.6 * first, "{}: loss {first} → {last}", method.label());
+    }
+}
+
+#[test]
+fn analytic_parameter_count_equals_the_built_model() {
+    let shapes = [
+        VitConfig {
+            img_size: 16,
+            patch_size: 4,
+            embed_dim: 24,
+            depth: 2,
+            num_heads: 2,
+            num_classes: 0,
+            ..VitConfig::tiny()
+        },
+        VitConfig {
+            img_size: 16,
+            patch_size: 4,
+            embed_dim: 24,
+            depth: 2,
+            num_heads: 2,
+            reg_tokens: 2,
+            layer_scale: true,
+            qkv_bias: false,
+            patch_bias: false,
+            norm_pre: true,
+            ..VitConfig::tiny()
+        },
+        VitConfig {
+            img_size: 16,
+            patch_size: 4,
+            embed_dim: 24,
+            depth: 1,
+            num_heads: 2,
+            dist_token: true,
+            no_embed_class: false,
+            ..VitConfig::tiny()
+        },
+        VitConfig {
+            img_size: 16,
+            patch_size: 4,
+            embed_dim: 24,
+            depth: 1,
+            num_heads: 2,
+            pool: moppa_studio::model::Pool::Avg,
+            fc_norm: true,
+            final_norm: false,
+            no_embed_class: true,
+            ..VitConfig::tiny()
+        },
+    ];
+    for cfg in shapes {
+        for method in all_methods() {
+            let model = PeftModel::new(
+                Vit::random(&cfg, 0, &Device::Cpu).unwrap(),
+                method.clone(),
+                vec!["a".into(), "b".into()],
+                0,
+            )
+            .unwrap();
+            assert_eq!(
+                count_trainable(&cfg, &method, 2),
+                model.num_trainable(),
+                "{} on {cfg:?}",
+                method.label()
+            );
+        }
     }
 }

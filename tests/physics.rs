@@ -1,12 +1,10 @@
 //! Physics core: DCT matrices and transforms, the three filters, impulse responses, image scale.
 
 use candle_core::{DType, Device, Tensor, Var};
-use moppa_studio::physics::tensor::{
-    SpectralGrid, dct_matrix_tensor, inv_softplus, softplus, softplus_f64,
-};
+use moppa_studio::physics::tensor::{SpectralGrid, dct_matrix_tensor, inv_softplus, softplus, softplus_f64};
 use moppa_studio::physics::{
-    Dct2, FilterSet, ImageDct, Prior, PriorCoeffs, apply_prior, dct_matrix, heat_filter,
-    impulse_response, laplacian_eigenvalues, poisson_filter, wave_filter,
+    Dct2, FilterSet, ImageDct, Prior, PriorCoeffs, apply_prior, dct_matrix, heat_filter, impulse_response,
+    laplacian_eigenvalues, poisson_filter, wave_filter,
 };
 
 /// Deterministic pseudo-random values in [-1, 1) (xorshift), so tests need no RNG crate.
@@ -24,10 +22,7 @@ fn noise(n: usize, seed: u64) -> Vec<f64> {
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 #[test]
@@ -38,10 +33,7 @@ fn dct_matrix_is_orthonormal() {
             for j in 0..n {
                 let dot: f64 = (0..n).map(|k| c[i * n + k] * c[j * n + k]).sum();
                 let want = if i == j { 1.0 } else { 0.0 };
-                assert!(
-                    (dot - want).abs() < 1e-12,
-                    "C·Cᵀ[{i},{j}] = {dot} for N = {n}"
-                );
+                assert!((dot - want).abs() < 1e-12, "C·Cᵀ[{i},{j}] = {dot} for N = {n}");
             }
         }
     }
@@ -92,11 +84,7 @@ fn dct2_matches_scipy_dctn_ortho() {
 #[test]
 fn constant_grid_keeps_only_the_dc_coefficient() {
     let spec = Dct2::new(5, 6).forward(&[2.5; 30]).unwrap();
-    assert!(
-        (spec[0] - 2.5 * 30f64.sqrt()).abs() < 1e-12,
-        "DC = {}",
-        spec[0]
-    );
+    assert!((spec[0] - 2.5 * 30f64.sqrt()).abs() < 1e-12, "DC = {}", spec[0]);
     assert!(spec[1..].iter().all(|v| v.abs() < 1e-12), "{spec:?}");
 }
 
@@ -123,14 +111,8 @@ fn filter_gains_at_zero_frequency() {
     assert_eq!(wave_filter(&l, 0.9, 1.3, 0.4)[0], 1.0);
     let source = noise(16, 3);
     let p = poisson_filter(&l, 2.0, Some(&source)).unwrap();
-    assert!(
-        (p[0] - source[0]).abs() < 1e-15,
-        "Poisson DC gain is S[0,0]"
-    );
-    assert!(
-        poisson_filter(&l, 2.0, Some(&source[..3])).is_err(),
-        "short source map"
-    );
+    assert!((p[0] - source[0]).abs() < 1e-15, "Poisson DC gain is S[0,0]");
+    assert!(poisson_filter(&l, 2.0, Some(&source[..3])).is_err(), "short source map");
 }
 
 #[test]
@@ -145,10 +127,7 @@ fn heat_tends_to_identity_as_kappa_tau_vanishes() {
         assert!(err < last, "error must shrink with κτ: {err} after {last}");
         last = err;
     }
-    assert!(
-        last < 1e-8,
-        "κτ = 1e-9 leaves the grid unchanged, error {last}"
-    );
+    assert!(last < 1e-8, "κτ = 1e-9 leaves the grid unchanged, error {last}");
 }
 
 #[test]
@@ -165,10 +144,7 @@ fn heat_impulse_response_is_positive_normalised_and_local() {
     )
     .unwrap();
     let r = set.impulse(Prior::Heat);
-    assert!(
-        r.iter().all(|&v| v >= -1e-7),
-        "heat kernel must be non-negative: {r:?}"
-    );
+    assert!(r.iter().all(|&v| v >= -1e-7), "heat kernel must be non-negative: {r:?}");
     let total: f64 = r.iter().sum();
     assert!((total - 1.0).abs() < 1e-12, "heat kernel sums to {total}");
     let within: f64 = (0..h * w)
@@ -178,10 +154,7 @@ fn heat_impulse_response_is_positive_normalised_and_local() {
         })
         .map(|i| r[i])
         .sum();
-    assert!(
-        within > 0.99,
-        "κτ = 0.1: only {within} of the mass within radius 2"
-    );
+    assert!(within > 0.99, "κτ = 0.1: only {within} of the mass within radius 2");
 }
 
 #[test]
@@ -209,10 +182,7 @@ fn tail_mass(h: usize, w: usize, r: &[f64], radius: f64) -> f64 {
     let total: f64 = r.iter().map(|v| v.abs()).sum();
     let far: f64 = (0..h * w)
         .filter(|i| {
-            let (n, m) = (
-                (i / w) as f64 - (h / 2) as f64,
-                (i % w) as f64 - (w / 2) as f64,
-            );
+            let (n, m) = ((i / w) as f64 - (h / 2) as f64, (i % w) as f64 - (w / 2) as f64);
             (n * n + m * m).sqrt() > radius
         })
         .map(|i| r[i].abs())
@@ -236,10 +206,7 @@ fn poisson_impulse_decays_slower_than_heat_at_matched_dc_gain() {
     .unwrap();
     let heat = tail_mass(h, w, set.impulse(Prior::Heat), 3.0);
     let poisson = tail_mass(h, w, set.impulse(Prior::Poisson), 3.0);
-    assert!(
-        poisson > 3.0 * heat,
-        "Poisson tail {poisson} vs heat tail {heat}"
-    );
+    assert!(poisson > 3.0 * heat, "Poisson tail {poisson} vs heat tail {heat}");
     // Odd and even grids put the impulse at (⌊H/2⌋, ⌊W/2⌋).
     let even = FilterSet::new(4, 6, PriorCoeffs::default()).unwrap();
     let r = even.impulse(Prior::Heat);
@@ -311,30 +278,13 @@ fn tensor_filters_equal_host_filters() {
     let source = noise(h * w, 5);
     let (tau, gamma) = (0.8, 0.2);
     let t = |v: &[f64]| Tensor::new(v, &dev).unwrap();
-    let heat = grid
-        .heat(&t(&kappa), tau)
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap();
-    let wave = grid
-        .wave(&t(&c), tau, gamma)
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap();
-    let pois = grid
-        .poisson(&t(&eps), &t(&source))
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap();
+    let heat = grid.heat(&t(&kappa), tau).unwrap().to_vec2::<f64>().unwrap();
+    let wave = grid.wave(&t(&c), tau, gamma).unwrap().to_vec2::<f64>().unwrap();
+    let pois = grid.poisson(&t(&eps), &t(&source)).unwrap().to_vec2::<f64>().unwrap();
     for j in 0..3 {
         assert!(max_abs_diff(&heat[j], &heat_filter(&l, kappa[j], tau)) < 1e-14);
         assert!(max_abs_diff(&wave[j], &wave_filter(&l, c[j], tau, gamma)) < 1e-14);
-        assert!(
-            max_abs_diff(
-                &pois[j],
-                &poisson_filter(&l, eps[j], Some(&source)).unwrap()
-            ) < 1e-14
-        );
+        assert!(max_abs_diff(&pois[j], &poisson_filter(&l, eps[j], Some(&source)).unwrap()) < 1e-14);
     }
     // K = C_H ⊗ C_W transforms a flattened grid exactly like Dct2.
     let x = noise(h * w, 9);
@@ -370,10 +320,7 @@ fn softplus_matches_pytorch_convention_and_inverts() {
     let g: Vec<f64> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
     for (gi, xi) in g.iter().zip(xs) {
         let sig = 1.0 / (1.0 + (-xi).exp());
-        assert!(
-            (gi - sig).abs() < 1e-12,
-            "d softplus/dx at {xi}: {gi} vs {sig}"
-        );
+        assert!((gi - sig).abs() < 1e-12, "d softplus/dx at {xi}: {gi} vs {sig}");
     }
 }
 
@@ -425,10 +372,7 @@ fn apply_with_vanishing_kappa_returns_the_image() {
 fn variance(img: &image::DynamicImage) -> f64 {
     let raw = img.to_rgb8().into_raw();
     let mean = raw.iter().map(|&v| f64::from(v)).sum::<f64>() / raw.len() as f64;
-    raw.iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / raw.len() as f64
+    raw.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / raw.len() as f64
 }
 
 #[test]
@@ -462,18 +406,14 @@ fn apply_blurs_rings_and_smooths() {
     )
     .unwrap();
     assert!(variance(&heat) < 0.5 * variance(&img), "heat must blur");
-    assert!(
-        variance(&poisson) < 0.5 * variance(&img),
-        "Poisson must smooth"
-    );
+    assert!(variance(&poisson) < 0.5 * variance(&img), "Poisson must smooth");
     assert_ne!(
         wave.to_rgb8().as_raw(),
         img.to_rgb8().as_raw(),
         "wave must change the image"
     );
     // A constant image is a fixed point of all three (DC gain 1).
-    let flat =
-        image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(9, 6, image::Luma([77])));
+    let flat = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(9, 6, image::Luma([77])));
     for prior in Prior::ALL {
         let out = apply_prior(&flat, prior, &PriorCoeffs::default()).unwrap();
         assert_eq!(out.color(), image::ColorType::L8);

@@ -31,14 +31,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
         .sqrt();
-    num / b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt()
+    num / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
 }
 
 fn io(name: &str) -> (Tensor, Tensor) {
@@ -59,19 +52,11 @@ fn check_variant(variant: &str, img_size: Option<usize>, io_name: &str) {
     };
     let (images, want) = io(io_name);
     for kernels in [Kernels::Auto, Kernels::Composite] {
-        let mut vit = Vit::from_file(
-            &fixture(&format!("vit_{variant}.safetensors")),
-            &opts,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let mut vit = Vit::from_file(&fixture(&format!("vit_{variant}.safetensors")), &opts, &Device::Cpu).unwrap();
         vit.kernels = kernels;
         let got = vit.forward(&images).unwrap();
         let e = rel_err(&got, &want);
-        assert!(
-            e < 1e-5,
-            "{variant} ({kernels:?}): logits relative error {e}"
-        );
+        assert!(e < 1e-5, "{variant} ({kernels:?}): logits relative error {e}");
     }
 }
 
@@ -94,13 +79,7 @@ fn register_tokens_avg_pool_layer_scale_matches_timm() {
     .unwrap();
     let c = &vit.cfg;
     assert_eq!(
-        (
-            c.pool,
-            c.reg_tokens,
-            c.prefix_tokens,
-            c.layer_scale,
-            c.no_embed_class
-        ),
+        (c.pool, c.reg_tokens, c.prefix_tokens, c.layer_scale, c.no_embed_class),
         (Pool::Avg, 2, 3, true, true)
     );
     assert!(!c.qkv_bias && !c.patch_bias && c.norm_pre && c.fc_norm && !c.final_norm);
@@ -121,11 +100,7 @@ fn position_embeddings_resample_like_timm() {
     let d = 48;
     let got = resample_grid(&pos.data[d..], d, (4, 4), (6, 6));
     let want = &io.get("pos_embed_resampled").unwrap().data[d..];
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(err < 1e-6, "max abs error {err}");
     check_variant("cls", Some(48), "vit_interp_io.safetensors");
 }
@@ -139,10 +114,9 @@ fn bad_checkpoints_are_clear_errors() {
     };
     // Unknown tensors are listed, never ignored.
     let mut extra = tf.clone();
-    extra.tensors.insert(
-        "blocks.0.mystery".into(),
-        extra.tensors["norm.bias"].clone(),
-    );
+    extra
+        .tensors
+        .insert("blocks.0.mystery".into(), extra.tensors["norm.bias"].clone());
     match Vit::from_tensor_file(&extra, &opts, &Device::Cpu) {
         Err(ModelError::Unknown { names, .. }) => {
             assert_eq!(names, vec!["blocks.0.mystery".to_owned()])
@@ -170,13 +144,8 @@ fn bad_checkpoints_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"hello").unwrap();
-    let msg = Vit::from_file(&junk, &opts, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        msg.contains("junk.safetensors") && msg.contains("safetensors"),
-        "{msg}"
-    );
+    let msg = Vit::from_file(&junk, &opts, &Device::Cpu).unwrap_err().to_string();
+    assert!(msg.contains("junk.safetensors") && msg.contains("safetensors"), "{msg}");
     let msg = Vit::from_file(&dir.path().join("missing.safetensors"), &opts, &Device::Cpu)
         .unwrap_err()
         .to_string();
@@ -195,17 +164,10 @@ fn random_backbone_round_trips_through_host_tensors() {
     let tf = TensorFile {
         path: "mem".into(),
         tensors: host,
-        metadata: [(
-            "moppa.backbone".to_owned(),
-            serde_json::to_string(&vit.cfg).unwrap(),
-        )]
-        .into(),
+        metadata: [("moppa.backbone".to_owned(), serde_json::to_string(&vit.cfg).unwrap())].into(),
         ..Default::default()
     };
     let again = Vit::from_tensor_file(&tf, &BackboneOptions::default(), &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
-    assert_eq!(
-        rel_err(&vit.forward(&x).unwrap(), &again.forward(&x).unwrap()),
-        0.0
-    );
+    assert_eq!(rel_err(&vit.forward(&x).unwrap(), &again.forward(&x).unwrap()), 0.0);
 }

@@ -1,6 +1,7 @@
 //! The `moppa` command line: clap definitions, dispatch, and the mapping of failures to exit
 //! codes (2 = usage / bad value, 1 = runtime failure, 130 = interrupted).
 
+pub mod model_cmds;
 mod physics_cmds;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +67,10 @@ pub enum Command {
     Filters(physics_cmds::FiltersArgs),
     /// Apply one prior to an image at full resolution, per colour channel.
     Apply(physics_cmds::ApplyArgs),
+    /// Print a table of trainable parameters per method for a backbone and class count.
+    Params(model_cmds::ParamsArgs),
+    /// Run a backbone (and adapter) on images stored in a safetensors file; write logits and router weights.
+    Infer(model_cmds::InferArgs),
 }
 
 /// Runs a parsed subcommand.
@@ -73,5 +78,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Filters(args) => physics_cmds::filters(&args),
         Command::Apply(args) => physics_cmds::apply(&args),
+        Command::Params(args) => model_cmds::params(&args),
+        Command::Infer(args) => model_cmds::infer(&args),
     }
 }

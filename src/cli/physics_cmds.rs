@@ -54,11 +54,9 @@ pub enum Format {
 
 /// `moppa filters`: the spectral filters on an H×W token grid.
 #[derive(Debug, Clone, Args)]
-#[command(
-    after_help = "Example: moppa filters --grid 14 --kappa 0.3 --format json\n\
+#[command(after_help = "Example: moppa filters --grid 14 --kappa 0.3 --format json\n\
 Λ_nm = 4·sin²(πn/2H) + 4·sin²(πm/2W) are the grid Laplacian's eigenvalues; each filter is the exact \
-solution of its PDE on the grid. Impulse responses are for a unit impulse at cell (⌊H/2⌋, ⌊W/2⌋)."
-)]
+solution of its PDE on the grid. Impulse responses are for a unit impulse at cell (⌊H/2⌋, ⌊W/2⌋).")]
 pub struct FiltersArgs {
     /// Grid height H (number of token rows, e.g. 14 for ViT-B/16 at 224 px).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=512))]
@@ -75,12 +73,10 @@ pub struct FiltersArgs {
 
 /// `moppa apply`: filter an image with one prior.
 #[derive(Debug, Clone, Args)]
-#[command(
-    after_help = "Example: moppa apply --prior heat --kappa 20 photo.jpg blurred.png\n\
+#[command(after_help = "Example: moppa apply --prior heat --kappa 20 photo.jpg blurred.png\n\
 At image scale Λ is in pixel units: visible effects need larger coefficients than on a token grid \
 (κ·τ of 1–50 blurs a 512-pixel photo clearly; c·τ of 5–50 makes ringing; ε of 1e-4–1e-2 gives a \
-global smoothing)."
-)]
+global smoothing).")]
 pub struct ApplyArgs {
     /// Which prior to apply.
     #[arg(long, value_enum)]
@@ -194,15 +190,13 @@ pub fn apply(args: &ApplyArgs) -> Result<(), CliError> {
         ))
     })?;
     let input = read_image(&args.input)?;
-    let out =
-        apply_prior(&input, args.prior.into(), &coeffs).map_err(|e| CliError::Failure(e.into()))?;
+    let out = apply_prior(&input, args.prior.into(), &coeffs).map_err(|e| CliError::Failure(e.into()))?;
     write_image_atomic(&out, &args.output, format).map_err(CliError::Failure)
 }
 
 /// Opens and decodes an image; the error names the path and what went wrong.
 pub(crate) fn read_image(path: &Path) -> Result<image::DynamicImage, CliError> {
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot read image '{}'", path.display()))?;
+    let reader = image::ImageReader::open(path).with_context(|| format!("cannot read image '{}'", path.display()))?;
     let reader = reader
         .with_guessed_format()
         .with_context(|| format!("cannot read image '{}'", path.display()))?;
@@ -213,11 +207,7 @@ pub(crate) fn read_image(path: &Path) -> Result<image::DynamicImage, CliError> {
 
 /// Encodes to a temporary file next to `path`, then renames it, so a failure never leaves a
 /// half-written output.
-fn write_image_atomic(
-    img: &image::DynamicImage,
-    path: &Path,
-    format: image::ImageFormat,
-) -> anyhow::Result<()> {
+fn write_image_atomic(img: &image::DynamicImage, path: &Path, format: image::ImageFormat) -> anyhow::Result<()> {
     let img = if format == image::ImageFormat::Jpeg && img.color().has_alpha() {
         image::DynamicImage::ImageRgb8(img.to_rgb8())
     } else {
@@ -235,9 +225,7 @@ fn write_image_atomic(
         let file = std::fs::File::create(&tmp)?;
         let mut buf = std::io::BufWriter::new(file);
         img.write_to(&mut buf, format)?;
-        let file = buf
-            .into_inner()
-            .map_err(std::io::IntoInnerError::into_error)?;
+        let file = buf.into_inner().map_err(std::io::IntoInnerError::into_error)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())

@@ -45,8 +45,7 @@ impl AdaptFormerUnit {
 
     /// The update for `h = norm2(x_mid)`.
     pub fn forward(&self, h: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        let a =
-            ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?.relu()?;
+        let a = ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?.relu()?;
         ops::linear(kernels, &a, self.up_w.as_tensor(), self.up_b.as_tensor())? * ADAPTFORMER_SCALE
     }
 }

@@ -85,8 +85,7 @@ impl PeftModel {
                 let lay = if name.ends_with("attn_half") { al } else { ml };
                 let mut flat: Vec<f32> = var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
                 for s in lay.slots.iter().filter(|s| s.present) {
-                    flat[s.range()]
-                        .copy_from_slice(&get(&format!("{block}.{}", s.name), &s.shape)?.data);
+                    flat[s.range()].copy_from_slice(&get(&format!("{block}.{}", s.name), &s.shape)?.data);
                 }
                 Tensor::from_vec(flat, var.dims(), device)?
             } else {
@@ -95,11 +94,7 @@ impl PeftModel {
             };
             var.set(&value.to_dtype(var.dtype())?)?;
         }
-        let unknown: Vec<String> = tensors
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
+        let unknown: Vec<String> = tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
         if unknown.is_empty() {
             Ok(())
         } else {
@@ -175,9 +170,7 @@ pub fn adapter_info(tf: &TensorFile) -> Result<AdapterInfo> {
             )));
         }
         None => {
-            return Err(bad(format!(
-                "not a MoPPA Studio adapter (no {KEY_FORMAT} metadata)"
-            )));
+            return Err(bad(format!("not a MoPPA Studio adapter (no {KEY_FORMAT} metadata)")));
         }
     }
     let field = |key: &str| {
@@ -185,21 +178,21 @@ pub fn adapter_info(tf: &TensorFile) -> Result<AdapterInfo> {
             .get(key)
             .ok_or_else(|| bad(format!("missing {key} metadata")))
     };
-    let run_config: serde_json::Value = serde_json::from_str(field(KEY_CONFIG)?)
-        .map_err(|e| bad(format!("bad {KEY_CONFIG}: {e}")))?;
-    let method: MethodConfig = serde_json::from_value(run_config.clone())
-        .map_err(|e| bad(format!("bad method in {KEY_CONFIG}: {e}")))?;
-    let backbone_json: serde_json::Value = serde_json::from_str(field(KEY_BACKBONE)?)
-        .map_err(|e| bad(format!("bad {KEY_BACKBONE}: {e}")))?;
-    let backbone: VitConfig = serde_json::from_value(backbone_json.clone())
-        .map_err(|e| bad(format!("bad {KEY_BACKBONE}: {e}")))?;
+    let run_config: serde_json::Value =
+        serde_json::from_str(field(KEY_CONFIG)?).map_err(|e| bad(format!("bad {KEY_CONFIG}: {e}")))?;
+    let method: MethodConfig =
+        serde_json::from_value(run_config.clone()).map_err(|e| bad(format!("bad method in {KEY_CONFIG}: {e}")))?;
+    let backbone_json: serde_json::Value =
+        serde_json::from_str(field(KEY_BACKBONE)?).map_err(|e| bad(format!("bad {KEY_BACKBONE}: {e}")))?;
+    let backbone: VitConfig =
+        serde_json::from_value(backbone_json.clone()).map_err(|e| bad(format!("bad {KEY_BACKBONE}: {e}")))?;
     let backbone_sha256 = backbone_json
         .get("sha256")
         .and_then(|v| v.as_str())
         .unwrap_or_default()
         .to_owned();
-    let classes: Vec<String> = serde_json::from_str(field(KEY_CLASSES)?)
-        .map_err(|e| bad(format!("bad {KEY_CLASSES}: {e}")))?;
+    let classes: Vec<String> =
+        serde_json::from_str(field(KEY_CLASSES)?).map_err(|e| bad(format!("bad {KEY_CLASSES}: {e}")))?;
     Ok(AdapterInfo {
         run_config,
         method,

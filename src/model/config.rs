@@ -79,14 +79,7 @@ impl Default for VitConfig {
 }
 
 impl VitConfig {
-    fn base(
-        img: usize,
-        patch: usize,
-        d: usize,
-        depth: usize,
-        heads: usize,
-        classes: usize,
-    ) -> Self {
+    fn base(img: usize, patch: usize, d: usize, depth: usize, heads: usize, classes: usize) -> Self {
         let mut c = Self {
             img_size: img,
             patch_size: patch,
@@ -216,13 +209,7 @@ pub enum MethodKind {
 
 impl MethodKind {
     /// All methods, in the order tables list them.
-    pub const ALL: [Self; 5] = [
-        Self::Linear,
-        Self::Full,
-        Self::Lora,
-        Self::Adaptformer,
-        Self::Moppa,
-    ];
+    pub const ALL: [Self; 5] = [Self::Linear, Self::Full, Self::Lora, Self::Adaptformer, Self::Moppa];
 
     /// Name as on the command line.
     #[must_use]

@@ -30,9 +30,7 @@ impl Init {
     /// `U(±bound)`.
     pub fn uniform(&mut self, shape: &[usize], bound: f64) -> Result<Var> {
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| self.rng.random_range(-bound..bound) as f32)
-            .collect();
+        let v: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..bound) as f32).collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 

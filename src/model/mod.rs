@@ -18,5 +18,5 @@ pub mod lora;
 pub mod moppa;
 pub mod peft;
 
-pub use peft::{Forward, PeftModel, cross_entropy};
+pub use peft::{Forward, PeftModel, count_trainable, cross_entropy};
 pub mod checkpoint;

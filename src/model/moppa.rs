@@ -109,11 +109,7 @@ pub struct MoppaUnit {
 fn init_curve(r: usize, f: impl Fn(f64) -> f64) -> Vec<f32> {
     (0..r)
         .map(|j| {
-            let fj = if r == 1 {
-                0.0
-            } else {
-                j as f64 / (r - 1) as f64
-            };
+            let fj = if r == 1 { 0.0 } else { j as f64 / (r - 1) as f64 };
             inv_softplus(f(fj)) as f32
         })
         .collect()
@@ -121,12 +117,7 @@ fn init_curve(r: usize, f: impl Fn(f64) -> f64) -> Vec<f32> {
 
 impl MoppaUnit {
     /// A freshly initialised unit for width `d` on an `h × w` grid.
-    pub fn new(
-        d: usize,
-        (h, w): (usize, usize),
-        cfg: &MethodConfig,
-        init: &mut Init,
-    ) -> Result<Self> {
+    pub fn new(d: usize, (h, w): (usize, usize), cfg: &MethodConfig, init: &mut Init) -> Result<Self> {
         let r = cfg.rank;
         let priors = cfg.active_priors();
         let k = priors.len();
@@ -150,8 +141,7 @@ impl MoppaUnit {
             },
         };
         let coeff = |on: bool, f: &dyn Fn(f64) -> f64| -> Result<Option<Var>> {
-            on.then(|| init.from_values(init_curve(r, f), &[r]))
-                .transpose()
+            on.then(|| init.from_values(init_curve(r, f), &[r])).transpose()
         };
         Ok(Self {
             kappa_raw: coeff(has(Prior::Heat), &|f| 10f64.powf(-2.0 + 2.0 * f))?,
@@ -212,9 +202,10 @@ impl MoppaUnit {
                 Prior::Heat => grid.heat(&raw(&self.kappa_raw)?, live.tau),
                 Prior::Wave => grid.wave(&raw(&self.c_raw)?, live.tau, live.gamma),
                 Prior::Poisson => {
-                    let s = self.source.as_ref().ok_or_else(|| {
-                        candle_core::Error::Msg("MoPPA unit: missing source map".into())
-                    })?;
+                    let s = self
+                        .source
+                        .as_ref()
+                        .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing source map".into()))?;
                     grid.poisson(&raw(&self.eps_raw)?, &s.as_tensor().flatten_all()?)
                 }
             })
@@ -241,10 +232,7 @@ impl MoppaUnit {
                 let wc = Tensor::cat(&[self.down_w.as_tensor(), w.as_tensor()], 0)?;
                 let bc = Tensor::cat(&[self.down_b.as_tensor(), rb.as_tensor()], 0)?;
                 let zz = ops::linear(kernels, h, &wc, &bc)?;
-                (
-                    zz.narrow(D::Minus1, 0, r)?,
-                    Some(zz.narrow(D::Minus1, r, k)?),
-                )
+                (zz.narrow(D::Minus1, 0, r)?, Some(zz.narrow(D::Minus1, r, k)?))
             }
             _ => (
                 ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?,
@@ -267,8 +255,7 @@ impl MoppaUnit {
         let alpha = match &self.router {
             Router::None => None,
             Router::Token { .. } => {
-                let logits =
-                    token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
+                let logits = token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
                 Some(composite::softmax(
                     &(logits.narrow(1, prefix, hw)? / live.temperature)?,
                 )?)
@@ -278,22 +265,18 @@ impl MoppaUnit {
                 let logits = ops::linear(kernels, &mean, w.as_tensor(), rb.as_tensor())?;
                 Some(composite::softmax(&(logits / live.temperature)?)?.unsqueeze(1)?)
             }
-            Router::Layer { logits } => Some(
-                composite::softmax(&(logits.as_tensor() / live.temperature)?)?
-                    .reshape((1, 1, k))?,
-            ),
+            Router::Layer { logits } => {
+                Some(composite::softmax(&(logits.as_tensor() / live.temperature)?)?.reshape((1, 1, k))?)
+            }
         };
         let y_patch = match &alpha {
             // (B|1, HW|1, k) → (B|1, k, 1, HW|1)
-            Some(a) => y_all
-                .broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?
-                .sum(1)?,
+            Some(a) => y_all.broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?.sum(1)?,
             None => y_all.squeeze(1)?,
         };
         let y_patch = y_patch.transpose(1, 2)?; // (B, HW, r)
         let y = Tensor::cat(&[&z_pre, &y_patch], 1)?;
-        let out =
-            (ops::linear_no_bias(kernels, &y.contiguous()?, self.up_w.as_tensor())? * live.scale)?;
+        let out = (ops::linear_no_bias(kernels, &y.contiguous()?, self.up_w.as_tensor())? * live.scale)?;
         let route_kl = match &alpha {
             Some(a) => {
                 let mean = a.flatten_to(1)?.reshape(((), k))?.mean(0)?; // ᾱ over batch and patch tokens
@@ -302,10 +285,6 @@ impl MoppaUnit {
             }
             None => None,
         };
-        Ok(UnitOutput {
-            out,
-            alpha,
-            route_kl,
-        })
+        Ok(UnitOutput { out, alpha, route_kl })
     }
 }

@@ -3,7 +3,7 @@
 //! trainable; frozen weights stay plain tensors (no gradient work), trainable ones are `Var`s.
 
 use super::adaptformer::AdaptFormerUnit;
-use super::config::{MethodConfig, MethodKind, Placement};
+use super::config::{MethodConfig, MethodKind, Placement, VitConfig};
 use super::error::{ModelError, Result};
 use super::init::Init;
 use super::lora::LoraUnit;
@@ -79,12 +79,7 @@ pub struct PeftModel {
 
 impl PeftModel {
     /// Injects `method` into `backbone` for a task with `classes`, initialising with `seed`.
-    pub fn new(
-        mut backbone: Vit,
-        method: MethodConfig,
-        classes: Vec<String>,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(mut backbone: Vit, method: MethodConfig, classes: Vec<String>, seed: u64) -> Result<Self> {
         method.validate().map_err(ModelError::Config)?;
         if classes.is_empty() {
             return Err(ModelError::Config("the task has no classes".into()));
@@ -101,18 +96,14 @@ impl PeftModel {
         let mut adapters = Vec::with_capacity(backbone.depth());
         for i in 0..backbone.depth() {
             let a = match method.method {
-                MethodKind::Moppa => {
-                    BlockAdapter::Moppa(MoppaUnit::new(d, (g, g), &method, &mut init)?)
-                }
+                MethodKind::Moppa => BlockAdapter::Moppa(MoppaUnit::new(d, (g, g), &method, &mut init)?),
                 MethodKind::Lora => BlockAdapter::Lora(LoraUnit::new(
                     d,
                     method.rank,
                     method.lora_alpha.unwrap_or(method.rank as f64),
                     &mut init,
                 )?),
-                MethodKind::Adaptformer => {
-                    BlockAdapter::AdaptFormer(AdaptFormerUnit::new(d, method.rank, &mut init)?)
-                }
+                MethodKind::Adaptformer => BlockAdapter::AdaptFormer(AdaptFormerUnit::new(d, method.rank, &mut init)?),
                 MethodKind::Linear | MethodKind::Full => BlockAdapter::None,
             };
             vars.extend(adapter_vars(i, &a));
@@ -125,18 +116,17 @@ impl PeftModel {
         };
         vars.push(("head.weight".into(), head.w.clone()));
         vars.push(("head.bias".into(), head.b.clone()));
-        let head_dist =
-            if backbone.cfg.dist_token && backbone.cfg.pool == super::config::Pool::Token {
-                let h = Head {
-                    w: init.kaiming_uniform(n, d)?,
-                    b: init.zeros(&[n])?,
-                };
-                vars.push(("head_dist.weight".into(), h.w.clone()));
-                vars.push(("head_dist.bias".into(), h.b.clone()));
-                Some(h)
-            } else {
-                None
+        let head_dist = if backbone.cfg.dist_token && backbone.cfg.pool == super::config::Pool::Token {
+            let h = Head {
+                w: init.kaiming_uniform(n, d)?,
+                b: init.zeros(&[n])?,
             };
+            vars.push(("head_dist.weight".into(), h.w.clone()));
+            vars.push(("head_dist.bias".into(), h.b.clone()));
+            Some(h)
+        } else {
+            None
+        };
         let grid = SpectralGrid::new(g, g, dtype, &device)?;
         Ok(Self {
             live: Live::from_config(&method),
@@ -283,4 +273,62 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Te
     let logp = shifted.broadcast_sub(&lse)?;
     let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
     picked.mean_all()?.neg()
+}
+
+/// Trainable scalars of `method` on a backbone of shape `cfg` with a `classes`-way head, without
+/// building anything (for `moppa params` and the app's launch panel).
+#[must_use]
+pub fn count_trainable(cfg: &VitConfig, method: &MethodConfig, classes: usize) -> usize {
+    let d = cfg.embed_dim;
+    let r = method.rank;
+    let depth = cfg.depth;
+    let heads = 1 + usize::from(cfg.dist_token && cfg.pool == super::config::Pool::Token);
+    let head = heads * (classes * d + classes);
+    let per_block = match method.method {
+        MethodKind::Linear | MethodKind::Full => 0,
+        MethodKind::Lora => 4 * r * d,
+        MethodKind::Adaptformer => 2 * r * d + r + d,
+        MethodKind::Moppa => {
+            let priors = method.active_priors();
+            let k = priors.len();
+            let router = match (k, method.router) {
+                (1, _) => 0,
+                (_, super::config::RouterKind::Layer) => k,
+                _ => k * d + k,
+            };
+            let hw = cfg.grid() * cfg.grid();
+            let source = if priors.contains(&crate::physics::Prior::Poisson) {
+                hw
+            } else {
+                0
+            };
+            2 * r * d + r + router + k * r + source
+        }
+    };
+    let backbone = if method.method == MethodKind::Full {
+        backbone_params(cfg)
+    } else {
+        0
+    };
+    depth * per_block + head + backbone
+}
+
+/// Parameters of the backbone itself (its own head excluded).
+#[must_use]
+pub fn backbone_params(cfg: &VitConfig) -> usize {
+    let d = cfg.embed_dim;
+    let hidden = cfg.mlp_hidden();
+    let p = cfg.patch_size;
+    let prefix = cfg.derived_prefix_tokens();
+    let npos = if cfg.no_embed_class { 0 } else { prefix } + cfg.grid() * cfg.grid();
+    let norms = 2 * d * (usize::from(cfg.norm_pre) + usize::from(cfg.final_norm) + usize::from(cfg.fc_norm));
+    let ls = if cfg.layer_scale { d } else { 0 };
+    let attn = 2 * d + 3 * d * d + if cfg.qkv_bias { 3 * d } else { 0 } + d * d + d + ls;
+    let mlp = 2 * d + hidden * d + hidden + d * hidden + d + ls;
+    d * cfg.in_chans * p * p
+        + if cfg.patch_bias { d } else { 0 }
+        + prefix * d
+        + npos * d
+        + norms
+        + cfg.depth * (attn + mlp)
 }

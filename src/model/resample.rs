@@ -26,9 +26,7 @@ pub fn bicubic_aa_weights(n_in: usize, n_out: usize) -> Vec<f64> {
         let center = scale * (i as f64 + 0.5);
         let lo = ((center - support + 0.5) as i64).max(0) as usize;
         let hi = ((center + support + 0.5) as i64).min(n_in as i64).max(0) as usize;
-        let w: Vec<f64> = (lo..hi)
-            .map(|j| cubic((j as f64 - center + 0.5) * inv))
-            .collect();
+        let w: Vec<f64> = (lo..hi).map(|j| cubic((j as f64 - center + 0.5) * inv)).collect();
         let total: f64 = w.iter().sum();
         for (j, wj) in (lo..hi).zip(w) {
             m[i * n_in + j] = wj / total;
@@ -39,12 +37,7 @@ pub fn bicubic_aa_weights(n_in: usize, n_out: usize) -> Vec<f64> {
 
 /// Resamples a `(h_in·w_in) × d` grid of embeddings to `(h_out·w_out) × d` (row-major grids).
 #[must_use]
-pub fn resample_grid(
-    data: &[f32],
-    d: usize,
-    (h_in, w_in): (usize, usize),
-    (h_out, w_out): (usize, usize),
-) -> Vec<f32> {
+pub fn resample_grid(data: &[f32], d: usize, (h_in, w_in): (usize, usize), (h_out, w_out): (usize, usize)) -> Vec<f32> {
     let wy = bicubic_aa_weights(h_in, h_out);
     let wx = bicubic_aa_weights(w_in, w_out);
     // Rows first (along W), then columns (along H).

@@ -23,10 +23,7 @@ impl HostTensor {
     }
 
     /// As a candle tensor.
-    pub fn to_tensor(
-        &self,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
+    pub fn to_tensor(&self, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
         candle_core::Tensor::from_vec(self.data.clone(), self.shape.as_slice(), device)
     }
 }
@@ -68,10 +65,9 @@ impl TensorFile {
         if bytes.is_empty() {
             return Err(format_err(path, "the file is empty"));
         }
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| format_err(path, format!("not a safetensors file ({e})")))?;
-        let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| format_err(path, format!("bad header ({e})")))?;
+        let st =
+            SafeTensors::deserialize(bytes).map_err(|e| format_err(path, format!("not a safetensors file ({e})")))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format_err(path, format!("bad header ({e})")))?;
         let mut out = Self {
             path: path.to_owned(),
             metadata: meta.metadata().clone().unwrap_or_default(),
@@ -96,16 +92,12 @@ impl TensorFile {
                     .collect(),
                 Dtype::F64 => raw
                     .chunks_exact(8)
-                    .map(|b| {
-                        f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-                    })
+                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
                     .collect(),
                 Dtype::I64 => {
                     let v = raw
                         .chunks_exact(8)
-                        .map(|b| {
-                            i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-                        })
+                        .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
                         .collect();
                     out.int_tensors.insert(name, (shape, v));
                     continue;
@@ -163,12 +155,10 @@ impl TensorFile {
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// sha256 of a file's bytes, lower-case hex.

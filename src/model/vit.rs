@@ -123,12 +123,7 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     let depth = (0..)
         .take_while(|i| tf.has(&format!("blocks.{i}.norm1.weight")))
         .count();
-    let hidden = tf
-        .get("blocks.0.mlp.fc1.weight")?
-        .shape
-        .first()
-        .copied()
-        .unwrap_or(0);
+    let hidden = tf.get("blocks.0.mlp.fc1.weight")?.shape.first().copied().unwrap_or(0);
     let reg_tokens = tf
         .tensors
         .get("reg_token")
@@ -137,18 +132,13 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     let dist_token = tf.has("dist_token");
     let prefix = usize::from(class_token) + reg_tokens + usize::from(dist_token);
     let npos = tf.get("pos_embed")?.shape.get(1).copied().unwrap_or(0);
-    let (grid, no_embed_class) = match (
-        npos.checked_sub(prefix).and_then(is_square),
-        is_square(npos),
-    ) {
+    let (grid, no_embed_class) = match (npos.checked_sub(prefix).and_then(is_square), is_square(npos)) {
         (Some(g), _) => (g, false),
         (None, Some(g)) => (g, true),
         _ => {
             return Err(err_cfg(
                 path,
-                format!(
-                    "pos_embed covers {npos} tokens: not a square grid (+{prefix} prefix tokens)"
-                ),
+                format!("pos_embed covers {npos} tokens: not a square grid (+{prefix} prefix tokens)"),
             ));
         }
     };
@@ -196,11 +186,7 @@ impl Vit {
     }
 
     /// Builds from decoded tensors; every tensor must be known and of the right shape.
-    pub fn from_tensor_file(
-        tf: &TensorFile,
-        opts: &BackboneOptions,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn from_tensor_file(tf: &TensorFile, opts: &BackboneOptions, device: &Device) -> Result<Self> {
         let path = tf.path.clone();
         let mut cfg = match tf.metadata.get(BACKBONE_META_KEY) {
             Some(json) => serde_json::from_str::<VitConfig>(json)
@@ -232,17 +218,11 @@ impl Vit {
             .patch_bias
             .then(|| take("patch_embed.proj.bias", &[d]))
             .transpose()?;
-        let cls = cfg
-            .class_token
-            .then(|| take("cls_token", &[1, 1, d]))
-            .transpose()?;
+        let cls = cfg.class_token.then(|| take("cls_token", &[1, 1, d])).transpose()?;
         let reg = (cfg.reg_tokens > 0)
             .then(|| take("reg_token", &[1, cfg.reg_tokens, d]))
             .transpose()?;
-        let dist = cfg
-            .dist_token
-            .then(|| take("dist_token", &[1, 1, d]))
-            .transpose()?;
+        let dist = cfg.dist_token.then(|| take("dist_token", &[1, 1, d])).transpose()?;
         let pos_prefix = if cfg.no_embed_class { 0 } else { prefix };
         let mut pos = take("pos_embed", &[1, pos_prefix + file_grid * file_grid, d])?;
         let grid = cfg.grid();
@@ -260,18 +240,9 @@ impl Vit {
                 take(&format!("{name}.bias"), &[d])?,
             ))
         };
-        let norm_pre = cfg
-            .norm_pre
-            .then(|| norm(&mut take, "norm_pre"))
-            .transpose()?;
-        let final_norm = cfg
-            .final_norm
-            .then(|| norm(&mut take, "norm"))
-            .transpose()?;
-        let fc_norm = cfg
-            .fc_norm
-            .then(|| norm(&mut take, "fc_norm"))
-            .transpose()?;
+        let norm_pre = cfg.norm_pre.then(|| norm(&mut take, "norm_pre")).transpose()?;
+        let final_norm = cfg.final_norm.then(|| norm(&mut take, "norm")).transpose()?;
+        let fc_norm = cfg.fc_norm.then(|| norm(&mut take, "fc_norm")).transpose()?;
         let attn_layout = Arc::new(HalfLayout::attn(d, cfg.qkv_bias, cfg.layer_scale));
         let mlp_layout = Arc::new(HalfLayout::mlp(d, cfg.mlp_hidden(), cfg.layer_scale));
         let mut blocks = Vec::with_capacity(cfg.depth);
@@ -314,36 +285,16 @@ impl Vit {
         } else {
             None
         };
-        let unknown: Vec<String> = tf
-            .tensors
-            .keys()
-            .filter(|k| !known.contains(k))
-            .cloned()
-            .collect();
+        let unknown: Vec<String> = tf.tensors.keys().filter(|k| !known.contains(k)).cloned().collect();
         if !unknown.is_empty() {
-            return Err(ModelError::Unknown {
-                path,
-                names: unknown,
-            });
+            return Err(ModelError::Unknown { path, names: unknown });
         }
         let t = |h: &HostTensor| h.to_tensor(device);
         let tn = |n: Option<(HostTensor, HostTensor)>| -> Result<Option<Norm>> {
-            n.map(|(w, b)| {
-                Ok(Norm {
-                    w: t(&w)?,
-                    b: t(&b)?,
-                })
-            })
-            .transpose()
+            n.map(|(w, b)| Ok(Norm { w: t(&w)?, b: t(&b)? })).transpose()
         };
         let tl = |n: Option<(HostTensor, HostTensor)>| -> Result<Option<Linear>> {
-            n.map(|(w, b)| {
-                Ok(Linear {
-                    w: t(&w)?,
-                    b: t(&b)?,
-                })
-            })
-            .transpose()
+            n.map(|(w, b)| Ok(Linear { w: t(&w)?, b: t(&b)? })).transpose()
         };
         Ok(Self {
             source: BackboneSource {
@@ -409,14 +360,9 @@ impl Vit {
             ..TensorFile::default()
         };
         let mut put = |name: &str, shape: Vec<usize>, data: Vec<f32>| {
-            tf.tensors
-                .insert(name.to_owned(), HostTensor::new(shape, data));
+            tf.tensors.insert(name.to_owned(), HostTensor::new(shape, data));
         };
-        put(
-            "patch_embed.proj.weight",
-            vec![d, c, p, p],
-            tn(d * c * p * p),
-        );
+        put("patch_embed.proj.weight", vec![d, c, p, p], tn(d * c * p * p));
         if cfg.patch_bias {
             put("patch_embed.proj.bias", vec![d], vec![0.0; d]);
         }
@@ -424,20 +370,12 @@ impl Vit {
             put("cls_token", vec![1, 1, d], tn(d));
         }
         if cfg.reg_tokens > 0 {
-            put(
-                "reg_token",
-                vec![1, cfg.reg_tokens, d],
-                tn(cfg.reg_tokens * d),
-            );
+            put("reg_token", vec![1, cfg.reg_tokens, d], tn(cfg.reg_tokens * d));
         }
         if cfg.dist_token {
             put("dist_token", vec![1, 1, d], tn(d));
         }
-        let npos = if cfg.no_embed_class {
-            0
-        } else {
-            cfg.prefix_tokens
-        } + cfg.grid() * cfg.grid();
+        let npos = if cfg.no_embed_class { 0 } else { cfg.prefix_tokens } + cfg.grid() * cfg.grid();
         put("pos_embed", vec![1, npos, d], tn(npos * d));
         let ones = |n: usize| vec![1.0f32; n];
         for name in ["norm_pre", "norm", "fc_norm"] {
@@ -471,27 +409,11 @@ impl Vit {
             }
         }
         if cfg.num_classes > 0 {
-            put(
-                "head.weight",
-                vec![cfg.num_classes, d],
-                tn(cfg.num_classes * d),
-            );
-            put(
-                "head.bias",
-                vec![cfg.num_classes],
-                vec![0.0; cfg.num_classes],
-            );
+            put("head.weight", vec![cfg.num_classes, d], tn(cfg.num_classes * d));
+            put("head.bias", vec![cfg.num_classes], vec![0.0; cfg.num_classes]);
             if cfg.dist_token {
-                put(
-                    "head_dist.weight",
-                    vec![cfg.num_classes, d],
-                    tn(cfg.num_classes * d),
-                );
-                put(
-                    "head_dist.bias",
-                    vec![cfg.num_classes],
-                    vec![0.0; cfg.num_classes],
-                );
+                put("head_dist.weight", vec![cfg.num_classes, d], tn(cfg.num_classes * d));
+                put("head_dist.bias", vec![cfg.num_classes], vec![0.0; cfg.num_classes]);
             }
         }
         let mut vit = Self::from_tensor_file(&tf, &BackboneOptions::default(), device)?;
@@ -780,10 +702,7 @@ impl Vit {
                 t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
             ))
         };
-        out.insert(
-            "patch_embed.proj.weight".into(),
-            host(&self.patch_w, vec![d, c, p, p])?,
-        );
+        out.insert("patch_embed.proj.weight".into(), host(&self.patch_w, vec![d, c, p, p])?);
         if let Some(b) = &self.patch_b {
             out.insert("patch_embed.proj.bias".into(), host(b, vec![d])?);
         }

@@ -9,11 +9,7 @@ pub fn dct_matrix(n: usize) -> Vec<f64> {
     let nf = n as f64;
     let mut c = vec![0.0; n * n];
     for k in 0..n {
-        let scale = if k == 0 {
-            (1.0 / nf).sqrt()
-        } else {
-            (2.0 / nf).sqrt()
-        };
+        let scale = if k == 0 { (1.0 / nf).sqrt() } else { (2.0 / nf).sqrt() };
         for i in 0..n {
             c[k * n + i] = scale * (std::f64::consts::PI * k as f64 * (i as f64 + 0.5) / nf).cos();
         }

@@ -41,11 +41,7 @@ pub fn wave_filter(lambda: &[f64], c: f64, tau: f64, gamma: f64) -> Vec<f64> {
 }
 
 /// Screened Poisson: `G = S·ε/(Λ + ε)`; `source` = `S` (all ones when `None`).
-pub fn poisson_filter(
-    lambda: &[f64],
-    eps: f64,
-    source: Option<&[f64]>,
-) -> Result<Vec<f64>, PhysicsError> {
+pub fn poisson_filter(lambda: &[f64], eps: f64, source: Option<&[f64]>) -> Result<Vec<f64>, PhysicsError> {
     if let Some(s) = source
         && s.len() != lambda.len()
     {
@@ -75,11 +71,7 @@ pub fn impulse_response(dct: &Dct2, gain: &[f64]) -> Result<Vec<f64>, PhysicsErr
 /// the filter as a function of spatial frequency, for radial-profile plots.
 #[must_use]
 pub fn radial_profile(lambda: &[f64], gain: &[f64]) -> Vec<(f64, f64)> {
-    let mut pts: Vec<(f64, f64)> = lambda
-        .iter()
-        .zip(gain)
-        .map(|(&l, &g)| (l.sqrt(), g))
-        .collect();
+    let mut pts: Vec<(f64, f64)> = lambda.iter().zip(gain).map(|(&l, &g)| (l.sqrt(), g)).collect();
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut out: Vec<(f64, f64, usize)> = Vec::new();
     for (k, g) in pts {
@@ -182,11 +174,7 @@ impl FilterSet {
 }
 
 /// The gain of `prior` for scalar coefficients on a given `Λ` (source map all ones).
-pub fn prior_gain(
-    prior: Prior,
-    lambda: &[f64],
-    coeffs: &PriorCoeffs,
-) -> Result<Vec<f64>, PhysicsError> {
+pub fn prior_gain(prior: Prior, lambda: &[f64], coeffs: &PriorCoeffs) -> Result<Vec<f64>, PhysicsError> {
     match prior {
         Prior::Heat => {
             positive("kappa", coeffs.kappa)?;

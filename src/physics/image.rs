@@ -73,13 +73,7 @@ impl ImageDct {
     }
 
     /// Orthonormal DCT-II (or its inverse, DCT-III) of every row of length `n`, in parallel.
-    fn pass(
-        &self,
-        data: &mut [f32],
-        n: usize,
-        plan: &Arc<dyn TransformType2And3<f32>>,
-        inverse: bool,
-    ) {
+    fn pass(&self, data: &mut [f32], n: usize, plan: &Arc<dyn TransformType2And3<f32>>, inverse: bool) {
         let first = (1.0 / n as f64).sqrt() as f32;
         let rest = (2.0 / n as f64).sqrt() as f32;
         data.par_chunks_mut(n).for_each_init(
@@ -116,12 +110,7 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// The gain of `prior` on an `h×w` pixel grid, as `f32` (source map all ones).
-pub fn image_gain(
-    prior: Prior,
-    h: usize,
-    w: usize,
-    coeffs: &PriorCoeffs,
-) -> Result<Vec<f32>, PhysicsError> {
+pub fn image_gain(prior: Prior, h: usize, w: usize, coeffs: &PriorCoeffs) -> Result<Vec<f32>, PhysicsError> {
     let lambda = laplacian_eigenvalues(h, w);
     let gain = super::filters::prior_gain(prior, &lambda, coeffs)?;
     Ok(gain.into_iter().map(|g| g as f32).collect())
@@ -130,11 +119,7 @@ pub fn image_gain(
 /// Applies `prior` at full resolution to each colour channel of an image (alpha is kept as is),
 /// clamping to the 8-bit range. Greyscale stays greyscale; 16-bit and float images come back as
 /// 8-bit RGB(A).
-pub fn apply_prior(
-    image: &DynamicImage,
-    prior: Prior,
-    coeffs: &PriorCoeffs,
-) -> Result<DynamicImage, PhysicsError> {
+pub fn apply_prior(image: &DynamicImage, prior: Prior, coeffs: &PriorCoeffs) -> Result<DynamicImage, PhysicsError> {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let gain = image_gain(prior, h, w, coeffs)?;
     let dct = ImageDct::new(h, w);
@@ -159,18 +144,10 @@ pub fn apply_prior(
     let (w32, h32) = (image.width(), image.height());
     let bad = || PhysicsError::Shape("image buffer size".into());
     Ok(match (colour, has_alpha) {
-        (1, false) => DynamicImage::ImageLuma8(
-            ImageBuffer::<Luma<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?,
-        ),
-        (1, true) => DynamicImage::ImageLumaA8(
-            ImageBuffer::<LumaA<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?,
-        ),
-        (_, false) => DynamicImage::ImageRgb8(
-            ImageBuffer::<Rgb<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?,
-        ),
-        (_, true) => DynamicImage::ImageRgba8(
-            ImageBuffer::<Rgba<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?,
-        ),
+        (1, false) => DynamicImage::ImageLuma8(ImageBuffer::<Luma<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?),
+        (1, true) => DynamicImage::ImageLumaA8(ImageBuffer::<LumaA<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?),
+        (_, false) => DynamicImage::ImageRgb8(ImageBuffer::<Rgb<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?),
+        (_, true) => DynamicImage::ImageRgba8(ImageBuffer::<Rgba<u8>, _>::from_raw(w32, h32, raw).ok_or_else(bad)?),
     })
 }
 

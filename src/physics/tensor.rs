@@ -66,18 +66,13 @@ impl SpectralGrid {
 
     /// Heat gains for per-channel `κ` (shape `(r)`): `exp(−κ_j·τ·Λ)`, shape `(r, H·W)`.
     pub fn heat(&self, kappa: &Tensor, tau: f64) -> Result<Tensor> {
-        let arg = kappa
-            .unsqueeze(1)?
-            .broadcast_mul(&self.lambda.unsqueeze(0)?)?;
+        let arg = kappa.unsqueeze(1)?.broadcast_mul(&self.lambda.unsqueeze(0)?)?;
         (arg * (-tau))?.exp()
     }
 
     /// Wave gains for per-channel `c`: `exp(−γ·τ·√Λ)·cos(c_j·τ·√Λ)`, shape `(r, H·W)`.
     pub fn wave(&self, c: &Tensor, tau: f64, gamma: f64) -> Result<Tensor> {
-        let phase = (c
-            .unsqueeze(1)?
-            .broadcast_mul(&self.sqrt_lambda.unsqueeze(0)?)?
-            * tau)?;
+        let phase = (c.unsqueeze(1)?.broadcast_mul(&self.sqrt_lambda.unsqueeze(0)?)? * tau)?;
         let osc = phase.cos()?;
         if gamma == 0.0 {
             Ok(osc)
@@ -92,8 +87,7 @@ impl SpectralGrid {
     pub fn poisson(&self, eps: &Tensor, source: &Tensor) -> Result<Tensor> {
         let e = eps.unsqueeze(1)?;
         let denom = e.broadcast_add(&self.lambda.unsqueeze(0)?)?;
-        e.broadcast_div(&denom)?
-            .broadcast_mul(&source.unsqueeze(0)?)
+        e.broadcast_div(&denom)?.broadcast_mul(&source.unsqueeze(0)?)
     }
 }
 

@@ -2,18 +2,14 @@
 //! and dtype (CUDA, f64 for gradient checks) and are the reference the fused CPU ops are tested
 //! against. Never candle's fused LayerNorm/softmax, which have no backward pass.
 
-use super::layout::{
-    FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
-};
+use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
 use candle_core::{D, Result, Tensor};
 
 /// A slot of a flat weight buffer as a tensor of its timm shape (a differentiable view;
 /// placeholders of absent tensors are detached so they never train).
 pub fn slot(w: &Tensor, layout: &HalfLayout, i: usize) -> Result<Tensor> {
     let s = &layout.slots[i];
-    let v = w
-        .narrow(0, s.offset, s.len())?
-        .reshape(s.shape.as_slice())?;
+    let v = w.narrow(0, s.offset, s.len())?.reshape(s.shape.as_slice())?;
     Ok(if s.present { v } else { v.detach() })
 }
 
@@ -58,10 +54,7 @@ pub fn attn_half(
     let mut qkv = linear(&h, &slot(w, layout, QKV_W)?, Some(&slot(w, layout, QKV_B)?))?;
     if let Some(delta) = delta {
         let zeros = Tensor::zeros((b, t, d), delta.dtype(), delta.device())?;
-        let full = Tensor::cat(
-            &[&delta.narrow(2, 0, d)?, &zeros, &delta.narrow(2, d, d)?],
-            2,
-        )?;
+        let full = Tensor::cat(&[&delta.narrow(2, 0, d)?, &zeros, &delta.narrow(2, d, d)?], 2)?;
         qkv = (qkv + full)?;
     }
     let split = |i: usize| -> Result<Tensor> {
@@ -75,11 +68,7 @@ pub fn attn_half(
     let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let p = softmax(&s)?;
     let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-    let mut y = linear(
-        &o,
-        &slot(w, layout, PROJ_W)?,
-        Some(&slot(w, layout, PROJ_B)?),
-    )?;
+    let mut y = linear(&o, &slot(w, layout, PROJ_W)?, Some(&slot(w, layout, PROJ_B)?))?;
     if layout.present(LS) {
         y = y.broadcast_mul(&slot(w, layout, LS)?)?;
     }

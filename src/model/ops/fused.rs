@@ -9,13 +9,8 @@
 use super::cpu::attention::{self, Dims};
 use super::cpu::gemm::{Par, linear_dw, linear_dx, linear_fwd};
 use super::cpu::{col_dot, col_sums, layer_norm, math, rows_mut, zeros};
-use super::layout::{
-    FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W,
-};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
-    bail,
-};
+use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, bail};
 use std::sync::{Arc, Mutex};
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -67,11 +62,7 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g, b) = (
-            slice(s1, l1, "x")?,
-            slice(s2, l2, "gamma")?,
-            slice(s3, l3, "beta")?,
-        );
+        let (x, g, b) = (slice(s1, l1, "x")?, slice(s2, l2, "gamma")?, slice(s3, l3, "beta")?);
         let d = g.len();
         if d == 0 || x.len() % d != 0 || b.len() != d {
             bail!("layer norm: x {:?} does not match gamma {d}", l1.shape());
@@ -132,11 +123,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            slice(s1, l1, "x")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "bias")?,
-        );
+        let (x, w, b) = (slice(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
         let (n_out, k) = l2.shape().dims2()?;
         let dims = l1.shape().dims();
         if dims.last() != Some(&k) || b.len() != n_out {
@@ -191,10 +178,7 @@ impl CustomOp3 for LinearOp {
             None
         };
         let db = if b.track_op() {
-            Some(tensor(
-                with_data(grad, |dy| col_sums(dy, n_out))?,
-                b.shape(),
-            )?)
+            Some(tensor(with_data(grad, |dy| col_sums(dy, n_out))?, b.shape())?)
         } else {
             None
         };
@@ -297,18 +281,7 @@ impl CustomOp3 for AttnHalfOp {
         let mut stats = zeros(2 * n);
         layer_norm::forward(x, &mut ln, &mut stats, p(NORM_W), p(NORM_B), self.eps);
         let mut qkv = zeros(n * 3 * d);
-        linear_fwd(
-            n,
-            3 * d,
-            d,
-            &ln,
-            d,
-            p(QKV_W),
-            &mut qkv,
-            3 * d,
-            false,
-            Par::Pool,
-        );
+        linear_fwd(n, 3 * d, d, &ln, d, p(QKV_W), &mut qkv, 3 * d, false, Par::Pool);
         let qkv_b = p(QKV_B);
         rows_mut(&mut qkv, 3 * d, |r, row| {
             for (v, bias) in row.iter_mut().zip(qkv_b) {
@@ -330,12 +303,7 @@ impl CustomOp3 for AttnHalfOp {
         } else {
             Vec::new()
         };
-        attention::forward(
-            &qkv,
-            &mut o,
-            self.save.then_some(probs.as_mut_slice()),
-            self.dims,
-        );
+        attention::forward(&qkv, &mut o, self.save.then_some(probs.as_mut_slice()), self.dims);
         let mut out = zeros(n * d);
         linear_fwd(n, d, d, &o, d, p(PROJ_W), &mut out, d, false, Par::Pool);
         let (pb, ls, has_ls) = (p(PROJ_B), p(LS), lay.present(LS));
@@ -372,9 +340,7 @@ impl CustomOp3 for AttnHalfOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(cache) = lock(&self.cache).take() else {
-            bail!(
-                "attention half: backward without saved activations (a second backward on the same graph?)"
-            )
+            bail!("attention half: backward without saved activations (a second backward on the same graph?)")
         };
         let Dims { b, t, d, .. } = self.dims;
         let n = b * t;
@@ -384,11 +350,7 @@ impl CustomOp3 for AttnHalfOp {
                 with_data(grad, |dy| {
                     let p = |i: usize| &w[lay.range(i)];
                     let has_ls = lay.present(LS);
-                    let mut dw = if self.train_weights {
-                        zeros(lay.len)
-                    } else {
-                        Vec::new()
-                    };
+                    let mut dw = if self.train_weights { zeros(lay.len) } else { Vec::new() };
                     // Through the layer scale.
                     let d_proj: Vec<f32> = if has_ls {
                         let ls = p(LS);
@@ -410,18 +372,7 @@ impl CustomOp3 for AttnHalfOp {
                         if has_ls {
                             // dγ = Σ dy ⊙ (o·Wᵀ + b): recompute the projection.
                             let mut y = zeros(n * d);
-                            linear_fwd(
-                                n,
-                                d,
-                                d,
-                                &cache.o,
-                                d,
-                                p(PROJ_W),
-                                &mut y,
-                                d,
-                                false,
-                                Par::Pool,
-                            );
+                            linear_fwd(n, d, d, &cache.o, d, p(PROJ_W), &mut y, d, false, Par::Pool);
                             let pb = p(PROJ_B);
                             rows_mut(&mut y, d, |_, row| {
                                 for (v, bias) in row.iter_mut().zip(pb) {
@@ -432,18 +383,7 @@ impl CustomOp3 for AttnHalfOp {
                         }
                     }
                     let mut d_o = zeros(n * d);
-                    linear_dx(
-                        n,
-                        d,
-                        d,
-                        &d_proj,
-                        d,
-                        p(PROJ_W),
-                        &mut d_o,
-                        d,
-                        false,
-                        Par::Pool,
-                    );
+                    linear_dx(n, d, d, &d_proj, d, p(PROJ_W), &mut d_o, d, false, Par::Pool);
                     drop(d_proj);
                     let mut d_qkv = zeros(n * 3 * d);
                     attention::backward(&cache.qkv, &cache.probs, &d_o, &mut d_qkv, self.dims);
@@ -468,23 +408,11 @@ impl CustomOp3 for AttnHalfOp {
                         }
                     }
                     let mut d_ln = zeros(n * d);
-                    linear_dx(
-                        n,
-                        3 * d,
-                        d,
-                        &d_qkv,
-                        3 * d,
-                        p(QKV_W),
-                        &mut d_ln,
-                        d,
-                        false,
-                        Par::Pool,
-                    );
+                    linear_dx(n, 3 * d, d, &d_qkv, 3 * d, p(QKV_W), &mut d_ln, d, false, Par::Pool);
                     drop(d_qkv);
                     // dx = dy (residual) + LayerNorm backward.
                     let mut dx = dy.to_vec();
-                    let (dg, db) =
-                        layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
+                    let (dg, db) = layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
                     if self.train_weights {
                         dw[lay.range(NORM_W)].copy_from_slice(&dg);
                         dw[lay.range(NORM_B)].copy_from_slice(&db);
@@ -537,14 +465,7 @@ pub struct MlpHalfOp {
 impl MlpHalfOp {
     /// A new op.
     #[must_use]
-    pub fn new(
-        d: usize,
-        hidden: usize,
-        eps: f32,
-        layout: Arc<HalfLayout>,
-        save: bool,
-        train_weights: bool,
-    ) -> Self {
+    pub fn new(d: usize, hidden: usize, eps: f32, layout: Arc<HalfLayout>, save: bool, train_weights: bool) -> Self {
         Self {
             d,
             hidden,
@@ -562,13 +483,7 @@ impl CustomOp2 for MlpHalfOp {
         "moppa-mlp-half"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (d, hd) = (self.d, self.hidden);
         let (x, w) = (slice(s1, l1, "x")?, slice(s2, l2, "weights")?);
         if x.len() % d != 0 || w.len() != self.layout.len {
@@ -614,17 +529,9 @@ impl CustomOp2 for MlpHalfOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some(cache) = lock(&self.cache).take() else {
-            bail!(
-                "mlp half: backward without saved activations (a second backward on the same graph?)"
-            )
+            bail!("mlp half: backward without saved activations (a second backward on the same graph?)")
         };
         let (d, hd) = (self.d, self.hidden);
         let lay = self.layout.clone();
@@ -634,11 +541,7 @@ impl CustomOp2 for MlpHalfOp {
                     let n = x.len() / d;
                     let p = |i: usize| &w[lay.range(i)];
                     let has_ls = lay.present(LS);
-                    let mut dw = if self.train_weights {
-                        zeros(lay.len)
-                    } else {
-                        Vec::new()
-                    };
+                    let mut dw = if self.train_weights { zeros(lay.len) } else { Vec::new() };
                     let d_fc2: Vec<f32> = if has_ls {
                         let ls = p(LS);
                         let mut v = dy.to_vec();
@@ -686,8 +589,7 @@ impl CustomOp2 for MlpHalfOp {
                     linear_dx(n, hd, d, &da, hd, p(FC1_W), &mut d_ln, d, false, Par::Pool);
                     drop(da);
                     let mut dx = dy.to_vec();
-                    let (dg, db) =
-                        layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
+                    let (dg, db) = layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
                     if self.train_weights {
                         dw[lay.range(NORM_W)].copy_from_slice(&dg);
                         dw[lay.range(NORM_B)].copy_from_slice(&db);

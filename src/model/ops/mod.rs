@@ -36,13 +36,7 @@ impl Kernels {
 }
 
 /// `LayerNorm(x; γ, β)` over the last dimension.
-pub fn layer_norm(
-    k: Kernels,
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
+pub fn layer_norm(k: Kernels, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if k.fused_for(x) {
         x.contiguous()?.apply_op3(
             &gamma.contiguous()?,
@@ -68,8 +62,7 @@ pub fn linear(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> 
 pub fn linear_no_bias(k: Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if k.fused_for(x) {
         let zero = Tensor::zeros(w.dim(0)?, x.dtype(), x.device())?;
-        x.contiguous()?
-            .apply_op3(&w.contiguous()?, &zero, fused::LinearOp)
+        x.contiguous()?.apply_op3(&w.contiguous()?, &zero, fused::LinearOp)
     } else {
         composite::linear(x, w, None)
     }

@@ -93,13 +93,10 @@ pub fn forward(qkv: &[f32], out: &mut [f32], probs: Option<&mut [f32]>, dims: Di
             .zip(out.par_chunks_mut(t * d))
             .zip(probs.par_chunks_mut(heads * t * t))
             .for_each(|((qkv_b, out_b), p_b)| run(qkv_b, out_b, p_b)),
-        None => qkv
-            .par_chunks(t * 3 * d)
-            .zip(out.par_chunks_mut(t * d))
-            .for_each_init(
-                || vec![0.0f32; heads * t * t],
-                |p_b, (qkv_b, out_b)| run(qkv_b, out_b, p_b),
-            ),
+        None => qkv.par_chunks(t * 3 * d).zip(out.par_chunks_mut(t * d)).for_each_init(
+            || vec![0.0f32; heads * t * t],
+            |p_b, (qkv_b, out_b)| run(qkv_b, out_b, p_b),
+        ),
     }
 }
 

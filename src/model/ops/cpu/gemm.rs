@@ -40,21 +40,13 @@ impl<'a> View<'a> {
     /// A plain row-major `rows × cols` matrix (row stride = `cols`).
     #[must_use]
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        Self { data, rs: cols, cs: 1 }
     }
 
     /// The transpose of a row-major matrix with row stride `rs`, without copying.
     #[must_use]
     pub fn t(data: &'a [f32], rs: usize) -> Self {
-        Self {
-            data,
-            rs: 1,
-            cs: rs,
-        }
+        Self { data, rs: 1, cs: rs }
     }
 
     /// A matrix with an explicit row stride (columns contiguous).
@@ -95,10 +87,7 @@ pub fn gemm(
     }
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
-    assert!(
-        (m - 1) * c_rs + n <= c.len(),
-        "gemm: destination out of bounds"
-    );
+    assert!((m - 1) * c_rs + n <= c.len(), "gemm: destination out of bounds");
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -148,17 +137,7 @@ pub fn linear_fwd(
     accumulate: bool,
     par: Par,
 ) {
-    gemm(
-        m,
-        n,
-        k,
-        View::strided(x, x_rs),
-        View::t(w, k),
-        c,
-        c_rs,
-        accumulate,
-        par,
-    );
+    gemm(m, n, k, View::strided(x, x_rs), View::t(w, k), c, c_rs, accumulate, par);
 }
 
 /// `dX (= or +=) dY·W` for `dY: m×n` (row stride `dy_rs`) and `W: n×k`: a linear layer's input gradient.

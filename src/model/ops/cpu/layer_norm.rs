@@ -36,15 +36,7 @@ pub fn forward(x: &[f32], y: &mut [f32], stats: &mut [f32], gamma: &[f32], beta:
 }
 
 #[inline(always)]
-fn bwd_rows(
-    x: &[f32],
-    dy: &[f32],
-    stats: &[f32],
-    gamma: &[f32],
-    dx: &mut [f32],
-    accumulate: bool,
-    dgb: &mut [f32],
-) {
+fn bwd_rows(x: &[f32], dy: &[f32], stats: &[f32], gamma: &[f32], dx: &mut [f32], accumulate: bool, dgb: &mut [f32]) {
     let d = gamma.len();
     let inv_d = 1.0 / d as f32;
     let (dg, db) = dgb.split_at_mut(d);
@@ -57,12 +49,7 @@ fn bwd_rows(
         let (mean, rstd) = (st[0], st[1]);
         let mut sum_dxhat = 0.0f32;
         let mut sum_dxhat_xhat = 0.0f32;
-        for (((xv, dyv), g), (dgv, dbv)) in xr
-            .iter()
-            .zip(dyr)
-            .zip(gamma)
-            .zip(dg.iter_mut().zip(db.iter_mut()))
-        {
+        for (((xv, dyv), g), (dgv, dbv)) in xr.iter().zip(dyr).zip(gamma).zip(dg.iter_mut().zip(db.iter_mut())) {
             let xhat = (xv - mean) * rstd;
             let dxhat = dyv * g;
             sum_dxhat += dxhat;

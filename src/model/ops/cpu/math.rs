@@ -191,8 +191,7 @@ mod tests {
                 "gelu({x}) = {got}, want {want}"
             );
             let h = 1e-4;
-            let fd = (f64::from(x) + h) * phi(f64::from(x) + h)
-                - (f64::from(x) - h) * phi(f64::from(x) - h);
+            let fd = (f64::from(x) + h) * phi(f64::from(x) + h) - (f64::from(x) - h) * phi(f64::from(x) - h);
             let fd = fd / (2.0 * h);
             assert!((f64::from(gelu_grad(x)) - fd).abs() < 2e-5, "gelu'({x})");
         }

@@ -1,0 +1,266 @@
+//! `moppa params` and `moppa infer`: the model from the command line.
+
+use super::{CliError, usage};
+use crate::model::checkpoint::load_adapter;
+use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
+use crate::model::{BackboneOptions, MethodConfig, MethodKind, Placement, RouterKind, Vit, VitConfig, count_trainable};
+use crate::physics::Prior;
+use anyhow::Context as _;
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Options for reading a backbone file.
+#[derive(Debug, Clone, Args)]
+pub struct BackboneArgs {
+    /// Number of attention heads of a timm checkpoint (timm files do not record it; default D/64).
+    #[arg(long)]
+    pub heads: Option<usize>,
+}
+
+/// `moppa params`: trainable parameters per method.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Example: moppa params --backbone vit-b16 --classes 100\n\
+BACKBONE is a safetensors file (timm names) or a preset: tiny, vit-ti16, vit-s16, vit-b16, vit-l16.")]
+pub struct ParamsArgs {
+    /// Backbone file or preset name.
+    #[arg(long, default_value = "vit-b16")]
+    pub backbone: String,
+    /// Classes of the task (size of the new head).
+    #[arg(long, default_value_t = 100)]
+    pub classes: usize,
+    /// Rank r of MoPPA and LoRA, bottleneck width of AdaptFormer.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[command(flatten)]
+    pub backbone_args: BackboneArgs,
+}
+
+/// A preset backbone configuration by name.
+#[must_use]
+pub fn preset(name: &str) -> Option<VitConfig> {
+    match name {
+        "tiny" => Some(VitConfig::tiny()),
+        "vit-ti16" => Some(VitConfig::vit_ti16()),
+        "vit-s16" => Some(VitConfig::vit_s16()),
+        "vit-b16" => Some(VitConfig::vit_b16()),
+        "vit-l16" => Some(VitConfig::vit_l16()),
+        _ => None,
+    }
+}
+
+/// Reads a backbone file, mapping errors to one clear line.
+pub fn load_backbone(path: &Path, args: &BackboneArgs, device: &Device) -> Result<Vit, CliError> {
+    let opts = BackboneOptions {
+        heads: args.heads,
+        ..BackboneOptions::default()
+    };
+    Vit::from_file(path, &opts, device).map_err(|e| CliError::Failure(anyhow::anyhow!("cannot load backbone: {e}")))
+}
+
+/// The methods `moppa params` lists, with their table labels.
+fn table_methods(rank: usize) -> Vec<MethodConfig> {
+    let base = MethodConfig {
+        rank,
+        ..MethodConfig::default()
+    };
+    let mut v = vec![
+        MethodConfig::of(MethodKind::Linear),
+        MethodConfig::of(MethodKind::Full),
+        MethodConfig {
+            method: MethodKind::Lora,
+            ..base.clone()
+        },
+        MethodConfig {
+            method: MethodKind::Adaptformer,
+            ..base.clone()
+        },
+        base.clone(),
+        MethodConfig {
+            router: RouterKind::Image,
+            ..base.clone()
+        },
+        MethodConfig {
+            router: RouterKind::Layer,
+            ..base.clone()
+        },
+        MethodConfig {
+            placement: Placement::ParallelMlp,
+            ..base.clone()
+        },
+    ];
+    for p in Prior::ALL {
+        v.push(MethodConfig {
+            priors: vec![p],
+            ..base.clone()
+        });
+    }
+    v
+}
+
+/// Runs `moppa params`.
+pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
+    if args.rank == 0 || args.classes == 0 {
+        return Err(usage("--rank and --classes must be ≥ 1"));
+    }
+    let cfg = match preset(&args.backbone) {
+        Some(c) => c,
+        None => {
+            let path = PathBuf::from(&args.backbone);
+            if !path.exists() {
+                return Err(usage(format!(
+                    "--backbone '{}' is neither a file nor a preset (tiny, vit-ti16, vit-s16, vit-b16, vit-l16)",
+                    args.backbone
+                )));
+            }
+            load_backbone(&path, &args.backbone_args, &Device::Cpu)?.cfg
+        }
+    };
+    let full = count_trainable(&cfg, &MethodConfig::of(MethodKind::Full), args.classes);
+    println!(
+        "backbone: {} (D {}, depth {}, {} px, patch {}, {}×{} tokens), {} classes",
+        args.backbone,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.img_size,
+        cfg.patch_size,
+        cfg.grid(),
+        cfg.grid(),
+        args.classes
+    );
+    println!("| method | trainable | % of full |");
+    println!("|---|---:|---:|");
+    for m in table_methods(args.rank) {
+        let n = count_trainable(&cfg, &m, args.classes);
+        println!(
+            "| {} | {} | {:.3} |",
+            m.label(),
+            group_digits(n),
+            100.0 * n as f64 / full as f64
+        );
+    }
+    Ok(())
+}
+
+/// `12345678` → `12,345,678`.
+#[must_use]
+pub fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `moppa infer`: logits (and MoPPA router weights) for normalised images in a safetensors file.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "The input holds a tensor `images` (N×3×H×W, f32, already normalised). The output gets \
+`logits` (N×classes) and, for MoPPA adapters, `router`: (blocks, N, H·W, k) for the token router, (blocks, N, 1, k) \
+for the image router, (blocks, 1, 1, k) for the layer router (patch tokens only)."
+)]
+pub struct InferArgs {
+    /// Backbone safetensors (timm names, or ours with its config in the metadata).
+    #[arg(long)]
+    pub backbone: PathBuf,
+    /// Adapter checkpoint; without it the backbone's own head is used.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Input safetensors with `images`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output safetensors.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Load an adapter onto a backbone file other than the one it was trained on (shapes must match).
+    #[arg(long)]
+    pub force: bool,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[command(flatten)]
+    pub backbone_args: BackboneArgs,
+}
+
+/// Runs `moppa infer`.
+pub fn infer(args: &InferArgs) -> Result<(), CliError> {
+    if args.batch == 0 {
+        return Err(usage("--batch must be ≥ 1"));
+    }
+    infer_inner(args).map_err(CliError::Failure)
+}
+
+fn infer_inner(args: &InferArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let input = TensorFile::read(&args.input)?;
+    let images = input
+        .get("images")
+        .map_err(|_| anyhow::anyhow!("{}: no tensor named 'images'", args.input.display()))?;
+    if images.shape.len() != 4 || images.shape[2] != images.shape[3] {
+        anyhow::bail!(
+            "{}: 'images' has shape {:?}, expected N×3×S×S",
+            args.input.display(),
+            images.shape
+        );
+    }
+    // Run at the input's resolution (position embeddings are resampled as timm does).
+    let opts = BackboneOptions {
+        heads: args.backbone_args.heads,
+        img_size: Some(images.shape[2]),
+        ..BackboneOptions::default()
+    };
+    let vit = Vit::from_file(&args.backbone, &opts, &device).context("cannot load backbone")?;
+    let images = images.to_tensor(&device)?;
+    let n = images.dim(0)?;
+    let batches = (0..n)
+        .step_by(args.batch)
+        .map(|start| images.narrow(0, start, args.batch.min(n - start)));
+    let mut logits = Vec::new();
+    let mut routers: Vec<Vec<Tensor>> = Vec::new();
+    if let Some(path) = &args.adapter {
+        let model = load_adapter(path, vit, args.force)?;
+        for batch in batches {
+            let fwd = model.forward(&batch?, true)?;
+            logits.push(fwd.logits);
+            routers.push(fwd.routing.into_iter().map(|r| r.alpha).collect());
+        }
+    } else {
+        if !vit.has_head() {
+            anyhow::bail!(
+                "{}: the backbone has no classifier head; pass --adapter",
+                args.backbone.display()
+            );
+        }
+        for batch in batches {
+            logits.push(vit.forward(&batch?)?);
+        }
+    }
+    let to_host = |t: &Tensor| -> anyhow::Result<HostTensor> {
+        Ok(HostTensor::new(
+            t.dims().to_vec(),
+            t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        ))
+    };
+    let mut out = BTreeMap::new();
+    out.insert("logits".to_owned(), to_host(&Tensor::cat(&logits, 0)?)?);
+    if routers.first().is_some_and(|r| !r.is_empty()) {
+        // Per block, join the batches along N; a layer router's (1, 1, k) is the same for all.
+        let mut per_block = Vec::new();
+        for b in 0..routers[0].len() {
+            let parts: Vec<Tensor> = routers.iter().map(|r| r[b].clone()).collect();
+            per_block.push(if parts[0].dim(0)? == 1 && n > 1 {
+                parts[0].clone()
+            } else {
+                Tensor::cat(&parts, 0)?
+            });
+        }
+        out.insert("router".to_owned(), to_host(&Tensor::stack(&per_block, 0)?)?);
+    }
+    write_atomic(&args.output, &out, &Default::default(), StoreAs::F32)
+        .with_context(|| format!("cannot write '{}'", args.output.display()))
+}

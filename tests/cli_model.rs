@@ -1,0 +1,170 @@
+//! `moppa params` and `moppa infer` end to end, against the timm fixtures.
+
+use candle_core::Device;
+use moppa_studio::model::tensor_file::TensorFile;
+use moppa_studio::model::{BackboneOptions, MethodConfig, PeftModel, Vit};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn moppa(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args(args)
+        .output()
+        .expect("run moppa")
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn params_table_lists_every_method_with_method_md_counts() {
+    let out = moppa(&["params", "--backbone", "vit-b16", "--classes", "100"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    // METHOD.md: 177,876 for 12 MoPPA blocks + the 100-class head (76,900).
+    assert!(text.contains("| moppa r8 | 254,776 |"), "{text}");
+    assert!(text.contains("| lora r8 | 371,812 |"), "{text}");
+    assert!(text.contains("| linear | 76,900 |"), "{text}");
+    for m in ["full", "adaptformer r8", "moppa r8 heat", "moppa r8 layer-router"] {
+        assert!(text.contains(&format!("| {m} |")), "missing {m}: {text}");
+    }
+    let out = moppa(&["params", "--backbone", "no-such-thing"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn infer_reproduces_timm_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let out = moppa(&[
+        "infer",
+        "--backbone",
+        fixture("vit_cls.safetensors").to_str().unwrap(),
+        "--heads",
+        "3",
+        "--input",
+        fixture("vit_cls_io.safetensors").to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--batch",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = TensorFile::read(&out_path).unwrap();
+    let want = TensorFile::read(&fixture("vit_cls_io.safetensors")).unwrap();
+    let e = max_rel(&got.get("logits").unwrap().data, &want.get("logits").unwrap().data);
+    assert!(e < 1e-5, "relative error {e}");
+}
+
+#[test]
+fn infer_with_a_moppa_adapter_writes_logits_and_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let backbone = fixture("vit_cls.safetensors");
+    let opts = BackboneOptions {
+        heads: Some(3),
+        ..Default::default()
+    };
+    let vit = Vit::from_file(&backbone, &opts, &Device::Cpu).unwrap();
+    // The fixture's adapter values, saved in our format.
+    let tf = TensorFile::read(&fixture("adapter_moppa_token.safetensors")).unwrap();
+    let method = MethodConfig {
+        rank: 4,
+        ..MethodConfig::default()
+    };
+    let model = PeftModel::new(vit, method.clone(), (0..7).map(|i| i.to_string()).collect(), 0).unwrap();
+    let params = tf
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("blocks.") || k.starts_with("head."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    model.set_trainable(&params, &tf.path).unwrap();
+    let adapter = dir.path().join("adapter.safetensors");
+    model
+        .save_adapter(&adapter, &serde_json::to_string(&method).unwrap())
+        .unwrap();
+    // The fixture's images as an input file.
+    let input = dir.path().join("in.safetensors");
+    let mut images = std::collections::BTreeMap::new();
+    images.insert("images".to_owned(), tf.get("images").unwrap().clone());
+    moppa_studio::model::tensor_file::write_atomic(
+        &input,
+        &images,
+        &Default::default(),
+        moppa_studio::model::tensor_file::StoreAs::F32,
+    )
+    .unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "infer",
+            "--backbone",
+            backbone.to_str().unwrap(),
+            "--heads",
+            "3",
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ];
+        v.extend_from_slice(&[
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+        ]);
+        v.extend_from_slice(extra);
+        v.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args(args(&["--batch", "3"]))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = TensorFile::read(&out_path).unwrap();
+    assert!(max_rel(&got.get("logits").unwrap().data, &tf.get("logits").unwrap().data) < 1e-5);
+    let router = got.get("router").unwrap();
+    assert_eq!(router.shape, vec![2, 4, 16, 3], "(blocks, N, HW, k)");
+    assert!(max_rel(&router.data, &tf.get("router").unwrap().data) < 1e-5);
+    // A different backbone file (same shapes) is refused without --force.
+    let other = dir.path().join("other.safetensors");
+    let mut t = TensorFile::read(&backbone).unwrap().tensors;
+    t.get_mut("norm.bias").unwrap().data[0] += 1.0;
+    moppa_studio::model::tensor_file::write_atomic(
+        &other,
+        &t,
+        &Default::default(),
+        moppa_studio::model::tensor_file::StoreAs::F32,
+    )
+    .unwrap();
+    let mut a = args(&[]);
+    a[2] = other.to_str().unwrap().to_owned();
+    let out = Command::new(env!("CARGO_BIN_EXE_moppa")).args(&a).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("sha256") && err.trim_end().lines().count() == 1, "{err}");
+    a.push("--force".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_moppa")).args(&a).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A missing input names the file.
+    let out = moppa(&[
+        "infer",
+        "--backbone",
+        backbone.to_str().unwrap(),
+        "--heads",
+        "3",
+        "--input",
+        "/nope/in.safetensors",
+        "--output",
+        "/tmp/x.safetensors",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("/nope/in.safetensors"));
+}
