@@ -1,5 +1,8 @@
 //! `moppa params` and `moppa infer` end to end, against the timm fixtures.
 
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+
 use candle_core::Device;
 use moppa_studio::model::tensor_file::TensorFile;
 use moppa_studio::model::{BackboneOptions, MethodConfig, PeftModel, Vit};
@@ -99,7 +102,7 @@ fn infer_with_a_moppa_adapter_writes_logits_and_router() {
     moppa_studio::model::tensor_file::write_atomic(
         &input,
         &images,
-        &Default::default(),
+        &std::collections::HashMap::new(),
         moppa_studio::model::tensor_file::StoreAs::F32,
     )
     .unwrap();
@@ -140,7 +143,7 @@ fn infer_with_a_moppa_adapter_writes_logits_and_router() {
     moppa_studio::model::tensor_file::write_atomic(
         &other,
         &t,
-        &Default::default(),
+        &std::collections::HashMap::new(),
         moppa_studio::model::tensor_file::StoreAs::F32,
     )
     .unwrap();

@@ -1,5 +1,8 @@
 //! `moppa filters` and `moppa apply` end to end: output shape and values, error exits.
 
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+
 use std::process::Command;
 
 fn moppa(args: &[&str]) -> std::process::Output {

@@ -2,6 +2,9 @@
 //! both against finite differences. The composite ops are built from candle's differentiable
 //! primitives; the finite-difference checks run them in f64.
 
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+
 use candle_core::{D, DType, Device, Tensor, Var};
 use moppa_studio::model::ops::{self, HalfLayout, Kernels, composite};
 use std::sync::Arc;
@@ -198,7 +201,7 @@ fn gelu_fused_matches_composite_and_finite_differences() {
     let x = randn(&[5, 33], 2.0, 8);
     let fused = |a: &[Tensor]| ops::gelu(Kernels::Auto, &a[0]);
     let reference = |a: &[Tensor]| a[0].gelu_erf();
-    compare(&fused, &reference, &[x.clone()], &[true], 1e-5);
+    compare(&fused, &reference, std::slice::from_ref(&x), &[true], 1e-5);
     finite_difference(&reference, &[x], &[true], 20);
 }
 

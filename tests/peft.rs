@@ -3,6 +3,9 @@
 //! finite-difference checks in f64, non-zero gradients for every method, parameter counts,
 //! checkpoints and toy-batch overfitting.
 
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+
 use candle_core::{DType, Device, Tensor, Var};
 use moppa_studio::model::checkpoint::load_adapter;
 use moppa_studio::model::ops::Kernels;

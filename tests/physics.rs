@@ -1,5 +1,8 @@
 //! Physics core: DCT matrices and transforms, the three filters, impulse responses, image scale.
 
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+
 use candle_core::{DType, Device, Tensor, Var};
 use moppa_studio::physics::tensor::{SpectralGrid, dct_matrix_tensor, inv_softplus, softplus, softplus_f64};
 use moppa_studio::physics::{

@@ -1,6 +1,9 @@
 //! The ViT backbone against PyTorch/timm: fixtures made by tests/fixtures/make_fixtures.py
 //! (random-weight timm models, logits computed in float64 by timm itself).
 
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+
 use candle_core::{DType, Device, Tensor};
 use moppa_studio::model::ops::Kernels;
 use moppa_studio::model::resample::resample_grid;
@@ -119,7 +122,7 @@ fn bad_checkpoints_are_clear_errors() {
         .insert("blocks.0.mystery".into(), extra.tensors["norm.bias"].clone());
     match Vit::from_tensor_file(&extra, &opts, &Device::Cpu) {
         Err(ModelError::Unknown { names, .. }) => {
-            assert_eq!(names, vec!["blocks.0.mystery".to_owned()])
+            assert_eq!(names, vec!["blocks.0.mystery".to_owned()]);
         }
         other => panic!("expected an unknown-tensor error, got {other:?}"),
     }

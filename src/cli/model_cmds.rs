@@ -104,18 +104,17 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     if args.rank == 0 || args.classes == 0 {
         return Err(usage("--rank and --classes must be ≥ 1"));
     }
-    let cfg = match preset(&args.backbone) {
-        Some(c) => c,
-        None => {
-            let path = PathBuf::from(&args.backbone);
-            if !path.exists() {
-                return Err(usage(format!(
-                    "--backbone '{}' is neither a file nor a preset (tiny, vit-ti16, vit-s16, vit-b16, vit-l16)",
-                    args.backbone
-                )));
-            }
-            load_backbone(&path, &args.backbone_args, &Device::Cpu)?.cfg
+    let cfg = if let Some(c) = preset(&args.backbone) {
+        c
+    } else {
+        let path = PathBuf::from(&args.backbone);
+        if !path.exists() {
+            return Err(usage(format!(
+                "--backbone '{}' is neither a file nor a preset (tiny, vit-ti16, vit-s16, vit-b16, vit-l16)",
+                args.backbone
+            )));
         }
+        load_backbone(&path, &args.backbone_args, &Device::Cpu)?.cfg
     };
     let full = count_trainable(&cfg, &MethodConfig::of(MethodKind::Full), args.classes);
     println!(
@@ -149,7 +148,7 @@ pub fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -261,6 +260,6 @@ fn infer_inner(args: &InferArgs) -> anyhow::Result<()> {
         }
         out.insert("router".to_owned(), to_host(&Tensor::stack(&per_block, 0)?)?);
     }
-    write_atomic(&args.output, &out, &Default::default(), StoreAs::F32)
+    write_atomic(&args.output, &out, &std::collections::HashMap::new(), StoreAs::F32)
         .with_context(|| format!("cannot write '{}'", args.output.display()))
 }

@@ -18,6 +18,7 @@ pub enum Pool {
 /// `moppa.backbone` metadata (see INTERFACES.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[allow(clippy::struct_excessive_bools)] // timm's own flags, one per optional tensor
 pub struct VitConfig {
     /// Input image side (square), pixels.
     pub img_size: usize,
@@ -165,13 +166,13 @@ impl VitConfig {
 
     /// Checks internal consistency; the error says what is wrong.
     pub fn validate(&self) -> Result<(), String> {
-        if self.patch_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "img_size {} is not a multiple of patch_size {}",
                 self.img_size, self.patch_size
             ));
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim, self.num_heads

@@ -181,10 +181,10 @@ pub enum StoreAs {
 
 /// Writes tensors and metadata atomically: a temporary file in the same folder, fsync, rename.
 /// A failure never leaves a half-written file behind.
-pub fn write_atomic(
+pub fn write_atomic<S: std::hash::BuildHasher>(
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
-    metadata: &HashMap<String, String>,
+    metadata: &HashMap<String, String, S>,
     store: StoreAs,
 ) -> Result<()> {
     let io = |source| ModelError::Io {
@@ -217,8 +217,11 @@ pub fn write_atomic(
                 .map_err(|e| format_err(path, format!("cannot encode '{name}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let data = safetensors::serialize(views, Some(metadata.clone()))
-        .map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
+    let data = safetensors::serialize(
+        views,
+        Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+    )
+    .map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

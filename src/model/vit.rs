@@ -120,7 +120,7 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     if p != p2 {
         return Err(err_cfg(path, "non-square patches are not supported"));
     }
-    let depth = (0..)
+    let depth = (0..=tf.tensors.len())
         .take_while(|i| tf.has(&format!("blocks.{i}.norm1.weight")))
         .count();
     let hidden = tf.get("blocks.0.mlp.fc1.weight")?.shape.first().copied().unwrap_or(0);

@@ -45,9 +45,9 @@ impl ImageDct {
     /// In-place orthonormal DCT-II of a plane: `Ẑ = C_H·Z·C_Wᵀ`.
     pub fn forward(&self, plane: &mut [f32]) -> Result<(), PhysicsError> {
         self.check(plane.len())?;
-        self.pass(plane, self.w, &self.rows, false);
+        Self::pass(plane, self.w, &self.rows, false);
         let mut t = transpose(plane, self.h, self.w);
-        self.pass(&mut t, self.h, &self.cols, false);
+        Self::pass(&mut t, self.h, &self.cols, false);
         plane.copy_from_slice(&transpose(&t, self.w, self.h));
         Ok(())
     }
@@ -56,9 +56,9 @@ impl ImageDct {
     pub fn inverse(&self, plane: &mut [f32]) -> Result<(), PhysicsError> {
         self.check(plane.len())?;
         let mut t = transpose(plane, self.h, self.w);
-        self.pass(&mut t, self.h, &self.cols, true);
+        Self::pass(&mut t, self.h, &self.cols, true);
         plane.copy_from_slice(&transpose(&t, self.w, self.h));
-        self.pass(plane, self.w, &self.rows, true);
+        Self::pass(plane, self.w, &self.rows, true);
         Ok(())
     }
 
@@ -73,7 +73,7 @@ impl ImageDct {
     }
 
     /// Orthonormal DCT-II (or its inverse, DCT-III) of every row of length `n`, in parallel.
-    fn pass(&self, data: &mut [f32], n: usize, plan: &Arc<dyn TransformType2And3<f32>>, inverse: bool) {
+    fn pass(data: &mut [f32], n: usize, plan: &Arc<dyn TransformType2And3<f32>>, inverse: bool) {
         let first = (1.0 / n as f64).sqrt() as f32;
         let rest = (2.0 / n as f64).sqrt() as f32;
         data.par_chunks_mut(n).for_each_init(

@@ -101,13 +101,10 @@ pub fn attn_half(
         save,
         w.track_op(),
     );
-    let placeholder;
-    let third = match delta {
-        Some(dl) => dl.contiguous()?,
-        None => {
-            placeholder = Tensor::zeros(1, DType::F32, x.device())?;
-            placeholder.clone()
-        }
+    let third = if let Some(dl) = delta {
+        dl.contiguous()?
+    } else {
+        Tensor::zeros(1, DType::F32, x.device())?
     };
     x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
 }

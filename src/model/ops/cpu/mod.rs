@@ -1,6 +1,11 @@
 //! CPU kernels: vectorised, rayon-parallel forward and backward passes for the transformer's
 //! heavy parts. Everything here works on contiguous `f32` slices; `super::fused` wraps it into
 //! candle custom ops.
+//!
+//! `#[inline(always)]` is deliberate here: row kernels must inline into the `target_feature`
+//! copies `math::multiversion!` generates, or they would not be compiled for AVX2/AVX-512.
+//! Kernel signatures follow BLAS (sizes, buffers, strides), hence the long argument lists.
+#![allow(clippy::inline_always, clippy::too_many_arguments)]
 
 pub mod attention;
 pub mod gemm;
