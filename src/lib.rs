@@ -4,5 +4,7 @@
 //! (candle ViT + adapters) → `train` (engine, protocol) → the CLI and the desktop app.
 
 pub mod cli;
+pub mod data;
 pub mod model;
 pub mod physics;
+pub mod train;

@@ -11,8 +11,12 @@ fn main() {
         println!();
         return;
     };
-    if let Err(e) = run(command) {
-        eprintln!("error: {}", e.message());
-        std::process::exit(e.exit_code());
+    match run(command) {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {}", e.message());
+            std::process::exit(e.exit_code());
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod model_cmds;
 mod physics_cmds;
+pub mod train_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -71,14 +72,24 @@ pub enum Command {
     Params(model_cmds::ParamsArgs),
     /// Run a backbone (and adapter) on images stored in a safetensors file; write logits and router weights.
     Infer(model_cmds::InferArgs),
+    /// Fine-tune a backbone on a dataset (headless; same engine as the app).
+    Train(train_cmds::TrainArgs),
+    /// Evaluate a saved adapter on a dataset split; print accuracy and write per-class results.
+    Eval(train_cmds::EvalArgs),
 }
 
-/// Runs a parsed subcommand.
-pub fn run(command: Command) -> Result<(), CliError> {
+/// Runs a parsed subcommand; returns the exit code.
+pub fn run(command: Command) -> Result<i32, CliError> {
+    if let Command::Train(args) = &command {
+        return train_cmds::train(args);
+    }
     match command {
+        Command::Train(_) => Ok(()),
+        Command::Eval(args) => train_cmds::eval(&args),
         Command::Filters(args) => physics_cmds::filters(&args),
         Command::Apply(args) => physics_cmds::apply(&args),
         Command::Params(args) => model_cmds::params(&args),
         Command::Infer(args) => model_cmds::infer(&args),
     }
+    .map(|()| 0)
 }

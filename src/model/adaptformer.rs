@@ -3,6 +3,7 @@
 
 use super::init::Init;
 use super::ops::{self, Kernels};
+use super::param;
 use candle_core::{Result, Tensor, Var};
 
 /// AdaptFormer's fixed output scale.
@@ -44,8 +45,9 @@ impl AdaptFormerUnit {
     }
 
     /// The update for `h = norm2(x_mid)`.
-    pub fn forward(&self, h: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        let a = ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?.relu()?;
-        ops::linear(kernels, &a, self.up_w.as_tensor(), self.up_b.as_tensor())? * ADAPTFORMER_SCALE
+    pub fn forward(&self, h: &Tensor, kernels: Kernels, grad: bool) -> Result<Tensor> {
+        let p = |v: &Var| param(v, grad);
+        let a = ops::linear(kernels, h, &p(&self.down_w), &p(&self.down_b))?.relu()?;
+        ops::linear(kernels, &a, &p(&self.up_w), &p(&self.up_b))? * ADAPTFORMER_SCALE
     }
 }

@@ -3,6 +3,7 @@
 
 use super::init::Init;
 use super::ops::{self, Kernels};
+use super::param;
 use candle_core::{Result, Tensor, Var};
 
 /// One block's LoRA parameters.
@@ -45,13 +46,14 @@ impl LoraUnit {
 
     /// `(Δq, Δv)` side by side, `(B, T, 2D)`, from `h = norm1(x)`: two matrix products (the two
     /// A's stacked, then a block-diagonal B).
-    pub fn forward(&self, h: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    pub fn forward(&self, h: &Tensor, kernels: Kernels, grad: bool) -> Result<Tensor> {
+        let p = |v: &Var| param(v, grad);
         let (d, r) = self.q_b.dims2()?;
-        let a = Tensor::cat(&[self.q_a.as_tensor(), self.v_a.as_tensor()], 0)?;
+        let a = Tensor::cat(&[p(&self.q_a), p(&self.v_a)], 0)?;
         let z = ops::linear_no_bias(kernels, h, &a)?;
         let zeros = Tensor::zeros((d, r), self.q_b.dtype(), self.q_b.device())?;
-        let top = Tensor::cat(&[self.q_b.as_tensor(), &zeros], 1)?;
-        let bottom = Tensor::cat(&[&zeros, self.v_b.as_tensor()], 1)?;
+        let top = Tensor::cat(&[&p(&self.q_b), &zeros], 1)?;
+        let bottom = Tensor::cat(&[&zeros, &p(&self.v_b)], 1)?;
         let b = Tensor::cat(&[&top, &bottom], 0)?;
         ops::linear_no_bias(kernels, &z, &b)? * self.scale
     }

@@ -20,3 +20,14 @@ pub mod peft;
 
 pub use peft::{Forward, PeftModel, count_trainable, cross_entropy};
 pub mod checkpoint;
+
+/// A parameter as used in a forward pass: tracked while training, detached (no graph, no
+/// saved activations) for evaluation.
+#[must_use]
+pub fn param(v: &candle_core::Var, grad: bool) -> candle_core::Tensor {
+    if grad {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
+    }
+}

@@ -9,6 +9,7 @@
 use super::config::{MethodConfig, RouterKind};
 use super::init::Init;
 use super::ops::{self, Kernels, composite};
+use super::param;
 use crate::physics::Prior;
 use crate::physics::tensor::{SpectralGrid, inv_softplus, softplus};
 use candle_core::{D, Result, Tensor, Var};
@@ -189,12 +190,12 @@ impl MoppaUnit {
     }
 
     /// The spectral gains of the active priors, each `(r, HW)`, in prior order.
-    pub fn filters(&self, grid: &SpectralGrid, live: &Live) -> Result<Vec<Tensor>> {
+    pub fn filters(&self, grid: &SpectralGrid, live: &Live, grad: bool) -> Result<Vec<Tensor>> {
         let raw = |v: &Option<Var>| -> Result<Tensor> {
             let v = v
                 .as_ref()
                 .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing coefficient".into()))?;
-            softplus(v.as_tensor())
+            softplus(&param(v, grad))
         };
         self.priors
             .iter()
@@ -206,7 +207,7 @@ impl MoppaUnit {
                         .source
                         .as_ref()
                         .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing source map".into()))?;
-                    grid.poisson(&raw(&self.eps_raw)?, &s.as_tensor().flatten_all()?)
+                    grid.poisson(&raw(&self.eps_raw)?, &param(s, grad).flatten_all()?)
                 }
             })
             .collect()
@@ -220,7 +221,9 @@ impl MoppaUnit {
         prefix: usize,
         live: &Live,
         kernels: Kernels,
+        grad: bool,
     ) -> Result<UnitOutput> {
+        let p = |v: &Var| param(v, grad);
         let (b, t, _d) = h.dims3()?;
         let (r, hw, k) = (self.rank, grid.cells(), self.priors.len());
         if t != prefix + hw {
@@ -229,15 +232,12 @@ impl MoppaUnit {
         // Down-projection, fused with the token router's logits into one matrix product.
         let (z, token_logits) = match &self.router {
             Router::Token { w, b: rb } => {
-                let wc = Tensor::cat(&[self.down_w.as_tensor(), w.as_tensor()], 0)?;
-                let bc = Tensor::cat(&[self.down_b.as_tensor(), rb.as_tensor()], 0)?;
+                let wc = Tensor::cat(&[p(&self.down_w), p(w)], 0)?;
+                let bc = Tensor::cat(&[p(&self.down_b), p(rb)], 0)?;
                 let zz = ops::linear(kernels, h, &wc, &bc)?;
                 (zz.narrow(D::Minus1, 0, r)?, Some(zz.narrow(D::Minus1, r, k)?))
             }
-            _ => (
-                ops::linear(kernels, h, self.down_w.as_tensor(), self.down_b.as_tensor())?,
-                None,
-            ),
+            _ => (ops::linear(kernels, h, &p(&self.down_w), &p(&self.down_b))?, None),
         };
         let z_pre = z.narrow(1, 0, prefix)?;
         // (B, HW, r) → rows of grids (B·r, HW).
@@ -248,7 +248,7 @@ impl MoppaUnit {
             .reshape((b * r, hw))?;
         // Ẑ = Z·Kᵀ row-wise (K = C_H ⊗ C_W).
         let z_hat = z_grid.matmul(&grid.kron_t)?.reshape((b, 1, r, hw))?;
-        let gains = Tensor::stack(&self.filters(grid, live)?, 0)?.unsqueeze(0)?; // (1, k, r, HW)
+        let gains = Tensor::stack(&self.filters(grid, live, grad)?, 0)?.unsqueeze(0)?; // (1, k, r, HW)
         let filtered = z_hat.broadcast_mul(&gains)?.reshape((b * k * r, hw))?;
         // Y_p = IDCT2(G_p ⊙ Ẑ): rows times K.
         let y_all = filtered.matmul(&grid.kron)?.reshape((b, k, r, hw))?;
@@ -262,12 +262,10 @@ impl MoppaUnit {
             }
             Router::Image { w, b: rb } => {
                 let mean = h.narrow(1, prefix, hw)?.mean(1)?;
-                let logits = ops::linear(kernels, &mean, w.as_tensor(), rb.as_tensor())?;
+                let logits = ops::linear(kernels, &mean, &p(w), &p(rb))?;
                 Some(composite::softmax(&(logits / live.temperature)?)?.unsqueeze(1)?)
             }
-            Router::Layer { logits } => {
-                Some(composite::softmax(&(logits.as_tensor() / live.temperature)?)?.reshape((1, 1, k))?)
-            }
+            Router::Layer { logits } => Some(composite::softmax(&(p(logits) / live.temperature)?)?.reshape((1, 1, k))?),
         };
         let y_patch = match &alpha {
             // (B|1, HW|1, k) → (B|1, k, 1, HW|1)
@@ -276,7 +274,7 @@ impl MoppaUnit {
         };
         let y_patch = y_patch.transpose(1, 2)?; // (B, HW, r)
         let y = Tensor::cat(&[&z_pre, &y_patch], 1)?;
-        let out = (ops::linear_no_bias(kernels, &y.contiguous()?, self.up_w.as_tensor())? * live.scale)?;
+        let out = (ops::linear_no_bias(kernels, &y.contiguous()?, &p(&self.up_w))? * live.scale)?;
         let route_kl = match &alpha {
             Some(a) => {
                 let mean = a.flatten_to(1)?.reshape(((), k))?.mean(0)?; // ᾱ over batch and patch tokens

@@ -9,6 +9,7 @@ use super::init::Init;
 use super::lora::LoraUnit;
 use super::moppa::{Live, MoppaUnit};
 use super::ops::{self, Kernels};
+use super::param;
 use super::vit::Vit;
 use crate::physics::tensor::SpectralGrid;
 use candle_core::{Tensor, Var};
@@ -141,6 +142,11 @@ impl PeftModel {
         })
     }
 
+    /// Switches gradient tracking off (evaluation: no graph, no saved activations) or on.
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.backbone.set_grad_enabled(on);
+    }
+
     /// Which op implementations run (the backbone's and the adapters').
     #[must_use]
     pub fn kernels(&self) -> Kernels {
@@ -175,6 +181,7 @@ impl PeftModel {
     pub fn forward(&self, images: &Tensor, want_routing: bool) -> Result<Forward> {
         let k = self.kernels();
         let vit = &self.backbone;
+        let grad = vit.grad_enabled();
         let prefix = vit.cfg.prefix_tokens;
         let mut x = vit.embed(images)?;
         let mut kls = Vec::new();
@@ -186,17 +193,17 @@ impl PeftModel {
                     x = vit.mlp(i, &x)?;
                 }
                 BlockAdapter::Lora(u) => {
-                    let delta = u.forward(&vit.norm1(i, &x)?, k)?;
+                    let delta = u.forward(&vit.norm1(i, &x)?, k, grad)?;
                     x = vit.attn(i, &x, Some(&delta))?;
                     x = vit.mlp(i, &x)?;
                 }
                 BlockAdapter::AdaptFormer(u) => {
                     x = vit.attn(i, &x, None)?;
-                    let out = u.forward(&vit.norm2(i, &x)?, k)?;
+                    let out = u.forward(&vit.norm2(i, &x)?, k, grad)?;
                     x = (vit.mlp(i, &x)? + out)?;
                 }
                 BlockAdapter::Moppa(u) => {
-                    let run = |h: &Tensor| u.forward(h, &self.grid, prefix, &self.live, k);
+                    let run = |h: &Tensor| u.forward(h, &self.grid, prefix, &self.live, k, grad);
                     let res = match self.method.placement {
                         Placement::PreAttn => {
                             let res = run(&vit.norm1(i, &x)?)?;
@@ -225,9 +232,9 @@ impl PeftModel {
             }
         }
         let (pooled, dist) = vit.pool(&x)?;
-        let mut logits = ops::linear(k, &pooled, self.head.w.as_tensor(), self.head.b.as_tensor())?;
+        let mut logits = ops::linear(k, &pooled, &param(&self.head.w, grad), &param(&self.head.b, grad))?;
         if let (Some(hd), Some(f)) = (&self.head_dist, dist) {
-            let l2 = ops::linear(k, &f, hd.w.as_tensor(), hd.b.as_tensor())?;
+            let l2 = ops::linear(k, &f, &param(&hd.w, grad), &param(&hd.b, grad))?;
             logits = ((logits + l2)? * 0.5)?;
         }
         let route_loss = if kls.is_empty() {

@@ -16,6 +16,7 @@ use rand::{Rng as _, SeedableRng as _};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Metadata key of our backbone files: the [`VitConfig`] as JSON.
 pub const BACKBONE_META_KEY: &str = "moppa.backbone";
@@ -90,6 +91,7 @@ pub struct Vit {
     head_dist: Option<Linear>,
     attn_layout: Arc<HalfLayout>,
     mlp_layout: Arc<HalfLayout>,
+    grad: AtomicBool,
 }
 
 fn err_cfg(path: &Path, msg: impl std::fmt::Display) -> ModelError {
@@ -325,6 +327,7 @@ impl Vit {
             attn_layout,
             mlp_layout,
             cfg,
+            grad: AtomicBool::new(true),
         })
     }
 
@@ -472,7 +475,24 @@ impl Vit {
             head_dist: cl(&self.head_dist)?,
             attn_layout: self.attn_layout.clone(),
             mlp_layout: self.mlp_layout.clone(),
+            grad: AtomicBool::new(self.grad_enabled()),
         })
+    }
+
+    /// Whether forward passes build a graph for gradients (false: evaluation).
+    #[must_use]
+    pub fn grad_enabled(&self) -> bool {
+        self.grad.load(Ordering::Relaxed)
+    }
+
+    /// Switches gradient tracking of the weights on or off.
+    pub fn set_grad_enabled(&self, on: bool) {
+        self.grad.store(on, Ordering::Relaxed);
+    }
+
+    /// A weight as the forward pass uses it (detached when gradients are off).
+    fn p(&self, t: &Tensor) -> Tensor {
+        if self.grad_enabled() { t.clone() } else { t.detach() }
     }
 
     /// The dtype of the weights.
@@ -570,8 +590,8 @@ impl Vit {
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
         let x = match &self.patch_b {
-            Some(bias) => ops::linear(self.kernels, &patches, &self.patch_w, bias)?,
-            None => ops::linear_no_bias(self.kernels, &patches, &self.patch_w)?,
+            Some(bias) => ops::linear(self.kernels, &patches, &self.p(&self.patch_w), &self.p(bias))?,
+            None => ops::linear_no_bias(self.kernels, &patches, &self.p(&self.patch_w))?,
         }
         .reshape((b, g * g, d))?;
         let mut prefix: Vec<Tensor> = Vec::new();
@@ -579,18 +599,24 @@ impl Vit {
             .into_iter()
             .flatten()
         {
-            prefix.push(t.broadcast_as((b, t.dim(1)?, d))?.contiguous()?);
+            prefix.push(self.p(t).broadcast_as((b, t.dim(1)?, d))?.contiguous()?);
         }
         let x = if cfg.no_embed_class {
-            let x = x.broadcast_add(&self.pos_embed)?;
+            let x = x.broadcast_add(&self.p(&self.pos_embed))?;
             prefix.push(x);
             Tensor::cat(&prefix, 1)?
         } else {
             prefix.push(x);
-            Tensor::cat(&prefix, 1)?.broadcast_add(&self.pos_embed)?
+            Tensor::cat(&prefix, 1)?.broadcast_add(&self.p(&self.pos_embed))?
         };
         match &self.norm_pre {
-            Some(n) => Ok(ops::layer_norm(self.kernels, &x, &n.w, &n.b, cfg.ln_eps)?),
+            Some(n) => Ok(ops::layer_norm(
+                self.kernels,
+                &x,
+                &self.p(&n.w),
+                &self.p(&n.b),
+                cfg.ln_eps,
+            )?),
             None => Ok(x),
         }
     }
@@ -606,8 +632,9 @@ impl Vit {
     }
 
     fn half_norm(&self, w: &Tensor, lay: &HalfLayout, x: &Tensor) -> Result<Tensor> {
-        let g = ops::composite::slot(w, lay, layout::NORM_W)?;
-        let b = ops::composite::slot(w, lay, layout::NORM_B)?;
+        let w = self.p(w);
+        let g = ops::composite::slot(&w, lay, layout::NORM_W)?;
+        let b = ops::composite::slot(&w, lay, layout::NORM_B)?;
         Ok(ops::layer_norm(self.kernels, x, &g, &b, self.cfg.ln_eps)?)
     }
 
@@ -616,7 +643,7 @@ impl Vit {
         Ok(ops::attn_half(
             self.kernels,
             x,
-            &self.blocks[i].attn,
+            &self.p(&self.blocks[i].attn),
             &self.attn_layout,
             delta,
             self.cfg.num_heads,
@@ -629,7 +656,7 @@ impl Vit {
         Ok(ops::mlp_half(
             self.kernels,
             x,
-            &self.blocks[i].mlp,
+            &self.p(&self.blocks[i].mlp),
             &self.mlp_layout,
             self.cfg.mlp_hidden(),
             self.cfg.ln_eps,
@@ -640,7 +667,7 @@ impl Vit {
     /// the distillation token's feature.
     pub fn pool(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let x = match &self.norm {
-            Some(n) => ops::layer_norm(self.kernels, x, &n.w, &n.b, self.cfg.ln_eps)?,
+            Some(n) => ops::layer_norm(self.kernels, x, &self.p(&n.w), &self.p(&n.b), self.cfg.ln_eps)?,
             None => x.clone(),
         };
         let prefix = self.cfg.prefix_tokens;
@@ -652,7 +679,7 @@ impl Vit {
             }
         };
         let pooled = match &self.fc_norm {
-            Some(n) => ops::layer_norm(self.kernels, &pooled, &n.w, &n.b, self.cfg.ln_eps)?,
+            Some(n) => ops::layer_norm(self.kernels, &pooled, &self.p(&n.w), &self.p(&n.b), self.cfg.ln_eps)?,
             None => pooled,
         };
         let dist = if self.cfg.dist_token && self.cfg.pool == Pool::Token {

@@ -1,0 +1,420 @@
+//! `moppa train` and `moppa eval`: the engine from the command line, with a progress bar on a
+//! terminal and plain lines otherwise.
+
+use super::{CliError, usage};
+use crate::data::Split;
+use crate::model::{MethodKind, Placement, RouterKind};
+use crate::physics::Prior;
+use crate::train::config::{DeviceChoice, Precision};
+use crate::train::eval::{evaluate_adapter, run_config};
+use crate::train::protocol::{Command, Event, FinishReason, Finished};
+use crate::train::worker::raise_interrupt;
+use crate::train::{RunConfig, WorkerHandle, WorkerOptions};
+use clap::Args;
+use serde::de::DeserializeOwned;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+
+/// Exit status of an interrupted run.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+fn serde_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| format!("unknown value '{s}'"))
+}
+
+fn parse_method(s: &str) -> Result<MethodKind, String> {
+    serde_enum(s).map_err(|e| format!("{e} (moppa, lora, adaptformer, linear, full)"))
+}
+fn parse_placement(s: &str) -> Result<Placement, String> {
+    serde_enum(s).map_err(|e| format!("{e} (pre_attn, parallel_mlp)"))
+}
+fn parse_router(s: &str) -> Result<RouterKind, String> {
+    serde_enum(s).map_err(|e| format!("{e} (token, image, layer)"))
+}
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    serde_enum(s).map_err(|e| format!("{e} (auto, cpu, cuda)"))
+}
+fn parse_dtype(s: &str) -> Result<Precision, String> {
+    serde_enum(s).map_err(|e| format!("{e} (f32, bf16)"))
+}
+fn parse_prior(s: &str) -> Result<Prior, String> {
+    s.parse::<Prior>().map_err(|e| e.to_string())
+}
+
+/// Every run setting as an optional flag (TOML keys are the same names with `_`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// A TOML run config; flags override its values.
+    #[arg(long, help_heading = "Run")]
+    pub config: Option<PathBuf>,
+    /// Backbone: `builtin` (default: a ViT pretrained on Fashion-MNIST), a timm safetensors file, or random:PRESET.
+    #[arg(long, help_heading = "Run")]
+    pub backbone: Option<String>,
+    /// Heads of a timm backbone file (timm files do not record it; default D/64).
+    #[arg(long, help_heading = "Run")]
+    pub heads: Option<usize>,
+    /// Data: `builtin:digits` (default), `idx:DIR`, a VTAB-1K task folder or an ImageFolder.
+    #[arg(long, help_heading = "Run")]
+    pub data: Option<String>,
+    /// Keep N training images per class (seeded): the low-data regime PEFT is for.
+    #[arg(long, help_heading = "Run")]
+    pub few_shot: Option<usize>,
+    /// VTAB-1K: train on train800val200.txt.
+    #[arg(long = "final", help_heading = "Run")]
+    pub final_split: bool,
+    /// Method: moppa (default), lora, adaptformer, linear, full.
+    #[arg(long, value_parser = parse_method, help_heading = "Method")]
+    pub method: Option<MethodKind>,
+    /// Rank r of MoPPA / LoRA, bottleneck of AdaptFormer (default 8).
+    #[arg(long, help_heading = "Method")]
+    pub rank: Option<usize>,
+    /// MoPPA placement: pre_attn (default) or parallel_mlp.
+    #[arg(long, value_parser = parse_placement, help_heading = "Method")]
+    pub placement: Option<Placement>,
+    /// MoPPA router: token (default), image or layer.
+    #[arg(long, value_parser = parse_router, help_heading = "Method")]
+    pub router: Option<RouterKind>,
+    /// Active priors, comma-separated (default heat,wave,poisson).
+    #[arg(long, value_parser = parse_prior, value_delimiter = ',', help_heading = "Method")]
+    pub priors: Option<Vec<Prior>>,
+    /// Route-regularization weight λ ≥ 0 (default 0.01).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub route_weight: Option<f64>,
+    /// τ > 0 of the heat and wave filters (default 1).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub tau: Option<f64>,
+    /// Wave damping γ ≥ 0 (default 0).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub gamma: Option<f64>,
+    /// Router temperature T > 0 (default 1).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub temperature: Option<f64>,
+    /// MoPPA output scale s (default 1).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub scale: Option<f64>,
+    /// LoRA α (scale α/r; default r).
+    #[arg(long, help_heading = "Method")]
+    pub lora_alpha: Option<f64>,
+    /// Optimizer steps (default 600 unless --epochs).
+    #[arg(long, help_heading = "Optimisation")]
+    pub steps: Option<u64>,
+    /// Epochs (used when --steps is not given).
+    #[arg(long, help_heading = "Optimisation")]
+    pub epochs: Option<u64>,
+    /// Images per batch (default 64).
+    #[arg(long, help_heading = "Optimisation")]
+    pub batch: Option<usize>,
+    /// Peak learning rate (default: 3e-3 adapters, 1e-2 linear, 3e-4 full).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
+    pub lr: Option<f64>,
+    /// AdamW weight decay on matrices (default 0.01).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
+    pub weight_decay: Option<f64>,
+    /// Linear warm-up steps before the cosine decay (default 50).
+    #[arg(long, help_heading = "Optimisation")]
+    pub warmup: Option<u64>,
+    /// Evaluate and checkpoint every N steps (default 100; 0: only at the end).
+    #[arg(long, help_heading = "Optimisation")]
+    pub eval_every: Option<u64>,
+    /// Clip the global gradient norm (default 1; 0: off).
+    #[arg(long, help_heading = "Optimisation")]
+    pub grad_clip: Option<f64>,
+    /// Seed of initialisation, shuffling and augmentation (default 0).
+    #[arg(long, help_heading = "Optimisation")]
+    pub seed: Option<u64>,
+    /// Random horizontal flips while training.
+    #[arg(long, help_heading = "Optimisation")]
+    pub flip: bool,
+    /// Random crops after padding each side by N pixels while training.
+    #[arg(long, help_heading = "Optimisation")]
+    pub crop_pad: Option<u32>,
+    /// auto (default), cpu or cuda.
+    #[arg(long, value_parser = parse_device, help_heading = "Machine")]
+    pub device: Option<DeviceChoice>,
+    /// CPU threads (default: every core).
+    #[arg(long, help_heading = "Machine")]
+    pub threads: Option<usize>,
+    /// f32 (default) or bf16 (GPU).
+    #[arg(long, value_parser = parse_dtype, help_heading = "Machine")]
+    pub dtype: Option<Precision>,
+    /// Run folder: config.toml, metrics.jsonl/.csv, adapter.safetensors, state.safetensors.
+    #[arg(long, help_heading = "Output")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder (its config, weights, optimizer and data position).
+    #[arg(long, help_heading = "Output")]
+    pub resume: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Defaults ← `--resume DIR/config.toml` or `--config FILE` ← flags.
+    pub fn resolve(&self) -> Result<RunConfig, CliError> {
+        let mut c = if let Some(dir) = &self.resume {
+            let mut c = run_config(dir).map_err(|e| CliError::Failure(e.into()))?;
+            c.resume = Some(dir.clone());
+            c.out = Some(dir.clone());
+            c
+        } else if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
+        } else {
+            RunConfig::default()
+        };
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => { $( if let Some(v) = self.$field.clone() { $target = v.into(); } )* };
+        }
+        set!(backbone => c.backbone, data => c.data, method => c.method.method, rank => c.method.rank,
+             placement => c.method.placement, router => c.method.router, priors => c.method.priors,
+             route_weight => c.method.route_weight, tau => c.method.tau, gamma => c.method.gamma,
+             temperature => c.method.temperature, scale => c.method.scale, batch => c.batch,
+             weight_decay => c.weight_decay, warmup => c.warmup, eval_every => c.eval_every,
+             grad_clip => c.grad_clip, seed => c.seed, device => c.device, dtype => c.dtype,
+             crop_pad => c.augment.crop_pad);
+        set!(heads => c.heads, few_shot => c.few_shot, lora_alpha => c.method.lora_alpha, steps => c.steps,
+             epochs => c.epochs, lr => c.lr, threads => c.threads, out => c.out);
+        if self.epochs.is_some() && self.steps.is_none() {
+            c.steps = None;
+        }
+        if self.final_split {
+            c.final_split = true;
+        }
+        if self.flip {
+            c.augment.flip = true;
+        }
+        c.validate().map_err(usage)?;
+        Ok(c)
+    }
+}
+
+/// `moppa train`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  moppa train                                   # MoPPA on the built-in pair (backbone + digits)\n  \
+moppa train --method lora --few-shot 10 --out runs/lora10\n  \
+moppa train --backbone vit_base.safetensors --data vtab/dtd --epochs 100 --out runs/dtd\n  \
+moppa train --resume runs/dtd --steps 20000\nCtrl-C stops at the next step, writes a final checkpoint and exits with 130."
+)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print plain lines even on a terminal.
+    #[arg(long)]
+    pub plain: bool,
+}
+
+/// Runs `moppa train`.
+pub fn train(args: &TrainArgs) -> Result<i32, CliError> {
+    let cfg = args.run.resolve()?;
+    let handle = WorkerHandle::spawn(cfg, WorkerOptions::default()).map_err(|e| CliError::Failure(e.into()))?;
+    let flag = handle.interrupt_flag();
+    ctrlc::set_handler(move || raise_interrupt(&flag)).ok();
+    let tty = std::io::stderr().is_terminal() && !args.plain;
+    let finished = report(&handle, tty)?;
+    handle.join();
+    Ok(match finished.reason {
+        FinishReason::Done | FinishReason::Stopped => 0,
+        FinishReason::Interrupted => EXIT_INTERRUPTED,
+        FinishReason::Diverged | FinishReason::Failed => 1,
+    })
+}
+
+/// Turns events into a progress bar or plain lines; returns the end of the run.
+fn report(handle: &WorkerHandle, tty: bool) -> Result<Finished, CliError> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut total = 0u64;
+    let mut last_line = 0u64;
+    let mut first_error: Option<String> = None;
+    let say = |bar: &Option<indicatif::ProgressBar>, line: String| match bar {
+        Some(b) => b.println(line),
+        None => eprintln!("{line}"),
+    };
+    loop {
+        let Ok(ev) = handle.events().recv() else {
+            return Err(CliError::Failure(anyhow::anyhow!(
+                "the training thread ended without a result"
+            )));
+        };
+        match ev {
+            Event::Started(info) => {
+                total = info.total_steps;
+                say(
+                    &bar,
+                    format!(
+                        "{} · {} trainable · {} ({} threads) · {} classes · {}/{}/{} train/val/test images · {} steps",
+                        info.method,
+                        super::model_cmds::group_digits(info.trainable),
+                        info.device,
+                        info.threads,
+                        info.classes.len(),
+                        info.split_sizes[0],
+                        info.split_sizes[1],
+                        info.split_sizes[2],
+                        info.total_steps
+                    ),
+                );
+                if tty {
+                    let b = indicatif::ProgressBar::new(total);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{bar:30.cyan/blue} {pos}/{len} {msg} · {elapsed_precise} ETA {eta}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    b.set_position(info.start_step);
+                    bar = Some(b);
+                }
+            }
+            Event::Progress(p) => {
+                let msg = format!(
+                    "loss {:.4} acc {:.3} lr {:.2e} {:.0} img/s",
+                    p.loss, p.train_acc, p.lr, p.img_per_s
+                );
+                if let Some(b) = &bar {
+                    b.set_position(p.step);
+                    b.set_message(msg);
+                } else if p.step == total || p.step >= last_line + (total / 20).max(1) {
+                    last_line = p.step;
+                    eprintln!("step {}/{} · {msg} · {:.1} s", p.step, total, p.time_s);
+                }
+            }
+            Event::Eval(e) => say(
+                &bar,
+                format!(
+                    "eval {} at step {}: acc {:.4} loss {:.4}",
+                    e.split, e.step, e.acc, e.loss
+                ),
+            ),
+            Event::Applied(a) => say(
+                &bar,
+                format!(
+                    "applied {} ({}) at step {}: {} → {}",
+                    a.command, a.target, a.step, a.old, a.new
+                ),
+            ),
+            Event::Warning(n) => say(&bar, format!("warning: {}", n.message)),
+            Event::Error(n) => {
+                let where_ = match (&n.path, n.line) {
+                    (Some(p), Some(l)) if !n.message.contains(&p.display().to_string()) => {
+                        format!(" ({}:{l})", p.display())
+                    }
+                    (Some(p), None) if !n.message.contains(&p.display().to_string()) => format!(" ({})", p.display()),
+                    _ => String::new(),
+                };
+                let line = format!("{}{where_}", n.message);
+                say(&bar, format!("error: {line}"));
+                first_error.get_or_insert(line);
+                if n.message.contains("diverged") {
+                    // Headless: nobody can change the coefficients and resume, so end the run.
+                    handle.send(Command::Stop).ok();
+                }
+            }
+            Event::Finished(f) => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+                if f.reason == FinishReason::Failed {
+                    return Err(CliError::Failure(anyhow::anyhow!(
+                        first_error.unwrap_or_else(|| "the run failed".into())
+                    )));
+                }
+                let fmt = |v: Option<f64>| v.map_or_else(|| "-".into(), |a| format!("{a:.4}"));
+                println!(
+                    "{:?}: {} steps in {:.1} s · best val acc {} · test acc {}",
+                    f.reason,
+                    f.steps,
+                    f.time_s,
+                    fmt(f.best_val_acc),
+                    fmt(f.test_acc)
+                );
+                for c in &f.checkpoints {
+                    println!("wrote {}", c.display());
+                }
+                return Ok(f);
+            }
+            Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } => {}
+        }
+    }
+}
+
+/// `moppa eval`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  moppa eval --run runs/digits\n  moppa eval --adapter a.safetensors --backbone builtin --data builtin:digits --split val"
+)]
+pub struct EvalArgs {
+    /// A run folder (its config.toml names backbone and data; its adapter.safetensors is evaluated).
+    #[arg(long, conflicts_with = "adapter")]
+    pub run: Option<PathBuf>,
+    /// An adapter checkpoint.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Backbone for --adapter (default: the run's, or builtin).
+    #[arg(long)]
+    pub backbone: Option<String>,
+    /// Heads of a timm backbone file.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Data spec (default: the run's, or builtin:digits).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// test (default) or val.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Load onto a backbone file other than the one trained on (same shapes).
+    #[arg(long)]
+    pub force: bool,
+    /// Per-class results CSV (default: RUN/eval-SPLIT.csv, or next to the adapter).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+}
+
+/// Runs `moppa eval`.
+pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
+    let split = match args.split.as_str() {
+        "test" => Split::Test,
+        "val" => Split::Val,
+        other => return Err(usage(format!("--split must be val or test (got {other})"))),
+    };
+    let (adapter, base) = match (&args.run, &args.adapter) {
+        (Some(dir), _) => (
+            dir.join("adapter.safetensors"),
+            Some(run_config(dir).map_err(|e| CliError::Failure(e.into()))?),
+        ),
+        (None, Some(a)) => (a.clone(), None),
+        (None, None) => return Err(usage("give --run DIR or --adapter FILE")),
+    };
+    let backbone = args
+        .backbone
+        .clone()
+        .or_else(|| base.as_ref().map(|c| c.backbone.clone()))
+        .unwrap_or_else(|| "builtin".into());
+    let data = args
+        .data
+        .clone()
+        .or_else(|| base.as_ref().map(|c| c.data.clone()))
+        .unwrap_or_else(|| "builtin:digits".into());
+    let heads = args.heads.or_else(|| base.as_ref().and_then(|c| c.heads));
+    let (result, classes) = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.force, args.batch)
+        .map_err(|e| CliError::Failure(e.into()))?;
+    println!(
+        "{} accuracy {:.4} (loss {:.4}) on {data}",
+        split.name(),
+        result.acc,
+        result.loss
+    );
+    let mut csv = String::from("class,name,acc\n");
+    for (i, (name, acc)) in classes.iter().zip(&result.per_class_acc).enumerate() {
+        csv.push_str(&format!("{i},{name},{acc:.6}\n"));
+    }
+    let out = args.output.clone().unwrap_or_else(|| match &args.run {
+        Some(dir) => dir.join(format!("eval-{}.csv", split.name())),
+        None => adapter.with_extension(format!("eval-{}.csv", split.name())),
+    });
+    std::fs::write(&out, csv)
+        .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", out.display())))?;
+    println!("per-class results: {}", out.display());
+    Ok(())
+}

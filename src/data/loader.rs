@@ -1,0 +1,292 @@
+//! Background batch assembly: a named thread decodes and resizes the training split once (in
+//! parallel), then produces shuffled, augmented, normalised batches into a small bounded
+//! channel, so the trainer never waits on disk. Shuffling is seeded per epoch, so any position
+//! (epoch, batch) can be resumed exactly.
+
+use super::transform::{Augment, Normalize, batch_rng, decode, to_rgb_square, write_chw};
+use super::{DataError, Sample};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, bounded};
+use rand::SeedableRng as _;
+use rand::seq::SliceRandom as _;
+use rayon::prelude::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How batches are made.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    /// Side of the square input.
+    pub size: u32,
+    /// Images per batch (the last batch of an epoch may be smaller).
+    pub batch: usize,
+    /// The backbone's normalisation.
+    pub normalize: Normalize,
+    /// Training augmentation.
+    pub augment: Augment,
+    /// Seed of the shuffles and augmentations.
+    pub seed: u64,
+}
+
+/// One training batch.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `B × 3 × S × S`, normalised.
+    pub images: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<u32>,
+    /// Epoch (0-based) this batch belongs to.
+    pub epoch: u64,
+    /// Index of this batch within its epoch.
+    pub index: u64,
+    /// Batches per epoch.
+    pub per_epoch: u64,
+}
+
+/// What the loader thread says.
+#[derive(Debug)]
+pub enum LoaderMsg {
+    /// Decoding finished: how many images are usable and which were skipped (path, reason).
+    Ready {
+        /// Usable training images.
+        usable: usize,
+        /// Undecodable files.
+        skipped: Vec<(PathBuf, String)>,
+    },
+    /// A batch.
+    Batch(Batch),
+    /// Nothing usable: the run cannot start.
+    Failed(DataError),
+}
+
+/// Decodes and resizes samples in parallel; failures are returned apart.
+pub fn prepare_all(samples: &[Sample], size: u32) -> (Vec<(Vec<u8>, u32)>, Vec<(PathBuf, String)>) {
+    let results: Vec<Result<(Vec<u8>, u32), (PathBuf, String)>> = samples
+        .par_iter()
+        .map(|s| match decode(s) {
+            Ok(img) => Ok((to_rgb_square(&img, size), s.label)),
+            Err(DataError::File { path, message, .. }) => Err((path, message)),
+            Err(e) => Err((PathBuf::new(), e.to_string())),
+        })
+        .collect();
+    let mut ok = Vec::with_capacity(results.len());
+    let mut bad = Vec::new();
+    for r in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => bad.push(e),
+        }
+    }
+    (ok, bad)
+}
+
+/// Writes a batch of prepared images as normalised CHW floats.
+#[must_use]
+pub fn assemble(images: &[&[u8]], size: u32, norm: &Normalize, augment: Option<(&Augment, u64, u64, u64)>) -> Vec<f32> {
+    let s = size as usize;
+    let per = 3 * s * s;
+    let mut out = vec![0.0f32; images.len() * per];
+    match augment {
+        Some((a, seed, epoch, batch)) => {
+            let mut rng = batch_rng(seed, epoch, batch);
+            for (img, o) in images.iter().zip(out.chunks_exact_mut(per)) {
+                write_chw(img, s, norm, Some((a, &mut rng)), o);
+            }
+        }
+        None => {
+            out.par_chunks_mut(per)
+                .zip(images.par_iter())
+                .for_each(|(o, img)| write_chw::<rand::rngs::StdRng>(img, s, norm, None, o));
+        }
+    }
+    out
+}
+
+/// The training-batch producer.
+pub struct Loader {
+    rx: Receiver<LoaderMsg>,
+    stop: Arc<AtomicBool>,
+    join: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Starts the loader thread at `(epoch, batch)`.
+    pub fn spawn(samples: Vec<Sample>, cfg: LoaderConfig, start: (u64, u64)) -> std::io::Result<Self> {
+        let (tx, rx) = bounded(4);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let join = std::thread::Builder::new().name("moppa-loader".into()).spawn(move || {
+            let send = |mut msg: LoaderMsg| -> bool {
+                loop {
+                    if stop2.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    match tx.send_timeout(msg, Duration::from_millis(50)) {
+                        Ok(()) => return true,
+                        Err(SendTimeoutError::Timeout(m)) => msg = m,
+                        Err(SendTimeoutError::Disconnected(_)) => return false,
+                    }
+                }
+            };
+            let (prepared, skipped) = prepare_all(&samples, cfg.size);
+            if prepared.is_empty() {
+                let msg = format!("no usable training image ({} could not be decoded)", skipped.len());
+                let path = skipped.first().map(|(p, _)| p.clone()).unwrap_or_default();
+                send(LoaderMsg::Failed(DataError::File {
+                    path,
+                    line: None,
+                    message: msg,
+                }));
+                return;
+            }
+            if !send(LoaderMsg::Ready {
+                usable: prepared.len(),
+                skipped,
+            }) {
+                return;
+            }
+            let n = prepared.len();
+            let per_epoch = n.div_ceil(cfg.batch) as u64;
+            let (mut epoch, mut index) = start;
+            loop {
+                let mut order: Vec<usize> = (0..n).collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ epoch.wrapping_mul(0x2545_F491_4F6C_DD1D));
+                order.shuffle(&mut rng);
+                while index < per_epoch {
+                    let lo = index as usize * cfg.batch;
+                    let ids = &order[lo..(lo + cfg.batch).min(n)];
+                    let imgs: Vec<&[u8]> = ids.iter().map(|&i| prepared[i].0.as_slice()).collect();
+                    let aug = (cfg.augment != Augment::default()).then_some((&cfg.augment, cfg.seed, epoch, index));
+                    let batch = Batch {
+                        images: assemble(&imgs, cfg.size, &cfg.normalize, aug),
+                        labels: ids.iter().map(|&i| prepared[i].1).collect(),
+                        epoch,
+                        index,
+                        per_epoch,
+                    };
+                    if !send(LoaderMsg::Batch(batch)) {
+                        return;
+                    }
+                    index += 1;
+                }
+                epoch += 1;
+                index = 0;
+            }
+        })?;
+        Ok(Self {
+            rx,
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// The next message, waiting at most `timeout`; `None` on timeout.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<LoaderMsg> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(LoaderMsg::Failed(DataError::Spec("the data loader stopped".into())))
+            }
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(j) = self.join.take() {
+            j.join().ok();
+        }
+    }
+}
+
+/// A validation or test split ready for evaluation: prepared once, kept in memory when it fits
+/// `budget_bytes`, else decoded again per pass.
+pub struct EvalSet {
+    samples: Vec<Sample>,
+    size: u32,
+    cache: Option<Vec<(Vec<u8>, u32)>>,
+    /// Files that could not be decoded (reported once).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl EvalSet {
+    /// Prepares `samples` (decoding them now if they fit the budget).
+    #[must_use]
+    pub fn new(samples: Vec<Sample>, size: u32, budget_bytes: usize) -> Self {
+        let fits = samples.len() * (size as usize) * (size as usize) * 3 <= budget_bytes;
+        let (cache, skipped) = if fits {
+            let (ok, bad) = prepare_all(&samples, size);
+            (Some(ok), bad)
+        } else {
+            (None, Vec::new())
+        };
+        Self {
+            samples,
+            size,
+            cache,
+            skipped,
+        }
+    }
+
+    /// Number of samples (before skips).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// True when the split is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The prepared RGB pixels and label of sample `i` (for probe images).
+    #[must_use]
+    pub fn rgb(&self, i: usize) -> Option<(Vec<u8>, u32)> {
+        match &self.cache {
+            Some(c) => c.get(i).cloned(),
+            None => {
+                let s = self.samples.get(i)?;
+                decode(s).ok().map(|img| (to_rgb_square(&img, self.size), s.label))
+            }
+        }
+    }
+
+    /// Runs `f` on normalised batches `(images, labels)` in order.
+    pub fn for_each_batch<E>(
+        &mut self,
+        batch: usize,
+        norm: &Normalize,
+        mut f: impl FnMut(Vec<f32>, Vec<u32>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let batch = batch.max(1);
+        if let Some(cache) = &self.cache {
+            for chunk in cache.chunks(batch) {
+                let imgs: Vec<&[u8]> = chunk.iter().map(|(p, _)| p.as_slice()).collect();
+                f(
+                    assemble(&imgs, self.size, norm, None),
+                    chunk.iter().map(|(_, l)| *l).collect(),
+                )?;
+            }
+            return Ok(());
+        }
+        let mut skipped = Vec::new();
+        for chunk in self.samples.chunks(batch) {
+            let (ok, bad) = prepare_all(chunk, self.size);
+            skipped.extend(bad);
+            if ok.is_empty() {
+                continue;
+            }
+            let imgs: Vec<&[u8]> = ok.iter().map(|(p, _)| p.as_slice()).collect();
+            f(
+                assemble(&imgs, self.size, norm, None),
+                ok.iter().map(|(_, l)| *l).collect(),
+            )?;
+        }
+        self.skipped = skipped;
+        Ok(())
+    }
+}

@@ -1,0 +1,208 @@
+//! The run configuration: every `moppa train` flag is a field (and a TOML key with `_` for `-`).
+//! The resolved config (every default filled in) is saved in the run folder.
+
+use crate::data::Augment;
+use crate::model::{MethodConfig, MethodKind};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Where training runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when built with it and a GPU answers, else CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU.
+    Cuda,
+}
+
+/// Working precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 everywhere.
+    #[default]
+    F32,
+    /// bf16 weights and activations (GPUs), f32 optimizer state.
+    Bf16,
+}
+
+/// A training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunConfig {
+    /// Backbone file, or `builtin`.
+    pub backbone: String,
+    /// Heads of a timm backbone file (which does not record them).
+    pub heads: Option<usize>,
+    /// Dataset spec: `builtin:digits`, `idx:DIR` or a folder.
+    pub data: String,
+    /// Training images per class (None: all).
+    pub few_shot: Option<usize>,
+    /// VTAB-1K: train on `train800val200.txt`.
+    #[serde(rename = "final")]
+    pub final_split: bool,
+    /// The method and its hyper-parameters.
+    #[serde(flatten)]
+    pub method: MethodConfig,
+    /// Optimizer steps (wins over `epochs`).
+    pub steps: Option<u64>,
+    /// Epochs, when `steps` is not given.
+    pub epochs: Option<u64>,
+    /// Images per batch.
+    pub batch: usize,
+    /// Peak learning rate (None: the method's default).
+    pub lr: Option<f64>,
+    /// AdamW weight decay (matrices only).
+    pub weight_decay: f64,
+    /// Linear warm-up steps, then cosine decay to 0.
+    pub warmup: u64,
+    /// Evaluate (and checkpoint) every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f64,
+    /// Seed of initialisation, shuffling and augmentation.
+    pub seed: u64,
+    /// Device.
+    pub device: DeviceChoice,
+    /// CPU threads (None: every core for the CLI, all but one under the app).
+    pub threads: Option<usize>,
+    /// Precision.
+    pub dtype: Precision,
+    /// Training augmentation.
+    pub augment: Augment,
+    /// Run folder (config, metrics, checkpoints).
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder.
+    pub resume: Option<PathBuf>,
+    /// A snapshot every N steps (and at most ~10 per second).
+    pub snapshot_every: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            backbone: "builtin".into(),
+            heads: None,
+            data: "builtin:digits".into(),
+            few_shot: None,
+            final_split: false,
+            method: MethodConfig::default(),
+            steps: None,
+            epochs: None,
+            batch: 64,
+            lr: None,
+            weight_decay: 0.01,
+            warmup: 50,
+            eval_every: 100,
+            grad_clip: 1.0,
+            seed: 0,
+            device: DeviceChoice::Auto,
+            threads: None,
+            dtype: Precision::F32,
+            augment: Augment::default(),
+            out: None,
+            resume: None,
+            snapshot_every: 5,
+        }
+    }
+}
+
+/// Steps when neither `steps` nor `epochs` is given.
+pub const DEFAULT_STEPS: u64 = 600;
+
+impl RunConfig {
+    /// The method's default peak learning rate.
+    #[must_use]
+    pub fn default_lr(method: MethodKind) -> f64 {
+        match method {
+            MethodKind::Linear => 1e-2,
+            MethodKind::Full => 3e-4,
+            MethodKind::Moppa | MethodKind::Lora | MethodKind::Adaptformer => 3e-3,
+        }
+    }
+
+    /// The learning rate in force.
+    #[must_use]
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or_else(|| Self::default_lr(self.method.method))
+    }
+
+    /// Total steps for a training split of `n` images.
+    #[must_use]
+    pub fn total_steps(&self, n: usize) -> u64 {
+        match (self.steps, self.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * (n.div_ceil(self.batch.max(1)) as u64),
+            (None, None) => DEFAULT_STEPS,
+        }
+    }
+
+    /// Checks ranges; the message names the flag and value.
+    pub fn validate(&self) -> Result<(), String> {
+        self.method.validate()?;
+        if self.batch == 0 {
+            return Err("--batch must be ≥ 1".into());
+        }
+        if let Some(lr) = self.lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            return Err(format!("--lr must be > 0 (got {lr})"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(format!("--weight-decay must be ≥ 0 (got {})", self.weight_decay));
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            return Err(format!("--grad-clip must be ≥ 0 (got {})", self.grad_clip));
+        }
+        if self.steps == Some(0) || self.epochs == Some(0) {
+            return Err("--steps / --epochs must be ≥ 1".into());
+        }
+        if self.threads == Some(0) {
+            return Err("--threads must be ≥ 1".into());
+        }
+        if self.few_shot == Some(0) {
+            return Err("--few-shot must be ≥ 1".into());
+        }
+        Ok(())
+    }
+
+    /// The config with every default made explicit (what `config.toml` holds).
+    #[must_use]
+    pub fn resolved(&self, total_steps: u64) -> Self {
+        let mut c = self.clone();
+        c.lr = Some(self.lr());
+        c.steps = Some(total_steps);
+        c.epochs = None;
+        if c.method.lora_alpha.is_none() && c.method.method == MethodKind::Lora {
+            c.method.lora_alpha = Some(c.method.rank as f64);
+        }
+        c
+    }
+
+    /// As TOML.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string_pretty(self).map_err(|e| e.to_string())
+    }
+
+    /// From TOML text (unknown keys are an error naming them).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let value: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let known = serde_json::to_value(Self::default()).map_err(|e| e.to_string())?;
+        let known: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        let unknown: Vec<&String> = value
+            .keys()
+            .filter(|k| !known.contains(k) && k.as_str() != "final")
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "unknown keys: {}",
+                unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,450 @@
+//! The one seam between the engine and every display (CLI reporter, desktop app, tests): plain,
+//! serialisable data. Displays send [`Command`]s and receive [`Event`]s; they never see a tensor.
+
+use crate::physics::Prior;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Which blocks a coefficient command addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Every MoPPA block.
+    All,
+    /// One block, by index.
+    Block(usize),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => f.write_str("all"),
+            Self::Block(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// A per-channel spectral coefficient of MoPPA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Coeff {
+    /// Heat diffusivity κ.
+    Kappa,
+    /// Wave speed c.
+    C,
+    /// Poisson screening ε.
+    Eps,
+}
+
+impl Coeff {
+    /// All three.
+    pub const ALL: [Self; 3] = [Self::Kappa, Self::C, Self::Eps];
+
+    /// Name as in files and logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kappa => "kappa",
+            Self::C => "c",
+            Self::Eps => "eps",
+        }
+    }
+
+    /// The prior it belongs to.
+    #[must_use]
+    pub fn prior(self) -> Prior {
+        match self {
+            Self::Kappa => Prior::Heat,
+            Self::C => Prior::Wave,
+            Self::Eps => Prior::Poisson,
+        }
+    }
+}
+
+/// Something that can be held out of the optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lockable {
+    /// κ.
+    Kappa,
+    /// c.
+    C,
+    /// ε.
+    Eps,
+    /// The Poisson source map S.
+    Source,
+}
+
+impl Lockable {
+    /// Name as in files and logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kappa => "kappa",
+            Self::C => "c",
+            Self::Eps => "eps",
+            Self::Source => "source",
+        }
+    }
+
+    /// The checkpoint tensor it locks (`kappa_raw`, …).
+    #[must_use]
+    pub fn tensor(self) -> &'static str {
+        match self {
+            Self::Kappa => "kappa_raw",
+            Self::C => "c_raw",
+            Self::Eps => "eps_raw",
+            Self::Source => "source",
+        }
+    }
+}
+
+/// How a coefficient command changes every channel.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SetMode {
+    /// Set every channel to this value (> 0).
+    Set(f64),
+    /// Multiply every channel by this factor (> 0).
+    Scale(f64),
+}
+
+/// A run-wide hyper-parameter that can change live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hyper {
+    /// τ of heat and wave (> 0).
+    Tau,
+    /// Wave damping γ (≥ 0).
+    Gamma,
+    /// Route-regularization weight λ (≥ 0).
+    RouteWeight,
+    /// Router temperature T (> 0).
+    Temperature,
+    /// Peak learning rate (> 0); the schedule keeps its shape.
+    Lr,
+}
+
+impl Hyper {
+    /// Name as in files and logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tau => "tau",
+            Self::Gamma => "gamma",
+            Self::RouteWeight => "route_weight",
+            Self::Temperature => "temperature",
+            Self::Lr => "lr",
+        }
+    }
+}
+
+/// What a display asks of the engine. Takes effect at the next step boundary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// Begin training (a worker may also start on its own).
+    Start,
+    /// Hold at the next step boundary.
+    Pause,
+    /// Continue after a pause.
+    Resume,
+    /// Run exactly one step, then hold.
+    Step,
+    /// Finish now: final evaluation and checkpoint, then `Finished`.
+    Stop,
+    /// Change κ, c or ε of one block or all.
+    SetCoeff {
+        /// Which coefficient.
+        coeff: Coeff,
+        /// Which blocks.
+        target: Target,
+        /// Set or scale.
+        mode: SetMode,
+    },
+    /// Change τ, γ, λ, T or the learning rate.
+    SetHyper {
+        /// Which.
+        hyper: Hyper,
+        /// New value.
+        value: f64,
+    },
+    /// Hold a coefficient out of the optimizer (or release it).
+    Lock {
+        /// Which tensor.
+        what: Lockable,
+        /// Which blocks.
+        target: Target,
+        /// True to lock, false to release.
+        locked: bool,
+    },
+    /// Evaluate on the validation split now.
+    Evaluate,
+    /// Write the adapter to a path.
+    SaveCheckpoint {
+        /// Destination.
+        path: PathBuf,
+    },
+    /// Use validation image `index` as the probe for router maps.
+    SetProbe {
+        /// Index into the validation split.
+        index: usize,
+    },
+    /// Which channel the per-channel filter view shows (`None`: only the channel mean).
+    SetChannel {
+        /// Channel index `< rank`.
+        channel: Option<usize>,
+    },
+}
+
+/// Static facts about a run, sent once when the model is ready.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// Method label (`moppa r8`).
+    pub method: String,
+    /// Trainable scalars.
+    pub trainable: usize,
+    /// `cpu` or `cuda:0`.
+    pub device: String,
+    /// CPU threads of the training pool.
+    pub threads: usize,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Transformer blocks.
+    pub blocks: usize,
+    /// Token grid (H, W).
+    pub grid: (usize, usize),
+    /// Active priors (MoPPA), in order.
+    pub priors: Vec<Prior>,
+    /// MoPPA rank (0 for other methods).
+    pub rank: usize,
+    /// Planned steps.
+    pub total_steps: u64,
+    /// Training / validation / test images.
+    pub split_sizes: [usize; 3],
+    /// The resolved run config as JSON.
+    pub config: serde_json::Value,
+    /// The run folder, if any.
+    pub out: Option<PathBuf>,
+    /// The step the run starts at (resumed runs start later).
+    pub start_step: u64,
+}
+
+/// One optimizer step's numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Steps done.
+    pub step: u64,
+    /// Epoch (fractional).
+    pub epoch: f64,
+    /// Total loss (cross-entropy + route loss).
+    pub loss: f64,
+    /// Route loss (already × λ).
+    pub route_loss: f64,
+    /// Accuracy on this batch, 0..1.
+    pub train_acc: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Training throughput (images/s, smoothed).
+    pub img_per_s: f64,
+    /// Seconds since the run started.
+    pub time_s: f64,
+}
+
+/// A small square image (RGB, row-major).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rgb {
+    /// Side in pixels.
+    pub size: usize,
+    /// `size·size·3` bytes.
+    pub pixels: Vec<u8>,
+}
+
+/// Router statistics of one block (patch tokens).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouterStats {
+    /// ᾱ: mean weight of each prior over the batch.
+    pub mean_alpha: Vec<f32>,
+    /// Mean routing entropy −Σ α ln α.
+    pub entropy: f32,
+    /// Entropy / ln k, 0..1.
+    pub entropy_norm: f32,
+    /// Share of tokens whose argmax is each prior.
+    pub argmax_share: Vec<f32>,
+}
+
+/// One MoPPA block at a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockSnapshot {
+    /// Block index.
+    pub block: usize,
+    /// Channel-mean gain of each active prior, `H·W` row-major, in prior order.
+    pub filters_mean: Vec<Vec<f32>>,
+    /// The selected channel's gains (empty when no channel is selected).
+    pub filters_channel: Vec<Vec<f32>>,
+    /// ᾱ-weighted mix of the channel-mean gains.
+    pub mix: Vec<f32>,
+    /// κ per channel (empty if heat is off).
+    pub kappa: Vec<f32>,
+    /// c per channel.
+    pub c: Vec<f32>,
+    /// ε per channel.
+    pub eps: Vec<f32>,
+    /// Source map S (`H·W`, empty if Poisson is off).
+    pub source: Vec<f32>,
+    /// Router statistics on the last training batch (None for a single prior).
+    pub router: Option<RouterStats>,
+    /// Per-token α of the probe image, `H·W·k` (token router), or `k` values.
+    pub probe_alpha: Vec<f32>,
+    /// Locked tensors of this block.
+    pub locked: Vec<Lockable>,
+}
+
+/// The model's internals at one step, for the live views.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Step.
+    pub step: u64,
+    /// Token grid (H, W).
+    pub grid: (usize, usize),
+    /// Active priors.
+    pub priors: Vec<Prior>,
+    /// Selected channel for `filters_channel`.
+    pub channel: Option<usize>,
+    /// τ, γ, λ, T in force.
+    pub tau: f64,
+    /// γ.
+    pub gamma: f64,
+    /// λ.
+    pub route_weight: f64,
+    /// T.
+    pub temperature: f64,
+    /// MoPPA blocks.
+    pub blocks: Vec<BlockSnapshot>,
+    /// The probe image, its index in the validation split and its label.
+    pub probe: Option<(Rgb, usize, u32)>,
+    /// Predicted class of the probe.
+    pub probe_prediction: Option<u32>,
+}
+
+/// An evaluation result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Step.
+    pub step: u64,
+    /// `val` or `test`.
+    pub split: String,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Accuracy 0..1.
+    pub acc: f64,
+    /// Accuracy per class.
+    pub per_class_acc: Vec<f64>,
+    /// Seconds since start.
+    pub time_s: f64,
+}
+
+/// A command took effect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Step at which it applies (the next step runs with it).
+    pub step: u64,
+    /// What changed (`kappa`, `lock source`, `lr`, …).
+    pub command: String,
+    /// `all` or a block index.
+    pub target: String,
+    /// Old value (channel mean for coefficients).
+    pub old: f64,
+    /// New value.
+    pub new: f64,
+    /// Seconds since start.
+    pub time_s: f64,
+}
+
+/// A warning or error, with the file (and line) involved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    /// Step, when known.
+    pub step: u64,
+    /// Seconds since start.
+    pub time_s: f64,
+    /// One line.
+    pub message: String,
+    /// File involved.
+    pub path: Option<PathBuf>,
+    /// Line in that file.
+    pub line: Option<usize>,
+}
+
+/// Why a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// All steps done.
+    Done,
+    /// A Stop command.
+    Stopped,
+    /// The loss was not finite and the run could not continue.
+    Diverged,
+    /// Ctrl-C.
+    Interrupted,
+    /// Setup failed (bad data, bad checkpoint).
+    Failed,
+}
+
+/// The end of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    /// Why.
+    pub reason: FinishReason,
+    /// Steps done.
+    pub steps: u64,
+    /// Best validation accuracy seen.
+    pub best_val_acc: Option<f64>,
+    /// Final test accuracy.
+    pub test_acc: Option<f64>,
+    /// Checkpoints written.
+    pub checkpoints: Vec<PathBuf>,
+    /// Seconds since start.
+    pub time_s: f64,
+}
+
+/// What the engine tells displays.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// The model and data are ready.
+    Started(Box<RunInfo>),
+    /// One step done (may be dropped for a slow display).
+    Progress(Progress),
+    /// Live internals (may be coalesced for a slow display).
+    Snapshot(Box<Snapshot>),
+    /// An evaluation.
+    Eval(EvalResult),
+    /// A command took effect.
+    Applied(Applied),
+    /// Training is holding (pause, single step done, or a non-finite loss).
+    Paused {
+        /// Step.
+        step: u64,
+    },
+    /// Training continues.
+    Resumed {
+        /// Step.
+        step: u64,
+    },
+    /// Something worth knowing; the run goes on.
+    Warning(Notice),
+    /// Something went wrong.
+    Error(Notice),
+    /// The run ended.
+    Finished(Finished),
+}
+
+impl Event {
+    /// Progress and snapshots may be dropped or coalesced for a slow display; nothing else may.
+    #[must_use]
+    pub fn is_droppable(&self) -> bool {
+        matches!(self, Self::Progress(_) | Self::Snapshot(_))
+    }
+}
