@@ -76,6 +76,8 @@ pub enum Command {
     Train(train_cmds::TrainArgs),
     /// Evaluate a saved adapter on a dataset split; print accuracy and write per-class results.
     Eval(train_cmds::EvalArgs),
+    /// Time forward, backward and optimizer of a training step (medians), with GFLOP/s.
+    Bench(train_cmds::BenchArgs),
 }
 
 /// Runs a parsed subcommand; returns the exit code.
@@ -86,6 +88,7 @@ pub fn run(command: Command) -> Result<i32, CliError> {
     match command {
         Command::Train(_) => Ok(()),
         Command::Eval(args) => train_cmds::eval(&args),
+        Command::Bench(args) => train_cmds::bench(&args),
         Command::Filters(args) => physics_cmds::filters(&args),
         Command::Apply(args) => physics_cmds::apply(&args),
         Command::Params(args) => model_cmds::params(&args),

@@ -418,3 +418,102 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
     println!("per-class results: {}", out.display());
     Ok(())
 }
+
+/// `moppa bench`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Example: moppa bench --preset tiny --method moppa --batch 64 --steps 20 --json\n\
+Times forward (+loss), backward and optimizer separately (medians after 3 warm-up steps) on random inputs."
+)]
+pub struct BenchArgs {
+    /// tiny (32 px, D 96, depth 4), builtin, or vit-b16 (224 px, 100 classes).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Method (moppa, lora, adaptformer, linear, full).
+    #[arg(long, value_parser = parse_method, default_value = "moppa")]
+    pub method: MethodKind,
+    /// Rank of MoPPA / LoRA / AdaptFormer.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// auto, cpu or cuda.
+    #[arg(long, value_parser = parse_device, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// CPU threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// f32 or bf16 (GPU).
+    #[arg(long, value_parser = parse_dtype, default_value = "f32")]
+    pub dtype: Precision,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `moppa bench`.
+pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
+    use crate::train::bench::{BenchConfig, Preset, run};
+    let preset = match args.preset.as_str() {
+        "tiny" => Preset::Tiny,
+        "builtin" => Preset::Builtin,
+        "vit-b16" => Preset::VitB16,
+        other => {
+            return Err(usage(format!(
+                "--preset must be tiny, builtin or vit-b16 (got {other})"
+            )));
+        }
+    };
+    if args.batch == 0 || args.steps == 0 || args.threads == Some(0) {
+        return Err(usage("--batch, --steps and --threads must be ≥ 1"));
+    }
+    let cfg = BenchConfig {
+        preset,
+        method: crate::model::MethodConfig {
+            rank: args.rank,
+            ..crate::model::MethodConfig::of(args.method)
+        },
+        batch: args.batch,
+        steps: args.steps,
+        device: args.device,
+        threads: args.threads,
+        dtype: args.dtype,
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| CliError::Failure(e.into()))?;
+    let r = pool.install(|| run(&cfg)).map_err(CliError::Failure)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| CliError::Failure(e.into()))?
+        );
+    } else {
+        println!(
+            "{} {} batch {} on {} ({} threads, {}): step {:.1} ms = fwd {:.1} + bwd {:.1} + opt {:.1} · {:.0} img/s · {:.0} GFLOP/s ({:.0}% of a 1024³ GEMM at {:.0})",
+            r.preset,
+            r.method,
+            r.batch,
+            r.device,
+            r.threads,
+            r.dtype,
+            r.step_ms,
+            r.fwd_ms,
+            r.bwd_ms,
+            r.opt_ms,
+            r.img_per_s,
+            r.gflops_per_s,
+            100.0 * r.gflops_per_s / r.gemm_gflops_per_s,
+            r.gemm_gflops_per_s
+        );
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! The training engine: one protocol ([`protocol`]), one worker thread ([`worker`]) owning a
 //! [`trainer::Trainer`], the run configuration, the optimizer and the run log. No GUI here.
 
+pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod optim;

@@ -8,6 +8,7 @@
 
 use super::cpu::attention::{self, Dims};
 use super::cpu::gemm::{Par, linear_dw, linear_dx, linear_fwd};
+use super::cpu::pool::{give, give_all, take};
 use super::cpu::{col_dot, col_sums, layer_norm, math, rows_mut, zeros};
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor, bail};
@@ -197,6 +198,19 @@ struct AttnCache {
     o: Vec<f32>,
 }
 
+impl Drop for AttnCache {
+    fn drop(&mut self) {
+        let ln = self.ln.take().unwrap_or_default();
+        give_all([
+            std::mem::take(&mut self.stats),
+            ln,
+            std::mem::take(&mut self.qkv),
+            std::mem::take(&mut self.probs),
+            std::mem::take(&mut self.o),
+        ]);
+    }
+}
+
 /// The attention half of a timm block. Arguments: `x (B, T, D)`, the flat weights, and a LoRA
 /// update `(B, T, 2D)` for q and v (or any 1-element placeholder when `has_delta` is false).
 pub struct AttnHalfOp {
@@ -277,10 +291,10 @@ impl CustomOp3 for AttnHalfOp {
         };
         let lay = &self.layout;
         let p = |i: usize| &w[lay.range(i)];
-        let mut ln = zeros(n * d);
-        let mut stats = zeros(2 * n);
+        let mut ln = take(n * d);
+        let mut stats = take(2 * n);
         layer_norm::forward(x, &mut ln, &mut stats, p(NORM_W), p(NORM_B), self.eps);
-        let mut qkv = zeros(n * 3 * d);
+        let mut qkv = take(n * 3 * d);
         linear_fwd(n, 3 * d, d, &ln, d, p(QKV_W), &mut qkv, 3 * d, false, Par::Pool);
         let qkv_b = p(QKV_B);
         rows_mut(&mut qkv, 3 * d, |r, row| {
@@ -320,13 +334,21 @@ impl CustomOp3 for AttnHalfOp {
             }
         });
         if self.save {
+            let ln = if self.train_weights {
+                Some(ln)
+            } else {
+                give(ln);
+                None
+            };
             *lock(&self.cache) = Some(AttnCache {
                 stats,
-                ln: self.train_weights.then_some(ln),
+                ln,
                 qkv,
                 probs,
                 o,
             });
+        } else {
+            give_all([ln, stats, qkv, o]);
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -351,24 +373,24 @@ impl CustomOp3 for AttnHalfOp {
                     let p = |i: usize| &w[lay.range(i)];
                     let has_ls = lay.present(LS);
                     let mut dw = if self.train_weights { zeros(lay.len) } else { Vec::new() };
-                    // Through the layer scale.
-                    let d_proj: Vec<f32> = if has_ls {
+                    // Through the layer scale (no copy without one).
+                    let scaled: Option<Vec<f32>> = has_ls.then(|| {
                         let ls = p(LS);
-                        let mut v = dy.to_vec();
+                        let mut v = take(dy.len());
+                        v.copy_from_slice(dy);
                         rows_mut(&mut v, d, |_, row| {
                             for (a, g) in row.iter_mut().zip(ls) {
                                 *a *= g;
                             }
                         });
                         v
-                    } else {
-                        dy.to_vec()
-                    };
+                    });
+                    let d_proj: &[f32] = scaled.as_deref().unwrap_or(dy);
                     if self.train_weights {
                         let mut pw = zeros(d * d);
-                        linear_dw(n, d, d, &d_proj, d, &cache.o, d, &mut pw, false, Par::Pool);
+                        linear_dw(n, d, d, d_proj, d, &cache.o, d, &mut pw, false, Par::Pool);
                         dw[lay.range(PROJ_W)].copy_from_slice(&pw);
-                        dw[lay.range(PROJ_B)].copy_from_slice(&col_sums(&d_proj, d));
+                        dw[lay.range(PROJ_B)].copy_from_slice(&col_sums(d_proj, d));
                         if has_ls {
                             // dγ = Σ dy ⊙ (o·Wᵀ + b): recompute the projection.
                             let mut y = zeros(n * d);
@@ -382,12 +404,14 @@ impl CustomOp3 for AttnHalfOp {
                             dw[lay.range(LS)].copy_from_slice(&col_dot(dy, &y, d));
                         }
                     }
-                    let mut d_o = zeros(n * d);
-                    linear_dx(n, d, d, &d_proj, d, p(PROJ_W), &mut d_o, d, false, Par::Pool);
-                    drop(d_proj);
-                    let mut d_qkv = zeros(n * 3 * d);
+                    let mut d_o = take(n * d);
+                    linear_dx(n, d, d, d_proj, d, p(PROJ_W), &mut d_o, d, false, Par::Pool);
+                    if let Some(v) = scaled {
+                        give(v);
+                    }
+                    let mut d_qkv = take(n * 3 * d);
                     attention::backward(&cache.qkv, &cache.probs, &d_o, &mut d_qkv, self.dims);
-                    drop(d_o);
+                    give(d_o);
                     let d_delta = self.has_delta.then(|| {
                         let mut v = zeros(n * 2 * d);
                         rows_mut(&mut v, 2 * d, |r, row| {
@@ -407,12 +431,14 @@ impl CustomOp3 for AttnHalfOp {
                             dw[lay.range(QKV_B)].copy_from_slice(&col_sums(&d_qkv, 3 * d));
                         }
                     }
-                    let mut d_ln = zeros(n * d);
+                    let mut d_ln = take(n * d);
                     linear_dx(n, 3 * d, d, &d_qkv, 3 * d, p(QKV_W), &mut d_ln, d, false, Par::Pool);
-                    drop(d_qkv);
+                    give(d_qkv);
                     // dx = dy (residual) + LayerNorm backward.
-                    let mut dx = dy.to_vec();
+                    let mut dx = take(dy.len());
+                    dx.copy_from_slice(dy);
                     let (dg, db) = layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
+                    give(d_ln);
                     if self.train_weights {
                         dw[lay.range(NORM_W)].copy_from_slice(&dg);
                         dw[lay.range(NORM_B)].copy_from_slice(&db);
@@ -442,7 +468,21 @@ struct MlpCache {
     stats: Vec<f32>,
     ln: Option<Vec<f32>>,
     a: Vec<f32>,
+    cdf: Vec<f32>,
     g: Option<Vec<f32>>,
+}
+
+impl Drop for MlpCache {
+    fn drop(&mut self) {
+        let (ln, g) = (self.ln.take().unwrap_or_default(), self.g.take().unwrap_or_default());
+        give_all([
+            std::mem::take(&mut self.stats),
+            ln,
+            std::mem::take(&mut self.a),
+            std::mem::take(&mut self.cdf),
+            g,
+        ]);
+    }
 }
 
 /// The MLP half of a timm block. Arguments: `x (B, T, D)` and the flat weights.
@@ -496,14 +536,15 @@ impl CustomOp2 for MlpHalfOp {
         let n = x.len() / d;
         let lay = &self.layout;
         let p = |i: usize| &w[lay.range(i)];
-        let mut ln = zeros(n * d);
-        let mut stats = zeros(2 * n);
+        let mut ln = take(n * d);
+        let mut stats = take(2 * n);
         layer_norm::forward(x, &mut ln, &mut stats, p(NORM_W), p(NORM_B), self.eps);
-        let mut a = zeros(n * hd);
+        let mut a = take(n * hd);
         linear_fwd(n, hd, d, &ln, d, p(FC1_W), &mut a, hd, false, Par::Pool);
-        let mut g = zeros(n * hd);
-        math::bias_gelu(&mut a, &mut g, p(FC1_B));
-        let mut out = zeros(n * d);
+        let mut g = take(n * hd);
+        let mut cdf = take(n * hd);
+        math::bias_gelu(&mut a, &mut g, &mut cdf, p(FC1_B));
+        let mut out = take(n * d);
         linear_fwd(n, d, hd, &g, hd, p(FC2_W), &mut out, d, false, Par::Pool);
         let (fb, ls, has_ls) = (p(FC2_B), p(LS), lay.present(LS));
         rows_mut(&mut out, d, |r, row| {
@@ -519,12 +560,22 @@ impl CustomOp2 for MlpHalfOp {
             }
         });
         if self.save {
-            *lock(&self.cache) = Some(MlpCache {
-                stats,
-                ln: self.train_weights.then_some(ln),
-                a,
-                g: (self.train_weights || has_ls).then_some(g),
-            });
+            let keep_g = self.train_weights || has_ls;
+            let ln = if self.train_weights {
+                Some(ln)
+            } else {
+                give(ln);
+                None
+            };
+            let g = if keep_g {
+                Some(g)
+            } else {
+                give(g);
+                None
+            };
+            *lock(&self.cache) = Some(MlpCache { stats, ln, a, cdf, g });
+        } else {
+            give_all([ln, stats, a, g, cdf]);
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -542,25 +593,25 @@ impl CustomOp2 for MlpHalfOp {
                     let p = |i: usize| &w[lay.range(i)];
                     let has_ls = lay.present(LS);
                     let mut dw = if self.train_weights { zeros(lay.len) } else { Vec::new() };
-                    let d_fc2: Vec<f32> = if has_ls {
+                    let scaled: Option<Vec<f32>> = has_ls.then(|| {
                         let ls = p(LS);
-                        let mut v = dy.to_vec();
+                        let mut v = take(dy.len());
+                        v.copy_from_slice(dy);
                         rows_mut(&mut v, d, |_, row| {
                             for (a, g) in row.iter_mut().zip(ls) {
                                 *a *= g;
                             }
                         });
                         v
-                    } else {
-                        dy.to_vec()
-                    };
+                    });
+                    let d_fc2: &[f32] = scaled.as_deref().unwrap_or(dy);
                     if self.train_weights
                         && let Some(g) = &cache.g
                     {
                         let mut w2 = zeros(d * hd);
-                        linear_dw(n, d, hd, &d_fc2, d, g, hd, &mut w2, false, Par::Pool);
+                        linear_dw(n, d, hd, d_fc2, d, g, hd, &mut w2, false, Par::Pool);
                         dw[lay.range(FC2_W)].copy_from_slice(&w2);
-                        dw[lay.range(FC2_B)].copy_from_slice(&col_sums(&d_fc2, d));
+                        dw[lay.range(FC2_B)].copy_from_slice(&col_sums(d_fc2, d));
                         if has_ls {
                             let mut y = zeros(n * d);
                             linear_fwd(n, d, hd, g, hd, p(FC2_W), &mut y, d, false, Par::Pool);
@@ -573,10 +624,12 @@ impl CustomOp2 for MlpHalfOp {
                             dw[lay.range(LS)].copy_from_slice(&col_dot(dy, &y, d));
                         }
                     }
-                    let mut da = zeros(n * hd);
-                    linear_dx(n, d, hd, &d_fc2, d, p(FC2_W), &mut da, hd, false, Par::Pool);
-                    drop(d_fc2);
-                    math::gelu_bwd(&mut da, &cache.a, hd);
+                    let mut da = take(n * hd);
+                    linear_dx(n, d, hd, d_fc2, d, p(FC2_W), &mut da, hd, false, Par::Pool);
+                    if let Some(v) = scaled {
+                        give(v);
+                    }
+                    math::gelu_bwd(&mut da, &cache.a, &cache.cdf, hd);
                     if self.train_weights
                         && let Some(ln) = &cache.ln
                     {
@@ -585,11 +638,13 @@ impl CustomOp2 for MlpHalfOp {
                         dw[lay.range(FC1_W)].copy_from_slice(&w1);
                         dw[lay.range(FC1_B)].copy_from_slice(&col_sums(&da, hd));
                     }
-                    let mut d_ln = zeros(n * d);
+                    let mut d_ln = take(n * d);
                     linear_dx(n, hd, d, &da, hd, p(FC1_W), &mut d_ln, d, false, Par::Pool);
-                    drop(da);
-                    let mut dx = dy.to_vec();
+                    give(da);
+                    let mut dx = take(dy.len());
+                    dx.copy_from_slice(dy);
                     let (dg, db) = layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
+                    give(d_ln);
                     if self.train_weights {
                         dw[lay.range(NORM_W)].copy_from_slice(&dg);
                         dw[lay.range(NORM_B)].copy_from_slice(&db);
@@ -627,11 +682,10 @@ impl CustomOp1 for GeluOp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let last = x.dims().last().copied().unwrap_or(1).max(1);
         let v = with_data(x, |xv| {
             with_data(grad, |dy| {
                 let mut d = dy.to_vec();
-                math::gelu_bwd(&mut d, xv, last);
+                math::gelu_bwd_recompute(&mut d, xv);
                 d
             })
         })??;

@@ -3,7 +3,7 @@
 //! copy is needed on either side. Parallel over images, small serial GEMMs per head.
 
 use super::gemm::{Par, View, gemm};
-use super::math::{exp, multiversion};
+use super::math::{dot, exp, max, multiversion, sum};
 use rayon::prelude::*;
 
 /// Shapes of one attention call.
@@ -28,14 +28,11 @@ impl Dims {
 #[inline(always)]
 fn softmax_rows(s: &mut [f32], t: usize, scale: f32) {
     for row in s.chunks_exact_mut(t) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
-        let mut sum = 0.0f32;
+        let shift = max(row) * scale;
         for v in row.iter_mut() {
-            let e = exp(*v * scale - max);
-            *v = e;
-            sum += e;
+            *v = exp(*v * scale - shift);
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / sum(row);
         for v in row.iter_mut() {
             *v *= inv;
         }
@@ -47,9 +44,9 @@ multiversion!(fn softmax_rows_mv(s: &mut [f32], t: usize, scale: f32) => softmax
 #[inline(always)]
 fn softmax_bwd_rows(ds: &mut [f32], p: &[f32], t: usize, scale: f32) {
     for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+        let d = dot(dr, pr);
         for (dv, pv) in dr.iter_mut().zip(pr) {
-            *dv = pv * (*dv - dot) * scale;
+            *dv = pv * (*dv - d) * scale;
         }
     }
 }

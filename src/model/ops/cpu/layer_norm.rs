@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension: forward (saving mean and 1/σ) and backward, parallel over
 //! rows, vectorised per row.
 
-use super::math::{ROW_CHUNK, multiversion};
+use super::math::{ROW_CHUNK, dot, dot3, multiversion, sum, sum_sq_dev};
 use rayon::prelude::*;
 
 #[inline(always)]
@@ -13,8 +13,8 @@ fn fwd_rows(x: &[f32], y: &mut [f32], stats: &mut [f32], gamma: &[f32], beta: &[
         .zip(y.chunks_exact_mut(d))
         .zip(stats.chunks_exact_mut(2))
     {
-        let mean = xr.iter().sum::<f32>() * inv_d;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() * inv_d;
+        let mean = sum(xr) * inv_d;
+        let var = sum_sq_dev(xr, mean) * inv_d;
         let rstd = 1.0 / (var + eps).sqrt();
         for (((yv, xv), g), b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
             *yv = (xv - mean) * rstd * g + b;
@@ -47,14 +47,11 @@ fn bwd_rows(x: &[f32], dy: &[f32], stats: &[f32], gamma: &[f32], dx: &mut [f32],
         .zip(dx.chunks_exact_mut(d))
     {
         let (mean, rstd) = (st[0], st[1]);
-        let mut sum_dxhat = 0.0f32;
-        let mut sum_dxhat_xhat = 0.0f32;
-        for (((xv, dyv), g), (dgv, dbv)) in xr.iter().zip(dyr).zip(gamma).zip(dg.iter_mut().zip(db.iter_mut())) {
-            let xhat = (xv - mean) * rstd;
-            let dxhat = dyv * g;
-            sum_dxhat += dxhat;
-            sum_dxhat_xhat += dxhat * xhat;
-            *dgv += dyv * xhat;
+        // Σ dŷ and Σ dŷ·x̂ with dŷ = dy·γ and x̂ = (x − μ)/σ, as vectorised dot products.
+        let sum_dxhat = dot(dyr, gamma);
+        let sum_dxhat_xhat = rstd * (dot3(dyr, gamma, xr) - mean * sum_dxhat);
+        for ((dgv, dbv), (xv, dyv)) in dg.iter_mut().zip(db.iter_mut()).zip(xr.iter().zip(dyr)) {
+            *dgv += dyv * (xv - mean) * rstd;
             *dbv += dyv;
         }
         let m1 = sum_dxhat * inv_d;

@@ -36,15 +36,20 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 /// `eˣ` to ~2 ulp for `x` in `[-87, 88]` (clamped outside), without branches.
+///
+/// The exponent is built from bits: adding 1.5·2²³ rounds `x·log₂e` to an integer that then
+/// sits in the low mantissa bits, so no float→int conversion is needed (Rust's saturating `as`
+/// conversion would not vectorise).
 #[inline(always)]
 #[must_use]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to the nearest integer
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 720.0;
     let p = p * r + 1.0 / 120.0;
@@ -53,7 +58,8 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // t's bits minus ROUND's bits = n (two's complement in the low bits); +127 then << 23 is 2ⁿ.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     p * scale
 }
 
@@ -76,6 +82,94 @@ pub fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// Lanes of the reduction helpers: enough independent accumulators for the compiler to use full
+/// vector registers (float sums are not reassociated otherwise, so a plain `.sum()` stays scalar).
+const LANES: usize = 16;
+
+/// `Σ x`, vectorised.
+#[inline(always)]
+#[must_use]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rem.iter().sum::<f32>()
+}
+
+/// `Σ a·b`, vectorised.
+#[inline(always)]
+#[must_use]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, u), v) in acc.iter_mut().zip(x).zip(y) {
+            *s += u * v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a·b·c`, vectorised.
+#[inline(always)]
+#[must_use]
+pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb, cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+        .map(|((x, y), z)| x * y * z)
+        .sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for (((s, u), v), w) in acc.iter_mut().zip(x).zip(y).zip(z) {
+            *s += u * v * w;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ (x − c)²`, vectorised.
+#[inline(always)]
+#[must_use]
+pub fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - c) * (v - c)).sum();
+    for ch in chunks {
+        for (a, v) in acc.iter_mut().zip(ch) {
+            *a += (v - c) * (v - c);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `max x` (−∞ for an empty slice), vectorised.
+#[inline(always)]
+#[must_use]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(rem)
+        .fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m })
+}
+
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1/√(2π)`.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
@@ -95,42 +189,68 @@ pub fn gelu_grad(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn bias_gelu_rows(a: &mut [f32], g: &mut [f32], bias: &[f32]) {
+fn bias_gelu_rows(a: &mut [f32], g: &mut [f32], cdf: &mut [f32], bias: &[f32]) {
     let n = bias.len();
-    for (ar, gr) in a.chunks_exact_mut(n).zip(g.chunks_exact_mut(n)) {
-        for ((av, gv), b) in ar.iter_mut().zip(gr.iter_mut()).zip(bias) {
+    for ((ar, gr), cr) in a
+        .chunks_exact_mut(n)
+        .zip(g.chunks_exact_mut(n))
+        .zip(cdf.chunks_exact_mut(n))
+    {
+        for (((av, gv), cv), b) in ar.iter_mut().zip(gr.iter_mut()).zip(cr.iter_mut()).zip(bias) {
             let v = *av + b;
+            let phi = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
             *av = v;
-            *gv = gelu(v);
+            *cv = phi;
+            *gv = v * phi;
         }
     }
 }
 
-multiversion!(fn bias_gelu_rows_mv(a: &mut [f32], g: &mut [f32], bias: &[f32]) => bias_gelu_rows);
+multiversion!(fn bias_gelu_rows_mv(a: &mut [f32], g: &mut [f32], cdf: &mut [f32], bias: &[f32]) => bias_gelu_rows);
 
-/// In place `a += bias` (per row), then `g = GELU(a)`; rows of length `bias.len()`, in parallel.
-pub fn bias_gelu(a: &mut [f32], g: &mut [f32], bias: &[f32]) {
+/// In place `a += bias` (per row); then `g = GELU(a) = a·Φ(a)` and `cdf = Φ(a)` (kept for the
+/// backward pass, which then needs no erf); rows of length `bias.len()`, in parallel.
+pub fn bias_gelu(a: &mut [f32], g: &mut [f32], cdf: &mut [f32], bias: &[f32]) {
     let n = bias.len();
     a.par_chunks_mut(n * ROW_CHUNK)
         .zip(g.par_chunks_mut(n * ROW_CHUNK))
-        .for_each(|(a, g)| bias_gelu_rows_mv(a, g, bias));
+        .zip(cdf.par_chunks_mut(n * ROW_CHUNK))
+        .for_each(|((a, g), c)| bias_gelu_rows_mv(a, g, c, bias));
 }
 
 #[inline(always)]
-fn gelu_bwd_rows(d: &mut [f32], a: &[f32]) {
+fn gelu_bwd_rows(d: &mut [f32], a: &[f32], cdf: &[f32]) {
+    for ((dv, av), cv) in d.iter_mut().zip(a).zip(cdf) {
+        *dv *= cv + av * FRAC_1_SQRT_2PI * exp(-0.5 * av * av);
+    }
+}
+
+multiversion!(fn gelu_bwd_rows_mv(d: &mut [f32], a: &[f32], cdf: &[f32]) => gelu_bwd_rows);
+
+/// In place `d ← d·GELU'(a)` with `GELU'(a) = Φ(a) + a·φ(a)`, from the saved `Φ(a)`; parallel.
+pub fn gelu_bwd(d: &mut [f32], a: &[f32], cdf: &[f32], row_len: usize) {
+    let chunk = row_len * ROW_CHUNK;
+    d.par_chunks_mut(chunk)
+        .zip(a.par_chunks(chunk))
+        .zip(cdf.par_chunks(chunk))
+        .for_each(|((d, a), c)| gelu_bwd_rows_mv(d, a, c));
+}
+
+#[inline(always)]
+fn gelu_grad_rows(d: &mut [f32], a: &[f32]) {
     for (dv, av) in d.iter_mut().zip(a) {
         *dv *= gelu_grad(*av);
     }
 }
 
-multiversion!(fn gelu_bwd_rows_mv(d: &mut [f32], a: &[f32]) => gelu_bwd_rows);
+multiversion!(fn gelu_grad_rows_mv(d: &mut [f32], a: &[f32]) => gelu_grad_rows);
 
-/// In place `d ← d·GELU'(a)`, in parallel.
-pub fn gelu_bwd(d: &mut [f32], a: &[f32], row_len: usize) {
-    let chunk = row_len * ROW_CHUNK;
-    d.par_chunks_mut(chunk)
-        .zip(a.par_chunks(chunk))
-        .for_each(|(d, a)| gelu_bwd_rows_mv(d, a));
+/// In place `d ← d·GELU'(x)` computing Φ on the fly (when it was not saved).
+pub fn gelu_bwd_recompute(d: &mut [f32], x: &[f32]) {
+    const CHUNK: usize = 1 << 14;
+    d.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(d, x)| gelu_grad_rows_mv(d, x));
 }
 
 #[inline(always)]

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod gemm;
 pub mod layer_norm;
 pub mod math;
+pub mod pool;
 
 use rayon::prelude::*;
 

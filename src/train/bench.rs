@@ -1,0 +1,219 @@
+//! `moppa bench`: the honest timing of one training step, split into forward (with the loss),
+//! backward and optimizer, on fixed random inputs after a warm-up; medians over the timed steps,
+//! and the achieved GFLOP/s next to a large GEMM measured in the same run (the ceiling).
+
+use super::config::{DeviceChoice, Precision, RunConfig};
+use super::optim::AdamW;
+use super::trainer::{load_backbone, select_device};
+use crate::model::{MethodConfig, MethodKind, PeftModel, VitConfig, cross_entropy};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Which model to time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// 32 px, patch 4, D 96, depth 4, 3 heads, 10 classes, random weights (the speed targets').
+    Tiny,
+    /// The built-in backbone, 10 classes.
+    Builtin,
+    /// ViT-B/16 at 224 px, 100 classes, random weights.
+    VitB16,
+}
+
+impl Preset {
+    /// Name on the command line.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tiny => "tiny",
+            Self::Builtin => "builtin",
+            Self::VitB16 => "vit-b16",
+        }
+    }
+}
+
+/// What to time.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Model.
+    pub preset: Preset,
+    /// Method and its settings.
+    pub method: MethodConfig,
+    /// Images per step.
+    pub batch: usize,
+    /// Timed steps (after 3 warm-up steps).
+    pub steps: usize,
+    /// Device.
+    pub device: DeviceChoice,
+    /// CPU threads (None: every core).
+    pub threads: Option<usize>,
+    /// Precision.
+    pub dtype: Precision,
+}
+
+/// The result (`--json` prints it as one object).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    /// Model.
+    pub preset: String,
+    /// Method label.
+    pub method: String,
+    /// Images per step.
+    pub batch: usize,
+    /// `cpu` or `cuda:0`.
+    pub device: String,
+    /// CPU threads.
+    pub threads: usize,
+    /// `f32` or `bf16`.
+    pub dtype: String,
+    /// Median forward + loss, ms.
+    pub fwd_ms: f64,
+    /// Median backward, ms.
+    pub bwd_ms: f64,
+    /// Median optimizer, ms.
+    pub opt_ms: f64,
+    /// Median whole step, ms.
+    pub step_ms: f64,
+    /// Images per second at the median step.
+    pub img_per_s: f64,
+    /// Useful model FLOP/s of a step (forward, input gradients, weight gradients of what trains).
+    pub gflops_per_s: f64,
+    /// A 1024³ f32 GEMM in the same run, GFLOP/s (the ceiling for the above).
+    pub gemm_gflops_per_s: f64,
+    /// Trainable parameters.
+    pub trainable: usize,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Forward FLOPs of the backbone for one image (2 per multiply-add): the linear layers and
+/// attention. Adapters are a rounding error and not counted.
+#[must_use]
+pub fn forward_flops(cfg: &VitConfig) -> f64 {
+    let d = cfg.embed_dim as f64;
+    let t = cfg.tokens() as f64;
+    let n = (cfg.grid() * cfg.grid()) as f64;
+    let hidden = cfg.mlp_hidden() as f64;
+    let patch = (cfg.in_chans * cfg.patch_size * cfg.patch_size) as f64;
+    let per_block = t * (3.0 * d * d + d * d + 2.0 * d * hidden) + 2.0 * t * t * d;
+    2.0 * (n * patch * d + cfg.depth as f64 * per_block)
+}
+
+fn sync(device: &Device) -> candle_core::Result<()> {
+    device.synchronize()
+}
+
+/// Times a large GEMM through candle (the machine's practical ceiling).
+pub fn gemm_rate(device: &Device) -> candle_core::Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1f32, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1f32, (n, n), device)?;
+    a.matmul(&b)?;
+    sync(device)?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        sync(device)?;
+        times.push(t.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / median(&mut times) / 1e9)
+}
+
+/// Runs the benchmark (call inside the rayon pool that should do the work).
+pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
+    let device = select_device(cfg.device)?;
+    let (backbone_spec, classes) = match cfg.preset {
+        Preset::Tiny => ("random:tiny", 10),
+        Preset::Builtin => ("builtin", 10),
+        Preset::VitB16 => ("random:vit-b16", 100),
+    };
+    let mut backbone = load_backbone(backbone_spec, None, 0, &device)?;
+    if cfg.dtype == Precision::Bf16 && !device.is_cpu() {
+        backbone = backbone.to_dtype(DType::BF16)?;
+    }
+    let vcfg = backbone.cfg.clone();
+    let model = PeftModel::new(
+        backbone,
+        cfg.method.clone(),
+        (0..classes).map(|c| c.to_string()).collect(),
+        0,
+    )?;
+    let mut opt = AdamW::new(model.trainable(), |_, v| (v.rank() == 2).then_some(None), 0.01)?;
+    let s = vcfg.img_size;
+    let images = Tensor::randn(0f32, 1f32, (cfg.batch, 3, s, s), &device)?.to_dtype(model.backbone.dtype())?;
+    let labels = Tensor::from_vec(
+        (0..cfg.batch).map(|i| (i % classes) as u32).collect::<Vec<_>>(),
+        cfg.batch,
+        &device,
+    )?;
+    let (mut fwd, mut bwd, mut upd, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..cfg.steps + 3 {
+        let t0 = Instant::now();
+        let out = model.forward(&images, false)?;
+        let mut loss = cross_entropy(&out.logits.to_dtype(DType::F32)?, &labels)?;
+        if let Some(r) = out.route_loss {
+            loss = (loss + r.to_dtype(DType::F32)?)?;
+        }
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        sync(&device)?;
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-4, 1.0)?;
+        sync(&device)?;
+        let t3 = Instant::now();
+        if i >= 3 {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            upd.push((t3 - t2).as_secs_f64());
+            total.push((t3 - t0).as_secs_f64());
+        }
+    }
+    let step = median(&mut total);
+    let factor = match cfg.method.method {
+        MethodKind::Linear => 1.0,
+        MethodKind::Full => 3.0,
+        _ => 2.0,
+    };
+    let flops = forward_flops(&vcfg) * cfg.batch as f64 * factor;
+    Ok(BenchResult {
+        preset: cfg.preset.name().into(),
+        method: cfg.method.label(),
+        batch: cfg.batch,
+        device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
+        threads: rayon::current_num_threads(),
+        dtype: if cfg.dtype == Precision::Bf16 && !device.is_cpu() {
+            "bf16"
+        } else {
+            "f32"
+        }
+        .into(),
+        fwd_ms: 1e3 * median(&mut fwd),
+        bwd_ms: 1e3 * median(&mut bwd),
+        opt_ms: 1e3 * median(&mut upd),
+        step_ms: 1e3 * step,
+        img_per_s: cfg.batch as f64 / step,
+        gflops_per_s: flops / step / 1e9,
+        gemm_gflops_per_s: gemm_rate(&device)?,
+        trainable: model.num_trainable(),
+    })
+}
+
+/// The run config a bench corresponds to (for reference in reports).
+#[must_use]
+pub fn as_run_config(cfg: &BenchConfig) -> RunConfig {
+    RunConfig {
+        method: cfg.method.clone(),
+        batch: cfg.batch,
+        device: cfg.device,
+        threads: cfg.threads,
+        dtype: cfg.dtype,
+        ..RunConfig::default()
+    }
+}
