@@ -59,6 +59,61 @@ pub struct Cli {
     /// What to do; none opens the app.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// App: press Start as soon as the model is ready.
+    #[arg(long, help_heading = "App (no subcommand)")]
+    pub autostart: bool,
+    /// App: let the built-in run train, save a PNG of the window here, and exit.
+    #[arg(long, value_name = "FILE", help_heading = "App (no subcommand)")]
+    pub screenshot: Option<std::path::PathBuf>,
+    /// App: steps to train before --screenshot.
+    #[arg(long, default_value_t = 200, help_heading = "App (no subcommand)")]
+    pub after_steps: u64,
+    /// App: the tab to show (filters, router, curves, playground).
+    #[arg(long, help_heading = "App (no subcommand)")]
+    pub tab: Option<String>,
+    /// App: renderer, glow (default; fast in software GL) or wgpu.
+    #[arg(long, help_heading = "App (no subcommand)")]
+    pub renderer: Option<String>,
+    /// App: train, print UI frame-time statistics after SECS seconds, and exit.
+    #[arg(long, value_name = "SECS", help_heading = "App (no subcommand)")]
+    pub frame_stats: Option<f64>,
+    /// App: start from this run config (TOML) instead of the saved settings.
+    #[arg(long, value_name = "FILE", help_heading = "App (no subcommand)")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+impl Cli {
+    /// The app's start options from the top-level flags.
+    #[cfg(feature = "gui")]
+    pub fn app_options(&self) -> Result<crate::app::AppOptions, CliError> {
+        let tab = match &self.tab {
+            Some(t) => Some(
+                crate::app::state::Tab::parse(t)
+                    .ok_or_else(|| usage(format!("--tab must be filters, router, curves or playground (got {t})")))?,
+            ),
+            None => None,
+        };
+        let config = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", p.display())))?;
+                Some(crate::train::RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", p.display())))?)
+            }
+            None => None,
+        };
+        if self.frame_stats.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+            return Err(usage("--frame-stats must be > 0 seconds"));
+        }
+        Ok(crate::app::AppOptions {
+            autostart: self.autostart,
+            screenshot: self.screenshot.clone(),
+            after_steps: self.after_steps,
+            tab,
+            frame_stats: self.frame_stats,
+            config,
+            stable_display: false,
+        })
+    }
 }
 
 /// The subcommands.
@@ -78,15 +133,19 @@ pub enum Command {
     Eval(train_cmds::EvalArgs),
     /// Time forward, backward and optimizer of a training step (medians), with GFLOP/s.
     Bench(train_cmds::BenchArgs),
+    /// Train a ViT from scratch (supervised) and write it as a backbone file.
+    Pretrain(train_cmds::PretrainArgs),
 }
 
 /// Runs a parsed subcommand; returns the exit code.
 pub fn run(command: Command) -> Result<i32, CliError> {
-    if let Command::Train(args) = &command {
-        return train_cmds::train(args);
+    match &command {
+        Command::Train(args) => return train_cmds::train(args),
+        Command::Pretrain(args) => return train_cmds::pretrain(args),
+        _ => {}
     }
     match command {
-        Command::Train(_) => Ok(()),
+        Command::Train(_) | Command::Pretrain(_) => Ok(()),
         Command::Eval(args) => train_cmds::eval(&args),
         Command::Bench(args) => train_cmds::bench(&args),
         Command::Filters(args) => physics_cmds::filters(&args),

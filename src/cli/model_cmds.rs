@@ -142,19 +142,7 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `12345678` → `12,345,678`.
-#[must_use]
-pub fn group_digits(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use crate::util::group_digits;
 
 /// `moppa infer`: logits (and MoPPA router weights) for normalised images in a safetensors file.
 #[derive(Debug, Clone, Args)]

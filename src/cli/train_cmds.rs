@@ -517,3 +517,111 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `moppa pretrain`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Example (the built-in backbone; see assets/README.md):\n  \
+apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb fm\n  \
+moppa pretrain --data idx:fm/usr/share/datasets/fashion-mnist --epochs 12 --run runs/pretrain \\\n      \
+--output assets/backbone-tiny.safetensors --f16")]
+pub struct PretrainArgs {
+    /// Training data: `idx:DIR` (MNIST / Fashion-MNIST) or an ImageFolder.
+    #[arg(long)]
+    pub data: String,
+    /// Architecture: tiny (32 px, patch 4, D 96, depth 4, 3 heads), vit-ti16, vit-s16, vit-b16.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Epochs.
+    #[arg(long, default_value_t = 12)]
+    pub epochs: u64,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Run folder (metrics, checkpoints).
+    #[arg(long, default_value = "runs/pretrain")]
+    pub run: PathBuf,
+    /// The backbone file to write.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Store the weights as f16 (half the size; loaded as f32).
+    #[arg(long)]
+    pub f16: bool,
+}
+
+/// Runs `moppa pretrain`.
+pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
+    use crate::train::pretrain::{dataset_stats, export_backbone};
+    if !["tiny", "vit-ti16", "vit-s16", "vit-b16"].contains(&args.preset.as_str()) {
+        return Err(usage(format!(
+            "--preset must be tiny, vit-ti16, vit-s16 or vit-b16 (got {})",
+            args.preset
+        )));
+    }
+    let (mean, std) = dataset_stats(&args.data, 10_000).map_err(|e| CliError::Failure(e.into()))?;
+    eprintln!("input normalisation from the data: mean {mean:?}, std {std:?}");
+    let cfg = RunConfig {
+        backbone: format!("random:{}", args.preset),
+        data: args.data.clone(),
+        method: crate::model::MethodConfig::of(MethodKind::Full),
+        epochs: Some(args.epochs),
+        steps: None,
+        batch: args.batch,
+        lr: Some(args.lr),
+        weight_decay: args.weight_decay,
+        warmup: 200,
+        eval_every: 0,
+        seed: args.seed,
+        threads: args.threads,
+        augment: crate::data::Augment {
+            flip: true,
+            crop_pad: 2,
+        },
+        out: Some(args.run.clone()),
+        mean: Some(mean),
+        std: Some(std),
+        ..RunConfig::default()
+    };
+    cfg.validate().map_err(usage)?;
+    let handle = WorkerHandle::spawn(cfg, WorkerOptions::default()).map_err(|e| CliError::Failure(e.into()))?;
+    let flag = handle.interrupt_flag();
+    ctrlc::set_handler(move || raise_interrupt(&flag)).ok();
+    let finished = report(&handle, std::io::stderr().is_terminal())?;
+    handle.join();
+    if finished.reason != FinishReason::Done {
+        return Ok(if finished.reason == FinishReason::Interrupted {
+            EXIT_INTERRUPTED
+        } else {
+            1
+        });
+    }
+    let provenance = serde_json::json!({
+        "data": args.data, "preset": args.preset, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+        "weight_decay": args.weight_decay, "seed": args.seed, "augment": "flip + crop (pad 2)",
+        "test_acc": finished.test_acc, "best_val_acc": finished.best_val_acc, "steps": finished.steps,
+        "seconds": finished.time_s,
+    });
+    let store = if args.f16 {
+        crate::model::tensor_file::StoreAs::F16
+    } else {
+        crate::model::tensor_file::StoreAs::F32
+    };
+    export_backbone(&args.run, &args.output, store, &provenance).map_err(|e| CliError::Failure(e.into()))?;
+    println!(
+        "wrote backbone {} (test accuracy {:.4})",
+        args.output.display(),
+        finished.test_acc.unwrap_or(f64::NAN)
+    );
+    Ok(0)
+}

@@ -80,6 +80,10 @@ pub struct RunConfig {
     pub resume: Option<PathBuf>,
     /// A snapshot every N steps (and at most ~10 per second).
     pub snapshot_every: u64,
+    /// Override the backbone's input mean (per channel, pixels in 0..1).
+    pub mean: Option<[f32; 3]>,
+    /// Override the backbone's input std.
+    pub std: Option<[f32; 3]>,
 }
 
 impl Default for RunConfig {
@@ -107,6 +111,8 @@ impl Default for RunConfig {
             out: None,
             resume: None,
             snapshot_every: 5,
+            mean: None,
+            std: None,
         }
     }
 }

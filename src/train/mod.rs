@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod eval;
 pub mod optim;
+pub mod pretrain;
 pub mod protocol;
 pub mod runlog;
 pub mod trainer;

@@ -228,6 +228,10 @@ pub struct RunInfo {
     pub out: Option<PathBuf>,
     /// The step the run starts at (resumed runs start later).
     pub start_step: u64,
+    /// The backbone's architecture (for parameter counts of other methods).
+    pub backbone: crate::model::VitConfig,
+    /// Validation images available as probes.
+    pub probes: usize,
 }
 
 /// One optimizer step's numbers.

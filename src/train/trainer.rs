@@ -200,6 +200,15 @@ impl Trainer {
         let mut notices = Vec::new();
         let device = select_device(cfg.device)?;
         let mut backbone = load_backbone(&cfg.backbone, cfg.heads, cfg.seed, &device)?;
+        if let Some(m) = cfg.mean {
+            backbone.cfg.mean = m;
+        }
+        if let Some(s) = cfg.std {
+            if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(TrainError::Config(format!("--std {s:?} must be positive")));
+            }
+            backbone.cfg.std = s;
+        }
         if cfg.dtype == Precision::Bf16 {
             if device.is_cpu() {
                 notices.push(Notice {
@@ -272,6 +281,8 @@ impl Trainer {
             config: serde_json::to_value(&cfg).unwrap_or_default(),
             out: cfg.out.clone(),
             start_step: 0,
+            backbone: model.backbone.cfg.clone(),
+            probes: dataset.val.len(),
         };
         let loader_cfg = LoaderConfig {
             size,

@@ -1,0 +1,212 @@
+//! What the app remembers of a run: decimated metric series (bounded memory however long the
+//! run), evaluations, applied commands, and a bounded list of snapshots for scrubbing.
+
+use crate::train::protocol::{Applied, EvalResult, Progress, RunInfo, Snapshot};
+
+/// Points kept per series before halving its resolution.
+pub const MAX_POINTS: usize = 4096;
+/// Snapshots kept for the step slider.
+pub const MAX_SNAPSHOTS: usize = 400;
+
+/// A series of `(step, time_s, value)` that keeps at most [`MAX_POINTS`]: when full, every other
+/// point is dropped and the stride doubles, so a 100k-step run plots as fast as a short one.
+#[derive(Clone, Debug, Default)]
+pub struct Series {
+    /// Kept points.
+    pub points: Vec<[f64; 3]>,
+    stride: u64,
+    seen: u64,
+}
+
+impl Series {
+    /// Adds a point (kept when it falls on the current stride).
+    pub fn push(&mut self, step: f64, time_s: f64, value: f64) {
+        if self.stride == 0 {
+            self.stride = 1;
+        }
+        if self.seen.is_multiple_of(self.stride) && value.is_finite() {
+            self.points.push([step, time_s, value]);
+            if self.points.len() > MAX_POINTS {
+                let mut i = 0;
+                self.points.retain(|_| {
+                    i += 1;
+                    i % 2 == 1
+                });
+                self.stride *= 2;
+            }
+        }
+        self.seen += 1;
+    }
+
+    /// Points as `[x, y]` with x = step or time.
+    #[must_use]
+    pub fn xy(&self, by_time: bool) -> Vec<[f64; 2]> {
+        self.points
+            .iter()
+            .map(|p| [if by_time { p[1] } else { p[0] }, p[2]])
+            .collect()
+    }
+
+    /// Exponential moving average of the kept points (`alpha` = weight of the past, 0..1).
+    #[must_use]
+    pub fn ema(&self, by_time: bool, alpha: f64) -> Vec<[f64; 2]> {
+        let mut out = Vec::with_capacity(self.points.len());
+        let mut m: Option<f64> = None;
+        for p in &self.points {
+            let v = match m {
+                None => p[2],
+                Some(prev) => alpha * prev + (1.0 - alpha) * p[2],
+            };
+            m = Some(v);
+            out.push([if by_time { p[1] } else { p[0] }, v]);
+        }
+        out
+    }
+
+    /// The last value.
+    #[must_use]
+    pub fn last(&self) -> Option<f64> {
+        self.points.last().map(|p| p[2])
+    }
+}
+
+/// One run as the app saw it.
+#[derive(Clone, Debug, Default)]
+pub struct RunHistory {
+    /// A label (`#1 moppa r8`).
+    pub label: String,
+    /// Static facts, once started.
+    pub info: Option<RunInfo>,
+    /// Training loss.
+    pub loss: Series,
+    /// Route loss.
+    pub route_loss: Series,
+    /// Training accuracy.
+    pub train_acc: Series,
+    /// Learning rate.
+    pub lr: Series,
+    /// Throughput.
+    pub img_per_s: Series,
+    /// Validation evaluations `(step, time, acc, loss)`.
+    pub val: Vec<[f64; 4]>,
+    /// Test evaluations.
+    pub test: Vec<[f64; 4]>,
+    /// Last per-class validation accuracy.
+    pub per_class: Vec<f64>,
+    /// Commands that took effect.
+    pub applied: Vec<Applied>,
+    /// Snapshots for scrubbing (oldest first; thinned when full).
+    pub snapshots: Vec<Snapshot>,
+    /// Per-block router share over steps: `[block][prior]` series of mean α.
+    pub shares: Vec<Vec<Series>>,
+    /// Per-block routing entropy (normalised) over steps.
+    pub entropy: Vec<Series>,
+    /// Latest step and time.
+    pub step: u64,
+    /// Seconds since the run started.
+    pub time_s: f64,
+    /// Latest images/s.
+    pub throughput: f64,
+}
+
+impl RunHistory {
+    /// An empty history.
+    #[must_use]
+    pub fn new(label: String) -> Self {
+        Self {
+            label,
+            ..Self::default()
+        }
+    }
+
+    /// Best validation accuracy so far.
+    #[must_use]
+    pub fn best_val(&self) -> Option<f64> {
+        self.val.iter().map(|v| v[2]).reduce(f64::max)
+    }
+
+    /// Records a progress event.
+    pub fn on_progress(&mut self, p: &Progress) {
+        let s = p.step as f64;
+        self.loss.push(s, p.time_s, p.loss);
+        self.route_loss.push(s, p.time_s, p.route_loss);
+        self.train_acc.push(s, p.time_s, p.train_acc);
+        self.lr.push(s, p.time_s, p.lr);
+        self.img_per_s.push(s, p.time_s, p.img_per_s);
+        self.step = p.step;
+        self.time_s = p.time_s;
+        self.throughput = p.img_per_s;
+    }
+
+    /// Records an evaluation.
+    pub fn on_eval(&mut self, e: &EvalResult) {
+        let row = [e.step as f64, e.time_s, e.acc, e.loss];
+        if e.split == "test" {
+            self.test.push(row);
+        } else {
+            self.val.push(row);
+            self.per_class.clone_from(&e.per_class_acc);
+        }
+    }
+
+    /// Records a snapshot (and its router statistics as series).
+    pub fn on_snapshot(&mut self, s: Snapshot) {
+        let step = s.step as f64;
+        if self.shares.len() < s.blocks.len() {
+            self.shares.resize_with(s.blocks.len(), Vec::new);
+            self.entropy.resize_with(s.blocks.len(), Series::default);
+        }
+        for (i, b) in s.blocks.iter().enumerate() {
+            if let Some(r) = &b.router {
+                if self.shares[i].len() < r.mean_alpha.len() {
+                    self.shares[i].resize_with(r.mean_alpha.len(), Series::default);
+                }
+                for (p, a) in r.mean_alpha.iter().enumerate() {
+                    self.shares[i][p].push(step, self.time_s, f64::from(*a));
+                }
+                self.entropy[i].push(step, self.time_s, f64::from(r.entropy_norm));
+            }
+        }
+        // Replace a snapshot of the same step (e.g. after a command while paused).
+        if self.snapshots.last().is_some_and(|l| l.step == s.step) {
+            self.snapshots.pop();
+        }
+        self.snapshots.push(s);
+        if self.snapshots.len() > MAX_SNAPSHOTS {
+            // Thin the older half, keep the recent half dense.
+            let half = self.snapshots.len() / 2;
+            let mut i = 0;
+            self.snapshots.retain(|_| {
+                i += 1;
+                i > half || i % 2 == 0
+            });
+        }
+    }
+
+    /// Whether anything was recorded.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.loss.points.is_empty() && self.snapshots.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_stays_bounded_and_keeps_the_shape() {
+        let mut s = Series::default();
+        for i in 0..100_000 {
+            s.push(f64::from(i), f64::from(i) * 0.01, f64::from(i).sqrt());
+        }
+        assert!(s.points.len() <= MAX_POINTS);
+        assert!(s.points.len() > MAX_POINTS / 2);
+        let first = s.points[0];
+        let last = s.points[s.points.len() - 1];
+        assert_eq!(first[0], 0.0);
+        assert!(last[0] > 99_000.0, "the end of the run is kept: {}", last[0]);
+        let ema = s.ema(false, 0.9);
+        assert_eq!(ema.len(), s.points.len());
+    }
+}

@@ -1,0 +1,199 @@
+//! Curves: training loss and route loss (EMA over the faint raw curve, optional log axis),
+//! train/validation accuracy, learning rate; x as step or wall time; markers where a command
+//! took effect; earlier runs of the session overlaid, with each run's best validation accuracy.
+
+use super::Action;
+use crate::app::history::RunHistory;
+use crate::app::state::CurveSettings;
+use egui::Color32;
+use egui_plot::{Legend, Line, Plot, PlotPoints, Points, Text, VLine};
+
+/// Plot ids, for PNG export.
+pub const PLOTS: [&str; 3] = ["loss", "accuracy", "learning-rate"];
+
+fn faint(c: Color32) -> Color32 {
+    c.gamma_multiply(0.35)
+}
+
+fn tr(points: Vec<[f64; 2]>, log: bool) -> Vec<[f64; 2]> {
+    if log {
+        points
+            .into_iter()
+            .filter(|p| p[1] > 0.0)
+            .map(|p| [p[0], p[1].log10()])
+            .collect()
+    } else {
+        points
+    }
+}
+
+/// Draws the view. Returns actions and the screen rectangles of the plots (for export).
+pub fn ui(
+    ui: &mut egui::Ui,
+    s: &mut CurveSettings,
+    runs: &[RunHistory],
+) -> (Vec<Action>, Vec<(&'static str, egui::Rect)>) {
+    let mut actions = Vec::new();
+    let mut rects = Vec::new();
+    ui.horizontal(|ui| {
+        ui.add(egui::Slider::new(&mut s.ema, 0.0..=0.99).text("EMA smoothing"));
+        ui.checkbox(&mut s.log_y, "log loss");
+        ui.selectable_value(&mut s.by_time, false, "x: step");
+        ui.selectable_value(&mut s.by_time, true, "x: time (s)");
+        ui.checkbox(&mut s.overlay, "earlier runs");
+        ui.separator();
+        if ui.button("Export CSV…").clicked() {
+            actions.push(Action::ExportCsv);
+        }
+        egui::ComboBox::from_label("plot PNG")
+            .selected_text("save…")
+            .show_ui(ui, |ui| {
+                for id in PLOTS {
+                    if ui.selectable_label(false, id).clicked() {
+                        actions.push(Action::ExportPlot(id));
+                    }
+                }
+            });
+    });
+    let Some(current) = runs.last() else {
+        ui.label("No run yet.");
+        return (actions, rects);
+    };
+    let earlier: &[RunHistory] = if s.overlay { &runs[..runs.len() - 1] } else { &[] };
+    let x = s.by_time;
+    let xlabel = if x { "time (s)" } else { "step" };
+    let (log, ema) = (s.log_y, s.ema);
+    let h = ((ui.available_height() - 120.0) / 2.0).clamp(140.0, 320.0);
+    let loss_color = Color32::from_rgb(80, 160, 255);
+    let route_color = Color32::from_rgb(200, 120, 255);
+    let resp = Plot::new("loss")
+        .height(h)
+        .legend(Legend::default())
+        .x_axis_label(xlabel)
+        .y_axis_label(if log { "loss (log10)" } else { "loss" })
+        .y_axis_formatter(move |m, _| {
+            if log {
+                format!("{:.2e}", 10f64.powf(m.value))
+            } else {
+                format!("{:.3}", m.value)
+            }
+        })
+        .link_axis(egui::Id::unique("curves-x"), [true, false])
+        .show(ui, |pu| {
+            for r in earlier {
+                pu.line(
+                    Line::new(
+                        format!("{} loss", r.label),
+                        PlotPoints::from(tr(r.loss.ema(x, ema), log)),
+                    )
+                    .color(Color32::from_gray(110))
+                    .width(1.0),
+                );
+            }
+            pu.line(Line::new("loss (raw)", PlotPoints::from(tr(current.loss.xy(x), log))).color(faint(loss_color)));
+            pu.line(
+                Line::new("loss", PlotPoints::from(tr(current.loss.ema(x, ema), log)))
+                    .color(loss_color)
+                    .width(2.0),
+            );
+            if current.route_loss.points.iter().any(|p| p[2] > 0.0) {
+                pu.line(
+                    Line::new("route loss", PlotPoints::from(tr(current.route_loss.ema(x, ema), log)))
+                        .color(route_color)
+                        .width(1.5),
+                );
+            }
+            let top = current.loss.points.iter().map(|p| p[2]).fold(0.0f64, f64::max);
+            for a in &current.applied {
+                let ax = if x { a.time_s } else { a.step as f64 };
+                pu.vline(VLine::new("applied", ax).color(Color32::from_rgb(240, 180, 40)));
+                let y = if log { top.max(1e-9).log10() } else { top };
+                pu.text(
+                    Text::new(
+                        "applied",
+                        egui_plot::PlotPoint::new(ax, y),
+                        format!("{} {} {:.3} -> {:.3}", a.command, a.target, a.old, a.new),
+                    )
+                    .color(Color32::from_rgb(240, 180, 40)),
+                );
+            }
+        });
+    rects.push(("loss", resp.response.rect));
+    ui.columns(2, |cols| {
+        let resp = Plot::new("accuracy")
+            .height(h)
+            .legend(Legend::default())
+            .include_y(0.0)
+            .include_y(1.0)
+            .x_axis_label(xlabel)
+            .link_axis(egui::Id::unique("curves-x"), [true, false])
+            .show(&mut cols[0], |pu| {
+                for r in earlier {
+                    let v: Vec<[f64; 2]> = r.val.iter().map(|e| [if x { e[1] } else { e[0] }, e[2]]).collect();
+                    pu.line(Line::new(format!("{} val", r.label), PlotPoints::from(v)).color(Color32::from_gray(110)));
+                }
+                pu.line(
+                    Line::new("train acc (raw)", PlotPoints::from(current.train_acc.xy(x)))
+                        .color(faint(Color32::from_rgb(120, 200, 120))),
+                );
+                pu.line(
+                    Line::new("train acc", PlotPoints::from(current.train_acc.ema(x, ema)))
+                        .color(Color32::from_rgb(120, 200, 120))
+                        .width(2.0),
+                );
+                let v: Vec<[f64; 2]> = current
+                    .val
+                    .iter()
+                    .map(|e| [if x { e[1] } else { e[0] }, e[2]])
+                    .collect();
+                pu.line(
+                    Line::new("val acc", PlotPoints::from(v.clone()))
+                        .color(Color32::from_rgb(255, 140, 60))
+                        .width(2.0),
+                );
+                pu.points(Points::new("val", v).radius(3.0).color(Color32::from_rgb(255, 140, 60)));
+                let t: Vec<[f64; 2]> = current
+                    .test
+                    .iter()
+                    .map(|e| [if x { e[1] } else { e[0] }, e[2]])
+                    .collect();
+                pu.points(
+                    Points::new("test acc", t)
+                        .radius(4.0)
+                        .color(Color32::from_rgb(255, 80, 80)),
+                );
+            });
+        rects.push(("accuracy", resp.response.rect));
+        let resp = Plot::new("learning-rate")
+            .height(h)
+            .legend(Legend::default())
+            .include_y(0.0)
+            .x_axis_label(xlabel)
+            .y_axis_formatter(|m, _| format!("{:.1e}", m.value))
+            .link_axis(egui::Id::unique("curves-x"), [true, false])
+            .show(&mut cols[1], |pu| {
+                pu.line(
+                    Line::new("lr", PlotPoints::from(current.lr.xy(x)))
+                        .color(Color32::from_rgb(180, 180, 180))
+                        .width(2.0),
+                );
+            });
+        rects.push(("learning-rate", resp.response.rect));
+    });
+    ui.label(egui::RichText::new("Runs this session").strong());
+    egui::Grid::new("runs-table").striped(true).show(ui, |ui| {
+        ui.label("run");
+        ui.label("steps");
+        ui.label("best val acc");
+        ui.label("test acc");
+        ui.end_row();
+        for r in runs {
+            ui.label(&r.label);
+            ui.label(r.step.to_string());
+            ui.label(r.best_val().map_or("-".into(), |a| format!("{a:.4}")));
+            ui.label(r.test.last().map_or("-".into(), |t| format!("{:.4}", t[2])));
+            ui.end_row();
+        }
+    });
+    (actions, rects)
+}

@@ -1,0 +1,80 @@
+//! One panel per file. Each draws from plain data and returns [`Action`]s; the app applies
+//! them after drawing (panels never talk to the engine themselves).
+
+pub mod curves;
+pub mod filters;
+pub mod launch;
+pub mod live;
+pub mod playground;
+pub mod router;
+pub mod status;
+
+use crate::train::protocol::Command;
+
+/// What a panel asks the app to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Start (or resume) training.
+    Start,
+    /// Pause.
+    Pause,
+    /// One step.
+    Step,
+    /// Stop (final evaluation and checkpoint).
+    Stop,
+    /// Abandon the run and prepare a fresh one with the current settings.
+    Reset,
+    /// Send a command to the engine.
+    Send(Command),
+    /// Pick a backbone file.
+    PickBackbone,
+    /// Pick a dataset folder.
+    PickData,
+    /// Load run settings from TOML.
+    LoadConfig,
+    /// Save run settings as TOML.
+    SaveConfig,
+    /// Save the metrics as CSV.
+    ExportCsv,
+    /// Save a plot (by id) as PNG.
+    ExportPlot(&'static str),
+    /// Save a screenshot of the window.
+    Screenshot,
+    /// Save the adapter checkpoint.
+    SaveAdapter,
+    /// Open an image in the playground.
+    PickImage,
+}
+
+/// Where a run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RunStatus {
+    /// No run (setting up).
+    #[default]
+    None,
+    /// Model loaded, waiting for Start.
+    Ready,
+    /// Training.
+    Running,
+    /// Holding.
+    Paused,
+    /// Ended.
+    Finished,
+    /// Setup failed.
+    Failed,
+}
+
+impl RunStatus {
+    /// Label for the status bar.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "starting",
+            Self::Ready => "ready",
+            Self::Running => "training",
+            Self::Paused => "paused",
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The router view: blocks × priors mean weights, each prior's share over steps, routing entropy,
+//! the per-token map over a probe image, and alerts for dead priors and collapse.
+
+use super::Action;
+use crate::app::history::RunHistory;
+use crate::app::state::RouterSettings;
+use crate::app::widgets::colormap::PRIOR_COLORS;
+use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
+use crate::physics::Prior;
+use crate::train::protocol::{Command, Snapshot};
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+
+fn color(p: Prior) -> egui::Color32 {
+    let [r, g, b] = PRIOR_COLORS[match p {
+        Prior::Heat => 0,
+        Prior::Wave => 1,
+        Prior::Poisson => 2,
+    }];
+    egui::Color32::from_rgb(r, g, b)
+}
+
+/// An alert about the router.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Alert {
+    /// A prior's weight stayed below the threshold for the last few snapshots.
+    Dead {
+        /// Block.
+        block: usize,
+        /// Prior.
+        prior: Prior,
+        /// Its weight.
+        share: f32,
+    },
+    /// One prior takes nearly everything.
+    Collapse {
+        /// Block.
+        block: usize,
+        /// Prior.
+        prior: Prior,
+        /// Its weight.
+        share: f32,
+    },
+}
+
+impl Alert {
+    /// One line.
+    #[must_use]
+    pub fn message(&self) -> String {
+        match self {
+            Self::Dead { block, prior, share } => format!("block {block}: {prior} is dead (mean α = {share:.3})"),
+            Self::Collapse { block, prior, share } => {
+                format!("block {block}: the router collapsed onto {prior} (mean α = {share:.3})")
+            }
+        }
+    }
+}
+
+/// Alerts from the last `window` snapshots: dead when a prior stays below `dead_below` in all of
+/// them, collapse when one exceeds `collapse_above` in the latest.
+#[must_use]
+pub fn alerts(snapshots: &[Snapshot], settings: &RouterSettings, window: usize) -> Vec<Alert> {
+    let Some(last) = snapshots.last() else {
+        return Vec::new();
+    };
+    let recent = &snapshots[snapshots.len().saturating_sub(window)..];
+    let mut out = Vec::new();
+    for b in &last.blocks {
+        let Some(r) = &b.router else { continue };
+        for (p, (&prior, &share)) in last.priors.iter().zip(&r.mean_alpha).enumerate() {
+            let stays_low = recent.iter().all(|s| {
+                s.blocks
+                    .iter()
+                    .find(|x| x.block == b.block)
+                    .and_then(|x| x.router.as_ref())
+                    .is_some_and(|r| r.mean_alpha.get(p).is_some_and(|a| *a < settings.dead_below))
+            });
+            if stays_low && recent.len() >= window.min(snapshots.len()) {
+                out.push(Alert::Dead {
+                    block: b.block,
+                    prior,
+                    share,
+                });
+            }
+            if share > settings.collapse_above {
+                out.push(Alert::Collapse {
+                    block: b.block,
+                    prior,
+                    share,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Draws the view.
+pub fn ui(
+    ui: &mut egui::Ui,
+    settings: &mut RouterSettings,
+    history: &RunHistory,
+    snap: Option<&Snapshot>,
+    probes: usize,
+    textures: &mut Textures,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let Some(snap) = snap else {
+        ui.label("Router statistics appear here during a MoPPA run with two or more priors.");
+        return actions;
+    };
+    let k = snap.priors.len();
+    let routed: Vec<_> = snap.blocks.iter().filter(|b| b.router.is_some()).collect();
+    if routed.is_empty() {
+        ui.label(if k == 1 {
+            "A single prior: there is no router (α ≡ 1)."
+        } else {
+            "Waiting for the first training step…"
+        });
+        return actions;
+    }
+    for a in alerts(&history.snapshots, settings, 5) {
+        ui.colored_label(
+            egui::Color32::from_rgb(230, 160, 40),
+            format!("Warning: {}", a.message()),
+        );
+    }
+    ui.horizontal(|ui| {
+        ui.vertical(|ui| {
+            ui.label(egui::RichText::new("Mean routing weight α (blocks × priors)").strong());
+            let values: Vec<f32> = routed
+                .iter()
+                .flat_map(|b| b.router.as_ref().map(|r| r.mean_alpha.clone()).unwrap_or_default())
+                .collect();
+            ui.horizontal(|ui| {
+                for p in &snap.priors {
+                    ui.label(
+                        egui::RichText::new(format!("{:>8}", p.name()))
+                            .color(color(*p))
+                            .monospace(),
+                    );
+                }
+            });
+            let side = (60.0 * k as f32).min(240.0);
+            if let Some((row, col)) = heatmap(
+                ui,
+                textures,
+                "router-mean",
+                &values,
+                (routed.len(), k),
+                Scale::Unit,
+                side,
+            ) {
+                settings.block = routed[row].block;
+                let _ = col;
+            }
+            egui::Grid::new("router-table").striped(true).show(ui, |ui| {
+                ui.label("block");
+                for p in &snap.priors {
+                    ui.label(egui::RichText::new(p.name()).color(color(*p)));
+                }
+                ui.label("entropy");
+                ui.end_row();
+                for b in &routed {
+                    let Some(r) = &b.router else { continue };
+                    ui.label(format!("{}", b.block));
+                    for (a, s) in r.mean_alpha.iter().zip(&r.argmax_share) {
+                        ui.label(format!("{a:.3} ({:.0}%)", 100.0 * s))
+                            .on_hover_text("mean weight (share of tokens whose argmax is this prior)");
+                    }
+                    ui.label(format!("{:.3} ({:.2})", r.entropy, r.entropy_norm))
+                        .on_hover_text("mean −Σ α ln α (divided by ln k)");
+                    ui.end_row();
+                }
+            });
+        });
+        colorbar(ui, Scale::Unit, 120.0);
+        ui.vertical(|ui| {
+            ui.label(egui::RichText::new(format!("Probe image: per-token argmax (block {})", settings.block)).strong());
+            ui.horizontal(|ui| {
+                let mut p = settings.probe;
+                if ui
+                    .add(
+                        egui::DragValue::new(&mut p)
+                            .range(0..=probes.saturating_sub(1))
+                            .prefix("probe #"),
+                    )
+                    .changed()
+                {
+                    settings.probe = p;
+                    actions.push(Action::Send(Command::SetProbe { index: p }));
+                }
+                if let Some((_, idx, label)) = &snap.probe {
+                    ui.label(format!(
+                        "val #{idx}, label {label}, predicted {}",
+                        snap.probe_prediction.map_or("-".into(), |p| p.to_string())
+                    ));
+                }
+            });
+            ui.horizontal(|ui| {
+                if let Some((rgb, _, _)) = &snap.probe {
+                    let rgba: Vec<u8> = rgb
+                        .pixels
+                        .chunks_exact(3)
+                        .flat_map(|c| [c[0], c[1], c[2], 255])
+                        .collect();
+                    let id = textures.get(ui.ctx(), "probe", rgba, (rgb.size, rgb.size));
+                    ui.image((id, egui::vec2(160.0, 160.0)));
+                }
+                if let Some(b) = snap.blocks.iter().find(|b| b.block == settings.block) {
+                    let (h, w) = snap.grid;
+                    if b.probe_alpha.len() == h * w * k {
+                        let rgba: Vec<u8> = b
+                            .probe_alpha
+                            .chunks_exact(k)
+                            .flat_map(|a| {
+                                let (best, &top) = a
+                                    .iter()
+                                    .enumerate()
+                                    .fold((0, &0.0f32), |m, (i, v)| if v > m.1 { (i, v) } else { m });
+                                let [r, g, bl] = PRIOR_COLORS[match snap.priors[best] {
+                                    Prior::Heat => 0,
+                                    Prior::Wave => 1,
+                                    Prior::Poisson => 2,
+                                }];
+                                let t = ((top - 1.0 / k as f32) / (1.0 - 1.0 / k as f32)).clamp(0.15, 1.0);
+                                let mix = |c: u8| (f32::from(c) * t + 255.0 * (1.0 - t)) as u8;
+                                [mix(r), mix(g), mix(bl), 255]
+                            })
+                            .collect();
+                        let id = textures.get(ui.ctx(), "probe-map", rgba, (w, h));
+                        ui.image((id, egui::vec2(160.0, 160.0)))
+                            .on_hover_text("colour = argmax prior, paler = less certain");
+                    } else if !b.probe_alpha.is_empty() {
+                        ui.label(format!("router weights for the image: {:?}", b.probe_alpha));
+                    }
+                }
+            });
+        });
+    });
+    ui.columns(2, |cols| {
+        let by_block = history.shares.get(settings.block);
+        cols[0]
+            .label(egui::RichText::new(format!("Share of each prior over steps (block {})", settings.block)).strong());
+        Plot::new("router-shares")
+            .height(200.0)
+            .legend(Legend::default())
+            .include_y(0.0)
+            .include_y(1.0)
+            .x_axis_label("step")
+            .show(&mut cols[0], |pu| {
+                if let Some(series) = by_block {
+                    for (p, s) in snap.priors.iter().zip(series) {
+                        pu.line(
+                            Line::new(p.name(), PlotPoints::from(s.xy(false)))
+                                .color(color(*p))
+                                .width(2.0),
+                        );
+                    }
+                }
+            });
+        cols[1].label(egui::RichText::new("Routing entropy / ln k per block").strong());
+        Plot::new("router-entropy")
+            .height(200.0)
+            .legend(Legend::default())
+            .include_y(0.0)
+            .include_y(1.0)
+            .x_axis_label("step")
+            .show(&mut cols[1], |pu| {
+                for (b, s) in history.entropy.iter().enumerate() {
+                    if !s.points.is_empty() {
+                        pu.line(Line::new(format!("block {b}"), PlotPoints::from(s.xy(false))));
+                    }
+                }
+            });
+    });
+    actions
+}

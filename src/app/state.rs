@@ -1,0 +1,224 @@
+//! Settings the app keeps between launches (eframe persistence). Everything is
+//! `#[serde(default)]`, so settings from an older version still load. Runtime state (runs,
+//! histories, textures) lives in the app itself and is never persisted.
+
+use crate::physics::{Prior, PriorCoeffs};
+use crate::train::RunConfig;
+use serde::{Deserialize, Serialize};
+
+/// The main views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Tab {
+    /// Spectral filters, radial profiles, impulse responses.
+    #[default]
+    Filters,
+    /// Router weights per block.
+    Router,
+    /// Loss and accuracy curves.
+    Curves,
+    /// The priors on a photo.
+    Playground,
+}
+
+impl Tab {
+    /// All tabs in order.
+    pub const ALL: [Self; 4] = [Self::Filters, Self::Router, Self::Curves, Self::Playground];
+
+    /// Label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Filters => "Filters",
+            Self::Router => "Router",
+            Self::Curves => "Curves",
+            Self::Playground => "Playground",
+        }
+    }
+
+    /// From a command-line name.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.label().eq_ignore_ascii_case(s))
+    }
+}
+
+/// Curve options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CurveSettings {
+    /// EMA weight of the past (0 = raw).
+    pub ema: f64,
+    /// Logarithmic loss axis.
+    pub log_y: bool,
+    /// x axis in seconds instead of steps.
+    pub by_time: bool,
+    /// Draw earlier runs of the session faintly.
+    pub overlay: bool,
+}
+
+impl Default for CurveSettings {
+    fn default() -> Self {
+        Self {
+            ema: 0.9,
+            log_y: false,
+            by_time: false,
+            overlay: true,
+        }
+    }
+}
+
+/// Filter-view options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FilterSettings {
+    /// Block shown.
+    pub block: usize,
+    /// Channel shown (None: the channel mean).
+    pub channel: Option<usize>,
+}
+
+/// Router-view options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterSettings {
+    /// Block whose lines and probe map are shown.
+    pub block: usize,
+    /// A prior whose mean weight stays below this is "dead".
+    pub dead_below: f32,
+    /// A prior whose mean weight exceeds this has "collapsed" the router.
+    pub collapse_above: f32,
+    /// Probe image index in the validation split.
+    pub probe: usize,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            block: 0,
+            dead_below: 0.05,
+            collapse_above: 0.9,
+            probe: 0,
+        }
+    }
+}
+
+/// Whether a live coefficient change sets or scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ChangeMode {
+    /// Set every channel to the slider value.
+    #[default]
+    Set,
+    /// Multiply every channel by the slider value.
+    Scale,
+}
+
+/// The live-control panel's values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlSettings {
+    /// Block addressed (None: all blocks).
+    pub block: Option<usize>,
+    /// Set or scale.
+    pub mode: ChangeMode,
+    /// κ slider.
+    pub kappa: f64,
+    /// c slider.
+    pub c: f64,
+    /// ε slider.
+    pub eps: f64,
+    /// Factor slider (scale mode).
+    pub factor: f64,
+    /// τ.
+    pub tau: f64,
+    /// γ.
+    pub gamma: f64,
+    /// λ.
+    pub route_weight: f64,
+    /// Router temperature.
+    pub temperature: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self {
+            block: None,
+            mode: ChangeMode::Set,
+            kappa: 0.1,
+            c: 0.5,
+            eps: 1.0,
+            factor: 1.5,
+            tau: 1.0,
+            gamma: 0.0,
+            route_weight: 0.01,
+            temperature: 1.0,
+            lr: 3e-3,
+        }
+    }
+}
+
+/// Playground settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlaygroundSettings {
+    /// Prior applied.
+    pub prior: Prior,
+    /// Coefficients (pixel units).
+    pub coeffs: PriorCoeffs,
+    /// Last image opened (None: the bundled sample).
+    pub image: Option<std::path::PathBuf>,
+}
+
+impl Default for PlaygroundSettings {
+    fn default() -> Self {
+        Self {
+            prior: Prior::Heat,
+            coeffs: PriorCoeffs {
+                kappa: 8.0,
+                c: 10.0,
+                eps: 0.005,
+                tau: 1.0,
+                gamma: 0.02,
+            },
+            image: None,
+        }
+    }
+}
+
+/// Everything persisted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// The run to launch.
+    pub config: RunConfig,
+    /// Visible tab.
+    pub tab: Tab,
+    /// Curves.
+    pub curves: CurveSettings,
+    /// Filters.
+    pub filters: FilterSettings,
+    /// Router.
+    pub router: RouterSettings,
+    /// Live controls.
+    pub controls: ControlSettings,
+    /// Playground.
+    pub playground: PlaygroundSettings,
+    /// Dark theme.
+    pub dark: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            config: RunConfig::default(),
+            tab: Tab::Filters,
+            curves: CurveSettings::default(),
+            filters: FilterSettings::default(),
+            router: RouterSettings::default(),
+            controls: ControlSettings::default(),
+            playground: PlaygroundSettings::default(),
+            dark: true,
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Reusable drawing pieces: colormaps and heatmaps.
+
+pub mod colormap;
+pub mod heatmap;

@@ -1,0 +1,77 @@
+//! `moppa pretrain`: a ViT trained from scratch (supervised) by the same engine, exported as a
+//! backbone file: timm tensor names, the architecture and input normalisation in the
+//! `moppa.backbone` metadata, and how it was made in `moppa.pretrain`.
+
+use super::trainer::TrainError;
+use crate::data::{self, Split};
+use crate::model::checkpoint::adapter_info;
+use crate::model::tensor_file::{StoreAs, TensorFile, write_atomic};
+use crate::model::vit::BACKBONE_META_KEY;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Per-channel mean and std of a dataset's training images (pixels scaled to 0..1), from up to
+/// `limit` images; grey images count as three equal channels.
+pub fn dataset_stats(spec: &str, limit: usize) -> Result<([f32; 3], [f32; 3]), TrainError> {
+    let ds = data::load(spec, false, 0)?;
+    let samples: Vec<_> = ds.split(Split::Train).iter().take(limit).cloned().collect();
+    let (prepared, _) = data::loader::prepare_all(&samples, 32);
+    if prepared.is_empty() {
+        return Err(TrainError::Config(format!("{spec}: no usable training image")));
+    }
+    let (mut sum, mut sq, mut n) = ([0f64; 3], [0f64; 3], 0f64);
+    for (px, _) in &prepared {
+        for p in px.chunks_exact(3) {
+            for c in 0..3 {
+                let v = f64::from(p[c]) / 255.0;
+                sum[c] += v;
+                sq[c] += v * v;
+            }
+            n += 1.0;
+        }
+    }
+    let mean = sum.map(|s| s / n);
+    let std: Vec<f64> = (0..3)
+        .map(|c| (sq[c] / n - mean[c] * mean[c]).max(1e-12).sqrt())
+        .collect();
+    Ok((mean.map(|m| m as f32), [std[0] as f32, std[1] as f32, std[2] as f32]))
+}
+
+/// Turns a full fine-tuning run's `adapter.safetensors` (timm names, with its head) into a
+/// backbone file. `provenance` (JSON) is stored as `moppa.pretrain`.
+pub fn export_backbone(
+    run_dir: &Path,
+    out: &Path,
+    store: StoreAs,
+    provenance: &serde_json::Value,
+) -> Result<(), TrainError> {
+    let adapter = run_dir.join("adapter.safetensors");
+    let tf = TensorFile::read(&adapter)?;
+    let info = adapter_info(&tf)?;
+    if info.method.method != crate::model::MethodKind::Full {
+        return Err(TrainError::Config(format!(
+            "{}: not a full fine-tuning run",
+            adapter.display()
+        )));
+    }
+    let mut cfg = info.backbone.clone();
+    cfg.num_classes = info.classes.len();
+    let mut meta: HashMap<String, String> = HashMap::new();
+    meta.insert(
+        BACKBONE_META_KEY.into(),
+        serde_json::to_string(&cfg).map_err(|e| TrainError::Config(e.to_string()))?,
+    );
+    meta.insert(
+        "moppa.classes".into(),
+        serde_json::to_string(&info.classes).unwrap_or_default(),
+    );
+    meta.insert("moppa.pretrain".into(), provenance.to_string());
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    write_atomic(out, &tf.tensors, &meta, store)?;
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! The desktop app, headless (egui_kittest), driven by a fake engine: Start sends the start
+//! command, moving κ sends a set-coefficient command, events update the curves and the router,
+//! an error event shows its message; snapshot tests of the main views (Mesa's lavapipe in CI).
+
+// Tests: unwrap is the assertion; pedantic style lints are for the library.
+#![allow(clippy::unwrap_used, clippy::pedantic)]
+#![cfg(feature = "gui")]
+
+use crossbeam_channel::{Sender, bounded};
+use egui_kittest::kittest::Queryable as _;
+use egui_kittest::{Harness, SnapshotOptions};
+use moppa_studio::app::link::{FakeLink, Launcher, Link};
+use moppa_studio::app::state::{Settings, Tab};
+use moppa_studio::app::{AppOptions, StudioApp};
+use moppa_studio::model::VitConfig;
+use moppa_studio::physics::{Prior, PriorCoeffs, laplacian_eigenvalues};
+use moppa_studio::train::RunConfig;
+use moppa_studio::train::protocol::*;
+use std::sync::{Arc, Mutex};
+
+struct Fake {
+    sent: Arc<Mutex<Vec<Command>>>,
+    events: Sender<Event>,
+}
+
+fn launcher() -> (Launcher, Fake) {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = bounded(10_000);
+    let s2 = sent.clone();
+    let launcher: Launcher = Box::new(move |_cfg: &RunConfig, _waker, _autostart| {
+        Ok(Box::new(FakeLink {
+            sent: s2.clone(),
+            events: rx.clone(),
+        }) as Box<dyn Link>)
+    });
+    (launcher, Fake { sent, events: tx })
+}
+
+fn info() -> RunInfo {
+    RunInfo {
+        method: "moppa r4".into(),
+        trainable: 8662,
+        device: "cpu".into(),
+        threads: 1,
+        classes: (0..10).map(|i| i.to_string()).collect(),
+        blocks: 2,
+        grid: (8, 8),
+        priors: Prior::ALL.to_vec(),
+        rank: 4,
+        total_steps: 300,
+        split_sizes: [3000, 1000, 1000],
+        config: serde_json::Value::Null,
+        out: None,
+        start_step: 0,
+        backbone: VitConfig::tiny(),
+        probes: 1000,
+    }
+}
+
+/// A snapshot with the exact filters of scalar coefficients, two routed blocks and a probe.
+fn snapshot(step: u64, kappa: f64) -> Snapshot {
+    let (h, w) = (8, 8);
+    let c = PriorCoeffs {
+        kappa,
+        c: 0.9,
+        eps: 0.5,
+        ..PriorCoeffs::default()
+    };
+    let l = laplacian_eigenvalues(h, w);
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    let gains = vec![
+        f(moppa_studio::physics::heat_filter(&l, c.kappa, 1.0)),
+        f(moppa_studio::physics::wave_filter(&l, c.c, 1.0, 0.0)),
+        f(moppa_studio::physics::poisson_filter(&l, c.eps, None).unwrap()),
+    ];
+    let block = |b: usize, alpha: [f32; 3]| BlockSnapshot {
+        block: b,
+        filters_mean: gains.clone(),
+        filters_channel: Vec::new(),
+        mix: (0..h * w)
+            .map(|i| gains.iter().zip(alpha).map(|(g, a)| g[i] * a).sum())
+            .collect(),
+        kappa: vec![kappa as f32; 4],
+        c: vec![0.9; 4],
+        eps: vec![0.5; 4],
+        source: vec![1.0; h * w],
+        router: Some(RouterStats {
+            mean_alpha: alpha.to_vec(),
+            entropy: 1.0,
+            entropy_norm: 0.91,
+            argmax_share: alpha.to_vec(),
+        }),
+        probe_alpha: (0..h * w)
+            .flat_map(|i| if i % 3 == 0 { [0.7, 0.2, 0.1] } else { [0.2, 0.3, 0.5] })
+            .collect(),
+        locked: Vec::new(),
+    };
+    Snapshot {
+        step,
+        grid: (h, w),
+        priors: Prior::ALL.to_vec(),
+        channel: None,
+        tau: 1.0,
+        gamma: 0.0,
+        route_weight: 0.01,
+        temperature: 1.0,
+        blocks: vec![block(0, [0.5, 0.3, 0.2]), block(1, [0.2, 0.2, 0.6])],
+        probe: Some((
+            Rgb {
+                size: 32,
+                pixels: (0..32 * 32 * 3).map(|i| (i % 251) as u8).collect(),
+            },
+            3,
+            7,
+        )),
+        probe_prediction: Some(7),
+    }
+}
+
+fn progress(step: u64) -> Event {
+    let s = step as f64;
+    Event::Progress(Progress {
+        step,
+        epoch: s / 47.0,
+        loss: 2.3 * (-s / 80.0).exp() + 0.05,
+        route_loss: 1e-3,
+        train_acc: 1.0 - 0.9 * (-s / 60.0).exp(),
+        lr: 3e-3,
+        img_per_s: 400.0,
+        time_s: s * 0.15,
+    })
+}
+
+fn harness(tab: Tab) -> (Harness<'static, StudioApp>, Fake) {
+    let (launcher, fake) = launcher();
+    let settings = Settings {
+        tab,
+        ..Settings::default()
+    };
+    let harness = Harness::builder()
+        .with_size(egui::vec2(1440.0, 900.0))
+        .with_max_steps(16)
+        .build_eframe(move |cc| {
+            StudioApp::with_launcher(
+                &cc.egui_ctx,
+                settings,
+                launcher,
+                AppOptions {
+                    stable_display: true,
+                    ..AppOptions::default()
+                },
+            )
+        });
+    (harness, fake)
+}
+
+/// A run with history: started, 200 steps, evaluations, a κ change, snapshots.
+fn feed_run(fake: &Fake) {
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    for step in 1..=200 {
+        fake.events.send(progress(step)).unwrap();
+        if step % 50 == 0 {
+            fake.events
+                .send(Event::Eval(EvalResult {
+                    step,
+                    split: "val".into(),
+                    loss: 0.4,
+                    acc: 0.8 + step as f64 / 2000.0,
+                    per_class_acc: vec![0.9; 10],
+                    time_s: step as f64 * 0.15,
+                }))
+                .unwrap();
+        }
+        if step == 120 {
+            fake.events
+                .send(Event::Applied(Applied {
+                    step,
+                    command: "kappa".into(),
+                    target: "all".into(),
+                    old: 0.1,
+                    new: 0.5,
+                    time_s: 18.0,
+                }))
+                .unwrap();
+        }
+        if step % 20 == 0 {
+            fake.events
+                .send(Event::Snapshot(Box::new(snapshot(
+                    step,
+                    if step >= 120 { 0.5 } else { 0.1 },
+                ))))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn start_sends_the_start_command() {
+    let (mut h, fake) = harness(Tab::Filters);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    h.run_steps(3);
+    h.get_by_label("Start").click();
+    h.run_steps(3);
+    assert!(
+        fake.sent.lock().unwrap().contains(&Command::Start),
+        "{:?}",
+        fake.sent.lock().unwrap()
+    );
+    // Space toggles pause while training.
+    fake.events.send(progress(1)).unwrap();
+    h.run_steps(2);
+    h.key_press(egui::Key::Space);
+    h.run_steps(2);
+    assert!(fake.sent.lock().unwrap().contains(&Command::Pause));
+}
+
+#[test]
+fn moving_the_kappa_slider_sends_a_set_coefficient_command() {
+    let (mut h, fake) = harness(Tab::Filters);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    fake.events.send(Event::Snapshot(Box::new(snapshot(0, 0.1)))).unwrap();
+    h.run_steps(3);
+    h.get_by_role_and_label(egui::Role::Slider, "κ heat")
+        .set_value_accesskit(0.5);
+    h.run_steps(3);
+    let sent = fake.sent.lock().unwrap().clone();
+    let hit = sent.iter().any(|c| matches!(c, Command::SetCoeff { coeff: Coeff::Kappa, target: Target::All, mode: SetMode::Set(v) } if (v - 0.5).abs() < 1e-9));
+    assert!(hit, "{sent:?}");
+}
+
+#[test]
+fn events_update_the_curves_and_the_router() {
+    let (mut h, fake) = harness(Tab::Router);
+    feed_run(&fake);
+    h.run_steps(4);
+    let app = h.state();
+    let run = app.runs.last().unwrap();
+    assert_eq!(run.loss.points.len(), 200);
+    assert_eq!(run.val.len(), 4);
+    assert_eq!(run.applied.len(), 1);
+    assert_eq!(run.snapshots.len(), 10);
+    assert_eq!(run.shares[1][2].last(), Some(0.6f32 as f64), "block 1's Poisson share");
+    // The router view lists the blocks' weights.
+    assert!(
+        h.query_by_label("0.600 (60%)").is_some(),
+        "router table shows block 1's Poisson weight"
+    );
+}
+
+#[test]
+fn an_error_event_shows_its_message_until_dismissed() {
+    let (mut h, fake) = harness(Tab::Curves);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    let msg = "training diverged: loss is NaN at step 7";
+    fake.events
+        .send(Event::Error(Notice {
+            step: 7,
+            time_s: 1.0,
+            message: msg.into(),
+            path: None,
+            line: None,
+        }))
+        .unwrap();
+    h.run_steps(3);
+    assert!(
+        h.query_all_by_label_contains(msg).count() >= 1,
+        "the message is visible"
+    );
+    h.get_by_label("Dismiss").click();
+    h.run_steps(3);
+    assert!(h.query_by_label("Dismiss").is_none(), "the modal is gone after Dismiss");
+}
+
+/// A wgpu renderer if an adapter exists (Mesa's lavapipe in CI); `MOPPA_REQUIRE_SNAPSHOTS=1`
+/// turns a missing adapter into a failure.
+fn gpu() -> Option<egui_kittest::wgpu::WgpuTestRenderer> {
+    let r = std::panic::catch_unwind(egui_kittest::wgpu::WgpuTestRenderer::new).ok();
+    if r.is_none() {
+        if std::env::var("MOPPA_REQUIRE_SNAPSHOTS").is_ok_and(|v| v == "1") {
+            panic!("no wgpu adapter, and MOPPA_REQUIRE_SNAPSHOTS=1 (install mesa-vulkan-drivers)");
+        }
+        eprintln!("notice: no wgpu adapter: skipping snapshot tests");
+    }
+    r
+}
+
+fn snapshot_of(tab: Tab) {
+    let Some(renderer) = gpu() else { return };
+    let (launcher, fake) = launcher();
+    let settings = Settings {
+        tab,
+        ..Settings::default()
+    };
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1440.0, 900.0))
+        .with_max_steps(16)
+        .renderer(renderer)
+        .build_eframe(move |cc| {
+            StudioApp::with_launcher(
+                &cc.egui_ctx,
+                settings,
+                launcher,
+                AppOptions {
+                    stable_display: true,
+                    ..AppOptions::default()
+                },
+            )
+        });
+    feed_run(&fake);
+    h.run_steps(6);
+    let opts = SnapshotOptions::new().threshold(2.0).output_path("tests/snapshots");
+    h.snapshot_options(format!("app_{}", tab.label().to_lowercase()), &opts);
+}
+
+#[test]
+fn snapshot_filters_view() {
+    snapshot_of(Tab::Filters);
+}
+
+#[test]
+fn snapshot_router_view() {
+    snapshot_of(Tab::Router);
+}
+
+#[test]
+fn snapshot_curves_view() {
+    snapshot_of(Tab::Curves);
+}
