@@ -133,11 +133,11 @@ fn set_kappa_on_one_block_changes_its_heat_filter_in_the_next_snapshot() {
     // Every channel now has κ = 0.7: the channel-mean heat gain is exp(−κτΛ) exactly.
     let (gh, gw) = after.grid;
     let lambda = moppa_studio::physics::laplacian_eigenvalues(gh, gw);
-    for (g, l) in heat(&after, 2).iter().zip(&lambda) {
+    for (g, l) in heat(after, 2).iter().zip(&lambda) {
         assert!((f64::from(*g) - (-kappa * l).exp()).abs() < 1e-5);
     }
-    assert_ne!(heat(&before, 2), heat(&after, 2));
-    assert_eq!(heat(&before, 1), heat(&after, 1), "other blocks unchanged");
+    assert_ne!(heat(before, 2), heat(after, 2));
+    assert_eq!(heat(before, 1), heat(after, 1), "other blocks unchanged");
     // Scale mode multiplies every channel.
     h.send(Command::SetCoeff {
         coeff: Coeff::Kappa,

@@ -128,7 +128,7 @@ pub enum Command {
     /// Run a backbone (and adapter) on images stored in a safetensors file; write logits and router weights.
     Infer(model_cmds::InferArgs),
     /// Fine-tune a backbone on a dataset (headless; same engine as the app).
-    Train(train_cmds::TrainArgs),
+    Train(Box<train_cmds::TrainArgs>),
     /// Evaluate a saved adapter on a dataset split; print accuracy and write per-class results.
     Eval(train_cmds::EvalArgs),
     /// Time forward, backward and optimizer of a training step (medians), with GFLOP/s.

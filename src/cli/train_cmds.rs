@@ -12,6 +12,7 @@ use crate::train::worker::raise_interrupt;
 use crate::train::{RunConfig, WorkerHandle, WorkerOptions};
 use clap::Args;
 use serde::de::DeserializeOwned;
+use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 
@@ -407,7 +408,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
     );
     let mut csv = String::from("class,name,acc\n");
     for (i, (name, acc)) in classes.iter().zip(&result.per_class_acc).enumerate() {
-        csv.push_str(&format!("{i},{name},{acc:.6}\n"));
+        let _ = writeln!(csv, "{i},{name},{acc:.6}");
     }
     let out = args.output.clone().unwrap_or_else(|| match &args.run {
         Some(dir) => dir.join(format!("eval-{}.csv", split.name())),

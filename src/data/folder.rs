@@ -2,7 +2,6 @@
 //! `val/`, `test/`) and VTAB-1K split files (`relative/path label` per line).
 
 use super::{DataError, Dataset, Sample, Source, split_per_class};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "JPEG"];
@@ -96,7 +95,7 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
         if val.is_empty() {
             // No val/: hold out a seeded 10% of train for model selection (the test split is
             // never used for that).
-            (train, val, _) = split_per_class(train, classes.len(), 0.1, 0.0, seed);
+            (train, val, _) = split_per_class(&train, classes.len(), 0.1, 0.0, seed);
         }
         (classes, train, val, test)
     } else {
@@ -112,7 +111,7 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
         for (label, cd) in dirs.iter().enumerate() {
             all.extend(class_files(cd, label as u32, &mut skipped)?);
         }
-        let (train, val, test) = split_per_class(all, classes.len(), 0.1, 0.1, seed);
+        let (train, val, test) = split_per_class(&all, classes.len(), 0.1, 0.1, seed);
         (classes, train, val, test)
     };
     if train.is_empty() {
@@ -198,11 +197,7 @@ pub fn load_vtab(dir: &Path, final_split: bool) -> Result<Dataset, DataError> {
         Vec::new()
     };
     // Classes are the labels seen in training; a label only in val/test is an error.
-    let mut labels = BTreeMap::new();
-    for (s, _) in &train {
-        labels.insert(s.label, ());
-    }
-    let n = labels.keys().next_back().map_or(0, |m| m + 1);
+    let n = train.iter().map(|(s, _)| s.label + 1).max().unwrap_or(0);
     for (set, file) in [(&val, "val200.txt"), (&test, "test.txt")] {
         if let Some((s, line)) = set.iter().find(|(s, _)| s.label >= n) {
             return Err(DataError::line(

@@ -121,7 +121,7 @@ pub fn load(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
     }
     let train_all = read_split(dir, "train")?;
     let test = read_split(dir, "t10k")?;
-    let (train, val, _) = split_per_class(train_all, 10, 0.1, 0.0, seed);
+    let (train, val, _) = split_per_class(&train_all, 10, 0.1, 0.0, seed);
     let fashion = dir.to_string_lossy().to_lowercase().contains("fashion");
     let classes = if fashion {
         FASHION_CLASSES.iter().map(|s| (*s).to_owned()).collect()

@@ -60,9 +60,15 @@ pub enum LoaderMsg {
     Failed(DataError),
 }
 
+/// A decoded, resized image (RGB, `size × size`) and its label.
+pub type Prepared = (Vec<u8>, u32);
+/// A file that could not be used, and why.
+pub type Skipped = (PathBuf, String);
+
 /// Decodes and resizes samples in parallel; failures are returned apart.
-pub fn prepare_all(samples: &[Sample], size: u32) -> (Vec<(Vec<u8>, u32)>, Vec<(PathBuf, String)>) {
-    let results: Vec<Result<(Vec<u8>, u32), (PathBuf, String)>> = samples
+#[must_use]
+pub fn prepare_all(samples: &[Sample], size: u32) -> (Vec<Prepared>, Vec<Skipped>) {
+    let results: Vec<Result<Prepared, Skipped>> = samples
         .par_iter()
         .map(|s| match decode(s) {
             Ok(img) => Ok((to_rgb_square(&img, size), s.label)),
@@ -112,7 +118,8 @@ pub struct Loader {
 
 impl Loader {
     /// Starts the loader thread at `(epoch, batch)`.
-    pub fn spawn(samples: Vec<Sample>, cfg: LoaderConfig, start: (u64, u64)) -> std::io::Result<Self> {
+    pub fn spawn(samples: Vec<Sample>, cfg: &LoaderConfig, start: (u64, u64)) -> std::io::Result<Self> {
+        let cfg = cfg.clone();
         let (tx, rx) = bounded(4);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -182,12 +189,13 @@ impl Loader {
     }
 
     /// The next message, waiting at most `timeout`; `None` on timeout.
+    #[must_use]
     pub fn recv_timeout(&self, timeout: Duration) -> Option<LoaderMsg> {
         match self.rx.recv_timeout(timeout) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
-                Some(LoaderMsg::Failed(DataError::Spec("the data loader stopped".into())))
+                Some(LoaderMsg::Failed(DataError::Spec("the data loader stopped".to_owned())))
             }
         }
     }
@@ -246,12 +254,11 @@ impl EvalSet {
     /// The prepared RGB pixels and label of sample `i` (for probe images).
     #[must_use]
     pub fn rgb(&self, i: usize) -> Option<(Vec<u8>, u32)> {
-        match &self.cache {
-            Some(c) => c.get(i).cloned(),
-            None => {
-                let s = self.samples.get(i)?;
-                decode(s).ok().map(|img| (to_rgb_square(&img, self.size), s.label))
-            }
+        if let Some(c) = &self.cache {
+            c.get(i).cloned()
+        } else {
+            let s = self.samples.get(i)?;
+            decode(s).ok().map(|img| (to_rgb_square(&img, self.size), s.label))
         }
     }
 

@@ -200,7 +200,7 @@ pub fn load(spec: &str, final_split: bool, seed: u64) -> Result<Dataset, DataErr
 /// Splits `samples` per class with a seeded shuffle: `val_frac` and `test_frac` of each class go
 /// to validation and test, the rest to training.
 pub(crate) fn split_per_class(
-    samples: Vec<Sample>,
+    samples: &[Sample],
     classes: usize,
     val_frac: f64,
     test_frac: f64,

@@ -3,7 +3,7 @@
 //! and the achieved GFLOP/s next to a large GEMM measured in the same run (the ceiling).
 
 use super::config::{DeviceChoice, Precision, RunConfig};
-use super::optim::AdamW;
+use super::optim::{AdamW, Decay};
 use super::trainer::{load_backbone, select_device};
 use crate::model::{MethodConfig, MethodKind, PeftModel, VitConfig, cross_entropy};
 use candle_core::{DType, Device, Tensor};
@@ -144,7 +144,11 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         (0..classes).map(|c| c.to_string()).collect(),
         0,
     )?;
-    let mut opt = AdamW::new(model.trainable(), |_, v| (v.rank() == 2).then_some(None), 0.01)?;
+    let mut opt = AdamW::new(
+        model.trainable(),
+        |_, v| if v.rank() == 2 { Decay::All } else { Decay::None },
+        0.01,
+    )?;
     let s = vcfg.img_size;
     let images = Tensor::randn(0f32, 1f32, (cfg.batch, 3, s, s), &device)?.to_dtype(model.backbone.dtype())?;
     let labels = Tensor::from_vec(

@@ -6,6 +6,17 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeSet;
 
+/// Where weight decay applies to one tensor.
+#[derive(Clone, Debug)]
+pub enum Decay {
+    /// Nowhere (vectors, coefficients).
+    None,
+    /// Everywhere (matrices).
+    All,
+    /// Where the mask is 1 (a flat buffer of several tensors).
+    Mask(Tensor),
+}
+
 struct Param {
     name: String,
     var: Var,
@@ -41,21 +52,16 @@ pub struct UpdateInfo {
 }
 
 impl AdamW {
-    /// An optimizer over named variables; `decay_masks` gives, per name, a mask (or `None` for
-    /// "decay the whole tensor"); names absent from it get no decay.
-    pub fn new(
-        vars: &[(String, Var)],
-        decay: impl Fn(&str, &Var) -> Option<Option<Tensor>>,
-        weight_decay: f64,
-    ) -> Result<Self> {
+    /// An optimizer over named variables; `decay` says where weight decay applies to each.
+    pub fn new(vars: &[(String, Var)], decay: impl Fn(&str, &Var) -> Decay, weight_decay: f64) -> Result<Self> {
         let params = vars
             .iter()
             .map(|(name, var)| {
                 let zeros = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
                 let decay = match decay(name, var) {
-                    None => None,
-                    Some(None) => Some(var.as_tensor().ones_like()?.to_dtype(DType::F32)?),
-                    Some(Some(mask)) => Some(mask),
+                    Decay::None => None,
+                    Decay::All => Some(var.as_tensor().ones_like()?.to_dtype(DType::F32)?),
+                    Decay::Mask(mask) => Some(mask),
                 };
                 Ok(Param {
                     name: name.clone(),

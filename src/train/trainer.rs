@@ -3,7 +3,7 @@
 //! commands, and checkpoints. The worker thread drives it; nothing here knows about displays.
 
 use super::config::{DeviceChoice, Precision, RunConfig};
-use super::optim::{AdamW, schedule};
+use super::optim::{AdamW, Decay, schedule};
 use super::protocol::{
     Applied, BlockSnapshot, Coeff, EvalResult, Hyper, Lockable, Notice, Progress, Rgb, RouterStats, RunInfo, SetMode,
     Snapshot, Target,
@@ -53,8 +53,8 @@ impl TrainError {
     pub fn notice(&self, step: u64, time_s: f64) -> Notice {
         let (path, line) = match self {
             Self::Data(DataError::File { path, line, .. }) => (Some(path.clone()), *line),
-            Self::Io { path, .. } => (Some(path.clone()), None),
-            Self::Model(
+            Self::Io { path, .. }
+            | Self::Model(
                 ModelError::Io { path, .. } | ModelError::Format { path, .. } | ModelError::Shape { path, .. },
             ) => (Some(path.clone()), None),
             _ => (None, None),
@@ -178,7 +178,7 @@ pub struct Trainer {
     info: RunInfo,
 }
 
-fn decay_mask(name: &str, var: &Var, model: &PeftModel) -> Option<Option<Tensor>> {
+fn decay_mask(name: &str, var: &Var, model: &PeftModel) -> Decay {
     let (al, ml) = model.backbone.layouts();
     if name.ends_with(".attn_half") || name.ends_with(".mlp_half") {
         let lay = if name.ends_with(".attn_half") { al } else { ml };
@@ -186,11 +186,14 @@ fn decay_mask(name: &str, var: &Var, model: &PeftModel) -> Option<Option<Tensor>
         for s in lay.slots.iter().filter(|s| s.decay && s.present) {
             mask[Slot::range(s)].fill(1.0);
         }
-        return Tensor::from_vec(mask, lay.len, var.device()).ok().map(Some);
+        return Tensor::from_vec(mask, lay.len, var.device()).map_or(Decay::None, Decay::Mask);
     }
     // Matrices decay (timm's convention); vectors, coefficients and the source map do not.
-    let matrix = var.rank() == 2 && !name.ends_with("source") && !name.ends_with("pos_embed");
-    matrix.then_some(None)
+    if var.rank() == 2 && !name.ends_with("source") && !name.ends_with("pos_embed") {
+        Decay::All
+    } else {
+        Decay::None
+    }
 }
 
 impl Trainer {
@@ -295,7 +298,7 @@ impl Trainer {
             peak_lr: cfg.lr(),
             model,
             opt,
-            loader: Loader::spawn(Vec::new(), loader_cfg.clone(), (0, 0)).map_err(|source| TrainError::Io {
+            loader: Loader::spawn(Vec::new(), &loader_cfg, (0, 0)).map_err(|source| TrainError::Io {
                 path: "loader thread".into(),
                 source,
             })?,
@@ -324,7 +327,7 @@ impl Trainer {
             trainer.load_state(&dir)?;
         }
         trainer.loader =
-            Loader::spawn(dataset.train, loader_cfg, trainer.position).map_err(|source| TrainError::Io {
+            Loader::spawn(dataset.train, &loader_cfg, trainer.position).map_err(|source| TrainError::Io {
                 path: "loader thread".into(),
                 source,
             })?;
@@ -367,7 +370,7 @@ impl Trainer {
 
     fn next_batch(&mut self) -> Result<data::Batch> {
         loop {
-            match self.loader.recv_timeout(Duration::from_secs(3600)) {
+            match self.loader.recv_timeout(Duration::from_hours(1)) {
                 Some(LoaderMsg::Batch(b)) => return Ok(b),
                 Some(LoaderMsg::Ready { usable, skipped }) => {
                     self.ready = true;

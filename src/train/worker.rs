@@ -513,12 +513,12 @@ fn train_loop(
         }
         let step = trainer.step;
         let eval_every = trainer.cfg.eval_every;
-        if eval_every > 0 && step % eval_every == 0 && !trainer.done() {
+        if eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.done() {
             evaluate(trainer, false, out);
             checkpoint(trainer, out);
         }
         let rate_ok = last_snapshot.is_none_or(|t| t.elapsed() >= min_gap);
-        if (snapshot_due || step % every == 0 || single) && rate_ok {
+        if (snapshot_due || step.is_multiple_of(every) || single) && rate_ok {
             send_snapshot(trainer, out);
             last_snapshot = Some(Instant::now());
             snapshot_due = false;

@@ -2,31 +2,57 @@
 
 use super::RunStatus;
 
-/// Rolling frame times of the UI.
+/// Rolling UI frame statistics: the CPU time of each frame (event handling, layout, drawing,
+/// tessellation: what limits the frame rate) and the interval between frames.
 #[derive(Default)]
 pub struct FrameTimes {
-    samples: std::collections::VecDeque<f64>,
+    cpu: std::collections::VecDeque<f64>,
+    interval: std::collections::VecDeque<f64>,
+}
+
+fn percentiles(v: &std::collections::VecDeque<f64>) -> Option<(f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = v.iter().copied().collect();
+    v.sort_by(f64::total_cmp);
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Some((p(0.5), p(0.99)))
 }
 
 impl FrameTimes {
-    /// Records one frame's duration in ms.
-    pub fn push(&mut self, ms: f64) {
-        self.samples.push_back(ms);
-        if self.samples.len() > 600 {
-            self.samples.pop_front();
+    /// Records one frame: its CPU time and the time since the previous frame, in ms.
+    pub fn push(&mut self, cpu_ms: f64, interval_ms: f64) {
+        for (q, v) in [(&mut self.cpu, cpu_ms), (&mut self.interval, interval_ms)] {
+            q.push_back(v);
+            if q.len() > 600 {
+                q.pop_front();
+            }
         }
     }
 
-    /// `(median, p99)` in ms.
+    /// `(median, p99)` of the frame CPU time in ms.
     #[must_use]
     pub fn stats(&self) -> Option<(f64, f64)> {
-        if self.samples.is_empty() {
-            return None;
-        }
-        let mut v: Vec<f64> = self.samples.iter().copied().collect();
-        v.sort_by(f64::total_cmp);
-        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Some((p(0.5), p(0.99)))
+        percentiles(&self.cpu)
+    }
+
+    /// `(median, p99)` of the interval between frames in ms.
+    #[must_use]
+    pub fn intervals(&self) -> Option<(f64, f64)> {
+        percentiles(&self.interval)
+    }
+
+    /// Frames recorded.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.cpu.len()
+    }
+
+    /// True before the first frame.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_empty()
     }
 }
 
@@ -51,8 +77,12 @@ pub fn ui(
         ui.label(format!("{img_per_s:.0} img/s"));
         ui.separator();
         let Some(frames) = frames else { return };
-        if let Some((med, p99)) = frames.stats() {
-            ui.label(format!("UI frame {med:.1} ms (p99 {p99:.1})"));
+        if let (Some((med, p99)), Some((gap, _))) = (frames.stats(), frames.intervals()) {
+            ui.label(format!(
+                "UI {med:.1} ms/frame (p99 {p99:.1}) · {:.0} fps",
+                1000.0 / gap.max(1e-3)
+            ))
+            .on_hover_text("CPU time of a UI frame (median, 99th percentile) and the frame rate");
             ui.separator();
         }
         if let Some(m) = crate::util::resident_mib() {
