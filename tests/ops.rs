@@ -342,3 +342,26 @@ fn fused_ops_match_finite_differences_in_f32() {
     let s: Vec<f32> = p.sum(D::Minus1).unwrap().to_vec1().unwrap();
     assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-6));
 }
+
+#[test]
+fn spectral_mix_fused_matches_composite_for_every_router_shape() {
+    use moppa_studio::physics::tensor::SpectralGrid;
+    let (b, h, w, r, k) = (3, 4, 5, 3, 3);
+    let grid = SpectralGrid::new(h, w, DType::F32, &Device::Cpu).unwrap();
+    let grid64 = SpectralGrid::new(h, w, DType::F64, &Device::Cpu).unwrap();
+    let z = randn(&[b, h * w, r], 1.0, 60);
+    let g = randn(&[k, r, h * w], 0.5, 61);
+    for alpha_shape in [[b, h * w, k], [b, 1, k], [1, 1, k]] {
+        let a = (randn(&alpha_shape, 0.3, 62) + 0.5).unwrap();
+        let fused = |t: &[Tensor]| ops::spectral_mix(Kernels::Auto, &grid, &t[0], &t[1], Some(&t[2]));
+        let reference = |t: &[Tensor]| ops::spectral_mix(Kernels::Composite, &grid64, &t[0], &t[1], Some(&t[2]));
+        let inputs = [z.clone(), g.clone(), a];
+        compare(&fused, &reference, &inputs, &[true, true, true], 2e-5);
+        finite_difference(&reference, &inputs, &[true, true, true], 10);
+    }
+    // A single prior: no router weights.
+    let g1 = randn(&[1, r, h * w], 0.5, 63);
+    let fused = |t: &[Tensor]| ops::spectral_mix(Kernels::Auto, &grid, &t[0], &t[1], None);
+    let reference = |t: &[Tensor]| ops::spectral_mix(Kernels::Composite, &grid64, &t[0], &t[1], None);
+    compare(&fused, &reference, &[z, g1], &[true, true], 2e-5);
+}

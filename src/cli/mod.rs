@@ -135,6 +135,8 @@ pub enum Command {
     Bench(train_cmds::BenchArgs),
     /// Train a ViT from scratch (supervised) and write it as a backbone file.
     Pretrain(train_cmds::PretrainArgs),
+    /// Run several methods on the same backbone, data and budget over several seeds; print a table.
+    Compare(Box<train_cmds::CompareArgs>),
 }
 
 /// Runs a parsed subcommand; returns the exit code.
@@ -142,10 +144,11 @@ pub fn run(command: Command) -> Result<i32, CliError> {
     match &command {
         Command::Train(args) => return train_cmds::train(args),
         Command::Pretrain(args) => return train_cmds::pretrain(args),
+        Command::Compare(args) => return train_cmds::compare(args),
         _ => {}
     }
     match command {
-        Command::Train(_) | Command::Pretrain(_) => Ok(()),
+        Command::Train(_) | Command::Pretrain(_) | Command::Compare(_) => Ok(()),
         Command::Eval(args) => train_cmds::eval(&args),
         Command::Bench(args) => train_cmds::bench(&args),
         Command::Filters(args) => physics_cmds::filters(&args),

@@ -626,3 +626,164 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
     );
     Ok(0)
 }
+
+/// `moppa compare`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Example (the README's table):\n  moppa compare --seeds 3 --steps 600\n\
+Methods: linear, full, lora, adaptformer, moppa, moppa-noroute (λ = 0), heat, wave, poisson (one prior alone)."
+)]
+pub struct CompareArgs {
+    /// Comma-separated methods.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "linear,full,lora,adaptformer,moppa,moppa-noroute,heat,wave,poisson"
+    )]
+    pub methods: Vec<String>,
+    /// Seeds per method (0, 1, …).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Write the markdown table here too.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// The shared run settings (backbone, data, steps, batch, …; --method/--seed are set per run).
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+fn compare_method(name: &str, base: &crate::model::MethodConfig) -> Option<crate::model::MethodConfig> {
+    use crate::model::MethodConfig;
+    let rank = base.rank;
+    Some(match name {
+        "linear" => MethodConfig::of(MethodKind::Linear),
+        "full" => MethodConfig::of(MethodKind::Full),
+        "lora" => MethodConfig {
+            rank,
+            ..MethodConfig::of(MethodKind::Lora)
+        },
+        "adaptformer" => MethodConfig {
+            rank,
+            ..MethodConfig::of(MethodKind::Adaptformer)
+        },
+        "moppa" => MethodConfig {
+            method: MethodKind::Moppa,
+            ..base.clone()
+        },
+        "moppa-noroute" => MethodConfig {
+            method: MethodKind::Moppa,
+            route_weight: 0.0,
+            ..base.clone()
+        },
+        "heat" | "wave" | "poisson" => MethodConfig {
+            method: MethodKind::Moppa,
+            priors: vec![name.parse().ok()?],
+            ..base.clone()
+        },
+        _ => return None,
+    })
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// Runs `moppa compare`.
+pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
+    let base = args.run.resolve()?;
+    if args.seeds == 0 {
+        return Err(usage("--seeds must be ≥ 1"));
+    }
+    let methods: Vec<(String, crate::model::MethodConfig)> = args
+        .methods
+        .iter()
+        .map(|m| {
+            compare_method(m, &base.method)
+                .map(|c| (m.clone(), c))
+                .ok_or_else(|| usage(format!("unknown method '{m}' in --methods")))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut rows = Vec::new();
+    for (name, method) in &methods {
+        let (mut val, mut test, mut rate, mut trainable) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for seed in 0..args.seeds {
+            let cfg = RunConfig {
+                method: method.clone(),
+                seed,
+                out: base.out.as_ref().map(|o| o.join(format!("{name}-seed{seed}"))),
+                ..base.clone()
+            };
+            eprintln!("== {name} (seed {seed})");
+            let handle = WorkerHandle::spawn(cfg, WorkerOptions::default()).map_err(|e| CliError::Failure(e.into()))?;
+            let mut finished = None;
+            for ev in handle.events() {
+                match ev {
+                    Event::Started(info) => trainable = info.trainable,
+                    Event::Error(n) => eprintln!("error: {}", n.message),
+                    Event::Finished(f) => {
+                        finished = Some(f);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            handle.join();
+            let f =
+                finished.ok_or_else(|| CliError::Failure(anyhow::anyhow!("{name}: the run ended without a result")))?;
+            if f.reason != FinishReason::Done {
+                return Err(CliError::Failure(anyhow::anyhow!(
+                    "{name} (seed {seed}) ended: {:?}",
+                    f.reason
+                )));
+            }
+            eprintln!(
+                "   val {:.4} test {:.4} in {:.1} s",
+                f.best_val_acc.unwrap_or(f64::NAN),
+                f.test_acc.unwrap_or(f64::NAN),
+                f.time_s
+            );
+            val.push(f.best_val_acc.unwrap_or(f64::NAN));
+            test.push(f.test_acc.unwrap_or(f64::NAN));
+            rate.push(f.steps as f64 / f.time_s.max(1e-9));
+        }
+        rows.push((
+            name.clone(),
+            method.label(),
+            trainable,
+            mean_std(&val),
+            mean_std(&test),
+            mean_std(&rate).0,
+        ));
+    }
+    let mut table = format!("| method | trainable | val acc | test acc | steps/s |\n|---|---:|---:|---:|---:|\n");
+    for (_, label, n, (vm, vs), (tm, ts), r) in &rows {
+        let _ = writeln!(
+            table,
+            "| {label} | {} | {:.2} ± {:.2} | {:.2} ± {:.2} | {r:.1} |",
+            crate::util::group_digits(*n),
+            100.0 * vm,
+            100.0 * vs,
+            100.0 * tm,
+            100.0 * ts
+        );
+    }
+    let steps = base.steps.map_or_else(|| "default".to_owned(), |s| s.to_string());
+    let _ = writeln!(
+        table,
+        "\n{} seeds each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
+        args.seeds, steps, base.batch, base.data, base.backbone
+    );
+    print!("{table}");
+    if let Some(p) = &args.output {
+        std::fs::write(p, &table)
+            .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", p.display())))?;
+    }
+    Ok(0)
+}

@@ -224,7 +224,7 @@ impl MoppaUnit {
         grad: bool,
     ) -> Result<UnitOutput> {
         let p = |v: &Var| param(v, grad);
-        let (b, t, _d) = h.dims3()?;
+        let (_, t, _) = h.dims3()?;
         let (r, hw, k) = (self.rank, grid.cells(), self.priors.len());
         if t != prefix + hw {
             candle_core::bail!("MoPPA unit: {t} tokens, expected {prefix} prefix + {hw} patches");
@@ -240,18 +240,6 @@ impl MoppaUnit {
             _ => (ops::linear(kernels, h, &p(&self.down_w), &p(&self.down_b))?, None),
         };
         let z_pre = z.narrow(1, 0, prefix)?;
-        // (B, HW, r) → rows of grids (B·r, HW).
-        let z_grid = z
-            .narrow(1, prefix, hw)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * r, hw))?;
-        // Ẑ = Z·Kᵀ row-wise (K = C_H ⊗ C_W).
-        let z_hat = z_grid.matmul(&grid.kron_t)?.reshape((b, 1, r, hw))?;
-        let gains = Tensor::stack(&self.filters(grid, live, grad)?, 0)?.unsqueeze(0)?; // (1, k, r, HW)
-        let filtered = z_hat.broadcast_mul(&gains)?.reshape((b * k * r, hw))?;
-        // Y_p = IDCT2(G_p ⊙ Ẑ): rows times K.
-        let y_all = filtered.matmul(&grid.kron)?.reshape((b, k, r, hw))?;
         let alpha = match &self.router {
             Router::None => None,
             Router::Token { .. } => {
@@ -267,14 +255,17 @@ impl MoppaUnit {
             }
             Router::Layer { logits } => Some(composite::softmax(&(p(logits) / live.temperature)?)?.reshape((1, 1, k))?),
         };
-        let y_patch = match &alpha {
-            // (B|1, HW|1, k) → (B|1, k, 1, HW|1)
-            Some(a) => y_all.broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?.sum(1)?,
-            None => y_all.squeeze(1)?,
-        };
-        let y_patch = y_patch.transpose(1, 2)?; // (B, HW, r)
+        // Σ_p α_p ⊙ IDCT2(G_p ⊙ DCT2(Z)) over the patch tokens, (B, HW, r).
+        let gains = Tensor::stack(&self.filters(grid, live, grad)?, 0)?; // (k, r, HW)
+        let y_patch = ops::spectral_mix(kernels, grid, &z.narrow(1, prefix, hw)?, &gains, alpha.as_ref())?;
         let y = Tensor::cat(&[&z_pre, &y_patch], 1)?;
-        let out = (ops::linear_no_bias(kernels, &y.contiguous()?, &p(&self.up_w))? * live.scale)?;
+        // The output scale goes on the small up-projection, not on the (B, T, D) output.
+        let up = if (live.scale - 1.0).abs() < f64::EPSILON {
+            p(&self.up_w)
+        } else {
+            (p(&self.up_w) * live.scale)?
+        };
+        let out = ops::linear_no_bias(kernels, &y.contiguous()?, &up)?;
         let route_kl = match &alpha {
             Some(a) => {
                 let mean = a.flatten_to(1)?.reshape(((), k))?.mean(0)?; // ᾱ over batch and patch tokens

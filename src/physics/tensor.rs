@@ -26,6 +26,8 @@ pub struct SpectralGrid {
     pub kron: Tensor,
     /// `Kᵀ` (the inverse transform), contiguous.
     pub kron_t: Tensor,
+    /// `K` on the host in `f32`, row-major (for the fused CPU op).
+    pub kron_host: std::sync::Arc<Vec<f32>>,
 }
 
 impl SpectralGrid {
@@ -47,8 +49,10 @@ impl SpectralGrid {
                 }
             }
         }
+        let kron_host = std::sync::Arc::new(kron.iter().map(|&v| v as f32).collect());
         let kron = Tensor::from_vec(kron, (n, n), device)?;
         Ok(Self {
+            kron_host,
             h,
             w,
             lambda: Tensor::from_vec(lambda, n, device)?.to_dtype(dtype)?,

@@ -11,6 +11,7 @@ pub mod composite;
 pub mod cpu;
 pub mod fused;
 pub mod layout;
+pub mod spectral;
 
 use candle_core::{DType, Result, Tensor};
 pub use cpu::attention::Dims;
@@ -125,4 +126,41 @@ pub fn mlp_half(
     let save = x.track_op() || w.track_op();
     let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op());
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// The MoPPA spectral mixing `Σ_p α_p ⊙ IDCT2(G_p ⊙ DCT2(Z))` on `Z (B, HW, r)` with gains
+/// `(k, r, HW)` and router weights `(B|1, HW|1, k)`; `None` for α means a single prior.
+pub fn spectral_mix(
+    k: Kernels,
+    grid: &crate::physics::tensor::SpectralGrid,
+    z: &Tensor,
+    gains: &Tensor,
+    alpha: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, hw, r) = z.dims3()?;
+    let kp = gains.dim(0)?;
+    if k.fused_for(z) {
+        let ones;
+        let a = match alpha {
+            Some(a) => a.contiguous()?,
+            None => {
+                ones = Tensor::ones((1, 1, 1), DType::F32, z.device())?;
+                ones.clone()
+            }
+        };
+        let save = z.track_op() || gains.track_op() || a.track_op();
+        let op = spectral::SpectralMixOp::new(grid.kron_host.clone(), save);
+        return z.contiguous()?.apply_op3(&gains.contiguous()?, &a, op);
+    }
+    // Composite: rows of grids (B·r, HW), Ẑ = Z·Kᵀ, Y_p = (G_p ⊙ Ẑ)·K.
+    let z_grid = z.transpose(1, 2)?.contiguous()?.reshape((b * r, hw))?;
+    let z_hat = z_grid.matmul(&grid.kron_t)?.reshape((b, 1, r, hw))?;
+    let filtered = z_hat.broadcast_mul(&gains.unsqueeze(0)?)?.reshape((b * kp * r, hw))?;
+    let y_all = filtered.matmul(&grid.kron)?.reshape((b, kp, r, hw))?;
+    let y = match alpha {
+        // (B|1, HW|1, k) → (B|1, k, 1, HW|1)
+        Some(a) => y_all.broadcast_mul(&a.transpose(1, 2)?.unsqueeze(2)?)?.sum(1)?,
+        None => y_all.squeeze(1)?,
+    };
+    y.transpose(1, 2)?.contiguous()
 }
