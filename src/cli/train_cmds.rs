@@ -559,6 +559,30 @@ pub struct PretrainArgs {
     /// Store the weights as f16 (half the size; loaded as f32).
     #[arg(long)]
     pub f16: bool,
+    /// Do not train: export the finished run in --run again (e.g. after a failed write).
+    #[arg(long)]
+    pub export_only: bool,
+}
+
+/// The `finished` line of a run folder's `metrics.jsonl`.
+fn finished_from_log(dir: &std::path::Path) -> Result<Finished, CliError> {
+    let path = dir.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+    let v = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "finished" && v["reason"] == "done")
+        .last()
+        .ok_or_else(|| CliError::Failure(anyhow::anyhow!("{}: no finished run to export", path.display())))?;
+    Ok(Finished {
+        reason: FinishReason::Done,
+        steps: v["step"].as_u64().unwrap_or(0),
+        best_val_acc: v["best_val_acc"].as_f64(),
+        test_acc: v["test_acc"].as_f64(),
+        checkpoints: Vec::new(),
+        time_s: v["time_s"].as_f64().unwrap_or(0.0),
+    })
 }
 
 /// Runs `moppa pretrain`.
@@ -570,43 +594,48 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
             args.preset
         )));
     }
-    let (mean, std) = dataset_stats(&args.data, 10_000).map_err(|e| CliError::Failure(e.into()))?;
-    eprintln!("input normalisation from the data: mean {mean:?}, std {std:?}");
-    let cfg = RunConfig {
-        backbone: format!("random:{}", args.preset),
-        data: args.data.clone(),
-        method: crate::model::MethodConfig::of(MethodKind::Full),
-        epochs: Some(args.epochs),
-        steps: None,
-        batch: args.batch,
-        lr: Some(args.lr),
-        weight_decay: args.weight_decay,
-        warmup: 200,
-        eval_every: 0,
-        seed: args.seed,
-        threads: args.threads,
-        augment: crate::data::Augment {
-            flip: true,
-            crop_pad: 2,
-        },
-        out: Some(args.run.clone()),
-        mean: Some(mean),
-        std: Some(std),
-        ..RunConfig::default()
+    let finished = if args.export_only {
+        finished_from_log(&args.run)?
+    } else {
+        let (mean, std) = dataset_stats(&args.data, 10_000).map_err(|e| CliError::Failure(e.into()))?;
+        eprintln!("input normalisation from the data: mean {mean:?}, std {std:?}");
+        let cfg = RunConfig {
+            backbone: format!("random:{}", args.preset),
+            data: args.data.clone(),
+            method: crate::model::MethodConfig::of(MethodKind::Full),
+            epochs: Some(args.epochs),
+            steps: None,
+            batch: args.batch,
+            lr: Some(args.lr),
+            weight_decay: args.weight_decay,
+            warmup: 200,
+            eval_every: 0,
+            seed: args.seed,
+            threads: args.threads,
+            augment: crate::data::Augment {
+                flip: true,
+                crop_pad: 2,
+            },
+            out: Some(args.run.clone()),
+            mean: Some(mean),
+            std: Some(std),
+            ..RunConfig::default()
+        };
+        cfg.validate().map_err(usage)?;
+        let handle = WorkerHandle::spawn(cfg, WorkerOptions::default()).map_err(|e| CliError::Failure(e.into()))?;
+        let flag = handle.interrupt_flag();
+        ctrlc::set_handler(move || raise_interrupt(&flag)).ok();
+        let finished = report(&handle, std::io::stderr().is_terminal())?;
+        handle.join();
+        if finished.reason != FinishReason::Done {
+            return Ok(if finished.reason == FinishReason::Interrupted {
+                EXIT_INTERRUPTED
+            } else {
+                1
+            });
+        }
+        finished
     };
-    cfg.validate().map_err(usage)?;
-    let handle = WorkerHandle::spawn(cfg, WorkerOptions::default()).map_err(|e| CliError::Failure(e.into()))?;
-    let flag = handle.interrupt_flag();
-    ctrlc::set_handler(move || raise_interrupt(&flag)).ok();
-    let finished = report(&handle, std::io::stderr().is_terminal())?;
-    handle.join();
-    if finished.reason != FinishReason::Done {
-        return Ok(if finished.reason == FinishReason::Interrupted {
-            EXIT_INTERRUPTED
-        } else {
-            1
-        });
-    }
     let provenance = serde_json::json!({
         "data": args.data, "preset": args.preset, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed, "augment": "flip + crop (pad 2)",

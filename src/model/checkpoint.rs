@@ -29,6 +29,16 @@ fn host(t: &Tensor) -> Result<HostTensor> {
     ))
 }
 
+/// The shape a trainable tensor has in timm's files (the patch embedding is stored 2-D here).
+fn file_shape(model: &PeftModel, name: &str, var_dims: &[usize]) -> Vec<usize> {
+    if name == "patch_embed.proj.weight" {
+        let c = &model.backbone.cfg;
+        vec![c.embed_dim, c.in_chans, c.patch_size, c.patch_size]
+    } else {
+        var_dims.to_vec()
+    }
+}
+
 impl PeftModel {
     /// Host copies of every trainable tensor under its checkpoint name; for full fine-tuning the
     /// block halves are expanded into timm names.
@@ -49,7 +59,9 @@ impl PeftModel {
                     );
                 }
             } else {
-                out.insert(name.clone(), host(var.as_tensor())?);
+                let mut t = host(var.as_tensor())?;
+                t.shape = file_shape(self, name, var.dims());
+                out.insert(name.clone(), t);
             }
         }
         Ok(out)
@@ -89,7 +101,7 @@ impl PeftModel {
                 }
                 Tensor::from_vec(flat, var.dims(), device)?
             } else {
-                let t = get(name, var.dims())?;
+                let t = get(name, &file_shape(self, name, var.dims()))?;
                 Tensor::from_vec(t.data.clone(), var.dims(), device)?
             };
             var.set(&value.to_dtype(var.dtype())?)?;

@@ -56,6 +56,13 @@ pub fn export_backbone(
     }
     let mut cfg = info.backbone.clone();
     cfg.num_classes = info.classes.len();
+    let mut tensors = tf.tensors.clone();
+    // Adapters written before the patch embedding kept timm's 4-D shape stored it 2-D.
+    if let Some(t) = tensors.get_mut("patch_embed.proj.weight")
+        && t.shape.len() == 2
+    {
+        t.shape = vec![cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.patch_size];
+    }
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert(
         BACKBONE_META_KEY.into(),
@@ -72,6 +79,6 @@ pub fn export_backbone(
             source,
         })?;
     }
-    write_atomic(out, &tf.tensors, &meta, store)?;
+    write_atomic(out, &tensors, &meta, store)?;
     Ok(())
 }
