@@ -45,7 +45,7 @@ fn kernels(c: &mut Criterion) {
     });
     let mut d = a.clone();
     c.bench_function("GELU backward 4160×384", |b| {
-        b.iter(|| math::gelu_bwd(black_box(&mut d), &aa, &cdf, H))
+        b.iter(|| math::gelu_bwd(black_box(&mut d), &aa, &cdf, H));
     });
     let qkv = data(N * 3 * D, 4);
     let dims = attention::Dims {

@@ -329,11 +329,17 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
         // With token pooling, what parallel_mlp adds to the patch tokens of the last block never
         // reaches the class token (an exact zero the PyTorch reference shows too), so that
         // placement is checked on an average-pooled backbone, where every patch token counts.
-        let backbone = if method.placement == Placement::ParallelMlp {
+        // The final norm must act per token before the pooling: a mean over tokens of a linear
+        // function of the last block's output sees only the DC frequency (Λ = 0), where no filter
+        // depends on κ, c or ε, so those gradients would be float noise (sometimes exactly 0).
+        // AdaptFormer's ReLU bottleneck beside the last MLP likewise only counts through the class
+        // token there, whose few pre-activations can all be negative at a random init (a dead
+        // unit, not a bug), so it gets the average-pooled backbone too.
+        let backbone = if method.placement == Placement::ParallelMlp || method.method == MethodKind::Adaptformer {
             let cfg = VitConfig {
                 pool: moppa_studio::model::Pool::Avg,
-                fc_norm: true,
-                final_norm: false,
+                fc_norm: false,
+                final_norm: true,
                 ..tiny_backbone(1).cfg
             };
             Vit::random(&cfg, 1, &Device::Cpu).unwrap()
@@ -628,5 +634,46 @@ fn analytic_parameter_count_equals_the_built_model() {
                 method.label()
             );
         }
+    }
+}
+
+#[test]
+fn bf16_backbone_keeps_f32_master_weights_and_trains() {
+    // The GPU "autocast" path, exercised on the CPU with the composite ops: the backbone computes
+    // in bf16, adapters and head keep f32 master weights and receive f32 gradients.
+    let vit = tiny_backbone(5).to_dtype(DType::BF16).unwrap();
+    let model = PeftModel::new(
+        vit,
+        MethodConfig {
+            rank: 4,
+            ..MethodConfig::default()
+        },
+        vec!["a".into(), "b".into(), "c".into()],
+        0,
+    )
+    .unwrap();
+    for (name, var) in model.trainable() {
+        assert_eq!(var.dtype(), DType::F32, "{name}");
+        if name.ends_with("up.weight") {
+            var.set(&Tensor::randn(0f32, 0.2, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let (images, labels) = toy_batch(4, 3);
+    let fwd = model.forward(&images.to_dtype(DType::BF16).unwrap(), false).unwrap();
+    assert_eq!(fwd.logits.dtype(), DType::BF16);
+    let loss = (cross_entropy(&fwd.logits.to_dtype(DType::F32).unwrap(), &labels).unwrap()
+        + fwd.route_loss.unwrap().to_dtype(DType::F32).unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.trainable() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.dtype(), DType::F32, "{name}");
+        assert!(
+            g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0,
+            "{name}"
+        );
     }
 }

@@ -572,8 +572,7 @@ fn finished_from_log(dir: &std::path::Path) -> Result<Finished, CliError> {
     let v = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "finished" && v["reason"] == "done")
-        .last()
+        .rfind(|v| v["kind"] == "finished" && v["reason"] == "done")
         .ok_or_else(|| CliError::Failure(anyhow::anyhow!("{}: no finished run to export", path.display())))?;
     Ok(Finished {
         reason: FinishReason::Done,
@@ -791,7 +790,7 @@ pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
             mean_std(&rate).0,
         ));
     }
-    let mut table = format!("| method | trainable | val acc | test acc | steps/s |\n|---|---:|---:|---:|---:|\n");
+    let mut table = String::from("| method | trainable | val acc | test acc | steps/s |\n|---|---:|---:|---:|---:|\n");
     for (_, label, n, (vm, vs), (tm, ts), r) in &rows {
         let _ = writeln!(
             table,

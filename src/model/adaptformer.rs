@@ -46,8 +46,9 @@ impl AdaptFormerUnit {
 
     /// The update for `h = norm2(x_mid)`.
     pub fn forward(&self, h: &Tensor, kernels: Kernels, grad: bool) -> Result<Tensor> {
-        let p = |v: &Var| param(v, grad);
-        let a = ops::linear(kernels, h, &p(&self.down_w), &p(&self.down_b))?.relu()?;
-        ops::linear(kernels, &a, &p(&self.up_w), &p(&self.up_b))? * ADAPTFORMER_SCALE
+        let dtype = h.dtype();
+        let p = |v: &Var| param(v, grad, dtype);
+        let a = ops::linear(kernels, h, &p(&self.down_w)?, &p(&self.down_b)?)?.relu()?;
+        ops::linear(kernels, &a, &p(&self.up_w)?, &p(&self.up_b)?)? * ADAPTFORMER_SCALE
     }
 }

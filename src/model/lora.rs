@@ -47,13 +47,14 @@ impl LoraUnit {
     /// `(Δq, Δv)` side by side, `(B, T, 2D)`, from `h = norm1(x)`: two matrix products (the two
     /// A's stacked, then a block-diagonal B).
     pub fn forward(&self, h: &Tensor, kernels: Kernels, grad: bool) -> Result<Tensor> {
-        let p = |v: &Var| param(v, grad);
+        let dtype = h.dtype();
+        let p = |v: &Var| param(v, grad, dtype);
         let (d, r) = self.q_b.dims2()?;
-        let a = Tensor::cat(&[p(&self.q_a), p(&self.v_a)], 0)?;
+        let a = Tensor::cat(&[p(&self.q_a)?, p(&self.v_a)?], 0)?;
         let z = ops::linear_no_bias(kernels, h, &a)?;
         let zeros = Tensor::zeros((d, r), self.q_b.dtype(), self.q_b.device())?;
-        let top = Tensor::cat(&[&p(&self.q_b), &zeros], 1)?;
-        let bottom = Tensor::cat(&[&zeros, &p(&self.v_b)], 1)?;
+        let top = Tensor::cat(&[&p(&self.q_b)?, &zeros], 1)?;
+        let bottom = Tensor::cat(&[&zeros, &p(&self.v_b)?], 1)?;
         let b = Tensor::cat(&[&top, &bottom], 0)?;
         ops::linear_no_bias(kernels, &z, &b)? * self.scale
     }

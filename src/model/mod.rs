@@ -22,12 +22,13 @@ pub use peft::{Forward, PeftModel, count_trainable, cross_entropy};
 pub mod checkpoint;
 
 /// A parameter as used in a forward pass: tracked while training, detached (no graph, no
-/// saved activations) for evaluation.
-#[must_use]
-pub fn param(v: &candle_core::Var, grad: bool) -> candle_core::Tensor {
-    if grad {
+/// saved activations) for evaluation, and cast to the compute dtype (adapters keep `f32` master
+/// weights when the backbone computes in bf16; the cast's backward brings gradients back to f32).
+pub fn param(v: &candle_core::Var, grad: bool, dtype: candle_core::DType) -> candle_core::Result<candle_core::Tensor> {
+    let t = if grad {
         v.as_tensor().clone()
     } else {
         v.as_tensor().detach()
-    }
+    };
+    if t.dtype() == dtype { Ok(t) } else { t.to_dtype(dtype) }
 }

@@ -191,11 +191,12 @@ impl MoppaUnit {
 
     /// The spectral gains of the active priors, each `(r, HW)`, in prior order.
     pub fn filters(&self, grid: &SpectralGrid, live: &Live, grad: bool) -> Result<Vec<Tensor>> {
+        let dtype = grid.lambda.dtype();
         let raw = |v: &Option<Var>| -> Result<Tensor> {
             let v = v
                 .as_ref()
                 .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing coefficient".into()))?;
-            softplus(&param(v, grad))
+            softplus(&param(v, grad, dtype)?)
         };
         self.priors
             .iter()
@@ -207,7 +208,7 @@ impl MoppaUnit {
                         .source
                         .as_ref()
                         .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing source map".into()))?;
-                    grid.poisson(&raw(&self.eps_raw)?, &param(s, grad).flatten_all()?)
+                    grid.poisson(&raw(&self.eps_raw)?, &param(s, grad, dtype)?.flatten_all()?)
                 }
             })
             .collect()
@@ -223,7 +224,8 @@ impl MoppaUnit {
         kernels: Kernels,
         grad: bool,
     ) -> Result<UnitOutput> {
-        let p = |v: &Var| param(v, grad);
+        let dtype = h.dtype();
+        let p = |v: &Var| param(v, grad, dtype);
         let (_, t, _) = h.dims3()?;
         let (r, hw, k) = (self.rank, grid.cells(), self.priors.len());
         if t != prefix + hw {
@@ -232,12 +234,12 @@ impl MoppaUnit {
         // Down-projection, fused with the token router's logits into one matrix product.
         let (z, token_logits) = match &self.router {
             Router::Token { w, b: rb } => {
-                let wc = Tensor::cat(&[p(&self.down_w), p(w)], 0)?;
-                let bc = Tensor::cat(&[p(&self.down_b), p(rb)], 0)?;
+                let wc = Tensor::cat(&[p(&self.down_w)?, p(w)?], 0)?;
+                let bc = Tensor::cat(&[p(&self.down_b)?, p(rb)?], 0)?;
                 let zz = ops::linear(kernels, h, &wc, &bc)?;
                 (zz.narrow(D::Minus1, 0, r)?, Some(zz.narrow(D::Minus1, r, k)?))
             }
-            _ => (ops::linear(kernels, h, &p(&self.down_w), &p(&self.down_b))?, None),
+            _ => (ops::linear(kernels, h, &p(&self.down_w)?, &p(&self.down_b)?)?, None),
         };
         let z_pre = z.narrow(1, 0, prefix)?;
         let alpha = match &self.router {
@@ -250,10 +252,12 @@ impl MoppaUnit {
             }
             Router::Image { w, b: rb } => {
                 let mean = h.narrow(1, prefix, hw)?.mean(1)?;
-                let logits = ops::linear(kernels, &mean, &p(w), &p(rb))?;
+                let logits = ops::linear(kernels, &mean, &p(w)?, &p(rb)?)?;
                 Some(composite::softmax(&(logits / live.temperature)?)?.unsqueeze(1)?)
             }
-            Router::Layer { logits } => Some(composite::softmax(&(p(logits) / live.temperature)?)?.reshape((1, 1, k))?),
+            Router::Layer { logits } => {
+                Some(composite::softmax(&(p(logits)? / live.temperature)?)?.reshape((1, 1, k))?)
+            }
         };
         // Σ_p α_p ⊙ IDCT2(G_p ⊙ DCT2(Z)) over the patch tokens, (B, HW, r).
         let gains = Tensor::stack(&self.filters(grid, live, grad)?, 0)?; // (k, r, HW)
@@ -261,9 +265,9 @@ impl MoppaUnit {
         let y = Tensor::cat(&[&z_pre, &y_patch], 1)?;
         // The output scale goes on the small up-projection, not on the (B, T, D) output.
         let up = if (live.scale - 1.0).abs() < f64::EPSILON {
-            p(&self.up_w)
+            p(&self.up_w)?
         } else {
-            (p(&self.up_w) * live.scale)?
+            (p(&self.up_w)? * live.scale)?
         };
         let out = ops::linear_no_bias(kernels, &y.contiguous()?, &up)?;
         let route_kl = match &alpha {

@@ -87,7 +87,14 @@ impl PeftModel {
         }
         let device = backbone.device().clone();
         let dtype = backbone.dtype();
-        let mut init = Init::new(seed, &device, dtype);
+        // Master weights of adapters and head: f32 under a half-precision backbone (cast to the
+        // compute dtype in forward), else the backbone's own dtype (f64 for gradient checks).
+        let master = if matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) {
+            candle_core::DType::F32
+        } else {
+            dtype
+        };
+        let mut init = Init::new(seed, &device, master);
         let d = backbone.cfg.embed_dim;
         let g = backbone.grid();
         let mut vars = Vec::new();
@@ -232,9 +239,14 @@ impl PeftModel {
             }
         }
         let (pooled, dist) = vit.pool(&x)?;
-        let mut logits = ops::linear(k, &pooled, &param(&self.head.w, grad), &param(&self.head.b, grad))?;
+        let mut logits = ops::linear(
+            k,
+            &pooled,
+            &param(&self.head.w, grad, pooled.dtype())?,
+            &param(&self.head.b, grad, pooled.dtype())?,
+        )?;
         if let (Some(hd), Some(f)) = (&self.head_dist, dist) {
-            let l2 = ops::linear(k, &f, &param(&hd.w, grad), &param(&hd.b, grad))?;
+            let l2 = ops::linear(k, &f, &param(&hd.w, grad, f.dtype())?, &param(&hd.b, grad, f.dtype())?)?;
             logits = ((logits + l2)? * 0.5)?;
         }
         let route_loss = if kls.is_empty() {

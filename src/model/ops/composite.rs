@@ -31,8 +31,18 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 
 /// `x·Wᵀ + b` over the last dimension (contiguous operands, as CUDA needs).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    // A plain 2-D product over the flattened leading dimensions: no broadcast batch strides,
+    // which CUDA's matmul rejects.
     let wt = w.t()?.contiguous()?;
-    let y = x.contiguous()?.broadcast_matmul(&wt)?;
+    let dims = x.dims().to_vec();
+    let (k, n) = (dims.last().copied().unwrap_or(1), w.dim(0)?);
+    let rows = x.elem_count() / k.max(1);
+    let y = x.contiguous()?.reshape((rows, k))?.matmul(&wt)?;
+    let mut out_dims = dims;
+    if let Some(l) = out_dims.last_mut() {
+        *l = n;
+    }
+    let y = y.reshape(out_dims)?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

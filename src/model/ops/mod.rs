@@ -140,13 +140,9 @@ pub fn spectral_mix(
     let (b, hw, r) = z.dims3()?;
     let kp = gains.dim(0)?;
     if k.fused_for(z) {
-        let ones;
         let a = match alpha {
             Some(a) => a.contiguous()?,
-            None => {
-                ones = Tensor::ones((1, 1, 1), DType::F32, z.device())?;
-                ones.clone()
-            }
+            None => Tensor::ones((1, 1, 1), DType::F32, z.device())?,
         };
         let save = z.track_op() || gains.track_op() || a.track_op();
         let op = spectral::SpectralMixOp::new(grid.kron_host.clone(), save);
