@@ -197,8 +197,14 @@ fn feed_run(fake: &Fake) {
 #[test]
 fn start_sends_the_start_command() {
     let (mut h, fake) = harness(Tab::Filters);
+    // The live sliders pick up the launched run's values, not stale ones from the last session.
+    h.state_mut().settings.controls.lr = 0.05;
+    h.state_mut().settings.controls.tau = 3.0;
     fake.events.send(Event::Started(Box::new(info()))).unwrap();
     h.run_steps(3);
+    let s = &h.state().settings;
+    assert_eq!(s.controls.lr, s.config.lr());
+    assert_eq!(s.controls.tau, s.config.method.tau);
     h.get_by_label("Start").click();
     h.run_steps(3);
     assert!(

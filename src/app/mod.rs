@@ -199,6 +199,14 @@ impl StudioApp {
                 }
                 self.current().info = Some((*info).clone());
                 self.info = Some(*info);
+                // The live sliders start from the values the run was launched with.
+                let cfg = &self.settings.config;
+                let c = &mut self.settings.controls;
+                c.lr = cfg.lr();
+                c.tau = cfg.method.tau;
+                c.gamma = cfg.method.gamma;
+                c.route_weight = cfg.method.route_weight;
+                c.temperature = cfg.method.temperature;
             }
             Event::Progress(p) => {
                 if self.status != RunStatus::Paused {

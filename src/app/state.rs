@@ -153,7 +153,7 @@ impl Default for ControlSettings {
             gamma: 0.0,
             route_weight: 0.01,
             temperature: 1.0,
-            lr: 3e-3,
+            lr: 1e-2,
         }
     }
 }

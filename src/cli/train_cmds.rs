@@ -105,7 +105,7 @@ pub struct RunArgs {
     /// Images per batch (default 64).
     #[arg(long, help_heading = "Optimisation")]
     pub batch: Option<usize>,
-    /// Peak learning rate (default: 3e-3 adapters, 1e-2 linear, 3e-4 full).
+    /// Peak learning rate (default: 1e-2 adapters, 3e-2 linear, 1e-3 full).
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
     pub lr: Option<f64>,
     /// AdamW weight decay on matrices (default 0.01).
