@@ -634,7 +634,8 @@ impl eframe::App for StudioApp {
             self.messages(ui);
             let (step, thr) = self.runs.last().map_or((0, 0.0), |r| (r.step, r.throughput));
             let (device, total) = self.info.as_ref().map_or(("-".to_owned(), 0), |i| {
-                (format!("{} ×{}", i.device, i.threads), i.total_steps)
+                let plural = if i.threads == 1 { "" } else { "s" };
+                (format!("{} · {} thread{plural}", i.device, i.threads), i.total_steps)
             });
             let frames = (!self.opts.stable_display).then_some(&self.frames);
             panels::status::ui(ui, self.status, &device, step, total, thr, frames);

@@ -151,7 +151,11 @@ pub fn ui(
                         .color(Color32::from_rgb(255, 140, 60))
                         .width(2.0),
                 );
-                pu.points(Points::new("val", v).radius(3.0).color(Color32::from_rgb(255, 140, 60)));
+                pu.points(
+                    Points::new("val acc", v)
+                        .radius(3.0)
+                        .color(Color32::from_rgb(255, 140, 60)),
+                );
                 let t: Vec<[f64; 2]> = current
                     .test
                     .iter()
