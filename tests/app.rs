@@ -132,25 +132,33 @@ fn progress(step: u64) -> Event {
 }
 
 fn harness(tab: Tab) -> (Harness<'static, StudioApp>, Fake) {
+    harness_on(tab, None)
+}
+
+/// The app on a fake engine; with a wgpu renderer for snapshot tests.
+fn harness_on(tab: Tab, renderer: Option<egui_kittest::wgpu::WgpuTestRenderer>) -> (Harness<'static, StudioApp>, Fake) {
     let (launcher, fake) = launcher();
     let settings = Settings {
         tab,
         ..Settings::default()
     };
-    let harness = Harness::builder()
+    let mut builder = Harness::builder()
         .with_size(egui::vec2(1440.0, 900.0))
-        .with_max_steps(16)
-        .build_eframe(move |cc| {
-            StudioApp::with_launcher(
-                &cc.egui_ctx,
-                settings,
-                launcher,
-                AppOptions {
-                    stable_display: true,
-                    ..AppOptions::default()
-                },
-            )
-        });
+        .with_max_steps(16);
+    if let Some(r) = renderer {
+        builder = builder.renderer(r);
+    }
+    let harness = builder.build_eframe(move |cc| {
+        StudioApp::with_launcher(
+            &cc.egui_ctx,
+            settings,
+            launcher,
+            AppOptions {
+                stable_display: true,
+                ..AppOptions::default()
+            },
+        )
+    });
     (harness, fake)
 }
 
@@ -292,26 +300,7 @@ fn gpu() -> Option<egui_kittest::wgpu::WgpuTestRenderer> {
 
 fn snapshot_of(tab: Tab) {
     let Some(renderer) = gpu() else { return };
-    let (launcher, fake) = launcher();
-    let settings = Settings {
-        tab,
-        ..Settings::default()
-    };
-    let mut h = Harness::builder()
-        .with_size(egui::vec2(1440.0, 900.0))
-        .with_max_steps(16)
-        .renderer(renderer)
-        .build_eframe(move |cc| {
-            StudioApp::with_launcher(
-                &cc.egui_ctx,
-                settings,
-                launcher,
-                AppOptions {
-                    stable_display: true,
-                    ..AppOptions::default()
-                },
-            )
-        });
+    let (mut h, fake) = harness_on(tab, Some(renderer));
     feed_run(&fake);
     h.run_steps(6);
     let opts = SnapshotOptions::new().threshold(2.0).output_path("tests/snapshots");

@@ -141,11 +141,7 @@ pub fn ui(
                         .color(Color32::from_rgb(120, 200, 120))
                         .width(2.0),
                 );
-                let v: Vec<[f64; 2]> = current
-                    .val
-                    .iter()
-                    .map(|e| [if x { e[1] } else { e[0] }, e[2]])
-                    .collect();
+                let v = eval_points(&current.val, x);
                 pu.line(
                     Line::new("val acc", PlotPoints::from(v.clone()))
                         .color(Color32::from_rgb(255, 140, 60))
@@ -156,11 +152,7 @@ pub fn ui(
                         .radius(3.0)
                         .color(Color32::from_rgb(255, 140, 60)),
                 );
-                let t: Vec<[f64; 2]> = current
-                    .test
-                    .iter()
-                    .map(|e| [if x { e[1] } else { e[0] }, e[2]])
-                    .collect();
+                let t = eval_points(&current.test, x);
                 pu.points(
                     Points::new("test acc", t)
                         .radius(4.0)
@@ -200,4 +192,9 @@ pub fn ui(
         }
     });
     (actions, rects)
+}
+
+/// Evaluation rows `[step, time_s, acc, …]` as plot points against step, or seconds when `x`.
+fn eval_points(evals: &[[f64; 4]], x: bool) -> Vec<[f64; 2]> {
+    evals.iter().map(|e| [if x { e[1] } else { e[0] }, e[2]]).collect()
 }
