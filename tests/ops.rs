@@ -205,6 +205,68 @@ fn gelu_fused_matches_composite_and_finite_differences() {
     finite_difference(&reference, &[x], &[true], 20);
 }
 
+// The lean ops (the default on CUDA) run the same code on the CPU: checked here against the
+// composite reference, which the finite-difference tests above check in f64.
+#[test]
+fn lean_softmax_and_layer_norm_match_composite() {
+    let x = (randn(&[3, 5, 16], 2.0, 60) + 0.3).unwrap();
+    let lean = |a: &[Tensor]| ops::lean::softmax(&a[0]);
+    let reference = |a: &[Tensor]| composite::softmax(&a[0]);
+    compare(&lean, &reference, std::slice::from_ref(&x), &[true], 1e-5);
+    let g = (randn(&[16], 0.2, 61) + 1.0).unwrap();
+    let b = randn(&[16], 0.2, 62);
+    let lean = |a: &[Tensor]| ops::lean::layer_norm(&a[0], &a[1], &a[2], 1e-6);
+    let reference = |a: &[Tensor]| composite::layer_norm(&a[0], &a[1], &a[2], 1e-6);
+    let inputs = [x, g, b];
+    compare(&lean, &reference, &inputs, &[true, true, true], 1e-5);
+    compare(&lean, &reference, &inputs, &[true, false, false], 1e-5);
+    compare(&lean, &reference, &inputs, &[false, true, true], 1e-5);
+}
+
+#[test]
+fn lean_linear_matches_composite() {
+    let x = randn(&[4, 6, 12], 1.0, 63);
+    let w = randn(&[9, 12], 0.3, 64);
+    let b = randn(&[9], 0.3, 65);
+    let lean = |a: &[Tensor]| ops::lean::linear(&a[0], &a[1], Some(&a[2]));
+    let reference = |a: &[Tensor]| composite::linear(&a[0], &a[1], Some(&a[2]));
+    let inputs = [x, w, b];
+    compare(&lean, &reference, &inputs, &[true, true, true], 1e-5);
+    compare(&lean, &reference, &inputs, &[true, false, false], 1e-5);
+    compare(&lean, &reference, &inputs, &[false, true, false], 1e-5);
+    let lean = |a: &[Tensor]| ops::lean::linear(&a[0], &a[1], None);
+    let reference = |a: &[Tensor]| composite::linear(&a[0], &a[1], None);
+    compare(&lean, &reference, &inputs[..2], &[true, true], 1e-5);
+    // A weight that is a view into a flat buffer (the backbone's layout): offset, no copy.
+    let flat = randn(&[200], 0.3, 66);
+    let lean = |a: &[Tensor]| ops::lean::linear(&a[0], &a[1].narrow(0, 50, 108)?.reshape((9, 12))?, None);
+    let reference = |a: &[Tensor]| composite::linear(&a[0], &a[1].narrow(0, 50, 108)?.reshape((9, 12))?, None);
+    compare(&lean, &reference, &[inputs[0].clone(), flat], &[true, true], 1e-5);
+}
+
+#[test]
+fn lean_half_blocks_match_composite() {
+    let (b, t, d, heads, hidden) = (3, 7, 12, 3, 40);
+    for (ls, train_w) in [(false, false), (true, true)] {
+        let layout = Arc::new(HalfLayout::attn(d, true, ls));
+        let inputs = [
+            randn(&[b, t, d], 1.0, 67),
+            flat_weights(&layout, 68),
+            randn(&[b, t, 2 * d], 0.3, 69),
+        ];
+        let l1 = layout.clone();
+        let lean = move |a: &[Tensor]| ops::attn_half(Kernels::Lean, &a[0], &a[1], &l1, Some(&a[2]), heads, 1e-6);
+        let reference = move |a: &[Tensor]| composite::attn_half(&a[0], &a[1], &layout, Some(&a[2]), heads, 1e-6);
+        compare(&lean, &reference, &inputs, &[true, train_w, true], 2e-5);
+        let layout = Arc::new(HalfLayout::mlp(d, hidden, ls));
+        let inputs = [randn(&[b, t, d], 1.0, 70), flat_weights(&layout, 71)];
+        let l1 = layout.clone();
+        let lean = move |a: &[Tensor]| ops::mlp_half(Kernels::Lean, &a[0], &a[1], &l1, hidden, 1e-6);
+        let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6);
+        compare(&lean, &reference, &inputs, &[true, train_w], 2e-5);
+    }
+}
+
 fn attn_case(qkv_bias: bool, ls: bool, with_delta: bool, train_w: bool) {
     let (b, t, d, heads) = (3, 7, 12, 3);
     let layout = Arc::new(HalfLayout::attn(d, qkv_bias, ls));

@@ -182,6 +182,7 @@ fn check_case(name: &str, kernels: Kernels) {
 #[test]
 fn moppa_token_router_matches_pytorch_reference() {
     check_case("moppa_token", Kernels::Auto);
+    check_case("moppa_token", Kernels::Lean);
     check_case("moppa_token", Kernels::Composite);
 }
 
@@ -204,6 +205,7 @@ fn moppa_single_prior_matches_pytorch_reference() {
 fn lora_adaptformer_linear_match_pytorch_reference() {
     for name in ["lora", "adaptformer", "linear"] {
         check_case(name, Kernels::Auto);
+        check_case(name, Kernels::Lean);
         check_case(name, Kernels::Composite);
     }
 }
@@ -639,41 +641,58 @@ fn analytic_parameter_count_equals_the_built_model() {
 
 #[test]
 fn bf16_backbone_keeps_f32_master_weights_and_trains() {
-    // The GPU "autocast" path, exercised on the CPU with the composite ops: the backbone computes
-    // in bf16, adapters and head keep f32 master weights and receive f32 gradients.
-    let vit = tiny_backbone(5).to_dtype(DType::BF16).unwrap();
-    let model = PeftModel::new(
-        vit,
-        MethodConfig {
-            rank: 4,
-            ..MethodConfig::default()
-        },
-        vec!["a".into(), "b".into(), "c".into()],
-        0,
-    )
-    .unwrap();
-    for (name, var) in model.trainable() {
-        assert_eq!(var.dtype(), DType::F32, "{name}");
-        if name.ends_with("up.weight") {
-            var.set(&Tensor::randn(0f32, 0.2, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
+    // The GPU "autocast" path, exercised on the CPU with the lean ops: the backbone computes
+    // in bf16, adapters and head keep f32 master weights and receive f32 gradients. Every
+    // method (a LoRA-under-bf16 dtype mismatch was first seen on the GPU).
+    for method in all_methods() {
+        let label = method.label();
+        // Every tensor must move for LoRA and pre-attention MoPPA; elsewhere (the last block's
+        // MLP-parallel unit under class-token pooling reaches the head only through prefix
+        // tokens, which no filter touches; see the test above) at least the head must.
+        let all_move = method.method == MethodKind::Lora
+            || (method.method == MethodKind::Moppa
+                && method.placement == Placement::PreAttn
+                && method.router == RouterKind::Token);
+        let vit = tiny_backbone(5).to_dtype(DType::BF16).unwrap();
+        let model = PeftModel::new(vit, method, vec!["a".into(), "b".into(), "c".into()], 0).unwrap();
+        for (name, var) in model.trainable() {
+            assert_eq!(var.dtype(), DType::F32, "{label}: {name}");
+            // Zero-initialised up-projections would leave everything before them without a gradient.
+            if name.ends_with("up.weight") || name.ends_with(".b") {
+                let n = var.elem_count();
+                let v: Vec<f32> = (0..n).map(|i| 0.2 * ((i * 7919 % 101) as f32 / 50.0 - 1.0)).collect();
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
         }
-    }
-    let (images, labels) = toy_batch(4, 3);
-    let fwd = model.forward(&images.to_dtype(DType::BF16).unwrap(), false).unwrap();
-    assert_eq!(fwd.logits.dtype(), DType::BF16);
-    let loss = (cross_entropy(&fwd.logits.to_dtype(DType::F32).unwrap(), &labels).unwrap()
-        + fwd.route_loss.unwrap().to_dtype(DType::F32).unwrap())
-    .unwrap();
-    let grads = loss.backward().unwrap();
-    for (name, var) in model.trainable() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert_eq!(g.dtype(), DType::F32, "{name}");
-        assert!(
-            g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0,
-            "{name}"
-        );
+        let (_, labels) = toy_batch(4, 3);
+        let images = Tensor::arange(0u32, 4 * 3 * 16 * 16, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(0.618, 0.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((4, 3, 16, 16))
+            .unwrap();
+        let fwd = model.forward(&images.to_dtype(DType::BF16).unwrap(), false).unwrap();
+        assert_eq!(fwd.logits.dtype(), DType::BF16, "{label}");
+        let mut loss = cross_entropy(&fwd.logits.to_dtype(DType::F32).unwrap(), &labels).unwrap();
+        if let Some(r) = fwd.route_loss {
+            loss = (loss + r.to_dtype(DType::F32).unwrap()).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        for (name, var) in model.trainable() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+            assert_eq!(g.dtype(), DType::F32, "{label}: {name}");
+            let total = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(total.is_finite(), "{label}: {name}");
+            if all_move || name.starts_with("head") {
+                assert!(total > 0.0, "{label}: zero gradient for {name}");
+            }
+        }
     }
 }

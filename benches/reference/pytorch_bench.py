@@ -294,6 +294,9 @@ def main():
                     help="MoPPA DCT form (auto: kron for N <= 100 patch tokens, else separable)")
     ap.add_argument("--adamw", choices=("default", "loop", "foreach", "fused"), default="fused",
                     help="AdamW implementation (default fused; 'default' = PyTorch's own choice)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: f32 matrix products on TF32 tensor cores (set_float32_matmul_precision('high')); "
+                         "like moppa bench --tf32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -306,6 +309,8 @@ def main():
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch.cuda.is_available() is False")
     dev = torch.device(a.device)
+    if a.tf32:
+        torch.set_float32_matmul_precision("high")
     bf16 = a.dtype == "bf16" and a.device == "cuda"
     if a.dtype == "bf16" and not bf16:
         print("note: bf16 is GPU-only; timing f32 on CPU (as moppa bench does)", file=sys.stderr)
@@ -352,6 +357,7 @@ def main():
         "device": "cuda:0" if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "dtype": "bf16" if bf16 else "f32",
+        "tf32": bool(a.tf32 and dev.type == "cuda"),
         "fwd_ms": 1e3 * upper_median(fwd),
         "bwd_ms": 1e3 * upper_median(bwd),
         "opt_ms": 1e3 * upper_median(upd),

@@ -451,6 +451,13 @@ pub struct BenchArgs {
     /// f32 or bf16 (GPU).
     #[arg(long, value_parser = parse_dtype, default_value = "f32")]
     pub dtype: Precision,
+    /// Op implementations: auto (fused on the CPU, lean on CUDA), lean, or composite (candle's
+    /// differentiable primitives only; the reference).
+    #[arg(long, value_parser = crate::model::ops::Kernels::parse, default_value = "auto")]
+    pub kernels: crate::model::ops::Kernels,
+    /// CUDA: let f32 matrix products use TF32 tensor cores (like PyTorch's allow_tf32).
+    #[arg(long)]
+    pub tf32: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -483,6 +490,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
         device: args.device,
         threads: args.threads,
         dtype: args.dtype,
+        kernels: args.kernels,
+        tf32: args.tf32,
     };
     let threads = args
         .threads
@@ -499,13 +508,15 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
         );
     } else {
         println!(
-            "{} {} batch {} on {} ({} threads, {}): step {:.1} ms = fwd {:.1} + bwd {:.1} + opt {:.1} · {:.0} img/s · {:.0} GFLOP/s ({:.0}% of a 1024³ GEMM at {:.0})",
+            "{} {} batch {} on {} ({} threads, {}{}, {} kernels): step {:.1} ms = fwd {:.1} + bwd {:.1} + opt {:.1} · {:.0} img/s · {:.0} GFLOP/s ({:.0}% of a 1024³ GEMM at {:.0})",
             r.preset,
             r.method,
             r.batch,
             r.device,
             r.threads,
             r.dtype,
+            if r.tf32 { " tf32" } else { "" },
+            r.kernels,
             r.step_ms,
             r.fwd_ms,
             r.bwd_ms,

@@ -52,7 +52,7 @@ impl LoraUnit {
         let (d, r) = self.q_b.dims2()?;
         let a = Tensor::cat(&[p(&self.q_a)?, p(&self.v_a)?], 0)?;
         let z = ops::linear_no_bias(kernels, h, &a)?;
-        let zeros = Tensor::zeros((d, r), self.q_b.dtype(), self.q_b.device())?;
+        let zeros = Tensor::zeros((d, r), dtype, self.q_b.device())?;
         let top = Tensor::cat(&[&p(&self.q_b)?, &zeros], 1)?;
         let bottom = Tensor::cat(&[&zeros, &p(&self.v_b)?], 1)?;
         let b = Tensor::cat(&[&top, &bottom], 0)?;

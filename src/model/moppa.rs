@@ -8,7 +8,7 @@
 
 use super::config::{MethodConfig, RouterKind};
 use super::init::Init;
-use super::ops::{self, Kernels, composite};
+use super::ops::{self, Kernels};
 use super::param;
 use crate::physics::Prior;
 use crate::physics::tensor::{SpectralGrid, inv_softplus, softplus};
@@ -246,17 +246,18 @@ impl MoppaUnit {
             Router::None => None,
             Router::Token { .. } => {
                 let logits = token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
-                Some(composite::softmax(
+                Some(ops::softmax(
+                    kernels,
                     &(logits.narrow(1, prefix, hw)? / live.temperature)?,
                 )?)
             }
             Router::Image { w, b: rb } => {
                 let mean = h.narrow(1, prefix, hw)?.mean(1)?;
                 let logits = ops::linear(kernels, &mean, &p(w)?, &p(rb)?)?;
-                Some(composite::softmax(&(logits / live.temperature)?)?.unsqueeze(1)?)
+                Some(ops::softmax(kernels, &(logits / live.temperature)?)?.unsqueeze(1)?)
             }
             Router::Layer { logits } => {
-                Some(composite::softmax(&(p(logits)? / live.temperature)?)?.reshape((1, 1, k))?)
+                Some(ops::softmax(kernels, &(p(logits)? / live.temperature)?)?.reshape((1, 1, k))?)
             }
         };
         // Σ_p α_p ⊙ IDCT2(G_p ⊙ DCT2(Z)) over the patch tokens, (B, HW, r).

@@ -8,6 +8,7 @@ use super::error::{ModelError, Result};
 use super::init::Init;
 use super::lora::LoraUnit;
 use super::moppa::{Live, MoppaUnit};
+use super::ops::profile::section;
 use super::ops::{self, Kernels};
 use super::param;
 use super::vit::Vit;
@@ -200,7 +201,8 @@ impl PeftModel {
                     x = vit.mlp(i, &x)?;
                 }
                 BlockAdapter::Lora(u) => {
-                    let delta = u.forward(&vit.norm1(i, &x)?, k, grad)?;
+                    let h = vit.norm1(i, &x)?;
+                    let delta = section("lora fwd", h.device(), || u.forward(&h, k, grad))?;
                     x = vit.attn(i, &x, Some(&delta))?;
                     x = vit.mlp(i, &x)?;
                 }
@@ -210,7 +212,11 @@ impl PeftModel {
                     x = (vit.mlp(i, &x)? + out)?;
                 }
                 BlockAdapter::Moppa(u) => {
-                    let run = |h: &Tensor| u.forward(h, &self.grid, prefix, &self.live, k, grad);
+                    let run = |h: &Tensor| {
+                        section("moppa fwd", h.device(), || {
+                            u.forward(h, &self.grid, prefix, &self.live, k, grad)
+                        })
+                    };
                     let res = match self.method.placement {
                         Placement::PreAttn => {
                             let res = run(&vit.norm1(i, &x)?)?;

@@ -92,6 +92,8 @@ pub struct Vit {
     attn_layout: Arc<HalfLayout>,
     mlp_layout: Arc<HalfLayout>,
     grad: AtomicBool,
+    /// The dtype the forward pass computes in (trainable weights may be f32 masters of it).
+    compute: DType,
 }
 
 fn err_cfg(path: &Path, msg: impl std::fmt::Display) -> ModelError {
@@ -328,6 +330,7 @@ impl Vit {
             mlp_layout,
             cfg,
             grad: AtomicBool::new(true),
+            compute: DType::F32,
         })
     }
 
@@ -476,6 +479,7 @@ impl Vit {
             attn_layout: self.attn_layout.clone(),
             mlp_layout: self.mlp_layout.clone(),
             grad: AtomicBool::new(self.grad_enabled()),
+            compute: dtype,
         })
     }
 
@@ -490,15 +494,21 @@ impl Vit {
         self.grad.store(on, Ordering::Relaxed);
     }
 
-    /// A weight as the forward pass uses it (detached when gradients are off).
-    fn p(&self, t: &Tensor) -> Tensor {
-        if self.grad_enabled() { t.clone() } else { t.detach() }
+    /// A weight as the forward pass uses it: in the compute dtype (a differentiable cast of an
+    /// f32 master weight), detached when gradients are off.
+    fn p(&self, t: &Tensor) -> Result<Tensor> {
+        let t = if t.dtype() == self.compute {
+            t.clone()
+        } else {
+            t.to_dtype(self.compute)?
+        };
+        Ok(if self.grad_enabled() { t } else { t.detach() })
     }
 
-    /// The dtype of the weights.
+    /// The dtype the backbone computes in (its weights', or what f32 master weights are cast to).
     #[must_use]
     pub fn dtype(&self) -> DType {
-        self.patch_w.dtype()
+        self.compute
     }
 
     /// The device the weights live on.
@@ -526,11 +536,16 @@ impl Vit {
     }
 
     /// Turns every weight into a trainable `Var` (full fine-tuning); returns them with their names.
-    /// Block halves are named `blocks.{i}.attn_half` / `blocks.{i}.mlp_half`.
+    /// Block halves are named `blocks.{i}.attn_half` / `blocks.{i}.mlp_half`. Under a bf16/f16
+    /// backbone the `Var`s are f32 master weights, cast to the compute dtype in the forward pass.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let master = match self.compute {
+            DType::BF16 | DType::F16 => DType::F32,
+            other => other,
+        };
         let mut out = Vec::new();
         let mut var = |name: String, t: &mut Tensor| -> Result<()> {
-            let v = Var::from_tensor(t)?;
+            let v = Var::from_tensor(&t.to_dtype(master)?)?;
             *t = v.as_tensor().clone();
             out.push((name, v));
             Ok(())
@@ -590,8 +605,8 @@ impl Vit {
             .contiguous()?
             .reshape((b * g * g, c * p * p))?;
         let x = match &self.patch_b {
-            Some(bias) => ops::linear(self.kernels, &patches, &self.p(&self.patch_w), &self.p(bias))?,
-            None => ops::linear_no_bias(self.kernels, &patches, &self.p(&self.patch_w))?,
+            Some(bias) => ops::linear(self.kernels, &patches, &self.p(&self.patch_w)?, &self.p(bias)?)?,
+            None => ops::linear_no_bias(self.kernels, &patches, &self.p(&self.patch_w)?)?,
         }
         .reshape((b, g * g, d))?;
         let mut prefix: Vec<Tensor> = Vec::new();
@@ -599,22 +614,22 @@ impl Vit {
             .into_iter()
             .flatten()
         {
-            prefix.push(self.p(t).broadcast_as((b, t.dim(1)?, d))?.contiguous()?);
+            prefix.push(self.p(t)?.broadcast_as((b, t.dim(1)?, d))?.contiguous()?);
         }
         let x = if cfg.no_embed_class {
-            let x = x.broadcast_add(&self.p(&self.pos_embed))?;
+            let x = x.broadcast_add(&self.p(&self.pos_embed)?)?;
             prefix.push(x);
             Tensor::cat(&prefix, 1)?
         } else {
             prefix.push(x);
-            Tensor::cat(&prefix, 1)?.broadcast_add(&self.p(&self.pos_embed))?
+            Tensor::cat(&prefix, 1)?.broadcast_add(&self.p(&self.pos_embed)?)?
         };
         match &self.norm_pre {
             Some(n) => Ok(ops::layer_norm(
                 self.kernels,
                 &x,
-                &self.p(&n.w),
-                &self.p(&n.b),
+                &self.p(&n.w)?,
+                &self.p(&n.b)?,
                 cfg.ln_eps,
             )?),
             None => Ok(x),
@@ -632,7 +647,7 @@ impl Vit {
     }
 
     fn half_norm(&self, w: &Tensor, lay: &HalfLayout, x: &Tensor) -> Result<Tensor> {
-        let w = self.p(w);
+        let w = self.p(w)?;
         let g = ops::composite::slot(&w, lay, layout::NORM_W)?;
         let b = ops::composite::slot(&w, lay, layout::NORM_B)?;
         Ok(ops::layer_norm(self.kernels, x, &g, &b, self.cfg.ln_eps)?)
@@ -643,7 +658,7 @@ impl Vit {
         Ok(ops::attn_half(
             self.kernels,
             x,
-            &self.p(&self.blocks[i].attn),
+            &self.p(&self.blocks[i].attn)?,
             &self.attn_layout,
             delta,
             self.cfg.num_heads,
@@ -656,7 +671,7 @@ impl Vit {
         Ok(ops::mlp_half(
             self.kernels,
             x,
-            &self.p(&self.blocks[i].mlp),
+            &self.p(&self.blocks[i].mlp)?,
             &self.mlp_layout,
             self.cfg.mlp_hidden(),
             self.cfg.ln_eps,
@@ -667,7 +682,7 @@ impl Vit {
     /// the distillation token's feature.
     pub fn pool(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let x = match &self.norm {
-            Some(n) => ops::layer_norm(self.kernels, x, &self.p(&n.w), &self.p(&n.b), self.cfg.ln_eps)?,
+            Some(n) => ops::layer_norm(self.kernels, x, &self.p(&n.w)?, &self.p(&n.b)?, self.cfg.ln_eps)?,
             None => x.clone(),
         };
         let prefix = self.cfg.prefix_tokens;
@@ -679,7 +694,7 @@ impl Vit {
             }
         };
         let pooled = match &self.fc_norm {
-            Some(n) => ops::layer_norm(self.kernels, &pooled, &self.p(&n.w), &self.p(&n.b), self.cfg.ln_eps)?,
+            Some(n) => ops::layer_norm(self.kernels, &pooled, &self.p(&n.w)?, &self.p(&n.b)?, self.cfg.ln_eps)?,
             None => pooled,
         };
         let dist = if self.cfg.dist_token && self.cfg.pool == Pool::Token {
@@ -695,10 +710,10 @@ impl Vit {
         let Some(head) = &self.head else {
             return Ok(None);
         };
-        let y = ops::linear(self.kernels, pooled, &head.w, &head.b)?;
+        let y = ops::linear(self.kernels, pooled, &self.p(&head.w)?, &self.p(&head.b)?)?;
         match (&self.head_dist, dist) {
             (Some(hd), Some(f)) => {
-                let y2 = ops::linear(self.kernels, f, &hd.w, &hd.b)?;
+                let y2 = ops::linear(self.kernels, f, &self.p(&hd.w)?, &self.p(&hd.b)?)?;
                 Ok(Some(((y + y2)? * 0.5)?))
             }
             _ => Ok(Some(y)),

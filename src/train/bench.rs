@@ -5,6 +5,7 @@
 use super::config::{DeviceChoice, Precision, RunConfig};
 use super::optim::{AdamW, Decay};
 use super::trainer::{load_backbone, select_device};
+use crate::model::ops::{Kernels, profile};
 use crate::model::{MethodConfig, MethodKind, PeftModel, VitConfig, cross_entropy};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -50,6 +51,10 @@ pub struct BenchConfig {
     pub threads: Option<usize>,
     /// Precision.
     pub dtype: Precision,
+    /// Which op implementations (auto: fused on the CPU, lean on CUDA).
+    pub kernels: Kernels,
+    /// Let CUDA f32 matrix products use TF32 tensor cores (PyTorch's `allow_tf32`).
+    pub tf32: bool,
 }
 
 /// The result (`--json` prints it as one object).
@@ -67,6 +72,10 @@ pub struct BenchResult {
     pub threads: usize,
     /// `f32` or `bf16`.
     pub dtype: String,
+    /// `auto`, `lean` or `composite`.
+    pub kernels: String,
+    /// TF32 matrix products (CUDA f32).
+    pub tf32: bool,
     /// Median forward + loss, ms.
     pub fwd_ms: f64,
     /// Median backward, ms.
@@ -134,6 +143,9 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         Preset::VitB16 => ("random:vit-b16", 100),
     };
     let mut backbone = load_backbone(backbone_spec, None, 0, &device)?;
+    backbone.kernels = cfg.kernels;
+    let tf32 = cfg.tf32 && !device.is_cpu();
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     if cfg.dtype == Precision::Bf16 && !device.is_cpu() {
         backbone = backbone.to_dtype(DType::BF16)?;
     }
@@ -158,6 +170,9 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
     )?;
     let (mut fwd, mut bwd, mut upd, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..cfg.steps + 3 {
+        if i == 3 {
+            profile::reset();
+        }
         let t0 = Instant::now();
         let out = model.forward(&images, false)?;
         let mut loss = cross_entropy(&out.logits.to_dtype(DType::F32)?, &labels)?;
@@ -179,6 +194,23 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
             total.push((t3 - t0).as_secs_f64());
         }
     }
+    if profile::enabled() {
+        // Per-section device time of the timed steps (each section synchronised: see
+        // `model::ops::profile`), per step.
+        let n = cfg.steps as f64;
+        eprintln!("section (synchronised), ms per step:");
+        for (name, secs, calls) in profile::report() {
+            eprintln!(
+                "  {name:<28} {:>9.2}  ({} calls)",
+                1e3 * secs / n,
+                calls / cfg.steps as u64
+            );
+        }
+        let sum = |v: &[f64]| 1e3 * v.iter().sum::<f64>() / n;
+        eprintln!("  {:<28} {:>9.2}", "forward (whole)", sum(&fwd));
+        eprintln!("  {:<28} {:>9.2}", "backward (whole)", sum(&bwd));
+        eprintln!("  {:<28} {:>9.2}", "optimizer (whole)", sum(&upd));
+    }
     let step = median(&mut total);
     let factor = match cfg.method.method {
         MethodKind::Linear => 1.0,
@@ -198,6 +230,8 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
             "f32"
         }
         .into(),
+        kernels: cfg.kernels.name().into(),
+        tf32,
         fwd_ms: 1e3 * median(&mut fwd),
         bwd_ms: 1e3 * median(&mut bwd),
         opt_ms: 1e3 * median(&mut upd),

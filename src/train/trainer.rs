@@ -104,18 +104,40 @@ pub fn load_backbone(spec: &str, heads: Option<usize>, seed: u64, device: &Devic
 
 /// Picks the device for a run.
 pub fn select_device(choice: DeviceChoice) -> Result<Device> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
+    let device = match choice {
+        DeviceChoice::Cpu => Device::Cpu,
         DeviceChoice::Cuda => {
-            Device::new_cuda(0).map_err(|e| TrainError::Config(format!("--device cuda: no CUDA device ({e})")))
+            Device::new_cuda(0).map_err(|e| TrainError::Config(format!("--device cuda: no CUDA device ({e})")))?
         }
-        DeviceChoice::Auto => Ok(if cfg!(feature = "cuda") {
-            Device::new_cuda(0).unwrap_or(Device::Cpu)
-        } else {
-            Device::Cpu
-        }),
+        DeviceChoice::Auto => {
+            if cfg!(feature = "cuda") {
+                Device::new_cuda(0).unwrap_or(Device::Cpu)
+            } else {
+                Device::Cpu
+            }
+        }
+    };
+    single_stream(&device);
+    Ok(device)
+}
+
+/// candle's CUDA device tracks every tensor's reads and writes with CUDA events (two events
+/// created per allocation, recorded and waited on at every kernel launch) so that tensors can be
+/// shared between streams. The engine uses the device's one stream only, where stream order
+/// already orders everything, so the tracking is pure host overhead per op; it is switched off.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn single_stream(device: &Device) {
+    if let Device::Cuda(d) = device {
+        // SAFETY: every tensor of the engine is created and used on this device's single stream
+        // (no other stream is ever created), which is the condition candle documents for
+        // `disable_event_tracking`.
+        unsafe { d.disable_event_tracking() };
     }
 }
+
+#[cfg(not(feature = "cuda"))]
+fn single_stream(_: &Device) {}
 
 /// What a step produced.
 pub enum StepOutcome {
@@ -855,7 +877,7 @@ impl Trainer {
         for (name, var) in self.model.trainable() {
             tensors.insert(format!("param.{name}"), host(var.as_tensor())?);
         }
-        for (name, m, v) in self.opt.moments() {
+        for (name, m, v) in self.opt.moments()? {
             tensors.insert(format!("adam_m.{name}"), host(&m)?);
             tensors.insert(format!("adam_v.{name}"), host(&v)?);
         }
@@ -910,7 +932,7 @@ impl Trainer {
             let m = tf.get(&format!("adam_m.{name}")).map_err(|e| bad(e.to_string()))?;
             let v = tf.get(&format!("adam_v.{name}")).map_err(|e| bad(e.to_string()))?;
             self.opt
-                .set_moments(&name, m.to_tensor(&self.device)?, v.to_tensor(&self.device)?)?;
+                .set_moments(&name, &m.to_tensor(&self.device)?, &v.to_tensor(&self.device)?)?;
         }
         self.opt.t = state.opt_t;
         for name in &state.locked {

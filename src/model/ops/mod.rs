@@ -11,6 +11,8 @@ pub mod composite;
 pub mod cpu;
 pub mod fused;
 pub mod layout;
+pub mod lean;
+pub mod profile;
 pub mod spectral;
 
 use candle_core::{DType, Result, Tensor};
@@ -24,6 +26,8 @@ pub enum Kernels {
     /// Fused CPU ops where possible (CPU + f32), composite elsewhere.
     #[default]
     Auto,
+    /// The device-generic lean ops ([`lean`]) on every device (tests run them on the CPU).
+    Lean,
     /// Always the composite ops (the reference).
     Composite,
 }
@@ -33,6 +37,48 @@ impl Kernels {
     #[must_use]
     pub fn fused_for(self, x: &Tensor) -> bool {
         self == Self::Auto && x.device().is_cpu() && x.dtype() == DType::F32
+    }
+
+    /// Whether to run the lean op (where the fused one does not apply): CUDA by default, any
+    /// device when asked; never for f64 (the gradient-check dtype, which candle's fused
+    /// LayerNorm/softmax kernels do not cover everywhere).
+    #[must_use]
+    pub fn lean_for(self, x: &Tensor) -> bool {
+        let dtype_ok = matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        match self {
+            Self::Auto => dtype_ok && !self.fused_for(x),
+            Self::Lean => dtype_ok,
+            Self::Composite => false,
+        }
+    }
+
+    /// Parses `auto`, `lean` or `composite`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "lean" => Ok(Self::Lean),
+            "composite" => Ok(Self::Composite),
+            other => Err(format!("kernels must be auto, lean or composite (got {other})")),
+        }
+    }
+
+    /// The name `parse` takes.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Lean => "lean",
+            Self::Composite => "composite",
+        }
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(k: Kernels, x: &Tensor) -> Result<Tensor> {
+    if k.lean_for(x) {
+        lean::softmax(x)
+    } else {
+        composite::softmax(x)
     }
 }
 
@@ -44,6 +90,8 @@ pub fn layer_norm(k: Kernels, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
             &beta.contiguous()?,
             fused::LayerNormOp { eps: eps as f32 },
         )
+    } else if k.lean_for(x) {
+        lean::layer_norm(x, gamma, beta, eps)
     } else {
         composite::layer_norm(x, gamma, beta, eps)
     }
@@ -54,6 +102,8 @@ pub fn linear(k: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> 
     if k.fused_for(x) {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, fused::LinearOp)
+    } else if k.lean_for(x) {
+        lean::linear(x, w, Some(b))
     } else {
         composite::linear(x, w, Some(b))
     }
@@ -64,6 +114,8 @@ pub fn linear_no_bias(k: Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if k.fused_for(x) {
         let zero = Tensor::zeros(w.dim(0)?, x.dtype(), x.device())?;
         x.contiguous()?.apply_op3(&w.contiguous()?, &zero, fused::LinearOp)
+    } else if k.lean_for(x) {
+        lean::linear(x, w, None)
     } else {
         composite::linear(x, w, None)
     }
@@ -90,7 +142,11 @@ pub fn attn_half(
     eps: f64,
 ) -> Result<Tensor> {
     if !k.fused_for(x) {
-        return composite::attn_half(x, w, layout, delta, heads, eps);
+        return if k.lean_for(x) {
+            lean::attn_half(x, w, layout, delta, heads, eps)
+        } else {
+            composite::attn_half(x, w, layout, delta, heads, eps)
+        };
     }
     let (b, t, d) = x.dims3()?;
     let save = x.track_op() || w.track_op() || delta.is_some_and(Tensor::track_op);
@@ -120,7 +176,11 @@ pub fn mlp_half(
     eps: f64,
 ) -> Result<Tensor> {
     if !k.fused_for(x) {
-        return composite::mlp_half(x, w, layout, eps);
+        return if k.lean_for(x) {
+            lean::mlp_half(x, w, layout, eps)
+        } else {
+            composite::mlp_half(x, w, layout, eps)
+        };
     }
     let d = x.dim(candle_core::D::Minus1)?;
     let save = x.track_op() || w.track_op();
