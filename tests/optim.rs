@@ -12,10 +12,15 @@ const GW: [f32; 6] = [1.0, -2.0, 0.5, 0.25, 3.0, -1.0];
 const GB: [f32; 3] = [-0.5, 0.75, 2.0];
 
 fn setup() -> (Var, Var, AdamW) {
+    setup_with(true)
+}
+
+fn setup_with(host_pass: bool) -> (Var, Var, AdamW) {
     let w = Var::from_tensor(&Tensor::from_slice(&W0, (2, 3), &Device::Cpu).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::from_slice(&B0, 3, &Device::Cpu).unwrap()).unwrap();
     let vars = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
-    let opt = AdamW::new(&vars, |_, v| if v.rank() == 2 { Decay::All } else { Decay::None }, 0.01).unwrap();
+    let mut opt = AdamW::new(&vars, |_, v| if v.rank() == 2 { Decay::All } else { Decay::None }, 0.01).unwrap();
+    opt.host_pass = host_pass;
     (w, b, opt)
 }
 
@@ -53,20 +58,29 @@ fn adamw_matches_pytorch() {
         0.41664727961334613,
     ];
     let want_b = [0.38053380976305945, -0.4805338120804122, 0.019466185022896848];
-    let (w, b, mut opt) = setup();
-    for s in 0..3 {
-        step(&w, &b, &mut opt, s);
-    }
-    let got_w: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    let got_b: Vec<f32> = b.as_tensor().to_vec1().unwrap();
-    for (g, e) in got_w.iter().zip(want_w).chain(got_b.iter().zip(want_b)) {
-        assert!((f64::from(*g) - e).abs() < 1e-5, "{g} vs {e}");
+    // Both implementations: the fused host pass (CPU default) and the tensor-op path (GPU).
+    for host_pass in [true, false] {
+        let (w, b, mut opt) = setup_with(host_pass);
+        for s in 0..3 {
+            step(&w, &b, &mut opt, s);
+        }
+        let got_w: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let got_b: Vec<f32> = b.as_tensor().to_vec1().unwrap();
+        for (g, e) in got_w.iter().zip(want_w).chain(got_b.iter().zip(want_b)) {
+            assert!((f64::from(*g) - e).abs() < 1e-5, "host pass {host_pass}: {g} vs {e}");
+        }
     }
 }
 
 #[test]
 fn a_locked_tensor_keeps_its_value_and_moments() {
-    let (w, b, mut opt) = setup();
+    for host_pass in [true, false] {
+        locked_case(host_pass);
+    }
+}
+
+fn locked_case(host_pass: bool) {
+    let (w, b, mut opt) = setup_with(host_pass);
     step(&w, &b, &mut opt, 0);
     let moments = |opt: &AdamW| -> Vec<Vec<f32>> {
         opt.moments()

@@ -49,6 +49,9 @@ impl AdaptFormerUnit {
         let dtype = h.dtype();
         let p = |v: &Var| param(v, grad, dtype);
         let a = ops::linear(kernels, h, &p(&self.down_w)?, &p(&self.down_b)?)?.relu()?;
-        ops::linear(kernels, &a, &p(&self.up_w)?, &p(&self.up_b)?)? * ADAPTFORMER_SCALE
+        // The 0.1 goes on the small up-projection, not on the (B, T, D) output.
+        let up_w = (p(&self.up_w)? * ADAPTFORMER_SCALE)?;
+        let up_b = (p(&self.up_b)? * ADAPTFORMER_SCALE)?;
+        ops::linear(kernels, &a, &up_w, &up_b)
     }
 }

@@ -55,7 +55,8 @@ impl LoraUnit {
         let zeros = Tensor::zeros((d, r), dtype, self.q_b.device())?;
         let top = Tensor::cat(&[&p(&self.q_b)?, &zeros], 1)?;
         let bottom = Tensor::cat(&[&zeros, &p(&self.v_b)?], 1)?;
-        let b = Tensor::cat(&[&top, &bottom], 0)?;
-        ops::linear_no_bias(kernels, &z, &b)? * self.scale
+        // The α/r scale goes on the small block-diagonal B, not on the (B, T, 2D) output.
+        let b = (Tensor::cat(&[&top, &bottom], 0)? * self.scale)?;
+        ops::linear_no_bias(kernels, &z, &b)
     }
 }
