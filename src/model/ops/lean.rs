@@ -74,6 +74,14 @@ impl Hold {
     }
 }
 
+/// LayerNorm's input gradient from `x̂`, `1/σ` and `ĝ = dy⊙γ`:
+/// `dx = (1/σ)·(ĝ − mean(ĝ) − x̂·mean(ĝ⊙x̂))`.
+fn ln_input_grad(xhat: &Tensor, rstd: &Tensor, gh: &Tensor) -> Result<Tensor> {
+    let m1 = gh.mean_keepdim(D::Minus1)?;
+    let m2 = (gh * xhat)?.mean_keepdim(D::Minus1)?;
+    (gh.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(rstd)
+}
+
 /// Sums `t (…, D)` over every leading dimension to `(D)`.
 fn sum_rows(t: &Tensor) -> Result<Tensor> {
     let d = t.dim(D::Minus1)?;
@@ -148,16 +156,10 @@ impl CustomOp3 for Hold {
         let (xhat, rstd) = Self::normalized(&x.detach(), eps)?;
         let dgamma = gamma.track_op().then(|| sum_rows(&(&g * &xhat)?)).transpose()?;
         let dbeta = beta.track_op().then(|| sum_rows(&g)).transpose()?;
-        let dx = if x.track_op() {
-            // dx = (1/σ)·(ĝ − mean(ĝ) − x̂·mean(ĝ⊙x̂)), ĝ = g⊙γ
-            let gh = g.broadcast_mul(&gamma.detach())?;
-            let m1 = gh.mean_keepdim(D::Minus1)?;
-            let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
-            let inner = (gh.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?;
-            Some(inner.broadcast_mul(&rstd)?)
-        } else {
-            None
-        };
+        let dx = x
+            .track_op()
+            .then(|| ln_input_grad(&xhat, &rstd, &g.broadcast_mul(&gamma.detach())?))
+            .transpose()?;
         Ok((dx, dgamma, dbeta))
     }
 }
@@ -310,30 +312,48 @@ fn storage_of<'a, S>(t: &'a Storage, pick: impl Fn(&'a Storage) -> Option<&'a S>
     pick(t).ok_or_else(|| candle_core::Error::Msg("lean half-block: tensors on different devices".into()))
 }
 
-/// LayerNorm backward from the layer's input: `(dx, dγ, dβ)`, each only when `want`.
-fn layer_norm_bwd(
-    x: &Tensor,
-    gamma: &Tensor,
-    dy: &Tensor,
-    eps: f64,
-    want_x: bool,
+/// The layer scale's backward: the gradient before the scale (and `d ls` into `wg` when wanted).
+fn layer_scale_bwd(
+    pre_ls: Option<&Tensor>,
+    g: &Tensor,
+    w: &Tensor,
+    lay: &HalfLayout,
     want_w: bool,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let (xhat, rstd) = Hold::normalized(x, eps)?;
-    let (dgamma, dbeta) = if want_w {
-        (Some(sum_rows(&(dy * &xhat)?)?), Some(sum_rows(dy)?))
-    } else {
-        (None, None)
+    wg: &mut [Option<Tensor>],
+) -> Result<Tensor> {
+    let Some(pre) = pre_ls else {
+        return Ok(g.clone());
     };
-    let dx = if want_x {
-        let gh = dy.broadcast_mul(gamma)?;
-        let m1 = gh.mean_keepdim(D::Minus1)?;
-        let m2 = (&gh * &xhat)?.mean_keepdim(D::Minus1)?;
-        Some((gh.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?)
+    if want_w {
+        wg[LS] = Some(sum_rows(&(g * pre)?)?);
+    }
+    g.broadcast_mul(&slot(w, lay, LS)?)
+}
+
+/// The tail of a half's backward: the half's LayerNorm from its input `x` (gradient `dh` of its
+/// output), plus the residual `g`; with `want_w`, dγ/dβ join the slot gradients `wg` and the flat
+/// gradient of the half's buffer is returned too.
+#[allow(clippy::too_many_arguments)]
+fn norm_and_residual_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    lay: &HalfLayout,
+    dh: &Tensor,
+    g: &Tensor,
+    eps: f64,
+    want_w: bool,
+    mut wg: Vec<Option<Tensor>>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (xhat, rstd) = Hold::normalized(x, eps)?;
+    let dx = (ln_input_grad(&xhat, &rstd, &dh.broadcast_mul(&slot(w, lay, NORM_W)?)?)? + g)?;
+    let dw = if want_w {
+        wg[NORM_W] = Some(sum_rows(&(dh * &xhat)?)?);
+        wg[NORM_B] = Some(sum_rows(dh)?);
+        Some(flat_grad(lay, wg, w)?)
     } else {
         None
     };
-    Ok((dx, dgamma, dbeta))
+    Ok((dx, dw))
 }
 
 /// The flat gradient of a half's buffer from its slot gradients (absent slots and slots without
@@ -465,16 +485,7 @@ impl AttnHalf {
         let hd = d / self.heads;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut wg: Vec<Option<Tensor>> = vec![None; lay.slots.len()];
-        // Layer scale.
-        let dy = match &self.pre_ls {
-            Some(pre) => {
-                if want_w {
-                    wg[LS] = Some(sum_rows(&(&g * pre)?)?);
-                }
-                g.broadcast_mul(&slot(&w, lay, LS)?)?
-            }
-            None => g.clone(),
-        };
+        let dy = layer_scale_bwd(self.pre_ls.as_ref(), &g, &w, lay, want_w, &mut wg)?;
         let dev = x.device().clone();
         // Projection.
         let dy2 = rows(&dy)?;
@@ -510,14 +521,10 @@ impl AttnHalf {
             }
             dqkv.matmul(&slot(&w, lay, QKV_W)?)?.reshape((b, t, d))
         })?;
-        let (dx_ln, dgamma, dbeta) = section("attn bwd: norm1", &dev, || {
-            layer_norm_bwd(&x, &slot(&w, lay, NORM_W)?, &dh, self.eps, true, want_w)
+        let (dx, dw) = section("attn bwd: norm1", &dev, || {
+            norm_and_residual_bwd(&x, &w, lay, &dh, &g, self.eps, want_w, wg)
         })?;
-        wg[NORM_W] = dgamma;
-        wg[NORM_B] = dbeta;
-        let dx = dx_ln.map(|v| v + &g).transpose()?;
-        let dw = want_w.then(|| flat_grad(lay, wg, &w)).transpose()?;
-        Ok([dx, dw, ddelta])
+        Ok([Some(dx), dw, ddelta])
     }
 }
 
@@ -677,15 +684,7 @@ impl CustomOp2 for MlpHalf {
         let (x, w, g) = (x.detach(), w.detach(), g.detach().contiguous()?);
         let (b, t, d) = x.dims3()?;
         let mut wg: Vec<Option<Tensor>> = vec![None; lay.slots.len()];
-        let dy = match &self.pre_ls {
-            Some(pre) => {
-                if want_w {
-                    wg[LS] = Some(sum_rows(&(&g * pre)?)?);
-                }
-                g.broadcast_mul(&slot(&w, lay, LS)?)?
-            }
-            None => g.clone(),
-        };
+        let dy = layer_scale_bwd(self.pre_ls.as_ref(), &g, &w, lay, want_w, &mut wg)?;
         let dev = x.device().clone();
         let dy2 = rows(&dy)?;
         let dga = section("mlp bwd: fc2", &dev, || {
@@ -711,14 +710,10 @@ impl CustomOp2 for MlpHalf {
             }
             da.matmul(&slot(&w, lay, FC1_W)?)?.reshape((b, t, d))
         })?;
-        let (dx_ln, dgamma, dbeta) = section("mlp bwd: norm2", &dev, || {
-            layer_norm_bwd(&x, &slot(&w, lay, NORM_W)?, &dh, self.eps, true, want_w)
+        let (dx, dw) = section("mlp bwd: norm2", &dev, || {
+            norm_and_residual_bwd(&x, &w, lay, &dh, &g, self.eps, want_w, wg)
         })?;
-        wg[NORM_W] = dgamma;
-        wg[NORM_B] = dbeta;
-        let dx = dx_ln.map(|v| v + &g).transpose()?;
-        let dw = want_w.then(|| flat_grad(lay, wg, &w)).transpose()?;
-        Ok((dx, dw))
+        Ok((Some(dx), dw))
     }
 }
 
