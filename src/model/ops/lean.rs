@@ -11,8 +11,10 @@
 //!
 //! The forward values of softmax and LayerNorm come from `candle_nn::ops` (one fused kernel each,
 //! no backward of their own); a small custom op ([`Hold`]) returns that value as its output and
-//! carries the backward pass, so autograd sees one node. Tested against the composite forms on
-//! the CPU (tests/ops.rs), where the same code runs.
+//! carries the backward pass, so autograd sees one node. The transformer's two half-blocks are
+//! one node each as well ([`attn_half`], [`mlp_half`]: forward on detached inputs, hand-written
+//! backward). Tested against the composite forms on the CPU (tests/ops.rs, tests/peft.rs), where
+//! the same code runs; measured on an H200 (README, Performance).
 
 use super::composite::slot;
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
