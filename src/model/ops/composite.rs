@@ -49,6 +49,18 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
+/// `(B, T, D)` → `(B, H, T, D/H)`, contiguous.
+pub(crate) fn heads_of(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, d) = t.dims3()?;
+    t.reshape((b, n, heads, d / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// `(B, H, T, hd)` → `(B, T, H·hd)`.
+pub(crate) fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, h, n, hd) = t.dims4()?;
+    t.transpose(1, 2)?.contiguous()?.reshape((b, n, h * hd))
+}
+
 /// The attention half (see `fused::AttnHalfOp`), composite.
 pub fn attn_half(
     x: &Tensor,
@@ -67,17 +79,12 @@ pub fn attn_half(
         let full = Tensor::cat(&[&delta.narrow(2, 0, d)?, &zeros, &delta.narrow(2, d, d)?], 2)?;
         qkv = (qkv + full)?;
     }
-    let split = |i: usize| -> Result<Tensor> {
-        qkv.narrow(2, i * d, d)?
-            .reshape((b, t, heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
+    let split = |i: usize| heads_of(&qkv.narrow(2, i * d, d)?, heads);
     let (q, k, v) = (split(0)?, split(1)?, split(2)?);
     let scale = 1.0 / (hd as f64).sqrt();
     let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let p = softmax(&s)?;
-    let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+    let o = merge_heads(&p.matmul(&v)?)?;
     let mut y = linear(&o, &slot(w, layout, PROJ_W)?, Some(&slot(w, layout, PROJ_B)?))?;
     if layout.present(LS) {
         y = y.broadcast_mul(&slot(w, layout, LS)?)?;

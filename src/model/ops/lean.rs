@@ -16,7 +16,7 @@
 //! backward). Tested against the composite forms on the CPU (tests/ops.rs, tests/peft.rs), where
 //! the same code runs; measured on an H200 (README, Performance).
 
-use super::composite::slot;
+use super::composite::{heads_of, merge_heads, slot};
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
 use super::profile::section;
 use candle_core::backend::BackendStorage;
@@ -169,6 +169,9 @@ impl CustomOp3 for Hold {
 /// Softmax over the last dimension: candle's fused kernel forward, explicit backward.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
+    // candle_nn's softmax has no backward pass: it only computes the value here, on a detached
+    // input; the gradient to `x` comes from `Hold`'s backward (tests/ops.rs
+    // `lean_softmax_and_layer_norm_match_composite` checks it against the composite softmax).
     let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
     if !x.track_op() {
         return Ok(y);
@@ -184,6 +187,8 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
+    // candle_nn's LayerNorm has no backward pass: value only, on detached inputs; the gradients
+    // to x, γ and β come from `Hold`'s backward (checked in tests/ops.rs like the softmax).
     let y = candle_nn::ops::layer_norm(&x.detach(), &gamma.detach(), &beta.detach(), eps as f32)?;
     if !(x.track_op() || gamma.track_op() || beta.track_op()) {
         return Ok(y);
@@ -378,18 +383,6 @@ fn rows(t: &Tensor) -> Result<Tensor> {
     t.reshape(((), d))
 }
 
-/// `(B, T, D)` → `(B, H, T, D/H)`, contiguous.
-fn heads_of(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, n, d) = t.dims3()?;
-    t.reshape((b, n, heads, d / heads))?.transpose(1, 2)?.contiguous()
-}
-
-/// `(B, H, T, hd)` → `(B, T, H·hd)`.
-fn merge_heads(t: &Tensor) -> Result<Tensor> {
-    let (b, h, n, hd) = t.dims4()?;
-    t.transpose(1, 2)?.contiguous()?.reshape((b, n, h * hd))
-}
-
 /// The attention half `x + ls1 ⊙ proj(attn(norm1(x)))` (optional LoRA update `(B, T, 2D)` on q
 /// and v) as one node.
 struct AttnHalf {
@@ -442,6 +435,9 @@ impl AttnHalf {
             ))
         })?;
         let s = section("attn fwd: q·kᵀ", &dev, || q.matmul(&k.t()?.contiguous()?))?;
+        // Value only (no backward in candle_nn): the whole half's forward runs on detached inputs
+        // and `AttnHalf::bwd` differentiates the softmax by hand (tests/ops.rs
+        // `lean_half_blocks_match_composite` checks every gradient against the composite half).
         let p = section("attn fwd: softmax", &dev, || candle_nn::ops::softmax_last_dim(&s))?;
         let o = section("attn fwd: p·v, merge", &dev, || merge_heads(&p.matmul(&v)?))?;
         let y = section("attn fwd: proj", &dev, || {
