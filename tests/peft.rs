@@ -291,8 +291,23 @@ fn tiny_backbone(seed: u64) -> Vit {
     Vit::random(&cfg, seed, &Device::Cpu).unwrap()
 }
 
+/// `n` images of deterministic standard-normal noise (xorshift + Box-Muller, fixed seed: a test
+/// must not depend on the thread RNG) and labels `i mod classes`.
 fn toy_batch(n: usize, classes: usize) -> (Tensor, Tensor) {
-    let images = Tensor::randn(0f32, 1f32, (n, 3, 16, 16), &Device::Cpu).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut uniform = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let noise: Vec<f32> = (0..n * 3 * 16 * 16)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect();
+    let images = Tensor::from_vec(noise, (n, 3, 16, 16), &Device::Cpu).unwrap();
     let labels = Tensor::from_vec(
         (0..n).map(|i| (i % classes) as u32).collect::<Vec<_>>(),
         n,
