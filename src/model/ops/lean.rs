@@ -475,9 +475,9 @@ impl AttnHalf {
         residual(x, lx, storage_of(&s, pick)?, l)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, delta: Option<&Tensor>, g: &Tensor) -> Result<[Option<Tensor>; 3]> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, delta: &Tensor, g: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let lay = &self.layout;
-        let (want_w, want_delta) = (w.track_op(), self.has_delta && delta.is_some_and(Tensor::track_op));
+        let (want_w, want_delta) = (w.track_op(), self.has_delta && delta.track_op());
         let (x, w, g) = (x.detach(), w.detach(), g.detach().contiguous()?);
         let (b, t, d) = x.dims3()?;
         let hd = d / self.heads;
@@ -564,34 +564,8 @@ impl CustomOp3 for AttnHalf {
         _: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, dd] = self.bwd(x, w, Some(delta), g)?;
+        let [dx, dw, dd] = self.bwd(x, w, delta, g)?;
         Ok((dx, dw, dd))
-    }
-}
-
-impl CustomOp2 for AttnHalf {
-    fn name(&self) -> &'static str {
-        "lean-attn-half"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd(x, lx, Hold::cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        lx: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.fwd(x, lx, Hold::cuda)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] = self.bwd(x, w, None, g)?;
-        Ok((dx, dw))
     }
 }
 
@@ -606,10 +580,10 @@ pub fn attn_half(
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = AttnHalf::new(&x, w, layout.clone(), delta, heads, eps)?;
-    match delta {
-        Some(dl) => x.apply_op3(w, dl, op),
-        None => x.apply_op2(w, op),
-    }
+    // Without a LoRA update the third operand is an untracked placeholder (never read).
+    let none = w.narrow(0, 0, 1)?.detach();
+    let third = delta.unwrap_or(&none);
+    x.apply_op3(w, third, op)
 }
 
 /// The MLP half `x + ls2 ⊙ fc2(GELU(fc1(norm2(x))))` as one node.
