@@ -129,6 +129,12 @@ pub struct RunArgs {
     /// Random crops after padding each side by N pixels while training.
     #[arg(long, help_heading = "Optimisation")]
     pub crop_pad: Option<u32>,
+    /// Random rotations by up to ± DEG degrees while training.
+    #[arg(long, value_name = "DEG", help_heading = "Optimisation")]
+    pub rotate: Option<u32>,
+    /// Random zooms by up to ± PCT percent while training.
+    #[arg(long, value_name = "PCT", help_heading = "Optimisation")]
+    pub zoom: Option<u32>,
     /// auto (default), cpu or cuda.
     #[arg(long, value_parser = parse_device, help_heading = "Machine")]
     pub device: Option<DeviceChoice>,
@@ -170,7 +176,7 @@ impl RunArgs {
              temperature => c.method.temperature, scale => c.method.scale, batch => c.batch,
              weight_decay => c.weight_decay, warmup => c.warmup, eval_every => c.eval_every,
              grad_clip => c.grad_clip, seed => c.seed, device => c.device, dtype => c.dtype,
-             crop_pad => c.augment.crop_pad);
+             crop_pad => c.augment.crop_pad, rotate => c.augment.rotate_deg, zoom => c.augment.scale_pct);
         set!(heads => c.heads, few_shot => c.few_shot, lora_alpha => c.method.lora_alpha, steps => c.steps,
              epochs => c.epochs, lr => c.lr, threads => c.threads, out => c.out);
         if self.epochs.is_some() && self.steps.is_none() {
@@ -567,6 +573,12 @@ pub struct PretrainArgs {
     /// The backbone file to write.
     #[arg(long)]
     pub output: PathBuf,
+    /// Random rotations by up to ± DEG degrees (on top of flips and crops with padding 2).
+    #[arg(long, value_name = "DEG", default_value_t = 0)]
+    pub rotate: u32,
+    /// Random zooms by up to ± PCT percent.
+    #[arg(long, value_name = "PCT", default_value_t = 0)]
+    pub zoom: u32,
     /// Store the weights as f16 (half the size; loaded as f32).
     #[arg(long)]
     pub f16: bool,
@@ -625,6 +637,8 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
             augment: crate::data::Augment {
                 flip: true,
                 crop_pad: 2,
+                rotate_deg: args.rotate,
+                scale_pct: args.zoom,
             },
             out: Some(args.run.clone()),
             mean: Some(mean),
@@ -646,9 +660,17 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
         }
         finished
     };
+    let mut augment_text = vec!["flip + crop (pad 2)".to_string()];
+    if args.rotate > 0 {
+        augment_text.push(format!("rotate ±{}°", args.rotate));
+    }
+    if args.zoom > 0 {
+        augment_text.push(format!("zoom ±{}%", args.zoom));
+    }
+    let augment_text = augment_text.join(" + ");
     let provenance = serde_json::json!({
         "data": args.data, "preset": args.preset, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
-        "weight_decay": args.weight_decay, "seed": args.seed, "augment": "flip + crop (pad 2)",
+        "weight_decay": args.weight_decay, "seed": args.seed, "augment": augment_text,
         "test_acc": finished.test_acc, "best_val_acc": finished.best_val_acc, "steps": finished.steps,
         "seconds": finished.time_s,
     });

@@ -1,6 +1,6 @@
 //! From decoded pixels to the backbone's input: resize to S×S (bilinear), grey → RGB,
-//! optional augmentation (random crop after padding, horizontal flip), normalisation with the
-//! backbone's mean/std, CHW `f32`.
+//! optional augmentation (random crop after padding, horizontal flip, small random rotations and
+//! scalings), normalisation with the backbone's mean/std, CHW `f32`.
 
 use super::{DataError, RawImage, Sample, Source};
 use image::imageops::FilterType;
@@ -23,6 +23,10 @@ pub struct Augment {
     pub flip: bool,
     /// Random crops after zero-padding each side by this many pixels (0 = off).
     pub crop_pad: u32,
+    /// Random rotations by up to ± this many degrees (0 = off).
+    pub rotate_deg: u32,
+    /// Random scalings by up to ± this many percent about the centre (0 = off).
+    pub scale_pct: u32,
 }
 
 /// Decodes a sample's pixels (files are read here, on the loader thread).
@@ -91,6 +95,29 @@ pub fn write_chw<R: rand::Rng>(
             dy = rng.random_range(-p..=p);
         }
         flip = a.flip && rng.random_bool(0.5);
+        if a.rotate_deg > 0 || a.scale_pct > 0 {
+            let r = f64::from(a.rotate_deg);
+            let p = f64::from(a.scale_pct) / 100.0;
+            let angle = if r > 0.0 {
+                rng.random_range(-r..=r).to_radians()
+            } else {
+                0.0
+            };
+            let scale = if p > 0.0 {
+                rng.random_range(1.0 - p..=1.0 + p)
+            } else {
+                1.0
+            };
+            let warp = Warp {
+                angle,
+                scale,
+                dx: dx as f64,
+                dy: dy as f64,
+                flip,
+            };
+            warp_chw(rgb, size, norm, &warp, out);
+            return;
+        }
     }
     let s = size as i64;
     for c in 0..3 {
@@ -112,6 +139,46 @@ pub fn write_chw<R: rand::Rng>(
     }
 }
 
+/// A similarity transform of the output grid: the output pixel at `p` shows the input at
+/// `R(-angle) (p - c) / scale + c + (dx, dy)` (c the centre, x mirrored first when `flip`).
+struct Warp {
+    angle: f64,
+    scale: f64,
+    dx: f64,
+    dy: f64,
+    flip: bool,
+}
+
+/// [`write_chw`] through a [`Warp`], sampled bilinearly; outside the image is black (pixel 0).
+fn warp_chw(rgb: &[u8], size: usize, norm: &Normalize, w: &Warp, out: &mut [f32]) {
+    let c = (size as f64 - 1.0) / 2.0;
+    let (sin, cos) = w.angle.sin_cos();
+    let pixel = |x: i64, y: i64, ch: usize| -> f64 {
+        if x < 0 || y < 0 || x >= size as i64 || y >= size as i64 {
+            0.0
+        } else {
+            f64::from(rgb[((y as usize) * size + x as usize) * 3 + ch]) / 255.0
+        }
+    };
+    for y in 0..size {
+        for x in 0..size {
+            let xo = if w.flip { size - 1 - x } else { x };
+            let (u, v) = (xo as f64 - c, y as f64 - c);
+            let sx = (cos * u + sin * v) / w.scale + c + w.dx;
+            let sy = (-sin * u + cos * v) / w.scale + c + w.dy;
+            let (x0, y0) = (sx.floor(), sy.floor());
+            let (fx, fy) = (sx - x0, sy - y0);
+            let (x0, y0) = (x0 as i64, y0 as i64);
+            for ch in 0..3 {
+                let top = pixel(x0, y0, ch) * (1.0 - fx) + pixel(x0 + 1, y0, ch) * fx;
+                let bottom = pixel(x0, y0 + 1, ch) * (1.0 - fx) + pixel(x0 + 1, y0 + 1, ch) * fx;
+                let v = top * (1.0 - fy) + bottom * fy;
+                out[ch * size * size + y * size + x] = (v as f32 - norm.mean[ch]) / norm.std[ch];
+            }
+        }
+    }
+}
+
 /// A small deterministic RNG for augmentation, one per (seed, epoch, batch).
 #[must_use]
 pub fn batch_rng(seed: u64, epoch: u64, batch: u64) -> rand::rngs::StdRng {
@@ -119,4 +186,98 @@ pub fn batch_rng(seed: u64, epoch: u64, batch: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(
         seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ batch,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: usize = 7;
+    const NORM: Normalize = Normalize {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+
+    /// An asymmetric test image (every pixel and channel distinct).
+    fn image() -> Vec<u8> {
+        (0..SIZE * SIZE * 3).map(|i| (i * 5 % 251) as u8).collect()
+    }
+
+    fn warped(w: &Warp) -> Vec<f32> {
+        let mut out = vec![0.0; 3 * SIZE * SIZE];
+        warp_chw(&image(), SIZE, &NORM, w, &mut out);
+        out
+    }
+
+    fn shifted(dx: i64, dy: i64, flip: bool) -> Vec<f32> {
+        // The integer-crop path of write_chw, driven by a fixed crop/flip.
+        let (img, s) = (image(), SIZE as i64);
+        let mut out = vec![0.0; 3 * SIZE * SIZE];
+        for c in 0..3 {
+            for y in 0..s {
+                for x in 0..s {
+                    let sx = if flip { s - 1 - x } else { x } + dx;
+                    let sy = y + dy;
+                    out[c * SIZE * SIZE + (y * s + x) as usize] = if (0..s).contains(&sx) && (0..s).contains(&sy) {
+                        f32::from(img[((sy * s + sx) * 3) as usize + c]) / 255.0
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn warp_without_rotation_or_zoom_is_the_integer_crop() {
+        for (dx, dy, flip) in [(0, 0, false), (2, -1, false), (-2, 2, true)] {
+            let w = Warp {
+                angle: 0.0,
+                scale: 1.0,
+                dx: dx as f64,
+                dy: dy as f64,
+                flip,
+            };
+            let (a, b) = (warped(&w), shifted(dx, dy, flip));
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() < 1e-6, "shift ({dx}, {dy}, flip {flip}): {u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn warp_rotates_a_quarter_turn_exactly_and_zooms_about_the_centre() {
+        // 90°: output (x, y) shows input (c + v, c - u) with (u, v) = (x - c, y - c).
+        let img = image();
+        let out = warped(&Warp {
+            angle: std::f64::consts::FRAC_PI_2,
+            scale: 1.0,
+            dx: 0.0,
+            dy: 0.0,
+            flip: false,
+        });
+        for y in 0..SIZE {
+            for x in 0..SIZE {
+                let (sx, sy) = (y, SIZE - 1 - x);
+                let want = f32::from(img[(sy * SIZE + sx) * 3 + 1]) / 255.0;
+                let got = out[SIZE * SIZE + y * SIZE + x];
+                assert!((got - want).abs() < 1e-5, "({x}, {y}): {got} vs {want}");
+            }
+        }
+        // Zoom 2: the centre pixel stays, its neighbour shows the half-way (bilinear) value.
+        let out = warped(&Warp {
+            angle: 0.0,
+            scale: 2.0,
+            dx: 0.0,
+            dy: 0.0,
+            flip: false,
+        });
+        let c = SIZE / 2;
+        let at = |x: usize, y: usize| f32::from(img[(y * SIZE + x) * 3]) / 255.0;
+        assert!((out[c * SIZE + c] - at(c, c)).abs() < 1e-6);
+        let half = 0.5 * (at(c, c) + at(c + 1, c));
+        assert!((out[c * SIZE + c + 2] - at(c + 1, c)).abs() < 1e-6);
+        assert!((out[c * SIZE + c + 1] - half).abs() < 1e-6);
+    }
 }

@@ -175,6 +175,15 @@ impl RunConfig {
         if self.few_shot == Some(0) {
             return Err("--few-shot must be ≥ 1".into());
         }
+        if self.augment.rotate_deg > 90 {
+            return Err(format!(
+                "--rotate must be ≤ 90 degrees (got {})",
+                self.augment.rotate_deg
+            ));
+        }
+        if self.augment.scale_pct > 50 {
+            return Err(format!("--zoom must be ≤ 50 percent (got {})", self.augment.scale_pct));
+        }
         Ok(())
     }
 
