@@ -171,3 +171,34 @@ fn infer_with_a_moppa_adapter_writes_logits_and_router() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("/nope/in.safetensors"));
 }
+
+/// `moppa bench --verify`: the lean kernels' step against the composite reference (on the CPU
+/// here; on a GPU the same flag checks the CUDA kernels), reported in the JSON.
+#[test]
+fn bench_verify_reports_the_kernels_against_the_reference() {
+    let out = moppa(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--method",
+        "moppa",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--kernels",
+        "lean",
+        "--verify",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let verify = &v["verify"];
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert!(verify["worst_grad_rel_err"].as_f64().unwrap() < 1e-4, "{verify}");
+    assert!(verify["zero_grads"].as_array().unwrap().is_empty(), "{verify}");
+    let checks = verify["kernel_checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 12, "six kernels in f32 and bf16: {verify}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("verify against the composite ops"));
+}

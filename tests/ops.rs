@@ -427,3 +427,74 @@ fn spectral_mix_fused_matches_composite_for_every_router_shape() {
     let reference = |t: &[Tensor]| ops::spectral_mix(Kernels::Composite, &grid64, &t[0], &t[1], None);
     compare(&fused, &reference, &[z, g1], &[true, true], 2e-5);
 }
+
+/// The one-pass kernels of `ops::rowwise` (the CPU loops; `moppa bench --verify` checks the CUDA
+/// kernels against these on a GPU) against candle's autograd of the composite forms, which the
+/// tests above check against finite differences; in f32 and, more loosely, bf16.
+#[test]
+fn rowwise_kernels_match_autograd_of_the_composite_forms() {
+    use ops::rowwise;
+    let grad_of = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>, x: &Tensor, dy: &Tensor| {
+        let v = Var::from_tensor(x).unwrap();
+        let y = f(v.as_tensor()).unwrap();
+        let g = (y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+        g.get(v.as_tensor()).unwrap().clone()
+    };
+    let (x, dy) = (randn(&[6, 5, 40], 1.5, 1), randn(&[6, 5, 40], 1.0, 2));
+    let gamma = (randn(&[40], 0.3, 3) + 1.0).unwrap();
+    let beta = randn(&[40], 0.3, 4);
+    let gelu_ref = grad_of(&|t| t.gelu_erf(), &x, &dy);
+    let softmax_ref = grad_of(&composite::softmax, &x, &dy);
+    let ln_ref = grad_of(&|t| composite::layer_norm(t, &gamma, &beta, 1e-6), &x, &dy);
+    let p = composite::softmax(&x).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let gelu = rowwise::gelu_bwd(&c(&x), &c(&dy)).unwrap();
+        let softmax = rowwise::softmax_bwd(&c(&p), &c(&dy)).unwrap();
+        let ln = rowwise::layer_norm_bwd(&c(&x), &c(&gamma), &c(&dy), 1e-6).unwrap();
+        for (name, got, want) in [
+            ("gelu", gelu, &gelu_ref),
+            ("softmax", softmax, &softmax_ref),
+            ("layer norm", ln, &ln_ref),
+        ] {
+            assert_eq!(got.dtype(), dtype);
+            let e = rel_err(&got, want);
+            assert!(e < tol, "{name} backward ({dtype:?}): relative error {e:.2e}");
+        }
+    }
+}
+
+/// `rowwise::split_qkv` / `merge_heads` against narrow + reshape + transpose (+ the LoRA update
+/// and the scale), exactly.
+#[test]
+fn rowwise_head_split_and_merge_match_reshapes() {
+    use ops::rowwise;
+    let (b, t, h, hd) = (2, 5, 3, 4);
+    let d = h * hd;
+    let qkv = randn(&[b, t, 3 * d], 1.0, 5);
+    let delta = randn(&[b, t, 2 * d], 1.0, 6);
+    let heads = |x: &Tensor| {
+        x.reshape((b, t, h, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let part = |x: &Tensor, i: usize| x.narrow(2, i * d, d).unwrap();
+    let (q, k, v) = rowwise::split_qkv(&qkv, Some(&delta), h, 0.25).unwrap();
+    let want_q = (heads(&(part(&qkv, 0) + part(&delta, 0)).unwrap()) * 0.25).unwrap();
+    let want_v = heads(&(part(&qkv, 2) + part(&delta, 1)).unwrap());
+    for (got, want) in [(&q, &want_q), (&k, &heads(&part(&qkv, 1))), (&v, &want_v)] {
+        assert_eq!(got.dims(), &[b, h, t, hd]);
+        assert!(rel_err(got, want) < 1e-7, "split: {:.2e}", rel_err(got, want));
+    }
+    let (q0, _, _) = rowwise::split_qkv(&qkv, None, h, 1.0).unwrap();
+    assert!(rel_err(&q0, &heads(&part(&qkv, 0))) < 1e-7);
+    // Merge is the inverse: (dq·s, dk, dv) side by side in (B, T, 3D).
+    let merged = rowwise::merge_heads(&[&q, &k, &v], 2.0).unwrap();
+    let unheads = |x: &Tensor| x.transpose(1, 2).unwrap().reshape((b, t, d)).unwrap();
+    let want = Tensor::cat(&[&(unheads(&q) * 2.0).unwrap(), &unheads(&k), &unheads(&v)], 2).unwrap();
+    assert!(rel_err(&merged, &want) < 1e-7, "merge: {:.2e}", rel_err(&merged, &want));
+    assert!(rel_err(&rowwise::merge_heads(&[&k], 1.0).unwrap(), &unheads(&k)) < 1e-7);
+}

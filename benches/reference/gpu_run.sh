@@ -8,7 +8,10 @@
 # "Performance"); OUT_DIR (default $OUT, else ./gpu-out) receives gpu.log (everything) and
 # gpu.jsonl (one {"label", "rc", "result"} object per timing). The CUDA 13 libraries are looked
 # for where the team's GPU machine has them. Each step has its own time limit, so one failure
-# leaves the others' numbers. QUICK=1 stops after the ViT-B/16 and tiny pairs.
+# leaves the others' numbers. First, `--verify` checks the CUDA kernels and one step of each
+# method against the composite reference on the GPU (rc 1 in gpu.jsonl when they disagree).
+# QUICK=1 stops after the ViT-B/16 and tiny pairs; PROFILE=1 adds a per-section profile of the
+# bf16 MoPPA step (MOPPA_PROFILE_SYNC) to gpu.log.
 set -u
 BIN=${1:?usage: gpu_run.sh BINARY [OUT_DIR]}
 OUT_DIR=${2:-${OUT:-./gpu-out}}
@@ -56,6 +59,15 @@ P="$PY $HERE/pytorch_bench.py --device cuda --batch 64 --steps $STEPS --json"
 step warmup 120 $BIN bench --device cuda --preset tiny --method moppa --batch 64 --steps 3 --json
 step warmup-bf16 60 $BIN bench --device cuda --preset tiny --method moppa --batch 64 --steps 3 --dtype bf16 --json
 
+# Correctness on the GPU: every fused kernel against the CPU loops, and one step's loss and
+# gradients against candle's composite primitives (ViT-B/16 at batch 8 keeps it short).
+V="$BIN bench --device cuda --steps 1 --verify --json"
+step verify-tiny-moppa-f32 60 $V --preset tiny --method moppa --batch 16
+step verify-moppa-bf16 90 $V --preset vit-b16 --method moppa --batch 8 --dtype bf16
+step verify-lora-bf16 90 $V --preset vit-b16 --method lora --batch 8 --dtype bf16
+step verify-full-bf16 90 $V --preset vit-b16 --method full --batch 8 --dtype bf16
+step verify-moppa-f32 90 $V --preset vit-b16 --method moppa --batch 8
+
 # The issue's configuration: ViT-B/16, batch 64, MoPPA r8, adapters only.
 step candle-moppa-tf32 90 $B --preset vit-b16 --method moppa --tf32
 step torch-moppa-tf32 120 $P --preset vit-b16 --method moppa --tf32
@@ -71,6 +83,11 @@ step torch-tiny-moppa 90 $P --preset tiny --method moppa
 RUN=$(mktemp -d)/run
 step train-builtin-cuda 150 $BIN train --device cuda --steps 300 --out "$RUN" --plain
 tail -n 3 "$RUN/metrics.csv" 2>/dev/null | tee -a "$LOG"
+if [ -n "${PROFILE:-}" ]; then
+    echo "== profile: vit-b16 moppa bf16, every section synchronised" | tee -a "$LOG"
+    MOPPA_PROFILE_SYNC=1 timeout 90 $BIN bench --device cuda --batch 64 --steps 5 --preset vit-b16 --method moppa \
+        --dtype bf16 2>&1 | tee -a "$LOG"
+fi
 if [ -n "${QUICK:-}" ]; then
     date -u | tee -a "$LOG"
     exit 0

@@ -464,6 +464,10 @@ pub struct BenchArgs {
     /// CUDA: let f32 matrix products use TF32 tensor cores (like PyTorch's allow_tf32).
     #[arg(long)]
     pub tf32: bool,
+    /// Before timing, check one step's loss and gradients against the composite reference on the
+    /// same device (exit 1 when they differ by more than the tolerance).
+    #[arg(long)]
+    pub verify: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -498,6 +502,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
         dtype: args.dtype,
         kernels: args.kernels,
         tf32: args.tf32,
+        verify: args.verify,
     };
     let threads = args
         .threads
@@ -532,6 +537,31 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
             100.0 * r.gflops_per_s / r.gemm_gflops_per_s,
             r.gemm_gflops_per_s
         );
+    }
+    if let Some(v) = &r.verify {
+        eprintln!(
+            "verify against the composite ops: loss {:.6} vs {:.6}, gradient error {:.2e} in all, worst {:.2e} ({}), tolerance {:.0e}{}",
+            v.loss,
+            v.loss_reference,
+            v.total_grad_rel_err,
+            v.worst_grad_rel_err,
+            v.worst_param,
+            v.tolerance,
+            if v.zero_grads.is_empty() {
+                String::new()
+            } else {
+                format!(", no reference gradient: {}", v.zero_grads.join(", "))
+            }
+        );
+        for (kernel, dtype, err) in &v.kernel_checks {
+            eprintln!("  kernel {kernel} ({dtype}) against the CPU loops: relative error {err:.2e}");
+        }
+        if !v.ok {
+            return Err(CliError::Failure(anyhow::anyhow!(
+                "the {} kernels do not match the composite reference (see above)",
+                r.kernels
+            )));
+        }
     }
     Ok(())
 }

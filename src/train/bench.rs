@@ -55,6 +55,39 @@ pub struct BenchConfig {
     pub kernels: Kernels,
     /// Let CUDA f32 matrix products use TF32 tensor cores (PyTorch's `allow_tf32`).
     pub tf32: bool,
+    /// Before timing, check one step against the composite reference ([`Verify`]).
+    pub verify: bool,
+}
+
+/// One step's loss and gradients with the benchmarked kernels against candle's composite
+/// primitives (the reference the kernels are tested against on the CPU), on the same device,
+/// weights and batch: how a GPU build shows that its kernels compute what they should.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verify {
+    /// Loss with the benchmarked kernels.
+    pub loss: f64,
+    /// Loss with the composite ops.
+    pub loss_reference: f64,
+    /// The largest `‖g − g_ref‖ / ‖g_ref‖` over the trainable tensors.
+    pub worst_grad_rel_err: f64,
+    /// `‖g − g_ref‖ / ‖g_ref‖` over all trainable tensors together.
+    pub total_grad_rel_err: f64,
+    /// Which tensor that was.
+    pub worst_param: String,
+    /// Tensors whose reference gradient is zero or missing (should be none).
+    pub zero_grads: Vec<String>,
+    /// The bound the relative loss difference and the gradient error must stay under: in f32,
+    /// every tensor's (`worst_grad_rel_err`); in bf16 or TF32, whose rounding differs between any
+    /// two orders of summation, all together (`total_grad_rel_err`), while each tensor's must stay
+    /// under 1 (a gradient of the wrong direction or twice the size is still caught): small
+    /// gradients that are sums of many cancelling terms (a prior's scalar coefficient) are
+    /// legitimately ~50% off between two bf16 summation orders.
+    pub tolerance: f64,
+    /// Each one-pass kernel on the device against the CPU loops (`model::ops::rowwise`):
+    /// `(kernel, dtype, error relative to the largest reference value)`.
+    pub kernel_checks: Vec<(String, String, f64)>,
+    /// Whether everything is within its tolerance (kernel checks: 2e-3 in f32, 3e-2 in bf16).
+    pub ok: bool,
 }
 
 /// The result (`--json` prints it as one object).
@@ -92,6 +125,8 @@ pub struct BenchResult {
     pub gemm_gflops_per_s: f64,
     /// Trainable parameters.
     pub trainable: usize,
+    /// The check against the composite reference, with `--verify`.
+    pub verify: Option<Verify>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -150,7 +185,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         backbone = backbone.to_dtype(DType::BF16)?;
     }
     let vcfg = backbone.cfg.clone();
-    let model = PeftModel::new(
+    let mut model = PeftModel::new(
         backbone,
         cfg.method.clone(),
         (0..classes).map(|c| c.to_string()).collect(),
@@ -168,17 +203,23 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         cfg.batch,
         &device,
     )?;
+    let verify = if cfg.verify {
+        Some(verify(
+            &mut model,
+            &images,
+            &labels,
+            cfg.dtype == Precision::Bf16 || tf32,
+        )?)
+    } else {
+        None
+    };
     let (mut fwd, mut bwd, mut upd, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..cfg.steps + 3 {
         if i == 3 {
             profile::reset();
         }
         let t0 = Instant::now();
-        let out = model.forward(&images, false)?;
-        let mut loss = cross_entropy(&out.logits.to_dtype(DType::F32)?, &labels)?;
-        if let Some(r) = out.route_loss {
-            loss = (loss + r.to_dtype(DType::F32)?)?;
-        }
+        let loss = step_loss(&model, &images, &labels)?;
         loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
@@ -240,6 +281,106 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         gflops_per_s: flops / step / 1e9,
         gemm_gflops_per_s: gemm_rate(&device)?,
         trainable: model.num_trainable(),
+        verify,
+    })
+}
+
+/// The training loss of one batch (cross-entropy in f32, plus the route loss).
+fn step_loss(model: &PeftModel, images: &Tensor, labels: &Tensor) -> anyhow::Result<Tensor> {
+    let out = model.forward(images, false)?;
+    let loss = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels)?;
+    Ok(match out.route_loss {
+        Some(r) => (loss + r.to_dtype(DType::F32)?)?,
+        None => loss,
+    })
+}
+
+/// [`Verify`]: one forward and backward with the model's kernels, one with the composite ops.
+/// Trainable tensors that are all zero get small random values first.
+fn verify(model: &mut PeftModel, images: &Tensor, labels: &Tensor, loose: bool) -> anyhow::Result<Verify> {
+    let tolerance = if loose { 5e-2 } else { 2e-3 };
+    let kernels = model.backbone.kernels;
+    let run = |model: &PeftModel| -> anyhow::Result<(f64, Vec<Option<Tensor>>)> {
+        let loss = step_loss(model, images, labels)?;
+        let grads = loss.backward()?;
+        let g = model
+            .trainable()
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).map(|g| g.to_dtype(DType::F32)))
+            .map(Option::transpose)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((f64::from(loss.to_scalar::<f32>()?), g))
+    };
+    // Zero-initialised tensors (adapters' up projections) would leave everything upstream of them
+    // without a gradient at step 0: give them small random values first (timing is unaffected).
+    for (_, v) in model.trainable() {
+        if v.as_tensor()
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?
+            == 0.0
+        {
+            let noise = (Tensor::randn(0f32, 1f32, v.shape(), v.device())? * 0.02)?;
+            v.set(&noise.to_dtype(v.dtype())?)?;
+        }
+    }
+    let (loss, fast) = run(model)?;
+    model.backbone.kernels = Kernels::Composite;
+    let reference = run(model);
+    model.backbone.kernels = kernels;
+    let (loss_reference, reference) = reference?;
+    let norm =
+        |t: &Tensor| -> candle_core::Result<f64> { Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())) };
+    let (mut worst, mut worst_param, mut zero_grads) = (0.0f64, String::new(), Vec::new());
+    let (mut diff_sq, mut ref_sq) = (0.0f64, 0.0f64);
+    for (((name, _), g), r) in model.trainable().iter().zip(&fast).zip(&reference) {
+        let r_norm = match r {
+            Some(r) => norm(r)?,
+            None => 0.0,
+        };
+        if r_norm == 0.0 {
+            zero_grads.push(name.clone());
+            continue;
+        }
+        let err = match (g, r) {
+            (Some(g), Some(r)) => norm(&(g - r)?)? / r_norm,
+            _ => f64::INFINITY,
+        };
+        diff_sq += (err * r_norm).powi(2);
+        ref_sq += r_norm * r_norm;
+        // NaN counts as the worst.
+        if err.is_nan() || err > worst {
+            worst = err;
+            worst_param.clone_from(name);
+        }
+    }
+    let loss_err = (loss - loss_reference).abs() / loss_reference.abs().max(1e-12);
+    let checks = crate::model::ops::rowwise::self_check(images.device())?;
+    let kernels_ok = checks
+        .iter()
+        .all(|(_, dtype, err)| *err <= if *dtype == DType::F32 { 2e-3 } else { 3e-2 });
+    let kernel_checks = checks
+        .into_iter()
+        .map(|(k, d, e)| (k, format!("{d:?}").to_lowercase(), e))
+        .collect();
+    Ok(Verify {
+        kernel_checks,
+        loss,
+        loss_reference,
+        worst_grad_rel_err: worst,
+        total_grad_rel_err: diff_sq.sqrt() / ref_sq.sqrt().max(1e-30),
+        worst_param,
+        ok: kernels_ok
+            && loss_err <= tolerance
+            && zero_grads.is_empty()
+            && if loose {
+                diff_sq.sqrt() <= tolerance * ref_sq.sqrt() && worst <= 1.0
+            } else {
+                worst <= tolerance
+            },
+        zero_grads,
+        tolerance,
     })
 }
 

@@ -16,9 +16,10 @@
 //! backward). Tested against the composite forms on the CPU (tests/ops.rs, tests/peft.rs), where
 //! the same code runs; measured on an H200 (README, Performance).
 
-use super::composite::{heads_of, merge_heads, slot};
+use super::composite::{heads_of, slot};
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
 use super::profile::section;
+use super::rowwise;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Storage, Tensor};
@@ -67,21 +68,14 @@ impl Hold {
         }
     }
 
-    /// `(x̂, 1/σ)` of a LayerNorm recomputed from its input (cheaper than keeping them).
-    fn normalized(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    /// `x̂` of a LayerNorm recomputed from its input (for `dγ`; the input gradient
+    /// recomputes them inside [`rowwise::layer_norm_bwd`]).
+    fn normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        Ok((xc.broadcast_mul(&rstd)?, rstd))
+        xc.broadcast_mul(&rstd)
     }
-}
-
-/// LayerNorm's input gradient from `x̂`, `1/σ` and `ĝ = dy⊙γ`:
-/// `dx = (1/σ)·(ĝ − mean(ĝ) − x̂·mean(ĝ⊙x̂))`.
-fn ln_input_grad(xhat: &Tensor, rstd: &Tensor, gh: &Tensor) -> Result<Tensor> {
-    let m1 = gh.mean_keepdim(D::Minus1)?;
-    let m2 = (gh * xhat)?.mean_keepdim(D::Minus1)?;
-    (gh.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(rstd)
 }
 
 /// Sums `t (…, D)` over every leading dimension to `(D)`.
@@ -105,11 +99,7 @@ impl CustomOp1 for Hold {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // dx = y ⊙ (g − Σ g⊙y)
-        let y = y.detach();
-        let gy = (g.detach() * &y)?;
-        let s = gy.sum_keepdim(D::Minus1)?;
-        Ok(Some((gy - y.broadcast_mul(&s)?)?))
+        Ok(Some(rowwise::softmax_bwd(y, g)?))
     }
 }
 
@@ -155,12 +145,14 @@ impl CustomOp3 for Hold {
             candle_core::bail!("lean op: not a LayerNorm");
         };
         let g = g.detach();
-        let (xhat, rstd) = Self::normalized(&x.detach(), eps)?;
-        let dgamma = gamma.track_op().then(|| sum_rows(&(&g * &xhat)?)).transpose()?;
+        let dgamma = gamma
+            .track_op()
+            .then(|| sum_rows(&(&g * &Self::normalized(&x.detach(), eps)?)?))
+            .transpose()?;
         let dbeta = beta.track_op().then(|| sum_rows(&g)).transpose()?;
         let dx = x
             .track_op()
-            .then(|| ln_input_grad(&xhat, &rstd, &g.broadcast_mul(&gamma.detach())?))
+            .then(|| rowwise::layer_norm_bwd(x, gamma, &g, eps))
             .transpose()?;
         Ok((dx, dgamma, dbeta))
     }
@@ -211,13 +203,18 @@ struct LinearOp {
 }
 
 impl LinearOp {
-    fn fwd<S: BackendStorage>(&self, x: &S, lx: &Layout, w: &S, lw: &Layout, b: &S, lb: &Layout) -> Result<(S, Shape)> {
+    /// `x·Wᵀ` as a contiguous `(m, n)` buffer.
+    fn product<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, usize, usize)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, k2) = lw.shape().dims2()?;
         if k != k2 {
             candle_core::bail!("lean linear: x has {k} features, W expects {k2}");
         }
-        let y = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+        Ok((x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?, m, n))
+    }
+
+    fn fwd<S: BackendStorage>(&self, x: &S, lx: &Layout, w: &S, lw: &Layout, b: &S, lb: &Layout) -> Result<(S, Shape)> {
+        let (y, m, n) = Self::product(x, lx, w, lw)?;
         let y = if self.bias {
             y.binary_impl::<Add>(b, &Layout::contiguous((m, n)), &lb.broadcast_as((m, n))?)?
         } else {
@@ -254,7 +251,13 @@ impl CustomOp3 for LinearOp {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.fwd(x, lx, w, lw, b, lb)
+        // The bias goes into the GEMM's fresh output in place (one pass; candle's broadcast add
+        // is a strided kernel and a second buffer).
+        let (mut y, m, n) = Self::product(x, lx, w, lw)?;
+        if self.bias {
+            rowwise::add_bias_in_place(&mut y, b, lb, n)?;
+        }
+        Ok((y, Shape::from((m, n))))
     }
 
     fn bwd(
@@ -351,10 +354,9 @@ fn norm_and_residual_bwd(
     want_w: bool,
     mut wg: Vec<Option<Tensor>>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (xhat, rstd) = Hold::normalized(x, eps)?;
-    let dx = (ln_input_grad(&xhat, &rstd, &dh.broadcast_mul(&slot(w, lay, NORM_W)?)?)? + g)?;
+    let dx = (rowwise::layer_norm_bwd(x, &slot(w, lay, NORM_W)?, dh, eps)? + g)?;
     let dw = if want_w {
-        wg[NORM_W] = Some(sum_rows(&(dh * &xhat)?)?);
+        wg[NORM_W] = Some(sum_rows(&(dh * &Hold::normalized(x, eps)?)?)?);
         wg[NORM_B] = Some(sum_rows(dh)?);
         Some(flat_grad(lay, wg, w)?)
     } else {
@@ -422,24 +424,17 @@ impl AttnHalf {
         })?;
         let scale = 1.0 / ((d / heads) as f64).sqrt();
         let (q, k, v) = section("attn fwd: split heads", &dev, || {
-            let (mut q, k, mut v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
-            if let Some(dl) = delta {
-                let dl = dl.detach();
-                q = (q + dl.narrow(2, 0, d)?)?;
-                v = (v + dl.narrow(2, d, d)?)?;
-            }
-            Ok((
-                (heads_of(&q, heads)? * scale)?,
-                heads_of(&k, heads)?,
-                heads_of(&v, heads)?,
-            ))
+            rowwise::split_qkv(&qkv, delta, heads, scale)
         })?;
-        let s = section("attn fwd: q·kᵀ", &dev, || q.matmul(&k.t()?.contiguous()?))?;
+        // kᵀ as a transposed view: the GEMM reads it as such (no copy).
+        let s = section("attn fwd: q·kᵀ", &dev, || q.matmul(&k.t()?))?;
         // Value only (no backward in candle_nn): the whole half's forward runs on detached inputs
         // and `AttnHalf::bwd` differentiates the softmax by hand (tests/ops.rs
         // `lean_half_blocks_match_composite` checks every gradient against the composite half).
         let p = section("attn fwd: softmax", &dev, || candle_nn::ops::softmax_last_dim(&s))?;
-        let o = section("attn fwd: p·v, merge", &dev, || merge_heads(&p.matmul(&v)?))?;
+        let o = section("attn fwd: p·v, merge", &dev, || {
+            rowwise::merge_heads(&[&p.matmul(&v)?], 1.0)
+        })?;
         let y = section("attn fwd: proj", &dev, || {
             linear(&o, &slot(&w, &layout, PROJ_W)?, Some(&slot(&w, &layout, PROJ_B)?))
         })?;
@@ -499,17 +494,17 @@ impl AttnHalf {
         let (dp, dv) = section("attn bwd: p·v", &dev, || {
             Ok((do_.matmul(&self.v.t()?)?, self.p.t()?.matmul(&do_)?))
         })?;
-        let ds = section("attn bwd: softmax", &dev, || {
-            let pdp = (&dp * &self.p)?;
-            pdp.clone() - self.p.broadcast_mul(&pdp.sum_keepdim(D::Minus1)?)?
-        })?;
+        let ds = section("attn bwd: softmax", &dev, || rowwise::softmax_bwd(&self.p, &dp))?;
+        // dq without its 1/√hd: the merge applies it.
         let (dq, dk) = section("attn bwd: q·kᵀ", &dev, || {
-            Ok(((ds.matmul(&self.k)? * scale)?, ds.t()?.matmul(&self.q)?))
+            Ok((ds.matmul(&self.k)?, ds.t()?.matmul(&self.q)?))
         })?;
         let (ddelta, dqkv) = section("attn bwd: merge heads", &dev, || {
-            let (dq, dk, dv) = (merge_heads(&dq)?, merge_heads(&dk)?, merge_heads(&dv)?);
-            let ddelta = want_delta.then(|| Tensor::cat(&[&dq, &dv], 2)).transpose()?;
-            Ok((ddelta, rows(&Tensor::cat(&[&dq, &dk, &dv], 2)?)?))
+            let dqkv = rowwise::merge_heads(&[&dq, &dk, &dv], scale)?;
+            let ddelta = want_delta
+                .then(|| Tensor::cat(&[&dqkv.narrow(2, 0, d)?, &dqkv.narrow(2, 2 * d, d)?], 2))
+                .transpose()?;
+            Ok((ddelta, rows(&dqkv)?))
         })?;
         let dh = section("attn bwd: qkv", &dev, || {
             if want_w {
@@ -666,15 +661,7 @@ impl CustomOp2 for MlpHalf {
             }
             dy2.matmul(&slot(&w, lay, FC2_W)?)
         })?;
-        // GELU'(a) = Φ(a) + a·φ(a).
-        let da = section("mlp bwd: gelu", &dev, || {
-            let a = rows(&self.a)?;
-            let cdf = ((a.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
-            let pdf = (a.sqr()? * -0.5)?
-                .exp()?
-                .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
-            dga * (cdf + (a * pdf)?)?
-        })?;
+        let da = section("mlp bwd: gelu", &dev, || rowwise::gelu_bwd(&rows(&self.a)?, &dga))?;
         let dh = section("mlp bwd: fc1", &dev, || {
             if want_w {
                 wg[FC1_W] = Some(da.t()?.matmul(&rows(&self.h)?)?);

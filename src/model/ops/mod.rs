@@ -1,11 +1,15 @@
-//! Training ops with real backward passes, in two implementations behind one API:
+//! Training ops with real backward passes, in three implementations behind one API:
 //!
 //! - `fused`: candle custom ops over vectorised, rayon-parallel CPU kernels (`cpu`), used for
 //!   `f32` on the CPU. Frozen weights cost no weight gradients.
-//! - `composite`: candle's own differentiable primitives, for every other device/dtype (CUDA,
-//!   `f64` gradient checks) and as the reference the fused ops are tested against.
+//! - `composite`: candle's own differentiable primitives, for `f64` gradient checks and as the
+//!   reference every other implementation is tested against.
+//! - `lean`: device-generic ops (the default on CUDA) whose backward passes are written out, with
+//!   the one-pass kernels of `rowwise` (CUDA kernels built by build.rs, CPU loops that mirror them)
+//!   for the GELU/softmax/LayerNorm backward, the bias add and the attention head layouts.
 //!
-//! candle's fused `LayerNorm` / `softmax_last_dim` have no backward pass and are never used.
+//! candle's fused `LayerNorm` / `softmax_last_dim` have no backward pass: only `lean` calls them, for
+//! forward values inside ops that carry their own backward.
 
 pub mod composite;
 pub mod cpu;
@@ -13,6 +17,7 @@ pub mod fused;
 pub mod layout;
 pub mod lean;
 pub mod profile;
+pub mod rowwise;
 pub mod spectral;
 
 use candle_core::{DType, Result, Tensor};
