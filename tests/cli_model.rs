@@ -199,6 +199,6 @@ fn bench_verify_reports_the_kernels_against_the_reference() {
     assert!(verify["worst_grad_rel_err"].as_f64().unwrap() < 1e-4, "{verify}");
     assert!(verify["zero_grads"].as_array().unwrap().is_empty(), "{verify}");
     let checks = verify["kernel_checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 12, "six kernels in f32 and bf16: {verify}");
+    assert_eq!(checks.len(), 18, "nine kernels in f32 and bf16: {verify}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("verify against the composite ops"));
 }

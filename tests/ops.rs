@@ -429,8 +429,9 @@ fn spectral_mix_fused_matches_composite_for_every_router_shape() {
 }
 
 /// The one-pass kernels of `ops::rowwise` (the CPU loops; `moppa bench --verify` checks the CUDA
-/// kernels against these on a GPU) against candle's autograd of the composite forms, which the
-/// tests above check against finite differences; in f32 and, more loosely, bf16.
+/// kernels against these on a GPU): forward values against candle's GELU and the composite
+/// softmax, backward passes against candle's autograd of the composite forms, which the tests
+/// above check against finite differences; in f32 and, more loosely, bf16.
 #[test]
 fn rowwise_kernels_match_autograd_of_the_composite_forms() {
     use ops::rowwise;
@@ -449,6 +450,15 @@ fn rowwise_kernels_match_autograd_of_the_composite_forms() {
     let p = composite::softmax(&x).unwrap();
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
         let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let forward = [
+            ("gelu", rowwise::gelu(&c(&x)).unwrap(), x.gelu_erf().unwrap()),
+            ("softmax", rowwise::softmax(&c(&x)).unwrap(), p.clone()),
+        ];
+        for (name, got, want) in forward {
+            assert_eq!(got.dtype(), dtype);
+            let e = rel_err(&got, &want);
+            assert!(e < tol, "{name} forward ({dtype:?}): relative error {e:.2e}");
+        }
         let gelu = rowwise::gelu_bwd(&c(&x), &c(&dy)).unwrap();
         let softmax = rowwise::softmax_bwd(&c(&p), &c(&dy)).unwrap();
         let ln = rowwise::layer_norm_bwd(&c(&x), &c(&gamma), &c(&dy), 1e-6).unwrap();
@@ -491,6 +501,8 @@ fn rowwise_head_split_and_merge_match_reshapes() {
     }
     let (q0, _, _) = rowwise::split_qkv(&qkv, None, h, 1.0).unwrap();
     assert!(rel_err(&q0, &heads(&part(&qkv, 0))) < 1e-7);
+    let one = rowwise::split_heads(&part(&qkv, 2), h).unwrap();
+    assert!(rel_err(&one, &heads(&part(&qkv, 2))) < 1e-7);
     // Merge is the inverse: (dq·s, dk, dv) side by side in (B, T, 3D).
     let merged = rowwise::merge_heads(&[&q, &k, &v], 2.0).unwrap();
     let unheads = |x: &Tensor| x.transpose(1, 2).unwrap().reshape((b, t, d)).unwrap();

@@ -16,7 +16,7 @@
 //! backward). Tested against the composite forms on the CPU (tests/ops.rs, tests/peft.rs), where
 //! the same code runs; measured on an H200 (README, Performance).
 
-use super::composite::{heads_of, slot};
+use super::composite::slot;
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
 use super::profile::section;
 use super::rowwise;
@@ -428,10 +428,10 @@ impl AttnHalf {
         })?;
         // kᵀ as a transposed view: the GEMM reads it as such (no copy).
         let s = section("attn fwd: q·kᵀ", &dev, || q.matmul(&k.t()?))?;
-        // Value only (no backward in candle_nn): the whole half's forward runs on detached inputs
-        // and `AttnHalf::bwd` differentiates the softmax by hand (tests/ops.rs
+        // Value only (one pass, no backward of its own): the whole half's forward runs on detached
+        // inputs and `AttnHalf::bwd` differentiates the softmax by hand (tests/ops.rs
         // `lean_half_blocks_match_composite` checks every gradient against the composite half).
-        let p = section("attn fwd: softmax", &dev, || candle_nn::ops::softmax_last_dim(&s))?;
+        let p = section("attn fwd: softmax", &dev, || rowwise::softmax(&s))?;
         let o = section("attn fwd: p·v, merge", &dev, || {
             rowwise::merge_heads(&[&p.matmul(&v)?], 1.0)
         })?;
@@ -488,7 +488,7 @@ impl AttnHalf {
                 wg[PROJ_W] = Some(dy2.t()?.matmul(&o2)?);
                 wg[PROJ_B] = Some(dy2.sum(0)?);
             }
-            heads_of(&dy2.matmul(&slot(&w, lay, PROJ_W)?)?.reshape((b, t, d))?, self.heads)
+            rowwise::split_heads(&dy2.matmul(&slot(&w, lay, PROJ_W)?)?.reshape((b, t, d))?, self.heads)
         })?;
         // o = p·v, p = softmax(q·kᵀ) (q carries the 1/√hd scale).
         let (dp, dv) = section("attn bwd: p·v", &dev, || {
@@ -602,7 +602,7 @@ impl MlpHalf {
         let a = section("mlp fwd: fc1", &dev, || {
             linear(&h, &slot(&w, &layout, FC1_W)?, Some(&slot(&w, &layout, FC1_B)?))
         })?;
-        let ga = section("mlp fwd: gelu", &dev, || a.gelu_erf())?;
+        let ga = section("mlp fwd: gelu", &dev, || rowwise::gelu(&a))?;
         let y = section("mlp fwd: fc2", &dev, || {
             linear(&ga, &slot(&w, &layout, FC2_W)?, Some(&slot(&w, &layout, FC2_B)?))
         })?;

@@ -12,23 +12,29 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// Which one-pass backward kernel.
+/// Which one-pass kernel.
 #[derive(Clone, Copy, Debug)]
 enum Op {
+    /// `y = GELU(a)` (erf form), elementwise.
+    GeluFwd,
+    /// `y = softmax(x)` over rows.
+    SoftmaxFwd,
     /// `da = dy ⊙ GELU'(a)`, elementwise.
-    Gelu,
+    GeluBwd,
     /// `ds = p ⊙ (dp − Σ dp⊙p)` over rows.
-    Softmax,
+    SoftmaxBwd,
     /// LayerNorm's `dx` from `x`, `γ`, `dy` over rows.
-    LayerNorm { eps: f32 },
+    LayerNormBwd { eps: f32 },
 }
 
 impl Op {
     fn name(self) -> &'static str {
         match self {
-            Self::Gelu => "gelu_bwd",
-            Self::Softmax => "softmax_bwd",
-            Self::LayerNorm { .. } => "layer_norm_bwd",
+            Self::GeluFwd => "gelu_fwd",
+            Self::SoftmaxFwd => "softmax_fwd",
+            Self::GeluBwd => "gelu_bwd",
+            Self::SoftmaxBwd => "softmax_bwd",
+            Self::LayerNormBwd { .. } => "layer_norm_bwd",
         }
     }
 }
@@ -40,17 +46,36 @@ fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf) + x * pdf
 }
 
-/// The CPU loops: `out` gets the result for inputs `a`, `b` (and `c` = γ for LayerNorm).
+/// The CPU loops: the result for inputs `a`, `b` (unused by the forward ops) and `c` (γ for
+/// LayerNorm), rows of `n`.
 fn cpu_run<T: WithDType>(op: Op, a: &[T], b: &[T], c: &[T], n: usize) -> Vec<T> {
     let f = |v: T| v.to_f64() as f32;
     let t = |v: f32| T::from_f64(f64::from(v));
     match op {
-        Op::Gelu => a
+        Op::GeluFwd => a
+            .par_iter()
+            .map(|&x| {
+                let x = f(x);
+                t(0.5 * x * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)))
+            })
+            .collect(),
+        Op::SoftmaxFwd => {
+            let mut out = vec![T::zero(); a.len()];
+            out.par_chunks_mut(n).zip(a.par_chunks(n)).for_each(|(o, x)| {
+                let m = x.iter().map(|&v| f(v)).fold(f32::NEG_INFINITY, f32::max);
+                let s: f32 = x.iter().map(|&v| (f(v) - m).exp()).sum();
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = t((f(v) - m).exp() / s);
+                }
+            });
+            out
+        }
+        Op::GeluBwd => a
             .par_iter()
             .zip(b.par_iter())
             .map(|(&x, &g)| t(f(g) * gelu_grad(f(x))))
             .collect(),
-        Op::Softmax => {
+        Op::SoftmaxBwd => {
             let mut out = vec![T::zero(); a.len()];
             out.par_chunks_mut(n)
                 .zip(a.par_chunks(n).zip(b.par_chunks(n)))
@@ -62,7 +87,7 @@ fn cpu_run<T: WithDType>(op: Op, a: &[T], b: &[T], c: &[T], n: usize) -> Vec<T> 
                 });
             out
         }
-        Op::LayerNorm { eps } => {
+        Op::LayerNormBwd { eps } => {
             let mut out = vec![T::zero(); a.len()];
             let inv_n = 1.0 / n as f32;
             out.par_chunks_mut(n)
@@ -175,23 +200,33 @@ mod gpu {
             shared_mem_bytes: 0,
         };
         let (n32, len64) = (n as u32, len as u64);
+        let flat_cfg = LaunchConfig {
+            grid_dim: ((len as u32).div_ceil(256).min(65_535 * 8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         match op {
-            Op::Gelu => {
-                builder.arg(&sa).arg(&sb).arg(&out).arg(&len64);
-                let cfg = LaunchConfig {
-                    grid_dim: ((len as u32).div_ceil(256).min(65_535 * 8), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: argument types and count match `gelu_bwd_*` in rowwise.cu.
-                unsafe { builder.launch(cfg) }.w()?;
+            Op::GeluFwd => {
+                builder.arg(&sa).arg(&out).arg(&len64);
+                // SAFETY: argument types and count match `gelu_fwd_*` in rowwise.cu.
+                unsafe { builder.launch(flat_cfg) }.w()?;
             }
-            Op::Softmax => {
+            Op::SoftmaxFwd => {
+                builder.arg(&sa).arg(&out).arg(&rows).arg(&n32);
+                // SAFETY: argument types and count match `softmax_fwd_*` in rowwise.cu.
+                unsafe { builder.launch(row_cfg) }.w()?;
+            }
+            Op::GeluBwd => {
+                builder.arg(&sa).arg(&sb).arg(&out).arg(&len64);
+                // SAFETY: argument types and count match `gelu_bwd_*` in rowwise.cu.
+                unsafe { builder.launch(flat_cfg) }.w()?;
+            }
+            Op::SoftmaxBwd => {
                 builder.arg(&sa).arg(&sb).arg(&out).arg(&rows).arg(&n32);
                 // SAFETY: argument types and count match `softmax_bwd_*` in rowwise.cu.
                 unsafe { builder.launch(row_cfg) }.w()?;
             }
-            Op::LayerNorm { eps } => {
+            Op::LayerNormBwd { eps } => {
                 let Some((sc, lc)) = c else {
                     candle_core::bail!("layer_norm_bwd: γ missing");
                 };
@@ -326,8 +361,14 @@ mod gpu_heads {
         );
         let mut builder = func.builder();
         match op {
-            Heads::Split { dims, scale, has_delta } => {
+            Heads::Split {
+                dims,
+                parts,
+                scale,
+                has_delta,
+            } => {
                 let [bn, tn, h, hd] = dims.map(|v| v as u32);
+                let parts = parts as u32;
                 let null = 0u64;
                 builder.arg(&a);
                 if has_delta {
@@ -335,7 +376,14 @@ mod gpu_heads {
                 } else {
                     builder.arg(&null);
                 }
-                builder.arg(&out).arg(&bn).arg(&tn).arg(&h).arg(&hd).arg(&scale);
+                builder
+                    .arg(&out)
+                    .arg(&bn)
+                    .arg(&tn)
+                    .arg(&h)
+                    .arg(&hd)
+                    .arg(&parts)
+                    .arg(&scale);
                 // SAFETY: argument types and count match `split_qkv_*` in rowwise.cu.
                 unsafe { builder.launch(cfg) }.w()?;
             }
@@ -368,9 +416,11 @@ mod gpu_heads {
 /// Which head-layout kernel (`dims` = `[B, T, H, hd]`).
 #[derive(Clone, Copy, Debug)]
 enum Heads {
-    /// `qkv (B, T, 3D)` [+ `delta (B, T, 2D)` on q and v] → `(3, B, H, T, hd)`, q times `scale`.
+    /// `x (B, T, parts·D)` [+ `delta (B, T, 2D)` on parts 0 and 2] → `(parts, B, H, T, hd)`, part
+    /// 0 times `scale`; `parts` is 3 (q, k, v) or 1.
     Split {
         dims: [usize; 4],
+        parts: usize,
         scale: f32,
         has_delta: bool,
     },
@@ -386,8 +436,10 @@ impl Heads {
     fn out_shape(self) -> Shape {
         match self {
             Self::Split {
-                dims: [b, t, h, hd], ..
-            } => Shape::from((3, b, h, t, hd)),
+                dims: [b, t, h, hd],
+                parts,
+                ..
+            } => Shape::from((parts, b, h, t, hd)),
             Self::Merge {
                 dims: [b, t, h, hd],
                 parts,
@@ -403,6 +455,7 @@ impl Heads {
         match self {
             Self::Split {
                 dims: [bn, tn, h, hd],
+                parts,
                 scale,
                 has_delta,
             } => {
@@ -413,7 +466,7 @@ impl Heads {
                     let (hi, r) = (r % h, r / h);
                     let (bi, part) = (r % bn, r / bn);
                     let (row, col) = (bi * tn + ti, hi * hd + e);
-                    let mut v = f(a[row * 3 * d + part * d + col]);
+                    let mut v = f(a[row * parts * d + part * d + col]);
                     if has_delta && part != 1 {
                         v += f(b[row * 2 * d + if part == 0 { 0 } else { d } + col]);
                     }
@@ -509,6 +562,7 @@ pub fn split_qkv(qkv: &Tensor, delta: Option<&Tensor>, heads: usize, scale: f64)
     }
     let op = Heads::Split {
         dims: [b, t, heads, d / heads],
+        parts: 3,
         scale: scale as f32,
         has_delta: delta.is_some(),
     };
@@ -528,6 +582,22 @@ pub fn split_qkv(qkv: &Tensor, delta: Option<&Tensor>, heads: usize, scale: f64)
         None => qkv.apply_op3_no_bwd(&qkv, &qkv, &op)?,
     };
     Ok((out.get(0)?, out.get(1)?, out.get(2)?))
+}
+
+/// `x (B, T, D)` as heads `(B, H, T, hd)`, in one pass.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let x = x.detach().contiguous()?;
+    let (b, t, d) = x.dims3()?;
+    if heads == 0 || d % heads != 0 {
+        candle_core::bail!("split_heads: {d} features do not split into {heads} heads");
+    }
+    let op = Heads::Split {
+        dims: [b, t, heads, d / heads],
+        parts: 1,
+        scale: 1.0,
+        has_delta: false,
+    };
+    x.apply_op3_no_bwd(&x, &x, &op)?.squeeze(0)
 }
 
 /// One or three `(B, H, T, hd)` tensors of one shape side by side as `(B, T, parts·D)`, the
@@ -613,18 +683,31 @@ impl CustomOp3 for Three {
     }
 }
 
+/// `GELU(a)` (erf form), in one pass (no gradient of its own: for forward passes on detached
+/// inputs whose op carries the backward).
+pub fn gelu(a: &Tensor) -> Result<Tensor> {
+    let a = a.detach().contiguous()?;
+    a.apply_op2_no_bwd(&a, &Two(Op::GeluFwd))
+}
+
+/// Softmax over the last dimension, in one pass (no gradient of its own, like [`gelu`]).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let x = x.detach().contiguous()?;
+    x.apply_op2_no_bwd(&x, &Two(Op::SoftmaxFwd))
+}
+
 /// `dy ⊙ GELU'(a)` for the erf GELU, in one pass (no gradient of its own).
 pub fn gelu_bwd(a: &Tensor, dy: &Tensor) -> Result<Tensor> {
     a.detach()
         .contiguous()?
-        .apply_op2_no_bwd(&dy.detach().contiguous()?, &Two(Op::Gelu))
+        .apply_op2_no_bwd(&dy.detach().contiguous()?, &Two(Op::GeluBwd))
 }
 
 /// Softmax's input gradient `p ⊙ (dp − Σ dp⊙p)` over the last dimension, from its output `p`.
 pub fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
     p.detach()
         .contiguous()?
-        .apply_op2_no_bwd(&dp.detach().contiguous()?, &Two(Op::Softmax))
+        .apply_op2_no_bwd(&dp.detach().contiguous()?, &Two(Op::SoftmaxBwd))
 }
 
 /// LayerNorm's input gradient over the last dimension from its input `x`, `γ` and the output
@@ -634,7 +717,7 @@ pub fn layer_norm_bwd(x: &Tensor, gamma: &Tensor, dy: &Tensor, eps: f64) -> Resu
     x.detach().contiguous()?.apply_op3_no_bwd(
         &dy.detach().contiguous()?,
         &gamma,
-        &Three(Op::LayerNorm { eps: eps as f32 }),
+        &Three(Op::LayerNormBwd { eps: eps as f32 }),
     )
 }
 
@@ -663,7 +746,14 @@ pub fn self_check(device: &candle_core::Device) -> Result<Vec<(String, DType, f6
             Tensor::stack(&[q, k, v], 0)
         };
         let (q, k, v) = (heads(&a, 0)?, heads(&a, 1)?, heads(&b, 0)?);
-        let cases: [(&str, Tensor, Tensor); 6] = [
+        let cases: [(&str, Tensor, Tensor); 9] = [
+            (
+                "split_heads",
+                split_heads(&on(&qkv)?, 3)?,
+                split_heads(&here(&qkv)?, 3)?,
+            ),
+            ("gelu", gelu(&on(&a)?)?, gelu(&here(&a)?)?),
+            ("softmax", softmax(&on(&a)?)?, softmax(&here(&a)?)?),
             (
                 "gelu_bwd",
                 gelu_bwd(&on(&a)?, &on(&b)?)?,

@@ -32,6 +32,34 @@ __device__ void gelu_bwd(const T *a, const T *dy, T *da, uint64_t n) {
     }
 }
 
+// GELU (erf form) forward.
+template <typename T>
+__device__ void gelu_fwd(const T *a, T *y, uint64_t n) {
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        float x = to_f(a[i]);
+        y[i] = from_f<T>(0.5f * x * (1.0f + erff(x * 0.70710678118654752f)));
+    }
+}
+
+// Softmax forward over rows of length n, one warp per row.
+template <typename T>
+__device__ void softmax_fwd(const T *x, T *y, uint64_t rows, uint32_t n) {
+    uint64_t row = (uint64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    uint32_t lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T *xr = x + row * n;
+    T *out = y + row * n;
+    float m = -INFINITY;
+    for (uint32_t i = lane; i < n; i += 32) m = fmaxf(m, to_f(xr[i]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float s = 0.0f;
+    for (uint32_t i = lane; i < n; i += 32) s += expf(to_f(xr[i]) - m);
+    float inv = 1.0f / warp_sum(s);
+    for (uint32_t i = lane; i < n; i += 32) out[i] = from_f<T>(expf(to_f(xr[i]) - m) * inv);
+}
+
 // Softmax backward over rows of length n, one warp per row: ds = p * (dp - sum(dp * p)).
 template <typename T>
 __device__ void softmax_bwd(const T *p, const T *dp, T *ds, uint64_t rows, uint32_t n) {
@@ -90,13 +118,14 @@ __device__ void add_bias(T *y, const T *b, uint64_t len, uint32_t n) {
     }
 }
 
-// Attention head split: qkv (B, T, 3D) [+ delta (B, T, 2D) on q and v] -> out (3, B, H, T, hd),
-// q multiplied by `scale`. One thread per output element.
+// Attention head split: x (B, T, parts * D) [+ delta (B, T, 2D) on parts 0 and 2] -> out
+// (parts, B, H, T, hd), part 0 multiplied by `scale`; parts is 3 (q, k, v) or 1. One thread per
+// output element.
 template <typename T>
 __device__ void split_qkv(const T *qkv, const T *delta, T *out, uint32_t b, uint32_t t, uint32_t h,
-                          uint32_t hd, float scale) {
+                          uint32_t hd, uint32_t parts, float scale) {
     uint64_t d = (uint64_t)h * hd;
-    uint64_t len = 3ull * b * t * d;
+    uint64_t len = (uint64_t)parts * b * t * d;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (uint64_t)blockDim.x * gridDim.x) {
         uint64_t e = i % hd, r = i / hd;
@@ -107,7 +136,7 @@ __device__ void split_qkv(const T *qkv, const T *delta, T *out, uint32_t b, uint
         uint64_t bi = r % b, part = r / b;
         uint64_t row = bi * t + ti;
         uint64_t col = hi * hd + e;
-        float v = to_f(qkv[row * 3 * d + part * d + col]);
+        float v = to_f(qkv[row * parts * d + part * d + col]);
         if (delta != nullptr && part != 1) v += to_f(delta[row * 2 * d + (part == 0 ? 0 : d) + col]);
         if (part == 0) v *= scale;
         out[i] = from_f<T>(v);
@@ -135,6 +164,10 @@ __device__ void merge_heads(const T *a, const T *b2, const T *c, T *out, uint32_
 }
 
 #define ROWWISE(SUFFIX, T)                                                                               \
+    extern "C" __global__ void gelu_fwd_##SUFFIX(const T *a, T *y, uint64_t n) { gelu_fwd<T>(a, y, n); }  \
+    extern "C" __global__ void softmax_fwd_##SUFFIX(const T *x, T *y, uint64_t rows, uint32_t n) {      \
+        softmax_fwd<T>(x, y, rows, n);                                                                   \
+    }                                                                                                    \
     extern "C" __global__ void gelu_bwd_##SUFFIX(const T *a, const T *dy, T *da, uint64_t n) {          \
         gelu_bwd<T>(a, dy, da, n);                                                                       \
     }                                                                                                    \
@@ -150,8 +183,9 @@ __device__ void merge_heads(const T *a, const T *b2, const T *c, T *out, uint32_
         add_bias<T>(y, b, len, n);                                                                       \
     }                                                                                                    \
     extern "C" __global__ void split_qkv_##SUFFIX(const T *qkv, const T *delta, T *out, uint32_t b,     \
-                                                  uint32_t t, uint32_t h, uint32_t hd, float scale) {    \
-        split_qkv<T>(qkv, delta, out, b, t, h, hd, scale);                                               \
+                                                  uint32_t t, uint32_t h, uint32_t hd, uint32_t parts,   \
+                                                  float scale) {                                         \
+        split_qkv<T>(qkv, delta, out, b, t, h, hd, parts, scale);                                        \
     }                                                                                                    \
     extern "C" __global__ void merge_heads_##SUFFIX(const T *a, const T *b2, const T *c, T *out,        \
                                                     uint32_t b, uint32_t t, uint32_t h, uint32_t hd,     \
