@@ -5,14 +5,16 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-fn main() {
+fn main() -> Result<(), String> {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/model/ops/cuda/rowwise.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
+        return Ok(());
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("rowwise.ptx");
+    let out_dir = std::env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?;
+    let out = PathBuf::from(out_dir).join("rowwise.ptx");
     // bf16 arithmetic needs compute capability 8.0; PTX for 8.0 is JIT-compiled for newer GPUs.
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let nvcc = std::env::var("CUDA_HOME").map_or_else(|_| PathBuf::from("nvcc"), |h| PathBuf::from(h).join("bin/nvcc"));
@@ -21,6 +23,12 @@ fn main() {
         .arg(&out)
         .arg("src/model/ops/cuda/rowwise.cu")
         .status()
-        .unwrap_or_else(|e| panic!("cannot run {} (set CUDA_HOME or put nvcc on PATH): {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on src/model/ops/cuda/rowwise.cu");
+        .map_err(|e| format!("cannot run {} (set CUDA_HOME or put nvcc on PATH): {e}", nvcc.display()))?;
+    if !status.success() {
+        return Err(format!(
+            "{} failed on src/model/ops/cuda/rowwise.cu ({status})",
+            nvcc.display()
+        ));
+    }
+    Ok(())
 }
