@@ -6,15 +6,18 @@
 //! op, forms a gradient for both operands, frozen ones too. On a GPU each of those is a kernel
 //! launch and a full pass over memory: a composite LayerNorm is ~9 kernels forward and ~25
 //! backward, a composite softmax over the attention scores (the largest tensor of a ViT step)
-//! ~5 and ~15, and `x·Wᵀ` with a frozen `W` still forms `dW`. Here they are 1-4 forward and
-//! 4-14 backward, and a frozen weight costs no gradient work at all.
+//! ~5 and ~15, and `x·Wᵀ` with a frozen `W` still forms `dW`. Here they are 1-2 kernels each
+//! way, and a frozen weight costs no gradient work at all.
 //!
-//! The forward values of softmax and LayerNorm come from `candle_nn::ops` (one fused kernel each,
-//! no backward of their own); a small custom op ([`Hold`]) returns that value as its output and
-//! carries the backward pass, so autograd sees one node. The transformer's two half-blocks are
-//! one node each as well ([`attn_half`], [`mlp_half`]: forward on detached inputs, hand-written
-//! backward). Tested against the composite forms on the CPU (tests/ops.rs, tests/peft.rs), where
-//! the same code runs; measured on an H200 (README, Performance).
+//! The standalone [`softmax`] and [`layer_norm`] take their forward values from `candle_nn::ops`
+//! (one fused kernel each, no backward of their own); a small custom op ([`Hold`]) returns that
+//! value as its output and carries the backward pass, so autograd sees one node. The
+//! transformer's two half-blocks are one node each as well ([`attn_half`], [`mlp_half`]: forward
+//! on detached inputs, hand-written backward). The elementwise and row-wise work inside them (GELU,
+//! softmax, LayerNorm backward, bias add, head split/merge) runs on the one-pass kernels of
+//! [`super::rowwise`]. Tested against the composite forms on the CPU (tests/ops.rs,
+//! tests/peft.rs), where the same code runs, and on a GPU by `moppa bench --verify`; measured on an
+//! H200 (README, Performance).
 
 use super::composite::slot;
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
