@@ -202,3 +202,14 @@ fn bench_verify_reports_the_kernels_against_the_reference() {
     assert_eq!(checks.len(), 18, "nine kernels in f32 and bf16: {verify}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("verify against the composite ops"));
 }
+
+/// Out-of-range augmentation flags are usage errors naming the flag (exit 2), before any work.
+#[test]
+fn train_rejects_out_of_range_rotations_and_zooms() {
+    for (flag, value) in [("--rotate", "91"), ("--zoom", "51")] {
+        let out = moppa(&["train", flag, value, "--steps", "1"]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}
