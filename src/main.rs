@@ -4,6 +4,7 @@ use clap::Parser as _;
 use moppa_studio::cli::{Cli, run};
 
 fn main() {
+    moppa_studio::util::keep_freed_memory();
     let cli = Cli::parse();
     let Some(command) = cli.command else {
         std::process::exit(open_app(&cli));

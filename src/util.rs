@@ -1,4 +1,4 @@
-//! Small formatting helpers shared by the CLI and the app.
+//! Small helpers shared by the CLI and the app: number formatting, memory figures, allocator set-up.
 
 /// `12345678` → `12,345,678`.
 #[must_use]
@@ -20,4 +20,26 @@ pub fn resident_mib() -> Option<f64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096.0 / (1024.0 * 1024.0))
+}
+
+/// Makes glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+///
+/// A training step frees and reallocates the same multi-MB activation and gradient buffers every
+/// step. By default glibc serves large blocks with `mmap` and unmaps them on free, and trims the
+/// heap top beyond 128 KiB, so every step pays page faults and the kernel's zeroing of fresh pages
+/// again (~12% of the tiny LoRA step in `perf`). With the largest `mmap` threshold glibc accepts
+/// (32 MiB) and no trimming below 1 GiB, 30 LoRA steps take 212k page faults instead of 601k and
+/// the tiny step at batch 64 on 2 cores is 4-13% shorter for full fine-tuning and the adapters
+/// (linear probing: ~2% longer); README, Performance. The process keeps up to 1 GiB of freed heap
+/// until it exits. Call once, first thing in `main`, before other threads exist; a no-op where
+/// the C library is not glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: `mallopt` only sets allocator parameters, and it runs before any other thread
+    // exists; a rejected value leaves glibc's default in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
