@@ -168,6 +168,15 @@ mod gpu {
     use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
     pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rowwise.ptx"));
+
+    /// Launch shape of the elementwise kernels (grid-stride loops: any length fits).
+    pub(super) fn flat_cfg(len: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (len.div_ceil(256).min(65_535 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
     /// Rows per block of the row kernels (one warp each).
     const ROWS_PER_BLOCK: u32 = 8;
 
@@ -200,11 +209,7 @@ mod gpu {
             shared_mem_bytes: 0,
         };
         let (n32, len64) = (n as u32, len as u64);
-        let flat_cfg = LaunchConfig {
-            grid_dim: ((len as u32).div_ceil(256).min(65_535 * 8), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let flat_cfg = flat_cfg(len);
         match op {
             Op::GeluFwd => {
                 builder.arg(&sa).arg(&out).arg(&len64);
@@ -289,11 +294,7 @@ mod gpu {
             let bias = b.as_cuda_slice::<T>()?.slice(b0..b1);
             let ys = y.as_cuda_slice_mut::<T>()?;
             let (len, n32) = (ys.len() as u64, n as u32);
-            let cfg = LaunchConfig {
-                grid_dim: ((len as u32).div_ceil(256).min(65_535 * 8), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = flat_cfg(ys.len());
             let mut builder = func.builder();
             builder.arg(ys).arg(&bias).arg(&len).arg(&n32);
             // SAFETY: argument types and count match `add_bias_*` in rowwise.cu.
@@ -313,16 +314,12 @@ mod gpu {
 pub use gpu::add_bias_in_place;
 
 #[cfg(feature = "cuda")]
-fn gpu_ptx() -> &'static str {
-    gpu::PTX
-}
-#[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
 mod gpu_heads {
     use super::Heads;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
     fn slice<'a, T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
@@ -346,14 +343,10 @@ mod gpu_heads {
             Heads::Split { .. } => "split_qkv",
             Heads::Merge { .. } => "merge_heads",
         };
-        let func = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "moppa_rowwise", super::gpu_ptx())?;
+        let func = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "moppa_rowwise", super::gpu::PTX)?;
         // SAFETY: the kernel writes every one of the `len` elements.
         let out: CudaSlice<T> = unsafe { dev.alloc::<T>(len)? };
-        let cfg = LaunchConfig {
-            grid_dim: ((len as u32).div_ceil(256).min(65_535 * 8), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::gpu::flat_cfg(len);
         let (a, b, c) = (
             slice::<T>(ins[0].0, ins[0].1)?,
             slice::<T>(ins[1].0, ins[1].1)?,
@@ -730,7 +723,7 @@ pub fn self_check(device: &candle_core::Device) -> Result<Vec<(String, DType, f6
     let cpu = Device::Cpu;
     let a = Tensor::randn(0f32, 1.5, (rows, n), &cpu)?;
     let b = Tensor::randn(0f32, 1.0, (rows, n), &cpu)?;
-    let p = candle_nn::ops::softmax_last_dim(&a)?;
+    let p = super::composite::softmax(&a)?;
     let gamma = Tensor::randn(1f32, 0.3, n, &cpu)?;
     let w = Tensor::randn(0f32, 0.1, (n, n), &cpu)?;
     // Attention layouts: B 2, T 5, 3 heads of 4.
