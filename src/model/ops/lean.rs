@@ -9,9 +9,10 @@
 //! ~5 and ~15, and `x·Wᵀ` with a frozen `W` still forms `dW`. Here they are 1-2 kernels each
 //! way, and a frozen weight costs no gradient work at all.
 //!
-//! The standalone [`softmax`] and [`layer_norm`] take their forward values from `candle_nn::ops`
-//! (one fused kernel each, no backward of their own); a small custom op ([`Hold`]) returns that
-//! value as its output and carries the backward pass, so autograd sees one node. The
+//! The standalone [`softmax`] and [`layer_norm`] take their forward values from one-pass kernels
+//! without a backward of their own (`rowwise::softmax`; candle_nn's fused LayerNorm); a small
+//! custom op ([`Hold`]) returns that value as its output and carries the backward pass, so
+//! autograd sees one node. The
 //! transformer's two half-blocks are one node each as well ([`attn_half`], [`mlp_half`]: forward
 //! on detached inputs, hand-written backward). The elementwise and row-wise work inside them (GELU,
 //! softmax, LayerNorm backward, bias add, head split/merge) runs on the one-pass kernels of
@@ -161,13 +162,13 @@ impl CustomOp3 for Hold {
     }
 }
 
-/// Softmax over the last dimension: candle's fused kernel forward, explicit backward.
+/// Softmax over the last dimension: the one-pass forward kernel, explicit backward.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
-    // candle_nn's softmax has no backward pass: it only computes the value here, on a detached
+    // `rowwise::softmax` has no backward pass of its own: it computes the value on a detached
     // input; the gradient to `x` comes from `Hold`'s backward (tests/ops.rs
     // `lean_softmax_and_layer_norm_match_composite` checks it against the composite softmax).
-    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    let y = rowwise::softmax(&x)?;
     if !x.track_op() {
         return Ok(y);
     }

@@ -8,8 +8,8 @@
 //!   the one-pass kernels of `rowwise` (CUDA kernels built by build.rs, CPU loops that mirror them)
 //!   for the GELU/softmax/LayerNorm backward, the bias add and the attention head layouts.
 //!
-//! candle's fused `LayerNorm` / `softmax_last_dim` have no backward pass: only `lean` calls them, for
-//! forward values inside ops that carry their own backward.
+//! candle's fused `LayerNorm` / `softmax_last_dim` have no backward pass: only `lean::layer_norm`
+//! calls the former, for the forward value inside an op that carries its own backward.
 
 pub mod composite;
 pub mod cpu;
