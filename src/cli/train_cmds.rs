@@ -615,6 +615,144 @@ pub struct PretrainArgs {
     /// Do not train: export the finished run in --run again (e.g. after a failed write).
     #[arg(long)]
     pub export_only: bool,
+    /// supervised (a classifier on the data's labels) or mae (masked autoencoder: reconstruct
+    /// hidden patches; labels unused; the file has no classifier head).
+    #[arg(long, default_value = "supervised", value_parser = ["supervised", "mae"])]
+    pub objective: String,
+    /// MAE: share of patches hidden from the encoder.
+    #[arg(long, default_value_t = 0.75)]
+    pub mask_ratio: f64,
+    /// MAE: decoder width (heads of 32 channels).
+    #[arg(long, default_value_t = 64)]
+    pub decoder_dim: usize,
+    /// MAE: decoder blocks.
+    #[arg(long, default_value_t = 2)]
+    pub decoder_depth: usize,
+}
+
+/// `moppa pretrain --objective mae`.
+fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
+    use crate::model::tensor_file::{StoreAs, write_atomic};
+    use crate::model::vit::BACKBONE_META_KEY;
+    use crate::train::mae::{MaeRun, pretrain};
+    if args.export_only {
+        return Err(usage(
+            "--export-only applies to supervised runs (an MAE run writes its file when it ends)",
+        ));
+    }
+    if !(0.0..0.99).contains(&args.mask_ratio) {
+        return Err(usage(format!(
+            "--mask-ratio must be in [0, 0.99) (got {})",
+            args.mask_ratio
+        )));
+    }
+    if args.decoder_dim == 0 || !args.decoder_dim.is_multiple_of(32) || args.decoder_depth == 0 {
+        return Err(usage(format!(
+            "--decoder-dim must be a positive multiple of 32 and --decoder-depth positive (got {} and {})",
+            args.decoder_dim, args.decoder_depth
+        )));
+    }
+    if args.rotate > 90 || args.zoom > 50 {
+        return Err(usage(format!(
+            "--rotate must be at most 90 and --zoom at most 50 (got {} and {})",
+            args.rotate, args.zoom
+        )));
+    }
+    if args.epochs == 0 || args.batch == 0 || args.lr.is_nan() || args.lr <= 0.0 {
+        return Err(usage("--epochs, --batch and --lr must be positive"));
+    }
+    let (mean, std) = dataset_stats_cli(&args.data)?;
+    let base = match args.preset.as_str() {
+        "tiny" => crate::model::config::VitConfig::tiny(),
+        "vit-ti16" => crate::model::config::VitConfig::vit_ti16(),
+        "vit-s16" => crate::model::config::VitConfig::vit_s16(),
+        _ => crate::model::config::VitConfig::vit_b16(),
+    };
+    let encoder = crate::model::config::VitConfig {
+        num_classes: 0,
+        mean,
+        std,
+        ..base
+    };
+    let run = MaeRun {
+        data: args.data.clone(),
+        encoder,
+        mask_ratio: args.mask_ratio,
+        decoder: (args.decoder_dim, args.decoder_depth, args.decoder_dim / 32),
+        epochs: args.epochs,
+        batch: args.batch,
+        lr: args.lr,
+        warmup: 200,
+        weight_decay: args.weight_decay,
+        augment: crate::data::Augment {
+            flip: true,
+            crop_pad: 2,
+            rotate_deg: args.rotate,
+            scale_pct: args.zoom,
+        },
+        seed: args.seed,
+        run: args.run.clone(),
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("moppa-compute-{i}"))
+        .build()
+        .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot start {threads} compute threads: {e}")))?;
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed)).ok();
+    let outcome = pool
+        .install(|| pretrain(&run, &interrupt))
+        .map_err(|e| CliError::Failure(e.into()))?;
+    let Some(enc) = outcome.encoder else {
+        eprintln!("interrupted after {} steps: nothing written", outcome.steps);
+        return Ok(EXIT_INTERRUPTED);
+    };
+    let tensors = enc.to_host().map_err(|e| CliError::Failure(e.into()))?;
+    let provenance = serde_json::json!({
+        "objective": "mae", "mask_ratio": args.mask_ratio, "decoder_dim": args.decoder_dim,
+        "decoder_depth": args.decoder_depth, "data": args.data, "preset": args.preset, "epochs": args.epochs,
+        "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+        "augment": augment_label(args), "val_reconstruction_loss": outcome.val_loss, "steps": outcome.steps,
+        "seconds": outcome.seconds,
+    });
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(
+        BACKBONE_META_KEY.to_owned(),
+        serde_json::to_string(&enc.cfg).map_err(|e| CliError::Failure(e.into()))?,
+    );
+    meta.insert("moppa.pretrain".to_owned(), provenance.to_string());
+    if let Some(dir) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", dir.display())))?;
+    }
+    let store = if args.f16 { StoreAs::F16 } else { StoreAs::F32 };
+    write_atomic(&args.output, &tensors, &meta, store).map_err(|e| CliError::Failure(e.into()))?;
+    println!(
+        "wrote backbone {} (MAE, validation reconstruction loss {:.4})",
+        args.output.display(),
+        outcome.val_loss.unwrap_or(f64::NAN)
+    );
+    Ok(0)
+}
+
+fn dataset_stats_cli(data: &str) -> Result<([f32; 3], [f32; 3]), CliError> {
+    let (mean, std) = crate::train::pretrain::dataset_stats(data, 10_000).map_err(|e| CliError::Failure(e.into()))?;
+    eprintln!("input normalisation from the data: mean {mean:?}, std {std:?}");
+    Ok((mean, std))
+}
+
+fn augment_label(args: &PretrainArgs) -> String {
+    let mut parts = vec!["flip + crop (pad 2)".to_string()];
+    if args.rotate > 0 {
+        parts.push(format!("rotate ±{}°", args.rotate));
+    }
+    if args.zoom > 0 {
+        parts.push(format!("zoom ±{}%", args.zoom));
+    }
+    parts.join(" + ")
 }
 
 /// The `finished` line of a run folder's `metrics.jsonl`.
@@ -639,18 +777,20 @@ fn finished_from_log(dir: &std::path::Path) -> Result<Finished, CliError> {
 
 /// Runs `moppa pretrain`.
 pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
-    use crate::train::pretrain::{dataset_stats, export_backbone};
+    use crate::train::pretrain::export_backbone;
     if !["tiny", "vit-ti16", "vit-s16", "vit-b16"].contains(&args.preset.as_str()) {
         return Err(usage(format!(
             "--preset must be tiny, vit-ti16, vit-s16 or vit-b16 (got {})",
             args.preset
         )));
     }
+    if args.objective == "mae" {
+        return pretrain_mae(args);
+    }
     let finished = if args.export_only {
         finished_from_log(&args.run)?
     } else {
-        let (mean, std) = dataset_stats(&args.data, 10_000).map_err(|e| CliError::Failure(e.into()))?;
-        eprintln!("input normalisation from the data: mean {mean:?}, std {std:?}");
+        let (mean, std) = dataset_stats_cli(&args.data)?;
         let cfg = RunConfig {
             backbone: format!("random:{}", args.preset),
             data: args.data.clone(),
@@ -690,14 +830,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
         }
         finished
     };
-    let mut augment_text = vec!["flip + crop (pad 2)".to_string()];
-    if args.rotate > 0 {
-        augment_text.push(format!("rotate ±{}°", args.rotate));
-    }
-    if args.zoom > 0 {
-        augment_text.push(format!("zoom ±{}%", args.zoom));
-    }
-    let augment_text = augment_text.join(" + ");
+    let augment_text = augment_label(args);
     let provenance = serde_json::json!({
         "data": args.data, "preset": args.preset, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed, "augment": augment_text,

@@ -636,6 +636,73 @@ impl Vit {
         }
     }
 
+    /// Masked-autoencoder encoder input: the patch embedding with position embeddings of the
+    /// patches at `keep` (`B·K` flat indices `b·N + n` into the `B × N` patch grid, `u32`),
+    /// after the class token (with its own position embedding) and `norm_pre`: `(B, 1 + K, D)`.
+    /// Only for a ViT whose single prefix token is a class token with a position embedding.
+    pub fn embed_visible(&self, images: &Tensor, keep: &Tensor, k: usize) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        if !cfg.class_token || cfg.prefix_tokens != 1 || cfg.no_embed_class {
+            return Err(ModelError::Config(
+                "masked pretraining needs a ViT with a class token and no other prefix tokens".into(),
+            ));
+        }
+        let (b, c, h, w) = images.dims4()?;
+        if c != cfg.in_chans || h != cfg.img_size || w != cfg.img_size {
+            return Err(ModelError::Config(format!(
+                "images are {c}×{h}×{w}, the backbone expects {}×{}×{}",
+                cfg.in_chans, cfg.img_size, cfg.img_size
+            )));
+        }
+        let (p, g, d) = (cfg.patch_size, cfg.grid(), cfg.embed_dim);
+        let n = g * g;
+        let patches = images
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * n, c * p * p))?
+            .index_select(keep, 0)?;
+        let pos = self.p(&self.pos_embed)?.reshape((n + 1, d))?;
+        let pos_patch = pos.narrow(0, 1, n)?.repeat((b, 1))?.index_select(keep, 0)?;
+        let x = match &self.patch_b {
+            Some(bias) => ops::linear(self.kernels, &patches, &self.p(&self.patch_w)?, &self.p(bias)?)?,
+            None => ops::linear_no_bias(self.kernels, &patches, &self.p(&self.patch_w)?)?,
+        };
+        let x = (x + pos_patch)?.reshape((b, k, d))?;
+        let cls = self
+            .cls_token
+            .as_ref()
+            .ok_or_else(|| ModelError::Config("the backbone has no class token".into()))?;
+        let cls = (self.p(cls)?.reshape((1, d))? + pos.narrow(0, 0, 1)?)?
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?
+            .contiguous()?;
+        let x = Tensor::cat(&[&cls, &x], 1)?;
+        match &self.norm_pre {
+            Some(nm) => Ok(ops::layer_norm(
+                self.kernels,
+                &x,
+                &self.p(&nm.w)?,
+                &self.p(&nm.b)?,
+                cfg.ln_eps,
+            )?),
+            None => Ok(x),
+        }
+    }
+
+    /// Adds the position embeddings to a full token sequence `(B, T, D)` (an MAE decoder's).
+    pub fn add_pos_embed(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_add(&self.p(&self.pos_embed)?)?)
+    }
+
+    /// The final norm over every token (identity when the backbone has none).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.norm {
+            Some(n) => ops::layer_norm(self.kernels, x, &self.p(&n.w)?, &self.p(&n.b)?, self.cfg.ln_eps)?,
+            None => x.clone(),
+        })
+    }
+
     /// `norm1` of block `i`.
     pub fn norm1(&self, i: usize, x: &Tensor) -> Result<Tensor> {
         self.half_norm(&self.blocks[i].attn, &self.attn_layout, x)
@@ -681,10 +748,7 @@ impl Vit {
     /// Final norm, pooling and `fc_norm`: `(B, T, D)` → `(B, D)`; for distilled backbones also
     /// the distillation token's feature.
     pub fn pool(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let x = match &self.norm {
-            Some(n) => ops::layer_norm(self.kernels, x, &self.p(&n.w)?, &self.p(&n.b)?, self.cfg.ln_eps)?,
-            None => x.clone(),
-        };
+        let x = self.final_norm(x)?;
         let prefix = self.cfg.prefix_tokens;
         let pooled = match self.cfg.pool {
             Pool::Token => x.narrow(1, 0, 1)?.squeeze(1)?,

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod config;
 pub mod eval;
+pub mod mae;
 pub mod optim;
 pub mod pretrain;
 pub mod protocol;
