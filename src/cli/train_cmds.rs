@@ -617,7 +617,9 @@ pub struct PretrainArgs {
     pub export_only: bool,
     /// supervised (a classifier on the data's labels) or mae (masked autoencoder: reconstruct
     /// hidden patches; labels unused; the file has no classifier head).
-    #[arg(long, default_value = "supervised", value_parser = ["supervised", "mae"])]
+    /// supmae: both at once (SupMAE, Liang et al. 2022): the masked autoencoder plus a classifier
+    /// on the mean visible token, kept as the file's head.
+    #[arg(long, default_value = "supervised", value_parser = ["supervised", "mae", "supmae"])]
     pub objective: String,
     /// MAE: share of patches hidden from the encoder.
     #[arg(long, default_value_t = 0.75)]
@@ -678,6 +680,7 @@ fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
         data: args.data.clone(),
         encoder,
         mask_ratio: args.mask_ratio,
+        supervised_weight: if args.objective == "supmae" { 1.0 } else { 0.0 },
         decoder: (args.decoder_dim, args.decoder_depth, args.decoder_dim / 32),
         epochs: args.epochs,
         batch: args.batch,
@@ -713,18 +716,30 @@ fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
     };
     let tensors = enc.to_host().map_err(|e| CliError::Failure(e.into()))?;
     let provenance = serde_json::json!({
-        "objective": "mae", "mask_ratio": args.mask_ratio, "decoder_dim": args.decoder_dim,
+        "objective": args.objective, "mask_ratio": args.mask_ratio, "decoder_dim": args.decoder_dim,
         "decoder_depth": args.decoder_depth, "data": args.data, "preset": args.preset, "epochs": args.epochs,
         "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
         "augment": augment_label(args), "val_reconstruction_loss": outcome.val_loss, "steps": outcome.steps,
-        "seconds": outcome.seconds,
+        "seconds": outcome.seconds, "best_val_acc": outcome.accuracy.map(|a| a.0), "test_acc": outcome.accuracy.map(|a| a.1),
     });
+    // MAE's class token is never asked to summarise the image: like MAE's own fine-tuning,
+    // the backbone pools the mean of its (final-normed) patch tokens.
+    let cfg = crate::model::config::VitConfig {
+        pool: crate::model::Pool::Avg,
+        ..enc.cfg.clone()
+    };
     let mut meta = std::collections::HashMap::new();
     meta.insert(
         BACKBONE_META_KEY.to_owned(),
-        serde_json::to_string(&enc.cfg).map_err(|e| CliError::Failure(e.into()))?,
+        serde_json::to_string(&cfg).map_err(|e| CliError::Failure(e.into()))?,
     );
     meta.insert("moppa.pretrain".to_owned(), provenance.to_string());
+    if enc.has_head() {
+        meta.insert(
+            "moppa.classes".to_owned(),
+            serde_json::to_string(&outcome.classes).unwrap_or_default(),
+        );
+    }
     if let Some(dir) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", dir.display())))?;
     }
@@ -784,7 +799,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
             args.preset
         )));
     }
-    if args.objective == "mae" {
+    if args.objective != "supervised" {
         return pretrain_mae(args);
     }
     let finished = if args.export_only {

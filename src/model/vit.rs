@@ -591,24 +591,9 @@ impl Vit {
     /// `(B, T, D)`.
     pub fn embed(&self, images: &Tensor) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, c, h, w) = images.dims4()?;
-        if c != cfg.in_chans || h != cfg.img_size || w != cfg.img_size {
-            return Err(ModelError::Config(format!(
-                "images are {c}×{h}×{w}, the backbone expects {}×{}×{}",
-                cfg.in_chans, cfg.img_size, cfg.img_size
-            )));
-        }
-        let (p, g, d) = (cfg.patch_size, cfg.grid(), cfg.embed_dim);
-        let patches = images
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * g * g, c * p * p))?;
-        let x = match &self.patch_b {
-            Some(bias) => ops::linear(self.kernels, &patches, &self.p(&self.patch_w)?, &self.p(bias)?)?,
-            None => ops::linear_no_bias(self.kernels, &patches, &self.p(&self.patch_w)?)?,
-        }
-        .reshape((b, g * g, d))?;
+        let (g, d) = (cfg.grid(), cfg.embed_dim);
+        let (patches, b) = self.patches(images)?;
+        let x = self.project_patches(&patches)?.reshape((b, g * g, d))?;
         let mut prefix: Vec<Tensor> = Vec::new();
         for t in [&self.cls_token, &self.dist_token, &self.reg_token]
             .into_iter()
@@ -624,15 +609,46 @@ impl Vit {
             prefix.push(x);
             Tensor::cat(&prefix, 1)?.broadcast_add(&self.p(&self.pos_embed)?)?
         };
+        self.norm_pre(&x)
+    }
+
+    /// The images as rows of patch pixels, `(B·N, C·p·p)` in timm's order, and `B`.
+    fn patches(&self, images: &Tensor) -> Result<(Tensor, usize)> {
+        let cfg = &self.cfg;
+        let (b, c, h, w) = images.dims4()?;
+        if c != cfg.in_chans || h != cfg.img_size || w != cfg.img_size {
+            return Err(ModelError::Config(format!(
+                "images are {c}×{h}×{w}, the backbone expects {}×{}×{}",
+                cfg.in_chans, cfg.img_size, cfg.img_size
+            )));
+        }
+        let (p, g) = (cfg.patch_size, cfg.grid());
+        let rows = images
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, c * p * p))?;
+        Ok((rows, b))
+    }
+
+    /// The patch embedding of rows of patch pixels.
+    fn project_patches(&self, patches: &Tensor) -> Result<Tensor> {
+        Ok(match &self.patch_b {
+            Some(bias) => ops::linear(self.kernels, patches, &self.p(&self.patch_w)?, &self.p(bias)?)?,
+            None => ops::linear_no_bias(self.kernels, patches, &self.p(&self.patch_w)?)?,
+        })
+    }
+
+    fn norm_pre(&self, x: &Tensor) -> Result<Tensor> {
         match &self.norm_pre {
             Some(n) => Ok(ops::layer_norm(
                 self.kernels,
-                &x,
+                x,
                 &self.p(&n.w)?,
                 &self.p(&n.b)?,
-                cfg.ln_eps,
+                self.cfg.ln_eps,
             )?),
-            None => Ok(x),
+            None => Ok(x.clone()),
         }
     }
 
@@ -647,28 +663,11 @@ impl Vit {
                 "masked pretraining needs a ViT with a class token and no other prefix tokens".into(),
             ));
         }
-        let (b, c, h, w) = images.dims4()?;
-        if c != cfg.in_chans || h != cfg.img_size || w != cfg.img_size {
-            return Err(ModelError::Config(format!(
-                "images are {c}×{h}×{w}, the backbone expects {}×{}×{}",
-                cfg.in_chans, cfg.img_size, cfg.img_size
-            )));
-        }
-        let (p, g, d) = (cfg.patch_size, cfg.grid(), cfg.embed_dim);
-        let n = g * g;
-        let patches = images
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * n, c * p * p))?
-            .index_select(keep, 0)?;
+        let (n, d) = (cfg.grid() * cfg.grid(), cfg.embed_dim);
+        let (patches, b) = self.patches(images)?;
         let pos = self.p(&self.pos_embed)?.reshape((n + 1, d))?;
         let pos_patch = pos.narrow(0, 1, n)?.repeat((b, 1))?.index_select(keep, 0)?;
-        let x = match &self.patch_b {
-            Some(bias) => ops::linear(self.kernels, &patches, &self.p(&self.patch_w)?, &self.p(bias)?)?,
-            None => ops::linear_no_bias(self.kernels, &patches, &self.p(&self.patch_w)?)?,
-        };
-        let x = (x + pos_patch)?.reshape((b, k, d))?;
+        let x = (self.project_patches(&patches.index_select(keep, 0)?)? + pos_patch)?.reshape((b, k, d))?;
         let cls = self
             .cls_token
             .as_ref()
@@ -677,17 +676,7 @@ impl Vit {
             .reshape((1, 1, d))?
             .broadcast_as((b, 1, d))?
             .contiguous()?;
-        let x = Tensor::cat(&[&cls, &x], 1)?;
-        match &self.norm_pre {
-            Some(nm) => Ok(ops::layer_norm(
-                self.kernels,
-                &x,
-                &self.p(&nm.w)?,
-                &self.p(&nm.b)?,
-                cfg.ln_eps,
-            )?),
-            None => Ok(x),
-        }
+        self.norm_pre(&Tensor::cat(&[&cls, &x], 1)?)
     }
 
     /// Adds the position embeddings to a full token sequence `(B, T, D)` (an MAE decoder's).

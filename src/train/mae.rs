@@ -5,15 +5,18 @@
 //! mean squared error of the predicted pixels of the masked patches, each patch normalised by its
 //! own mean and variance (MAE's `norm_pix_loss`). The encoder is the same `Vit` as everywhere else
 //! (same fused ops and backward passes); the decoder is one too, built without a patch embedding
-//! input. Only the encoder is written out.
+//! input. Only the encoder is written out. With a supervised weight (SupMAE, Liang et al.
+//! 2022) a classifier on the mean of the encoded visible patches is trained at the same time and
+//! kept as the encoder's head.
 
-use super::optim::{AdamW, Decay, schedule};
+use super::optim::{AdamW, Decay, half_decay, schedule};
 use super::trainer::{TrainError, select_device};
 use crate::data::loader::{Loader, LoaderConfig, LoaderMsg};
 use crate::data::transform::{Augment, Normalize};
 use crate::data::{self, Split};
 use crate::model::config::VitConfig;
-use crate::model::ops::{self, layout::Slot};
+use crate::model::cross_entropy;
+use crate::model::ops;
 use crate::model::vit::Vit;
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand::seq::SliceRandom as _;
@@ -36,6 +39,9 @@ pub struct MaeRun {
     pub encoder: VitConfig,
     /// Share of patches hidden from the encoder.
     pub mask_ratio: f64,
+    /// Weight of a classification loss on the mean visible token (SupMAE, Liang et al. 2022);
+    /// 0: reconstruction only, labels unused.
+    pub supervised_weight: f64,
     /// Decoder width, depth and heads.
     pub decoder: (usize, usize, usize),
     /// Epochs over the training split.
@@ -59,12 +65,17 @@ pub struct MaeRun {
 /// How a run ended.
 #[derive(Debug)]
 pub struct MaeOutcome {
-    /// The trained encoder (no classifier head), or `None` when interrupted.
+    /// The trained encoder (with the SupMAE classifier as its head, if any), or `None` when
+    /// interrupted.
     pub encoder: Option<Vit>,
     /// Steps done.
     pub steps: u64,
     /// Reconstruction loss on the validation split (fixed masks), at the end.
     pub val_loss: Option<f64>,
+    /// SupMAE: accuracy of the head on the validation and test splits (all patches seen).
+    pub accuracy: Option<(f64, f64)>,
+    /// Class names (the head's outputs).
+    pub classes: Vec<String>,
     /// Seconds.
     pub seconds: f64,
 }
@@ -79,6 +90,8 @@ pub struct Mae {
     mask_token: Var,
     pred_w: Var,
     pred_b: Var,
+    /// The classifier on the mean visible token (SupMAE), `(classes, D)` and `(classes)`.
+    head: Option<(Var, Var)>,
     /// Patches kept per image.
     pub keep: usize,
     vars: Vec<(String, Var)>,
@@ -99,6 +112,7 @@ impl Mae {
         encoder: &VitConfig,
         mask_ratio: f64,
         decoder: (usize, usize, usize),
+        classes: usize,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
@@ -138,6 +152,11 @@ impl Mae {
         };
         let embed_w = xavier(dd, d)?;
         let pred_w = xavier(pix, dd)?;
+        let head = if classes > 0 {
+            Some((xavier(classes, d)?, Var::zeros(classes, DType::F32, device)?))
+        } else {
+            None
+        };
         let embed_b = Var::zeros(dd, DType::F32, device)?;
         let pred_b = Var::zeros(pix, DType::F32, device)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(3));
@@ -151,6 +170,10 @@ impl Mae {
         ] {
             vars.push((name.into(), v.clone()));
         }
+        if let Some((w, b)) = &head {
+            vars.push(("head.weight".into(), w.clone()));
+            vars.push(("head.bias".into(), b.clone()));
+        }
         Ok(Self {
             encoder: enc,
             decoder: dec,
@@ -159,6 +182,7 @@ impl Mae {
             mask_token,
             pred_w,
             pred_b,
+            head,
             keep,
             vars,
         })
@@ -194,11 +218,7 @@ impl Mae {
         };
         if name.ends_with(".attn_half") || name.ends_with(".mlp_half") {
             let lay = if name.ends_with(".attn_half") { al } else { ml };
-            let mut mask = vec![0f32; lay.len];
-            for s in lay.slots.iter().filter(|s| s.decay && s.present) {
-                mask[Slot::range(s)].fill(1.0);
-            }
-            return Tensor::from_vec(mask, lay.len, var.device()).map_or(Decay::None, Decay::Mask);
+            return half_decay(lay, var.device());
         }
         if var.rank() == 2 { Decay::All } else { Decay::None }
     }
@@ -231,6 +251,17 @@ impl Mae {
 
     /// The reconstruction loss of normalised images `(B, C, S, S)` under the given masks.
     pub fn loss(&self, images: &Tensor, keep: &Tensor, restore: &Tensor, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(images, keep, restore, hidden)?.0)
+    }
+
+    /// The reconstruction loss, and with a head the class logits from the mean visible token.
+    pub fn forward(
+        &self,
+        images: &Tensor,
+        keep: &Tensor,
+        restore: &Tensor,
+        hidden: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let k = self.encoder.kernels;
         let (b, c, _, _) = images.dims4()?;
         let (g, p) = (self.encoder.grid(), self.encoder.cfg.patch_size);
@@ -241,6 +272,15 @@ impl Mae {
             x = self.encoder.mlp(i, &x)?;
         }
         let x = self.encoder.final_norm(&x)?;
+        let logits = match &self.head {
+            Some((w, b)) => Some(ops::linear(
+                k,
+                &x.narrow(1, 1, self.keep)?.mean(1)?,
+                &self.w(w),
+                &self.w(b),
+            )?),
+            None => None,
+        };
         let y = ops::linear(k, &x, &self.w(&self.embed_w), &self.w(&self.embed_b))?; // (B, 1+K, Dd)
         let cls = y.narrow(1, 0, 1)?;
         let vis = y.narrow(1, 1, self.keep)?;
@@ -261,7 +301,40 @@ impl Mae {
         let pred = ops::linear(k, &z, &self.w(&self.pred_w), &self.w(&self.pred_b))?; // (B, N, p²C)
         let target = patchify(images, g, p, c)?;
         let err = (pred - target)?.sqr()?.mean(D::Minus1)?; // (B, N)
-        Ok(((err * hidden)?.sum_all()? / hidden.sum_all()?.to_scalar::<f32>()? as f64)?)
+        let recon = ((err * hidden)?.sum_all()? / hidden.sum_all()?.to_scalar::<f32>()? as f64)?;
+        Ok((recon, logits))
+    }
+
+    /// Class logits from every patch (no masking), with the SupMAE head; `None` without one.
+    pub fn classify(&self, images: &Tensor) -> Result<Option<Tensor>> {
+        let Some((w, b)) = &self.head else {
+            return Ok(None);
+        };
+        let n = self.encoder.grid() * self.encoder.grid();
+        let bsz = images.dim(0)?;
+        let all = Tensor::arange(0u32, (bsz * n) as u32, images.device())?;
+        let mut x = self.encoder.embed_visible(images, &all, n)?;
+        for i in 0..self.encoder.depth() {
+            x = self.encoder.attn(i, &x, None)?;
+            x = self.encoder.mlp(i, &x)?;
+        }
+        let pooled = self.encoder.final_norm(&x)?.narrow(1, 1, n)?.mean(1)?;
+        Ok(Some(ops::linear(
+            self.encoder.kernels,
+            &pooled,
+            &self.w(w),
+            &self.w(b),
+        )?))
+    }
+
+    /// The encoder with the SupMAE classifier (if any) as its own head.
+    #[must_use]
+    pub fn into_encoder(self) -> Vit {
+        let mut enc = self.encoder;
+        if let Some((w, b)) = self.head {
+            enc.set_head(w.as_tensor().detach(), b.as_tensor().detach());
+        }
+        enc
     }
 }
 
@@ -296,10 +369,16 @@ pub fn pretrain(run: &MaeRun, interrupt: &Arc<AtomicBool>) -> Result<MaeOutcome>
     let ds = data::load(&run.data, false, run.seed)?;
     let train = ds.split(Split::Train).to_vec();
     let val = ds.split(Split::Val).to_vec();
+    let test = ds.split(Split::Test).to_vec();
     if train.is_empty() {
         return Err(TrainError::Config(format!("{}: no training images", run.data)));
     }
-    let model = Mae::new(&run.encoder, run.mask_ratio, run.decoder, run.seed, &device)?;
+    let classes = if run.supervised_weight > 0.0 {
+        ds.classes.len()
+    } else {
+        0
+    };
+    let model = Mae::new(&run.encoder, run.mask_ratio, run.decoder, classes, run.seed, &device)?;
     let per_epoch = train.len().div_ceil(run.batch) as u64;
     let total = per_epoch * run.epochs;
     let normalize = Normalize {
@@ -336,6 +415,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &Arc<AtomicBool>) -> Result<MaeOutcome>
     let start = Instant::now();
     let report_every = (per_epoch / 4).max(1);
     let (mut step, mut seen, mut loss_sum, mut loss_n) = (0u64, 0usize, 0f64, 0usize);
+    let mut ce_sum = 0f64;
     let mut window = Instant::now();
     eprintln!(
         "MAE pretraining · encoder D {} × {} blocks, decoder D {} × {} · {} of {} patches visible · {} steps",
@@ -357,22 +437,50 @@ pub fn pretrain(run: &MaeRun, interrupt: &Arc<AtomicBool>) -> Result<MaeOutcome>
                 encoder: None,
                 steps: step,
                 val_loss: None,
+                accuracy: None,
+                classes: Vec::new(),
                 seconds: start.elapsed().as_secs_f64(),
             });
         }
         let batch = match loader.recv_timeout(Duration::from_millis(200)) {
-            None | Some(LoaderMsg::Ready { .. }) => continue,
+            None => continue,
+            Some(LoaderMsg::Ready { usable, skipped }) => {
+                if !skipped.is_empty() {
+                    let (path, why) = &skipped[0];
+                    eprintln!(
+                        "warning: {} of {} training images could not be decoded and are left out (first: {}: {why})",
+                        skipped.len(),
+                        usable + skipped.len(),
+                        path.display()
+                    );
+                    log_line(
+                        &mut log,
+                        &json!({"kind": "warning", "step": 0, "time_s": 0.0,
+                        "message": format!("{} training images could not be decoded", skipped.len()), "path": path}),
+                    );
+                }
+                continue;
+            }
             Some(LoaderMsg::Failed(e)) => return Err(e.into()),
             Some(LoaderMsg::Batch(b)) => b,
         };
         let b = batch.labels.len();
         let images = Tensor::from_vec(batch.images, (b, 3, size as usize, size as usize), &device)?;
         let (keep, restore, hidden) = model.masks(b, &mut rng)?;
-        let loss = model.loss(&images, &keep, &restore, &hidden)?;
+        let (recon, logits) = model.forward(&images, &keep, &restore, &hidden)?;
+        let loss = match &logits {
+            Some(logits) => {
+                let labels = Tensor::from_vec(batch.labels, b, &device)?;
+                let ce = cross_entropy(logits, &labels)?;
+                ce_sum += f64::from(ce.to_scalar::<f32>()?);
+                (&recon + (ce * run.supervised_weight)?)?
+            }
+            None => recon.clone(),
+        };
         let grads = loss.backward()?;
         let lr = schedule(step, total, run.warmup, run.lr);
         let info = opt.step(&grads, lr, 1.0)?;
-        let l = f64::from(loss.to_scalar::<f32>()?);
+        let l = f64::from(recon.to_scalar::<f32>()?);
         if !info.finite || !l.is_finite() {
             log_line(
                 &mut log,
@@ -391,31 +499,44 @@ pub fn pretrain(run: &MaeRun, interrupt: &Arc<AtomicBool>) -> Result<MaeOutcome>
             let img_s = seen as f64 / secs.max(1e-9);
             let mean = loss_sum / loss_n as f64;
             let t = start.elapsed().as_secs_f64();
+            let ce = (classes > 0).then(|| ce_sum / loss_n as f64);
+            let ce_text = ce.map(|c| format!(" · class loss {c:.4}")).unwrap_or_default();
             eprintln!(
-                "step {step}/{total} · reconstruction loss {mean:.4} · lr {lr:.2e} · {img_s:.0} img/s · {t:.1} s"
+                "step {step}/{total} · reconstruction loss {mean:.4}{ce_text} · lr {lr:.2e} · {img_s:.0} img/s · {t:.1} s"
             );
             log_line(
                 &mut log,
-                &json!({"kind": "progress", "step": step, "time_s": t, "loss": mean, "lr": lr, "img_per_s": img_s}),
+                &json!({"kind": "progress", "step": step, "time_s": t, "loss": mean, "class_loss": ce, "lr": lr, "img_per_s": img_s}),
             );
-            (seen, loss_sum, loss_n) = (0, 0.0, 0);
+            (seen, loss_sum, loss_n, ce_sum) = (0, 0.0, 0, 0.0);
             window = Instant::now();
         }
     }
     drop(loader);
     let val_loss = val_loss(&model, &val, size, &normalize, run.batch, run.seed)?;
-    let seconds = start.elapsed().as_secs_f64();
     if let Some(v) = val_loss {
         eprintln!("validation reconstruction loss {v:.4} ({} images)", val.len());
     }
+    let accuracy = if classes > 0 {
+        let v = accuracy(&model, &val, size, &normalize, run.batch)?;
+        let t = accuracy(&model, &test, size, &normalize, run.batch)?;
+        eprintln!("classifier accuracy: validation {v:.4}, test {t:.4}");
+        Some((v, t))
+    } else {
+        None
+    };
+    let seconds = start.elapsed().as_secs_f64();
     log_line(
         &mut log,
-        &json!({"kind": "finished", "reason": "done", "step": step, "time_s": seconds, "val_loss": val_loss}),
+        &json!({"kind": "finished", "reason": "done", "step": step, "time_s": seconds, "val_loss": val_loss,
+            "best_val_acc": accuracy.map(|a| a.0), "test_acc": accuracy.map(|a| a.1)}),
     );
     Ok(MaeOutcome {
-        encoder: Some(model.encoder),
+        encoder: Some(model.into_encoder()),
         steps: step,
         val_loss,
+        accuracy,
+        classes: ds.classes.clone(),
         seconds,
     })
 }
@@ -447,4 +568,23 @@ fn val_loss(
     })?;
     model.set_grad_enabled(true);
     Ok((count > 0).then(|| sum / count as f64))
+}
+
+/// Share of `samples` the SupMAE head classifies right (every patch seen).
+fn accuracy(model: &Mae, samples: &[data::Sample], size: u32, norm: &Normalize, batch: usize) -> Result<f64> {
+    model.set_grad_enabled(false);
+    let mut set = data::loader::EvalSet::new(samples.to_vec(), size, 256 << 20);
+    let (mut right, mut count) = (0usize, 0usize);
+    set.for_each_batch(batch, norm, |images, labels| -> Result<()> {
+        let b = labels.len();
+        let images = Tensor::from_vec(images, (b, 3, size as usize, size as usize), model.encoder.device())?;
+        if let Some(logits) = model.classify(&images)? {
+            let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+            right += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+        }
+        count += b;
+        Ok(())
+    })?;
+    model.set_grad_enabled(true);
+    Ok(if count == 0 { 0.0 } else { right as f64 / count as f64 })
 }

@@ -17,6 +17,16 @@ pub enum Decay {
     Mask(Tensor),
 }
 
+/// Weight decay of a block half's flat buffer: 1 on its matrices (the slots marked to decay).
+#[must_use]
+pub fn half_decay(lay: &crate::model::ops::HalfLayout, device: &candle_core::Device) -> Decay {
+    let mut mask = vec![0f32; lay.len];
+    for s in lay.slots.iter().filter(|s| s.decay && s.present) {
+        mask[crate::model::ops::layout::Slot::range(s)].fill(1.0);
+    }
+    Tensor::from_vec(mask, lay.len, device).map_or(Decay::None, Decay::Mask)
+}
+
 struct Param {
     name: String,
     var: Var,

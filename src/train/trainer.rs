@@ -11,7 +11,6 @@ use super::protocol::{
 use crate::data::loader::{EvalSet, Loader, LoaderMsg};
 use crate::data::{self, DataError, LoaderConfig, Normalize};
 use crate::model::checkpoint::KEY_CONFIG;
-use crate::model::ops::layout::Slot;
 use crate::model::peft::{BlockAdapter, BlockRouting};
 use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
 use crate::model::{BackboneOptions, MethodKind, ModelError, PeftModel, Vit, VitConfig, cross_entropy};
@@ -204,11 +203,7 @@ fn decay_mask(name: &str, var: &Var, model: &PeftModel) -> Decay {
     let (al, ml) = model.backbone.layouts();
     if name.ends_with(".attn_half") || name.ends_with(".mlp_half") {
         let lay = if name.ends_with(".attn_half") { al } else { ml };
-        let mut mask = vec![0f32; lay.len];
-        for s in lay.slots.iter().filter(|s| s.decay && s.present) {
-            mask[Slot::range(s)].fill(1.0);
-        }
-        return Tensor::from_vec(mask, lay.len, var.device()).map_or(Decay::None, Decay::Mask);
+        return super::optim::half_decay(lay, var.device());
     }
     // Matrices decay (timm's convention); vectors, coefficients and the source map do not.
     if var.rank() == 2 && !name.ends_with("source") && !name.ends_with("pos_embed") {
