@@ -311,12 +311,10 @@ impl CustomOp3 for AttnHalfOp {
                 }
             }
         });
-        let mut o = zeros(n * d);
-        let mut probs = if self.save {
-            zeros(b * heads * t * t)
-        } else {
-            Vec::new()
-        };
+        // Both are overwritten whole (the products do not accumulate) and go back to the pool
+        // after the backward pass, so they come from it too.
+        let mut o = take(n * d);
+        let mut probs = if self.save { take(b * heads * t * t) } else { Vec::new() };
         attention::forward(&qkv, &mut o, self.save.then_some(probs.as_mut_slice()), self.dims);
         let mut out = zeros(n * d);
         linear_fwd(n, d, d, &o, d, p(PROJ_W), &mut out, d, false, Par::Pool);
