@@ -570,8 +570,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "Example (the built-in backbone; see assets/README.md):\n  \
 apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb fm\n  \
-moppa pretrain --data idx:fm/usr/share/datasets/fashion-mnist --epochs 12 --run runs/pretrain \\\n      \
---output assets/backbone-tiny.safetensors --f16")]
+moppa pretrain --objective mae --data idx:fm/usr/share/datasets/fashion-mnist --epochs 24 \\\n      \
+--run runs/pretrain-mae --output assets/backbone-tiny.safetensors")]
 pub struct PretrainArgs {
     /// Training data: `idx:DIR` (MNIST / Fashion-MNIST) or an ImageFolder.
     #[arg(long)]
