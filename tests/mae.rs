@@ -23,6 +23,17 @@ fn small() -> VitConfig {
     }
 }
 
+/// One field of every `progress` line of a run's `metrics.jsonl`.
+fn progress(run: &std::path::Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "progress")
+        .map(|v| v[key].as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 fn masks_keep_the_right_share_and_restore_is_the_inverse_shuffle() {
     let mae = Mae::new(&small(), 0.75, (32, 1, 1), 0, 0, &Device::Cpu).unwrap();
@@ -131,13 +142,7 @@ fn pretrain_mae_writes_a_headless_backbone_that_fine_tuning_accepts() {
     assert_eq!(prov["objective"], "mae");
     // The reconstruction loss falls from its start (~1: random weights predict ~0 for
     // per-patch normalised targets) within one epoch of 3000 images.
-    let log = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "progress")
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect();
+    let losses = progress(&dir.path().join("run"), "loss");
     assert!(losses.len() >= 3);
     assert!(losses.last().unwrap() < &(0.8 * losses[0]), "{losses:?}");
     let val = prov["val_reconstruction_loss"].as_f64().unwrap();
@@ -202,13 +207,7 @@ fn pretrain_supmae_keeps_its_classifier_as_the_head() {
     // The class loss falls (from ln 10 ≈ 2.30) while the reconstruction is learned, and the
     // head beats chance (0.1) on the test digits with every patch seen; both learn slowly from
     // 188 steps with a quarter of the patches (8 epochs here gave 0.37).
-    let log = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
-    let ce: Vec<f64> = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "progress")
-        .map(|v| v["class_loss"].as_f64().unwrap())
-        .collect();
+    let ce = progress(&dir.path().join("run"), "class_loss");
     assert!(ce.last().unwrap() < &(ce[0] - 0.05), "{ce:?}");
     let test_acc = prov["test_acc"].as_f64().unwrap();
     assert!(test_acc > 0.13, "test accuracy {test_acc}");
