@@ -23,6 +23,34 @@ fn small() -> VitConfig {
     }
 }
 
+/// `moppa pretrain --objective OBJ` on the built-in digits into `dir/run` and `file`; the file.
+fn pretrain_digits(objective: &str, epochs: u32, dir: &std::path::Path, file: &std::path::Path) -> TensorFile {
+    let epochs = epochs.to_string();
+    let run = dir.join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args([
+            "pretrain",
+            "--objective",
+            objective,
+            "--data",
+            "builtin:digits",
+            "--epochs",
+            &epochs,
+        ])
+        .args([
+            "--run",
+            run.to_str().unwrap(),
+            "--output",
+            file.to_str().unwrap(),
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    TensorFile::read(file).unwrap()
+}
+
 /// One field of every `progress` line of a run's `metrics.jsonl`.
 fn progress(run: &std::path::Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -119,23 +147,7 @@ fn pretrain_mae_writes_a_headless_backbone_that_fine_tuning_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mae.safetensors");
     let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_moppa")).args(args).output().unwrap();
-    let out = run(&[
-        "pretrain",
-        "--objective",
-        "mae",
-        "--data",
-        "builtin:digits",
-        "--epochs",
-        "1",
-        "--run",
-        dir.path().join("run").to_str().unwrap(),
-        "--output",
-        file.to_str().unwrap(),
-        "--threads",
-        "2",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tf = TensorFile::read(&file).unwrap();
+    let tf = pretrain_digits("mae", 1, dir.path(), &file);
     assert!(!tf.has("head.weight"), "an MAE backbone has no classifier");
     assert!(tf.has("blocks.3.mlp.fc2.weight") && !tf.tensors.keys().any(|k| k.starts_with("decoder")));
     let prov: serde_json::Value = serde_json::from_str(&tf.metadata["moppa.pretrain"]).unwrap();
@@ -181,26 +193,7 @@ fn pretrain_mae_writes_a_headless_backbone_that_fine_tuning_accepts() {
 fn pretrain_supmae_keeps_its_classifier_as_the_head() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("supmae.safetensors");
-    let out = Command::new(env!("CARGO_BIN_EXE_moppa"))
-        .args([
-            "pretrain",
-            "--objective",
-            "supmae",
-            "--data",
-            "builtin:digits",
-            "--epochs",
-            "4",
-            "--run",
-            dir.path().join("run").to_str().unwrap(),
-            "--output",
-            file.to_str().unwrap(),
-            "--threads",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tf = TensorFile::read(&file).unwrap();
+    let tf = pretrain_digits("supmae", 4, dir.path(), &file);
     assert_eq!(tf.get("head.weight").unwrap().shape, vec![10, 96]);
     let prov: serde_json::Value = serde_json::from_str(&tf.metadata["moppa.pretrain"]).unwrap();
     assert_eq!(prov["objective"], "supmae");
