@@ -745,9 +745,14 @@ fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
     }
     let store = if args.f16 { StoreAs::F16 } else { StoreAs::F32 };
     write_atomic(&args.output, &tensors, &meta, store).map_err(|e| CliError::Failure(e.into()))?;
+    let head = outcome
+        .accuracy
+        .map(|(_, t)| format!(", head test accuracy {t:.4}"))
+        .unwrap_or_default();
     println!(
-        "wrote backbone {} (MAE, validation reconstruction loss {:.4})",
+        "wrote backbone {} ({}, validation reconstruction loss {:.4}{head})",
         args.output.display(),
+        args.objective,
         outcome.val_loss.unwrap_or(f64::NAN)
     );
     Ok(0)
