@@ -664,12 +664,8 @@ fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
         return Err(usage("--epochs, --batch and --lr must be positive"));
     }
     let (mean, std) = dataset_stats_cli(&args.data)?;
-    let base = match args.preset.as_str() {
-        "tiny" => crate::model::config::VitConfig::tiny(),
-        "vit-ti16" => crate::model::config::VitConfig::vit_ti16(),
-        "vit-s16" => crate::model::config::VitConfig::vit_s16(),
-        _ => crate::model::config::VitConfig::vit_b16(),
-    };
+    let base = super::model_cmds::preset(&args.preset)
+        .ok_or_else(|| usage(format!("--preset: unknown preset {}", args.preset)))?;
     let encoder = crate::model::config::VitConfig {
         num_classes: 0,
         mean,

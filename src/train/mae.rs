@@ -301,7 +301,8 @@ impl Mae {
         let pred = ops::linear(k, &z, &self.w(&self.pred_w), &self.w(&self.pred_b))?; // (B, N, p²C)
         let target = patchify(images, g, p, c)?;
         let err = (pred - target)?.sqr()?.mean(D::Minus1)?; // (B, N)
-        let recon = ((err * hidden)?.sum_all()? / hidden.sum_all()?.to_scalar::<f32>()? as f64)?;
+        // Every image hides the same number of patches.
+        let recon = ((err * hidden)?.sum_all()? / (b * (n - self.keep)) as f64)?;
         Ok((recon, logits))
     }
 
@@ -513,17 +514,18 @@ pub fn pretrain(run: &MaeRun, interrupt: &Arc<AtomicBool>) -> Result<MaeOutcome>
         }
     }
     drop(loader);
-    let val_loss = val_loss(&model, &val, size, &normalize, run.batch, run.seed)?;
+    let eval_cfg = (size, &normalize, run.batch);
+    let (val_loss, val_acc) = evaluate(&model, &val, eval_cfg, true, run.seed)?;
     if let Some(v) = val_loss {
         eprintln!("validation reconstruction loss {v:.4} ({} images)", val.len());
     }
-    let accuracy = if classes > 0 {
-        let v = accuracy(&model, &val, size, &normalize, run.batch)?;
-        let t = accuracy(&model, &test, size, &normalize, run.batch)?;
-        eprintln!("classifier accuracy: validation {v:.4}, test {t:.4}");
-        Some((v, t))
-    } else {
-        None
+    let accuracy = match val_acc {
+        Some(v) => {
+            let t = evaluate(&model, &test, eval_cfg, false, run.seed)?.1.unwrap_or(0.0);
+            eprintln!("classifier accuracy: validation {v:.4}, test {t:.4}");
+            Some((v, t))
+        }
+        None => None,
     };
     let seconds = start.elapsed().as_secs_f64();
     log_line(
@@ -541,50 +543,44 @@ pub fn pretrain(run: &MaeRun, interrupt: &Arc<AtomicBool>) -> Result<MaeOutcome>
     })
 }
 
-/// The reconstruction loss over the validation split with masks from a fixed seed.
-fn val_loss(
+/// One pass over `samples` without gradients: the reconstruction loss with masks from a fixed
+/// seed (when `recon`), and the SupMAE head's accuracy with every patch seen (when it has one).
+fn evaluate(
     model: &Mae,
-    val: &[data::Sample],
-    size: u32,
-    norm: &Normalize,
-    batch: usize,
+    samples: &[data::Sample],
+    (size, norm, batch): (u32, &Normalize, usize),
+    recon: bool,
     seed: u64,
-) -> Result<Option<f64>> {
-    if val.is_empty() {
-        return Ok(None);
+) -> Result<(Option<f64>, Option<f64>)> {
+    if samples.is_empty() {
+        return Ok((None, None));
     }
     model.set_grad_enabled(false);
-    let mut set = data::loader::EvalSet::new(val.to_vec(), size, 256 << 20);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x0056_414c);
-    let (mut sum, mut count) = (0f64, 0usize);
-    set.for_each_batch(batch, norm, |images, labels| -> Result<()> {
-        let b = labels.len();
-        let images = Tensor::from_vec(images, (b, 3, size as usize, size as usize), model.encoder.device())?;
-        let (keep, restore, hidden) = model.masks(b, &mut rng)?;
-        let l = model.loss(&images, &keep, &restore, &hidden)?.to_scalar::<f32>()?;
-        sum += f64::from(l) * b as f64;
-        count += b;
-        Ok(())
-    })?;
-    model.set_grad_enabled(true);
-    Ok((count > 0).then(|| sum / count as f64))
-}
-
-/// Share of `samples` the SupMAE head classifies right (every patch seen).
-fn accuracy(model: &Mae, samples: &[data::Sample], size: u32, norm: &Normalize, batch: usize) -> Result<f64> {
-    model.set_grad_enabled(false);
     let mut set = data::loader::EvalSet::new(samples.to_vec(), size, 256 << 20);
-    let (mut right, mut count) = (0usize, 0usize);
-    set.for_each_batch(batch, norm, |images, labels| -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x0056_414c);
+    let (mut loss_sum, mut right, mut count) = (0f64, 0usize, 0usize);
+    let mut has_head = false;
+    let result = set.for_each_batch(batch, norm, |images, labels| -> Result<()> {
         let b = labels.len();
         let images = Tensor::from_vec(images, (b, 3, size as usize, size as usize), model.encoder.device())?;
+        if recon {
+            let (keep, restore, hidden) = model.masks(b, &mut rng)?;
+            let l = model.loss(&images, &keep, &restore, &hidden)?.to_scalar::<f32>()?;
+            loss_sum += f64::from(l) * b as f64;
+        }
         if let Some(logits) = model.classify(&images)? {
+            has_head = true;
             let pred: Vec<u32> = logits.argmax(1)?.to_vec1()?;
             right += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         }
         count += b;
         Ok(())
-    })?;
+    });
     model.set_grad_enabled(true);
-    Ok(if count == 0 { 0.0 } else { right as f64 / count as f64 })
+    result?;
+    if count == 0 {
+        return Ok((None, None));
+    }
+    let n = count as f64;
+    Ok((recon.then(|| loss_sum / n), has_head.then(|| right as f64 / n)))
 }
