@@ -6,8 +6,9 @@
 //
 //     cargo run --release --example train_headless
 
+use moppa_studio::config::RunConfig;
 use moppa_studio::train::protocol::{Coeff, Command, Event, SetMode, Target};
-use moppa_studio::train::{RunConfig, WorkerHandle, WorkerOptions};
+use moppa_studio::train::{WorkerHandle, WorkerOptions};
 
 fn main() -> anyhow::Result<()> {
     let cfg = RunConfig {
@@ -54,7 +55,7 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "snapshot at step {}: block 0 κ = {:?}",
                         s.step,
-                        &b.kappa[..2.min(b.kappa.len())]
+                        &b.coeffs[Coeff::Kappa][..2.min(b.coeffs[Coeff::Kappa].len())]
                     );
                 }
             }

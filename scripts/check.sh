@@ -20,3 +20,21 @@ if cargo tree --no-default-features -e normal --prefix none | grep -E "$forbidde
     exit 1
 fi
 echo "ok"
+
+echo "== layering: who may name whom (../shared/ARCHITECTURE.md)"
+fail=0
+layer_rule() { # pattern, folder, message
+    if hits=$(grep -rnE "$1" "$2" --include='*.rs'); then
+        echo "$hits" >&2
+        echo "error: $3" >&2
+        fail=1
+    fi
+}
+layer_rule 'crate::app\b' src/cli "the CLI names the app (the two faces are siblings; main.rs builds the app's options)"
+layer_rule 'crate::model\b' src/app "the app names the model (it reads train and config only)"
+layer_rule 'candle_core|candle_nn' src/app "the app names candle (it never touches a tensor)"
+layer_rule 'pub use crate::model\b' src/train "train re-exports the model (displays see protocol and config types only)"
+layer_rule 'softplus' src/train "train names the softplus helpers (the model owns the coefficients' parameterisation)"
+layer_rule 'crate::(model|physics|data|train|cli|app)\b' src/config "config names a higher layer (it is plain data at the bottom)"
+[ "$fail" -eq 0 ] || exit 1
+echo "ok"

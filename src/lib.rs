@@ -1,11 +1,13 @@
 //! MoPPA Studio: see and steer physics-prior adapters while they train.
 //!
-//! Layers (each may use the ones before it): [`physics`] (DCT, the three priors) → `model`
-//! (candle ViT + adapters) → `train` (engine, protocol) → the CLI and the desktop app.
+//! Layers (each may use the ones before it): [`config`] (plain configuration data) → [`physics`]
+//! (DCT, the three priors) → [`model`] (candle ViT + adapters) → [`train`] (engine, protocol;
+//! reads [`data`]) → the CLI and the desktop app, siblings that never import each other.
 
 #[cfg(feature = "gui")]
 pub mod app;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod model;
 pub mod physics;

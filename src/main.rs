@@ -1,4 +1,5 @@
-//! `moppa`: the MoPPA Studio desktop app and command line.
+//! `moppa`: the MoPPA Studio desktop app and command line. The only place that knows both faces:
+//! it parses the command line, then hands a subcommand to the CLI or builds the app's options.
 
 use clap::Parser as _;
 use moppa_studio::cli::{Cli, run};
@@ -19,10 +20,46 @@ fn main() {
     }
 }
 
+/// The app's start options from the top-level flags.
+#[cfg(feature = "gui")]
+fn app_options(cli: &Cli) -> Result<moppa_studio::app::AppOptions, moppa_studio::cli::CliError> {
+    use moppa_studio::cli::{CliError, usage};
+    let tab = match &cli.tab {
+        Some(t) => Some(
+            moppa_studio::app::state::Tab::parse(t)
+                .ok_or_else(|| usage(format!("--tab must be filters, router, curves or playground (got {t})")))?,
+        ),
+        None => None,
+    };
+    let config = match &cli.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", p.display())))?;
+            Some(
+                moppa_studio::config::RunConfig::from_toml(&text)
+                    .map_err(|e| usage(format!("{}: {e}", p.display())))?,
+            )
+        }
+        None => None,
+    };
+    if cli.frame_stats.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        return Err(usage("--frame-stats must be > 0 seconds"));
+    }
+    Ok(moppa_studio::app::AppOptions {
+        autostart: cli.autostart,
+        screenshot: cli.screenshot.clone(),
+        after_steps: cli.after_steps,
+        tab,
+        frame_stats: cli.frame_stats,
+        config,
+        stable_display: false,
+    })
+}
+
 /// No subcommand: the desktop app on the built-in default.
 #[cfg(feature = "gui")]
 fn open_app(cli: &Cli) -> i32 {
-    let opts = match cli.app_options() {
+    let opts = match app_options(cli) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {}", e.message());

@@ -1,4 +1,8 @@
-//! Small helpers shared by the CLI and the app: number formatting, memory figures, allocator set-up.
+//! Small helpers shared by every layer: number formatting, memory figures, allocator set-up, and
+//! the one atomic file write.
+
+use std::io::Write as _;
+use std::path::Path;
 
 /// `12345678` → `12,345,678`.
 #[must_use]
@@ -42,4 +46,33 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+/// Writes a file atomically: `write` fills a temporary file in the same folder, which is synced
+/// and renamed over `path`. On any failure the temporary file is removed and `path` is left as
+/// it was, so a reader never sees half a file.
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut buf = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        write(&mut buf)?;
+        buf.flush()?;
+        let file = buf.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    result
 }

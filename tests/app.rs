@@ -12,9 +12,8 @@ use egui_kittest::{Harness, SnapshotOptions};
 use moppa_studio::app::link::{FakeLink, Launcher, Link};
 use moppa_studio::app::state::{Settings, Tab};
 use moppa_studio::app::{AppOptions, StudioApp};
-use moppa_studio::model::VitConfig;
-use moppa_studio::physics::{Prior, PriorCoeffs, laplacian_eigenvalues};
-use moppa_studio::train::RunConfig;
+use moppa_studio::config::{PerCoeff, Prior, RunConfig, VitConfig};
+use moppa_studio::physics::{PriorCoeffs, laplacian_eigenvalues};
 use moppa_studio::train::protocol::*;
 use std::sync::{Arc, Mutex};
 
@@ -80,9 +79,11 @@ fn snapshot(step: u64, kappa: f64) -> Snapshot {
         mix: (0..h * w)
             .map(|i| gains.iter().zip(alpha).map(|(g, a)| g[i] * a).sum())
             .collect(),
-        kappa: vec![kappa as f32; 4],
-        c: vec![0.9; 4],
-        eps: vec![0.5; 4],
+        coeffs: PerCoeff {
+            kappa: vec![kappa as f32; 4],
+            c: vec![0.9; 4],
+            eps: vec![0.5; 4],
+        },
         source: vec![1.0; h * w],
         router: Some(RouterStats {
             mean_alpha: alpha.to_vec(),
@@ -128,6 +129,7 @@ fn progress(step: u64) -> Event {
         lr: 3e-3,
         img_per_s: 400.0,
         time_s: s * 0.15,
+        class_loss: None,
     })
 }
 

@@ -4,29 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
 use candle_core::Device;
+use moppa_studio::config::MethodConfig;
 use moppa_studio::model::tensor_file::TensorFile;
-use moppa_studio::model::{BackboneOptions, MethodConfig, PeftModel, Vit};
-use std::path::PathBuf;
+use moppa_studio::model::{BackboneOptions, PeftModel, Vit};
 use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn moppa(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_moppa"))
-        .args(args)
-        .output()
-        .expect("run moppa")
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    (num / den).sqrt()
-}
+mod common;
+use common::{adapter_params, fixture, moppa, rel_err_slices};
 
 #[test]
 fn params_table_lists_every_method_with_method_md_counts() {
@@ -64,7 +48,7 @@ fn infer_reproduces_timm_logits() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got = TensorFile::read(&out_path).unwrap();
     let want = TensorFile::read(&fixture("vit_cls_io.safetensors")).unwrap();
-    let e = max_rel(&got.get("logits").unwrap().data, &want.get("logits").unwrap().data);
+    let e = rel_err_slices(&got.get("logits").unwrap().data, &want.get("logits").unwrap().data);
     assert!(e < 1e-5, "relative error {e}");
 }
 
@@ -84,13 +68,7 @@ fn infer_with_a_moppa_adapter_writes_logits_and_router() {
         ..MethodConfig::default()
     };
     let model = PeftModel::new(vit, method.clone(), (0..7).map(|i| i.to_string()).collect(), 0).unwrap();
-    let params = tf
-        .tensors
-        .iter()
-        .filter(|(k, _)| k.starts_with("blocks.") || k.starts_with("head."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    model.set_trainable(&params, &tf.path).unwrap();
+    model.set_trainable(&adapter_params(&tf), &tf.path).unwrap();
     let adapter = dir.path().join("adapter.safetensors");
     model
         .save_adapter(&adapter, &serde_json::to_string(&method).unwrap())
@@ -132,10 +110,10 @@ fn infer_with_a_moppa_adapter_writes_logits_and_router() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got = TensorFile::read(&out_path).unwrap();
-    assert!(max_rel(&got.get("logits").unwrap().data, &tf.get("logits").unwrap().data) < 1e-5);
+    assert!(rel_err_slices(&got.get("logits").unwrap().data, &tf.get("logits").unwrap().data) < 1e-5);
     let router = got.get("router").unwrap();
     assert_eq!(router.shape, vec![2, 4, 16, 3], "(blocks, N, HW, k)");
-    assert!(max_rel(&router.data, &tf.get("router").unwrap().data) < 1e-5);
+    assert!(rel_err_slices(&router.data, &tf.get("router").unwrap().data) < 1e-5);
     // A different backbone file (same shapes) is refused without --force.
     let other = dir.path().join("other.safetensors");
     let mut t = TensorFile::read(&backbone).unwrap().tensors;

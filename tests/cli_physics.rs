@@ -3,14 +3,8 @@
 // Tests: unwrap is the assertion; pedantic style lints are for the library.
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
-use std::process::Command;
-
-fn moppa(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_moppa"))
-        .args(args)
-        .output()
-        .expect("run moppa")
-}
+mod common;
+use common::moppa;
 
 fn grid(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v.as_array()

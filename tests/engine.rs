@@ -5,35 +5,14 @@
 // Tests: unwrap is the assertion; pedantic style lints are for the library.
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
-use candle_core::Device;
-use moppa_studio::model::tensor_file::{StoreAs, write_atomic};
-use moppa_studio::model::{MethodKind, Vit, VitConfig};
-use moppa_studio::train::protocol::{
-    Coeff, Command, Event, FinishReason, Finished, Hyper, Lockable, SetMode, Snapshot, Target,
-};
-use moppa_studio::train::{RunConfig, WorkerHandle, WorkerOptions};
-use std::path::{Path, PathBuf};
+use moppa_studio::config::{Coeff, Lockable, MethodConfig, MethodKind, RunConfig};
+use moppa_studio::train::protocol::{Command, Event, FinishReason, Finished, Hyper, SetMode, Snapshot, Target};
+use moppa_studio::train::{WorkerHandle, WorkerOptions};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// A small random backbone file (16 px, patch 4, D 32, depth 3): fast enough for many runs.
-fn micro_backbone(dir: &Path) -> PathBuf {
-    let path = dir.join("micro.safetensors");
-    if !path.exists() {
-        let cfg = VitConfig {
-            img_size: 16,
-            patch_size: 4,
-            embed_dim: 32,
-            depth: 3,
-            num_heads: 2,
-            num_classes: 0,
-            ..VitConfig::tiny()
-        };
-        let vit = Vit::random(&cfg, 7, &Device::Cpu).unwrap();
-        let meta = [("moppa.backbone".to_owned(), serde_json::to_string(&vit.cfg).unwrap())].into();
-        write_atomic(&path, &vit.to_host().unwrap(), &meta, StoreAs::F32).unwrap();
-    }
-    path
-}
+mod common;
+use common::micro_backbone;
 
 fn config(dir: &Path) -> RunConfig {
     RunConfig {
@@ -123,12 +102,11 @@ fn set_kappa_on_one_block_changes_its_heat_filter_in_the_next_snapshot() {
         panic!()
     };
     assert!(
-        after.blocks[2]
-            .kappa
+        after.blocks[2].coeffs[Coeff::Kappa]
             .iter()
             .all(|k| (f64::from(*k) - kappa).abs() < 1e-5),
         "{:?}",
-        after.blocks[2].kappa
+        after.blocks[2].coeffs[Coeff::Kappa]
     );
     // Every channel now has κ = 0.7: the channel-mean heat gain is exp(−κτΛ) exactly.
     let (gh, gw) = after.grid;
@@ -150,12 +128,14 @@ fn set_kappa_on_one_block_changes_its_heat_filter_in_the_next_snapshot() {
         panic!()
     };
     assert!(
-        scaled.blocks[2]
-            .kappa
+        scaled.blocks[2].coeffs[Coeff::Kappa]
             .iter()
             .all(|k| (f64::from(*k) - 1.4).abs() < 1e-4)
     );
-    for (a, b) in scaled.blocks[0].kappa.iter().zip(&after.blocks[0].kappa) {
+    for (a, b) in scaled.blocks[0].coeffs[Coeff::Kappa]
+        .iter()
+        .zip(&after.blocks[0].coeffs[Coeff::Kappa])
+    {
         assert!((a / b - 2.0).abs() < 1e-4);
     }
     // Bad values are refused with a warning, nothing changes.
@@ -253,10 +233,15 @@ fn a_locked_coefficient_does_not_move_while_others_do() {
     assert!(after.step >= 30);
     for b in 0..3 {
         assert_eq!(
-            before.blocks[b].kappa, after.blocks[b].kappa,
+            before.blocks[b].coeffs[Coeff::Kappa],
+            after.blocks[b].coeffs[Coeff::Kappa],
             "κ of block {b} is locked"
         );
-        assert_ne!(before.blocks[b].c, after.blocks[b].c, "c of block {b} trains");
+        assert_ne!(
+            before.blocks[b].coeffs[Coeff::C],
+            after.blocks[b].coeffs[Coeff::C],
+            "c of block {b} trains"
+        );
         assert!(after.blocks[b].locked.contains(&Lockable::Kappa));
     }
     assert_eq!(
@@ -344,7 +329,7 @@ fn same_seed_same_metrics_and_resume_continues_the_same_curve() {
         .map(str::to_owned)
         .collect();
     std::fs::write(c.join("metrics.jsonl"), keep.join("\n") + "\n").unwrap();
-    let mut resumed = moppa_studio::train::eval::run_config(&c).unwrap();
+    let mut resumed = moppa_studio::train::evaluate::run_config(&c).unwrap();
     resumed.resume = Some(c.clone());
     let evs = run_to_end(resumed);
     assert_eq!(
@@ -517,8 +502,10 @@ fn nan_pauses_with_the_coefficients_and_keeps_the_last_good_state() {
     })
     .unwrap();
     h.send(Command::Resume).unwrap();
-    let evs = collect(&h, |e| matches!(e, Event::Error(_)));
-    let Some(Event::Error(err)) = evs.last() else { panic!() };
+    let evs = collect(&h, |e| matches!(e, Event::Diverged(_)));
+    let Some(Event::Diverged(err)) = evs.last() else {
+        panic!()
+    };
     assert!(
         err.message.contains("diverged") && err.message.contains("kappa in ["),
         "{}",
@@ -527,6 +514,23 @@ fn nan_pauses_with_the_coefficients_and_keeps_the_last_good_state() {
     collect(&h, |e| matches!(e, Event::Paused { .. }));
     h.send(Command::Stop).unwrap();
     let evs = collect(&h, |e| matches!(e, Event::Finished(_)));
+    assert_eq!(finished(&evs).reason, FinishReason::Diverged);
+
+    // A headless worker (nobody to steer it back) ends the run by itself.
+    let cfg = RunConfig {
+        lr: Some(1e30),
+        steps: Some(1000),
+        out: None,
+        ..config(dir.path())
+    };
+    let opts = WorkerOptions {
+        stop_on_divergence: true,
+        ..WorkerOptions::default()
+    };
+    let h = WorkerHandle::spawn(cfg, opts).unwrap();
+    let evs = collect(&h, |e| matches!(e, Event::Finished(_)));
+    assert!(evs.iter().any(|e| matches!(e, Event::Diverged(_))));
+    assert!(!evs.iter().any(|e| matches!(e, Event::Paused { .. })));
     assert_eq!(finished(&evs).reason, FinishReason::Diverged);
 }
 
@@ -537,7 +541,7 @@ fn training_on_digits_learns_and_the_checkpoint_reproduces_the_accuracy() {
     let cfg = RunConfig {
         steps: Some(200),
         lr: Some(2e-3),
-        method: moppa_studio::model::MethodConfig::of(MethodKind::Full),
+        method: MethodConfig::of(MethodKind::Full),
         out: Some(out.clone()),
         eval_every: 50,
         ..config(dir.path())

@@ -5,9 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
 use candle_core::{Device, Tensor};
-use moppa_studio::model::config::VitConfig;
+use moppa_studio::config::VitConfig;
+use moppa_studio::model::mae::{Mae, patchify};
 use moppa_studio::model::tensor_file::TensorFile;
-use moppa_studio::train::mae::{Mae, patchify};
 use rand::SeedableRng as _;
 use std::process::Command;
 

@@ -9,40 +9,8 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use moppa_studio::model::ops::{self, HalfLayout, Kernels, composite};
 use std::sync::Arc;
 
-/// Deterministic normal noise (xorshift + Box-Muller), `f32`.
-fn randn(shape: &[usize], scale: f64, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut uniform = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u1, u2) = (uniform(), uniform());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-    num / den.max(1e-30)
-}
+mod common;
+use common::{randn, rel_err};
 
 /// Runs `f` on fresh `Var`s made from `inputs` (as `dtype`), returns the output and the gradient
 /// of `Σ out ⊙ r` for each input (`None` where `trainable[i]` is false: passed as a plain tensor).

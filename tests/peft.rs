@@ -7,34 +7,14 @@
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
 use candle_core::{DType, Device, Tensor, Var};
+use moppa_studio::config::{MethodConfig, MethodKind, Placement, Prior, RouterKind, VitConfig, count_trainable};
 use moppa_studio::model::checkpoint::load_adapter;
 use moppa_studio::model::ops::Kernels;
-use moppa_studio::model::tensor_file::{HostTensor, TensorFile};
-use moppa_studio::model::{
-    BackboneOptions, MethodConfig, MethodKind, PeftModel, Placement, RouterKind, Vit, VitConfig, count_trainable,
-    cross_entropy,
-};
-use moppa_studio::physics::Prior;
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use moppa_studio::model::tensor_file::TensorFile;
+use moppa_studio::model::{BackboneOptions, PeftModel, Vit, cross_entropy};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn norm(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt()
-}
+mod common;
+use common::{adapter_params, fixture, norm, randn};
 
 fn diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
@@ -105,13 +85,7 @@ fn load_case(name: &str, kernels: Kernels, dtype: DType) -> Case {
     vit.kernels = kernels;
     let classes = (0..7).map(|i| i.to_string()).collect();
     let model = PeftModel::new(vit, method_of(&meta), classes, 0).unwrap();
-    let params: BTreeMap<String, HostTensor> = tf
-        .tensors
-        .iter()
-        .filter(|(k, _)| k.starts_with("blocks.") || k.starts_with("head."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    model.set_trainable(&params, &tf.path).unwrap();
+    model.set_trainable(&adapter_params(&tf), &tf.path).unwrap();
     Case { model, tf }
 }
 
@@ -294,20 +268,8 @@ fn tiny_backbone(seed: u64) -> Vit {
 /// `n` images of deterministic standard-normal noise (xorshift + Box-Muller, fixed seed: a test
 /// must not depend on the thread RNG) and labels `i mod classes`.
 fn toy_batch(n: usize, classes: usize) -> (Tensor, Tensor) {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut uniform = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let noise: Vec<f32> = (0..n * 3 * 16 * 16)
-        .map(|_| {
-            let (u1, u2) = (uniform(), uniform());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect();
-    let images = Tensor::from_vec(noise, (n, 3, 16, 16), &Device::Cpu).unwrap();
+    // Seed 1 is the xorshift state 0x9E37_79B9_7F4A_7C15 this batch has always used.
+    let images = randn(&[n, 3, 16, 16], 1.0, 1);
     let labels = Tensor::from_vec(
         (0..n).map(|i| (i % classes) as u32).collect::<Vec<_>>(),
         n,
@@ -354,7 +316,7 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
         // unit, not a bug), so it gets the average-pooled backbone too.
         let backbone = if method.placement == Placement::ParallelMlp || method.method == MethodKind::Adaptformer {
             let cfg = VitConfig {
-                pool: moppa_studio::model::Pool::Avg,
+                pool: moppa_studio::config::Pool::Avg,
                 fc_norm: false,
                 final_norm: true,
                 ..tiny_backbone(1).cfg
@@ -628,7 +590,7 @@ fn analytic_parameter_count_equals_the_built_model() {
             embed_dim: 24,
             depth: 1,
             num_heads: 2,
-            pool: moppa_studio::model::Pool::Avg,
+            pool: moppa_studio::config::Pool::Avg,
             fc_norm: true,
             final_norm: false,
             no_embed_class: true,

@@ -4,37 +4,19 @@
 // Tests: unwrap is the assertion; pedantic style lints are for the library.
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use moppa_studio::config::Pool;
 use moppa_studio::model::ops::Kernels;
 use moppa_studio::model::resample::resample_grid;
 use moppa_studio::model::tensor_file::TensorFile;
-use moppa_studio::model::{BackboneOptions, ModelError, Pool, Vit};
-use std::path::PathBuf;
+use moppa_studio::model::{BackboneOptions, ModelError, Vit};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::{fixture, rel_err};
 
 fn meta(name: &str) -> serde_json::Value {
     let tf = TensorFile::read(&fixture(name)).unwrap();
     serde_json::from_str(&tf.metadata["fixture"]).unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
-    num / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
 }
 
 fn io(name: &str) -> (Tensor, Tensor) {
@@ -157,10 +139,10 @@ fn bad_checkpoints_are_clear_errors() {
 
 #[test]
 fn random_backbone_round_trips_through_host_tensors() {
-    let cfg = moppa_studio::model::VitConfig {
+    let cfg = moppa_studio::config::VitConfig {
         num_classes: 5,
         layer_scale: true,
-        ..moppa_studio::model::VitConfig::tiny()
+        ..moppa_studio::config::VitConfig::tiny()
     };
     let vit = Vit::random(&cfg, 3, &Device::Cpu).unwrap();
     let host = vit.to_host().unwrap();

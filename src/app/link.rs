@@ -1,9 +1,10 @@
 //! The app's only connection to the engine: commands out, events in. A real run is a
 //! [`WorkerHandle`]; tests plug in a fake that records commands and replays events.
 
+use crate::config::RunConfig;
 use crate::train::protocol::{Command, Event};
 use crate::train::worker::Waker;
-use crate::train::{RunConfig, WorkerHandle, WorkerOptions};
+use crate::train::{WorkerHandle, WorkerOptions};
 
 /// A connection to a run.
 pub trait Link {

@@ -2,8 +2,8 @@
 //! `#[serde(default)]`, so settings from an older version still load. Runtime state (runs,
 //! histories, textures) lives in the app itself and is never persisted.
 
-use crate::physics::{Prior, PriorCoeffs};
-use crate::train::RunConfig;
+use crate::config::{PerCoeff, Prior, RunConfig};
+use crate::physics::PriorCoeffs;
 use serde::{Deserialize, Serialize};
 
 /// The main views.
@@ -120,12 +120,8 @@ pub struct ControlSettings {
     pub block: Option<usize>,
     /// Set or scale.
     pub mode: ChangeMode,
-    /// κ slider.
-    pub kappa: f64,
-    /// c slider.
-    pub c: f64,
-    /// ε slider.
-    pub eps: f64,
+    /// The κ, c and ε sliders.
+    pub coeffs: PerCoeff<f64>,
     /// Factor slider (scale mode).
     pub factor: f64,
     /// τ.
@@ -145,9 +141,11 @@ impl Default for ControlSettings {
         Self {
             block: None,
             mode: ChangeMode::Set,
-            kappa: 0.1,
-            c: 0.5,
-            eps: 1.0,
+            coeffs: PerCoeff {
+                kappa: 0.1,
+                c: 0.5,
+                eps: 1.0,
+            },
             factor: 1.5,
             tau: 1.0,
             gamma: 0.0,

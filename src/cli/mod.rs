@@ -1,9 +1,16 @@
-//! The `moppa` command line: clap definitions, dispatch, and the mapping of failures to exit
-//! codes (2 = usage / bad value, 1 = runtime failure, 130 = interrupted).
+//! The `moppa` command line: clap definitions, one file per command family, dispatch, and the
+//! mapping of failures to exit codes (2 = usage / bad value, 1 = runtime failure, 130 =
+//! interrupted). A sibling of the app: it never names it (`main.rs` builds the app's options).
 
+pub mod args;
+pub mod bench;
+pub mod compare;
+pub mod eval;
 pub mod model_cmds;
 mod physics_cmds;
-pub mod train_cmds;
+pub mod pretrain;
+pub mod reporter;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -46,7 +53,7 @@ impl From<anyhow::Error> for CliError {
 }
 
 /// Shorthand for a usage error.
-pub(crate) fn usage(msg: impl std::fmt::Display) -> CliError {
+pub fn usage(msg: impl std::fmt::Display) -> CliError {
     CliError::Usage(anyhow::anyhow!("{msg}"))
 }
 
@@ -82,40 +89,6 @@ pub struct Cli {
     pub config: Option<std::path::PathBuf>,
 }
 
-impl Cli {
-    /// The app's start options from the top-level flags.
-    #[cfg(feature = "gui")]
-    pub fn app_options(&self) -> Result<crate::app::AppOptions, CliError> {
-        let tab = match &self.tab {
-            Some(t) => Some(
-                crate::app::state::Tab::parse(t)
-                    .ok_or_else(|| usage(format!("--tab must be filters, router, curves or playground (got {t})")))?,
-            ),
-            None => None,
-        };
-        let config = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", p.display())))?;
-                Some(crate::train::RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", p.display())))?)
-            }
-            None => None,
-        };
-        if self.frame_stats.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
-            return Err(usage("--frame-stats must be > 0 seconds"));
-        }
-        Ok(crate::app::AppOptions {
-            autostart: self.autostart,
-            screenshot: self.screenshot.clone(),
-            after_steps: self.after_steps,
-            tab,
-            frame_stats: self.frame_stats,
-            config,
-            stable_display: false,
-        })
-    }
-}
-
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -128,29 +101,29 @@ pub enum Command {
     /// Run a backbone (and adapter) on images stored in a safetensors file; write logits and router weights.
     Infer(model_cmds::InferArgs),
     /// Fine-tune a backbone on a dataset (headless; same engine as the app).
-    Train(Box<train_cmds::TrainArgs>),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a saved adapter on a dataset split; print accuracy and write per-class results.
-    Eval(train_cmds::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Time forward, backward and optimizer of a training step (medians), with GFLOP/s.
-    Bench(train_cmds::BenchArgs),
-    /// Train a ViT from scratch (supervised) and write it as a backbone file.
-    Pretrain(train_cmds::PretrainArgs),
+    Bench(bench::BenchArgs),
+    /// Train a ViT from scratch (supervised or masked autoencoder) and write it as a backbone file.
+    Pretrain(pretrain::PretrainArgs),
     /// Run several methods on the same backbone, data and budget over several seeds; print a table.
-    Compare(Box<train_cmds::CompareArgs>),
+    Compare(Box<compare::CompareArgs>),
 }
 
 /// Runs a parsed subcommand; returns the exit code.
 pub fn run(command: Command) -> Result<i32, CliError> {
     match &command {
-        Command::Train(args) => return train_cmds::train(args),
-        Command::Pretrain(args) => return train_cmds::pretrain(args),
-        Command::Compare(args) => return train_cmds::compare(args),
+        Command::Train(args) => return train::train(args),
+        Command::Pretrain(args) => return pretrain::pretrain(args),
+        Command::Compare(args) => return compare::compare(args),
         _ => {}
     }
     match command {
         Command::Train(_) | Command::Pretrain(_) | Command::Compare(_) => Ok(()),
-        Command::Eval(args) => train_cmds::eval(&args),
-        Command::Bench(args) => train_cmds::bench(&args),
+        Command::Eval(args) => eval::eval(&args),
+        Command::Bench(args) => bench::bench(&args),
         Command::Filters(args) => physics_cmds::filters(&args),
         Command::Apply(args) => physics_cmds::apply(&args),
         Command::Params(args) => model_cmds::params(&args),

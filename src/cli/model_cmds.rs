@@ -1,10 +1,11 @@
 //! `moppa params` and `moppa infer`: the model from the command line.
 
 use super::{CliError, usage};
+use crate::config::{METHOD_CATALOGUE, MethodConfig, MethodKind, VitConfig, count_trainable};
 use crate::model::checkpoint::load_adapter;
 use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
-use crate::model::{BackboneOptions, MethodConfig, MethodKind, Placement, RouterKind, Vit, VitConfig, count_trainable};
-use crate::physics::Prior;
+use crate::model::{BackboneOptions, Vit};
+use crate::util::group_digits;
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
@@ -37,19 +38,6 @@ pub struct ParamsArgs {
     pub backbone_args: BackboneArgs,
 }
 
-/// A preset backbone configuration by name.
-#[must_use]
-pub fn preset(name: &str) -> Option<VitConfig> {
-    match name {
-        "tiny" => Some(VitConfig::tiny()),
-        "vit-ti16" => Some(VitConfig::vit_ti16()),
-        "vit-s16" => Some(VitConfig::vit_s16()),
-        "vit-b16" => Some(VitConfig::vit_b16()),
-        "vit-l16" => Some(VitConfig::vit_l16()),
-        _ => None,
-    }
-}
-
 /// Reads a backbone file, mapping errors to one clear line.
 pub fn load_backbone(path: &Path, args: &BackboneArgs, device: &Device) -> Result<Vit, CliError> {
     let opts = BackboneOptions {
@@ -59,59 +47,20 @@ pub fn load_backbone(path: &Path, args: &BackboneArgs, device: &Device) -> Resul
     Vit::from_file(path, &opts, device).map_err(|e| CliError::Failure(anyhow::anyhow!("cannot load backbone: {e}")))
 }
 
-/// The methods `moppa params` lists, with their table labels.
-fn table_methods(rank: usize) -> Vec<MethodConfig> {
-    let base = MethodConfig {
-        rank,
-        ..MethodConfig::default()
-    };
-    let mut v = vec![
-        MethodConfig::of(MethodKind::Linear),
-        MethodConfig::of(MethodKind::Full),
-        MethodConfig {
-            method: MethodKind::Lora,
-            ..base.clone()
-        },
-        MethodConfig {
-            method: MethodKind::Adaptformer,
-            ..base.clone()
-        },
-        base.clone(),
-        MethodConfig {
-            router: RouterKind::Image,
-            ..base.clone()
-        },
-        MethodConfig {
-            router: RouterKind::Layer,
-            ..base.clone()
-        },
-        MethodConfig {
-            placement: Placement::ParallelMlp,
-            ..base.clone()
-        },
-    ];
-    for p in Prior::ALL {
-        v.push(MethodConfig {
-            priors: vec![p],
-            ..base.clone()
-        });
-    }
-    v
-}
-
 /// Runs `moppa params`.
 pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     if args.rank == 0 || args.classes == 0 {
         return Err(usage("--rank and --classes must be ≥ 1"));
     }
-    let cfg = if let Some(c) = preset(&args.backbone) {
+    let cfg = if let Some(c) = VitConfig::preset(&args.backbone) {
         c
     } else {
         let path = PathBuf::from(&args.backbone);
         if !path.exists() {
             return Err(usage(format!(
-                "--backbone '{}' is neither a file nor a preset (tiny, vit-ti16, vit-s16, vit-b16, vit-l16)",
-                args.backbone
+                "--backbone '{}' is neither a file nor a preset ({})",
+                args.backbone,
+                VitConfig::preset_names()
             )));
         }
         load_backbone(&path, &args.backbone_args, &Device::Cpu)?.cfg
@@ -130,7 +79,11 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     );
     println!("| method | trainable | % of full |");
     println!("|---|---:|---:|");
-    for m in table_methods(args.rank) {
+    let base = MethodConfig {
+        rank: args.rank,
+        ..MethodConfig::default()
+    };
+    for m in METHOD_CATALOGUE.iter().map(|m| m.config(&base)) {
         let n = count_trainable(&cfg, &m, args.classes);
         println!(
             "| {} | {} | {:.3} |",
@@ -141,8 +94,6 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     }
     Ok(())
 }
-
-pub use crate::util::group_digits;
 
 /// `moppa infer`: logits (and MoPPA router weights) for normalised images in a safetensors file.
 #[derive(Debug, Clone, Args)]

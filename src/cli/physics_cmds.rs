@@ -213,25 +213,6 @@ fn write_image_atomic(img: &image::DynamicImage, path: &Path, format: image::Ima
     } else {
         img.clone()
     };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| -> anyhow::Result<()> {
-        let file = std::fs::File::create(&tmp)?;
-        let mut buf = std::io::BufWriter::new(file);
-        img.write_to(&mut buf, format)?;
-        let file = buf.into_inner().map_err(std::io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
-    }
-    result.with_context(|| format!("cannot write image '{}'", path.display()))
+    crate::util::write_atomic(path, |w| img.write_to(w, format).map_err(std::io::Error::other))
+        .with_context(|| format!("cannot write image '{}'", path.display()))
 }

@@ -3,8 +3,9 @@
 //! channel, so the trainer never waits on disk. Shuffling is seeded per epoch, so any position
 //! (epoch, batch) can be resumed exactly.
 
-use super::transform::{Augment, Normalize, batch_rng, decode, to_rgb_square, write_chw};
+use super::transform::{Normalize, batch_rng, decode, to_rgb_square, write_chw};
 use super::{DataError, Sample};
+use crate::config::Augment;
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, bounded};
 use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;

@@ -10,7 +10,7 @@ pub mod transform;
 
 pub use builtin::{DIGITS_PNG, digits};
 pub use loader::{Batch, EvalSet, Loader, LoaderConfig, LoaderMsg};
-pub use transform::{Augment, Normalize};
+pub use transform::Normalize;
 
 use rand::SeedableRng as _;
 use rand::seq::SliceRandom as _;

@@ -3,8 +3,8 @@
 //! scalings), normalisation with the backbone's mean/std, CHW `f32`.
 
 use super::{DataError, RawImage, Sample, Source};
+use crate::config::Augment;
 use image::imageops::FilterType;
-use serde::{Deserialize, Serialize};
 
 /// Per-channel normalisation (pixels scaled to 0..1 first).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -13,20 +13,6 @@ pub struct Normalize {
     pub mean: [f32; 3],
     /// Std.
     pub std: [f32; 3],
-}
-
-/// Training-time augmentation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Augment {
-    /// Random horizontal flips (off for digits and text).
-    pub flip: bool,
-    /// Random crops after zero-padding each side by this many pixels (0 = off).
-    pub crop_pad: u32,
-    /// Random rotations by up to ± this many degrees (0 = off).
-    pub rotate_deg: u32,
-    /// Random scalings by up to ± this many percent about the centre (0 = off).
-    pub scale_pct: u32,
 }
 
 /// Decodes a sample's pixels (files are read here, on the loader thread).

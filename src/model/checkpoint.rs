@@ -6,7 +6,7 @@ use super::error::{ModelError, Result};
 use super::peft::PeftModel;
 use super::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
 use super::vit::Vit;
-use super::{MethodConfig, VitConfig};
+use crate::config::{MethodConfig, VitConfig};
 use candle_core::{DType, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -6,13 +6,12 @@
 //! Prefix tokens bypass the filters. All transforms are 2-D matrix products with contiguous
 //! operands (`(B·r, HW) × (HW, HW)`), so the same code runs on CPU and CUDA.
 
-use super::config::{MethodConfig, RouterKind};
 use super::init::Init;
 use super::ops::{self, Kernels};
 use super::param;
-use crate::physics::Prior;
-use crate::physics::tensor::{SpectralGrid, inv_softplus, softplus};
-use candle_core::{D, Result, Tensor, Var};
+use crate::config::{Coeff, Lockable, MethodConfig, PerCoeff, Prior, RouterKind};
+use crate::physics::tensor::{SpectralGrid, inv_softplus, softplus, softplus_f64};
+use candle_core::{D, DType, Result, Tensor, Var};
 
 /// The router of one unit.
 #[derive(Debug)]
@@ -96,22 +95,35 @@ pub struct MoppaUnit {
     pub up_w: Var,
     /// The router.
     pub router: Router,
-    /// Raw κ (heat), `κ = softplus(kappa_raw)`.
-    pub kappa_raw: Option<Var>,
-    /// Raw c (wave).
-    pub c_raw: Option<Var>,
-    /// Raw ε (Poisson).
-    pub eps_raw: Option<Var>,
+    /// Raw per-channel coefficients of the active priors, `(r)` each: `κ = softplus(kappa_raw)`,
+    /// `c = softplus(c_raw)`, `ε = softplus(eps_raw)`. Only this unit converts between raw values
+    /// and natural units ([`Self::coeff_values`], [`Self::set_coeff`]).
+    raw: PerCoeff<Option<Var>>,
     /// Poisson source map `S (H, W)`, initialised at 1.
-    pub source: Option<Var>,
+    source: Option<Var>,
 }
 
-/// METHOD.md's initial coefficient of channel `j` of `r`: `f_j = j/(r−1)` (0 when r = 1).
-fn init_curve(r: usize, f: impl Fn(f64) -> f64) -> Vec<f32> {
+/// The checkpoint (and optimizer) name prefix of block `block`'s unit.
+#[must_use]
+pub fn prefix(block: usize) -> String {
+    format!("blocks.{block}.moppa")
+}
+
+/// METHOD.md's initial value of a coefficient at `f_j ∈ [0, 1]`.
+fn initial_value(c: Coeff, f: f64) -> f64 {
+    match c {
+        Coeff::Kappa => 10f64.powf(-2.0 + 2.0 * f),
+        Coeff::C => 0.25 + 1.25 * f,
+        Coeff::Eps => 10f64.powf(-1.0 + 2.0 * f),
+    }
+}
+
+/// METHOD.md's initial raw coefficients of channels `j = 0..r`: `f_j = j/(r−1)` (0 when r = 1).
+fn init_curve(r: usize, c: Coeff) -> Vec<f32> {
     (0..r)
         .map(|j| {
             let fj = if r == 1 { 0.0 } else { j as f64 / (r - 1) as f64 };
-            inv_softplus(f(fj)) as f32
+            inv_softplus(initial_value(c, fj)) as f32
         })
         .collect()
 }
@@ -141,13 +153,14 @@ impl MoppaUnit {
                 logits: init.zeros(&[k])?,
             },
         };
-        let coeff = |on: bool, f: &dyn Fn(f64) -> f64| -> Result<Option<Var>> {
-            on.then(|| init.from_values(init_curve(r, f), &[r])).transpose()
-        };
+        let mut raw = PerCoeff::default();
+        for c in Coeff::ALL {
+            raw[c] = has(c.prior())
+                .then(|| init.from_values(init_curve(r, c), &[r]))
+                .transpose()?;
+        }
         Ok(Self {
-            kappa_raw: coeff(has(Prior::Heat), &|f| 10f64.powf(-2.0 + 2.0 * f))?,
-            c_raw: coeff(has(Prior::Wave), &|f| 0.25 + 1.25 * f)?,
-            eps_raw: coeff(has(Prior::Poisson), &|f| 10f64.powf(-1.0 + 2.0 * f))?,
+            raw,
             source: has(Prior::Poisson)
                 .then(|| init.from_values(vec![1.0; h * w], &[h, w]))
                 .transpose()?,
@@ -176,39 +189,96 @@ impl MoppaUnit {
             }
             Router::Layer { logits } => v.push((format!("{prefix}.router.logits"), logits.clone())),
         }
-        for (name, var) in [
-            ("kappa_raw", &self.kappa_raw),
-            ("c_raw", &self.c_raw),
-            ("eps_raw", &self.eps_raw),
-            ("source", &self.source),
-        ] {
-            if let Some(var) = var {
-                v.push((format!("{prefix}.{name}"), var.clone()));
+        for what in Lockable::ALL {
+            if let Some(var) = self.lockable(what) {
+                v.push((format!("{prefix}.{}", Self::tensor_name(what)), var.clone()));
             }
         }
         v
     }
 
+    /// The checkpoint name (under the unit's prefix) of a lockable tensor: `kappa_raw`, `c_raw`,
+    /// `eps_raw`, `source`.
+    #[must_use]
+    pub fn tensor_name(what: Lockable) -> &'static str {
+        match what {
+            Lockable::Kappa => "kappa_raw",
+            Lockable::C => "c_raw",
+            Lockable::Eps => "eps_raw",
+            Lockable::Source => "source",
+        }
+    }
+
+    /// The variable behind a lockable tensor, if this unit has it.
+    #[must_use]
+    pub fn lockable(&self, what: Lockable) -> Option<&Var> {
+        match what.coeff() {
+            Some(c) => self.raw[c].as_ref(),
+            None => self.source.as_ref(),
+        }
+    }
+
+    /// A coefficient's per-channel values in natural units (`softplus` of the raw values); empty
+    /// when its prior is not active.
+    #[must_use]
+    pub fn coeff_values(&self, c: Coeff) -> Vec<f64> {
+        self.raw[c]
+            .as_ref()
+            .and_then(|v| v.as_tensor().to_dtype(DType::F64).ok()?.to_vec1::<f64>().ok())
+            .map(|raw| raw.into_iter().map(softplus_f64).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every coefficient's per-channel values in natural units.
+    #[must_use]
+    pub fn coeffs(&self) -> PerCoeff<Vec<f64>> {
+        PerCoeff::from_fn(|c| self.coeff_values(c))
+    }
+
+    /// Sets a coefficient's per-channel values in natural units (each finite and > 0, one per
+    /// channel); the raw values become their inverse softplus.
+    pub fn set_coeff(&self, c: Coeff, values: &[f64]) -> Result<()> {
+        let Some(var) = &self.raw[c] else {
+            candle_core::bail!("{} belongs to the {} prior, which is not active", c.name(), c.prior());
+        };
+        if values.len() != self.rank {
+            candle_core::bail!("{}: {} values for rank {}", c.name(), values.len(), self.rank);
+        }
+        if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+            candle_core::bail!("{} must be > 0 (got {v})", c.name());
+        }
+        let raw: Vec<f64> = values.iter().map(|&v| inv_softplus(v)).collect();
+        var.set(&Tensor::from_vec(raw, var.dims(), var.device())?.to_dtype(var.dtype())?)
+    }
+
+    /// The Poisson source map, `H·W` row-major (empty when Poisson is not active).
+    pub fn source_map(&self) -> Result<Vec<f32>> {
+        match &self.source {
+            Some(s) => s.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1(),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The spectral gains of the active priors, each `(r, HW)`, in prior order.
     pub fn filters(&self, grid: &SpectralGrid, live: &Live, grad: bool) -> Result<Vec<Tensor>> {
         let dtype = grid.lambda.dtype();
-        let raw = |v: &Option<Var>| -> Result<Tensor> {
-            let v = v
+        let natural = |c: Coeff| -> Result<Tensor> {
+            let v = self.raw[c]
                 .as_ref()
-                .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing coefficient".into()))?;
+                .ok_or_else(|| candle_core::Error::Msg(format!("MoPPA unit: no {} for an active prior", c.name())))?;
             softplus(&param(v, grad, dtype)?)
         };
         self.priors
             .iter()
             .map(|p| match p {
-                Prior::Heat => grid.heat(&raw(&self.kappa_raw)?, live.tau),
-                Prior::Wave => grid.wave(&raw(&self.c_raw)?, live.tau, live.gamma),
+                Prior::Heat => grid.heat(&natural(Coeff::Kappa)?, live.tau),
+                Prior::Wave => grid.wave(&natural(Coeff::C)?, live.tau, live.gamma),
                 Prior::Poisson => {
                     let s = self
                         .source
                         .as_ref()
                         .ok_or_else(|| candle_core::Error::Msg("MoPPA unit: missing source map".into()))?;
-                    grid.poisson(&raw(&self.eps_raw)?, &param(s, grad, dtype)?.flatten_all()?)
+                    grid.poisson(&natural(Coeff::Eps)?, &param(s, grad, dtype)?.flatten_all()?)
                 }
             })
             .collect()

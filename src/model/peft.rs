@@ -3,15 +3,15 @@
 //! trainable; frozen weights stay plain tensors (no gradient work), trainable ones are `Var`s.
 
 use super::adaptformer::AdaptFormerUnit;
-use super::config::{MethodConfig, MethodKind, Placement, VitConfig};
 use super::error::{ModelError, Result};
 use super::init::Init;
 use super::lora::LoraUnit;
-use super::moppa::{Live, MoppaUnit};
+use super::moppa::{self, Live, MoppaUnit};
 use super::ops::profile::section;
 use super::ops::{self, Kernels};
 use super::param;
 use super::vit::Vit;
+use crate::config::{Lockable, MethodConfig, MethodKind, Placement, Pool};
 use crate::physics::tensor::SpectralGrid;
 use candle_core::{Tensor, Var};
 
@@ -125,7 +125,7 @@ impl PeftModel {
         };
         vars.push(("head.weight".into(), head.w.clone()));
         vars.push(("head.bias".into(), head.b.clone()));
-        let head_dist = if backbone.cfg.dist_token && backbone.cfg.pool == super::config::Pool::Token {
+        let head_dist = if backbone.cfg.dist_token && backbone.cfg.pool == Pool::Token {
             let h = Head {
                 w: init.kaiming_uniform(n, d)?,
                 b: init.zeros(&[n])?,
@@ -148,11 +148,6 @@ impl PeftModel {
             grid,
             vars,
         })
-    }
-
-    /// Switches gradient tracking off (evaluation: no graph, no saved activations) or on.
-    pub fn set_grad_enabled(&self, on: bool) {
-        self.backbone.set_grad_enabled(on);
     }
 
     /// Which op implementations run (the backbone's and the adapters').
@@ -183,6 +178,32 @@ impl PeftModel {
                     }
             })
             .sum()
+    }
+
+    /// Block `block`'s MoPPA unit, if it has one.
+    #[must_use]
+    pub fn moppa_unit(&self, block: usize) -> Option<&MoppaUnit> {
+        match self.adapters.get(block) {
+            Some(BlockAdapter::Moppa(u)) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// The blocks that carry a MoPPA unit, in order.
+    #[must_use]
+    pub fn moppa_blocks(&self) -> Vec<usize> {
+        (0..self.adapters.len())
+            .filter(|&b| self.moppa_unit(b).is_some())
+            .collect()
+    }
+
+    /// The optimizer name of a lockable tensor of block `block` (`blocks.{b}.moppa.kappa_raw`),
+    /// when that block's unit has it.
+    #[must_use]
+    pub fn lock_name(&self, block: usize, what: Lockable) -> Option<String> {
+        let unit = self.moppa_unit(block)?;
+        unit.lockable(what)?;
+        Some(format!("{}.{}", moppa::prefix(block), MoppaUnit::tensor_name(what)))
     }
 
     /// Forward pass. `want_routing` keeps each block's α (detached) for display.
@@ -269,6 +290,12 @@ impl PeftModel {
     }
 }
 
+impl super::GradMode for PeftModel {
+    fn set_grad_enabled(&self, on: bool) {
+        self.backbone.set_grad_enabled(on);
+    }
+}
+
 fn phantom_of(name: &str, al: &super::ops::HalfLayout, ml: &super::ops::HalfLayout) -> usize {
     let lay = if name.ends_with("attn_half") { al } else { ml };
     lay.slots
@@ -283,7 +310,7 @@ fn phantom_of(name: &str, al: &super::ops::HalfLayout, ml: &super::ops::HalfLayo
 pub fn adapter_vars(i: usize, a: &BlockAdapter) -> Vec<(String, Var)> {
     match a {
         BlockAdapter::None => Vec::new(),
-        BlockAdapter::Moppa(u) => u.named_vars(&format!("blocks.{i}.moppa")),
+        BlockAdapter::Moppa(u) => u.named_vars(&moppa::prefix(i)),
         BlockAdapter::Lora(u) => u.named_vars(&format!("blocks.{i}.lora")),
         BlockAdapter::AdaptFormer(u) => u.named_vars(&format!("blocks.{i}.adaptformer")),
     }
@@ -298,62 +325,4 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Te
     let logp = shifted.broadcast_sub(&lse)?;
     let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
     picked.mean_all()?.neg()
-}
-
-/// Trainable scalars of `method` on a backbone of shape `cfg` with a `classes`-way head, without
-/// building anything (for `moppa params` and the app's launch panel).
-#[must_use]
-pub fn count_trainable(cfg: &VitConfig, method: &MethodConfig, classes: usize) -> usize {
-    let d = cfg.embed_dim;
-    let r = method.rank;
-    let depth = cfg.depth;
-    let heads = 1 + usize::from(cfg.dist_token && cfg.pool == super::config::Pool::Token);
-    let head = heads * (classes * d + classes);
-    let per_block = match method.method {
-        MethodKind::Linear | MethodKind::Full => 0,
-        MethodKind::Lora => 4 * r * d,
-        MethodKind::Adaptformer => 2 * r * d + r + d,
-        MethodKind::Moppa => {
-            let priors = method.active_priors();
-            let k = priors.len();
-            let router = match (k, method.router) {
-                (1, _) => 0,
-                (_, super::config::RouterKind::Layer) => k,
-                _ => k * d + k,
-            };
-            let hw = cfg.grid() * cfg.grid();
-            let source = if priors.contains(&crate::physics::Prior::Poisson) {
-                hw
-            } else {
-                0
-            };
-            2 * r * d + r + router + k * r + source
-        }
-    };
-    let backbone = if method.method == MethodKind::Full {
-        backbone_params(cfg)
-    } else {
-        0
-    };
-    depth * per_block + head + backbone
-}
-
-/// Parameters of the backbone itself (its own head excluded).
-#[must_use]
-pub fn backbone_params(cfg: &VitConfig) -> usize {
-    let d = cfg.embed_dim;
-    let hidden = cfg.mlp_hidden();
-    let p = cfg.patch_size;
-    let prefix = cfg.derived_prefix_tokens();
-    let npos = if cfg.no_embed_class { 0 } else { prefix } + cfg.grid() * cfg.grid();
-    let norms = 2 * d * (usize::from(cfg.norm_pre) + usize::from(cfg.final_norm) + usize::from(cfg.fc_norm));
-    let ls = if cfg.layer_scale { d } else { 0 };
-    let attn = 2 * d + 3 * d * d + if cfg.qkv_bias { 3 * d } else { 0 } + d * d + d + ls;
-    let mlp = 2 * d + hidden * d + hidden + d * hidden + d + ls;
-    d * cfg.in_chans * p * p
-        + if cfg.patch_bias { d } else { 0 }
-        + prefix * d
-        + npos * d
-        + norms
-        + cfg.depth * (attn + mlp)
 }

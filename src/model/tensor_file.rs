@@ -222,24 +222,9 @@ pub fn write_atomic<S: std::hash::BuildHasher>(
         Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
     )
     .map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
+    crate::util::write_atomic(path, |w| {
         use std::io::Write as _;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
-    }
-    result.map_err(io)
+        w.write_all(&data)
+    })
+    .map_err(io)
 }

@@ -1,61 +1,7 @@
-//! Coefficients of the three priors and their validation.
+//! Scalar coefficients of the three priors (one value for every channel: the playground, `moppa
+//! filters`, `moppa apply`) and their validation. The priors themselves are [`crate::config::Prior`].
 
 use serde::{Deserialize, Serialize};
-
-/// One of the three physical priors, in the method's fixed order heat, wave, Poisson.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Prior {
-    /// Heat diffusion `u_t = κΔu`: local smoothing, a positive Gaussian-like kernel.
-    Heat,
-    /// Wave propagation `u_tt = c²Δu`: long-range, oscillatory interactions.
-    Wave,
-    /// Screened Poisson `−Δu + εu = εf`: global equilibrium, a heavy-tailed low-pass.
-    Poisson,
-}
-
-impl Prior {
-    /// All priors in the method's order.
-    pub const ALL: [Self; 3] = [Self::Heat, Self::Wave, Self::Poisson];
-
-    /// Lower-case name as used on the command line and in files.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Heat => "heat",
-            Self::Wave => "wave",
-            Self::Poisson => "poisson",
-        }
-    }
-
-    /// The spectral filter as an equation, for tooltips and help text.
-    #[must_use]
-    pub fn equation(self) -> &'static str {
-        match self {
-            Self::Heat => "G = exp(−κ·τ·Λ)",
-            Self::Wave => "G = exp(−γ·τ·√Λ)·cos(c·τ·√Λ)",
-            Self::Poisson => "G = S·ε/(Λ + ε)",
-        }
-    }
-}
-
-impl std::fmt::Display for Prior {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Prior {
-    type Err = PhysicsError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "heat" => Ok(Self::Heat),
-            "wave" => Ok(Self::Wave),
-            "poisson" => Ok(Self::Poisson),
-            other => Err(PhysicsError::UnknownPrior(other.to_owned())),
-        }
-    }
-}
 
 /// Errors of the physics layer.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +16,6 @@ pub enum PhysicsError {
         /// The offending value.
         value: f64,
     },
-    /// A prior name that is not heat, wave or poisson.
-    #[error("unknown prior '{0}' (expected heat, wave or poisson)")]
-    UnknownPrior(String),
     /// Buffer sizes that do not match the grid.
     #[error("shape mismatch: {0}")]
     Shape(String),

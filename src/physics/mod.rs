@@ -12,7 +12,8 @@ mod filters;
 mod image;
 pub mod tensor;
 
-pub use coeffs::{PhysicsError, Prior, PriorCoeffs};
+pub use crate::config::Prior;
+pub use coeffs::{PhysicsError, PriorCoeffs};
 pub use dct::{Dct2, dct_matrix};
 pub use filters::{
     FilterSet, heat_filter, impulse_response, impulse_width, laplacian_eigenvalues, poisson_filter, prior_gain,

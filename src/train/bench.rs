@@ -2,34 +2,39 @@
 //! backward and optimizer, on fixed random inputs after a warm-up; medians over the timed steps,
 //! and the achieved GFLOP/s next to a large GEMM measured in the same run (the ceiling).
 
-use super::config::{DeviceChoice, Precision, RunConfig};
-use super::optim::{AdamW, Decay};
-use super::trainer::{load_backbone, select_device};
-use crate::model::ops::{Kernels, profile};
-use crate::model::{MethodConfig, MethodKind, PeftModel, VitConfig, cross_entropy};
+use super::backbone::{device_name, load_backbone, select_device};
+use super::optim::{AdamW, timm_decay};
+use crate::config::{DeviceChoice, MethodConfig, MethodKind, Precision, RunConfig, VitConfig};
+use crate::model::ops::{Kernels, profile, verify};
+use crate::model::{PeftModel, cross_entropy};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
-/// Which model to time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Preset {
-    /// 32 px, patch 4, D 96, depth 4, 3 heads, 10 classes, random weights (the speed targets').
-    Tiny,
-    /// The built-in backbone, 10 classes.
-    Builtin,
-    /// ViT-B/16 at 224 px, 100 classes, random weights.
-    VitB16,
-}
+/// Which model to time: the built-in backbone (10 classes) or a preset of the catalogue with
+/// random weights (`tiny`: 10 classes, the speed targets'; the ViTs: 100 classes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preset(String);
 
 impl Preset {
+    /// `builtin` or a name of `config::VIT_PRESETS`; `None` for anything else.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        (name == "builtin" || VitConfig::preset(name).is_some()).then(|| Self(name.to_owned()))
+    }
+
     /// Name on the command line.
     #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Tiny => "tiny",
-            Self::Builtin => "builtin",
-            Self::VitB16 => "vit-b16",
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// The backbone spec it loads and the classes of its head.
+    fn backbone(&self) -> (String, usize) {
+        match self.0.as_str() {
+            "builtin" => ("builtin".into(), 10),
+            "tiny" => ("random:tiny".into(), 10),
+            other => (format!("random:{other}"), 100),
         }
     }
 }
@@ -172,12 +177,8 @@ pub fn gemm_rate(device: &Device) -> candle_core::Result<f64> {
 /// Runs the benchmark (call inside the rayon pool that should do the work).
 pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
     let device = select_device(cfg.device)?;
-    let (backbone_spec, classes) = match cfg.preset {
-        Preset::Tiny => ("random:tiny", 10),
-        Preset::Builtin => ("builtin", 10),
-        Preset::VitB16 => ("random:vit-b16", 100),
-    };
-    let mut backbone = load_backbone(backbone_spec, None, 0, &device)?;
+    let (backbone_spec, classes) = cfg.preset.backbone();
+    let mut backbone = load_backbone(&backbone_spec, None, 0, &device)?;
     backbone.kernels = cfg.kernels;
     let tf32 = cfg.tf32 && !device.is_cpu();
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
@@ -193,7 +194,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
     )?;
     let mut opt = AdamW::new(
         model.trainable(),
-        |_, v| if v.rank() == 2 { Decay::All } else { Decay::None },
+        |n, v| timm_decay(n, v, model.backbone.layouts()),
         0.01,
     )?;
     let s = vcfg.img_size;
@@ -263,7 +264,7 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         preset: cfg.preset.name().into(),
         method: cfg.method.label(),
         batch: cfg.batch,
-        device: if device.is_cpu() { "cpu".into() } else { "cuda:0".into() },
+        device: device_name(&device),
         threads: rayon::current_num_threads(),
         dtype: if cfg.dtype == Precision::Bf16 && !device.is_cpu() {
             "bf16"
@@ -356,7 +357,7 @@ fn verify(model: &mut PeftModel, images: &Tensor, labels: &Tensor, loose: bool) 
         }
     }
     let loss_err = (loss - loss_reference).abs() / loss_reference.abs().max(1e-12);
-    let checks = crate::model::ops::rowwise::self_check(images.device())?;
+    let checks = verify::self_check(images.device())?;
     let kernels_ok = checks
         .iter()
         .all(|(_, dtype, err)| *err <= if *dtype == DType::F32 { 2e-3 } else { 3e-2 });

@@ -1,10 +1,13 @@
 //! The training engine: one protocol ([`protocol`]), one worker thread ([`worker`]) owning a
-//! [`trainer::Trainer`], the run configuration, the optimizer and the run log. No GUI here.
+//! [`trainer::Trainer`], the optimizer, the one evaluation loop ([`evaluate`]), the run log, the
+//! benchmark, and pretraining. No GUI here, and nothing of the model in its public face: displays
+//! see plain data ([`protocol`], [`crate::config`]).
 
+pub mod backbone;
+pub mod batch;
 pub mod bench;
-pub mod config;
-pub mod eval;
-pub mod mae;
+pub mod error;
+pub mod evaluate;
 pub mod optim;
 pub mod pretrain;
 pub mod protocol;
@@ -12,6 +15,6 @@ pub mod runlog;
 pub mod trainer;
 pub mod worker;
 
-pub use config::RunConfig;
+pub use error::TrainError;
 pub use protocol::{Command, Event};
 pub use worker::{WorkerHandle, WorkerOptions};

@@ -2,6 +2,7 @@
 //! clipping, a warm-up + cosine schedule, and per-tensor locks (a locked tensor is held out of
 //! the update; its moments are kept for when it is released).
 
+use crate::model::ops::HalfLayout;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeSet;
@@ -19,12 +20,31 @@ pub enum Decay {
 
 /// Weight decay of a block half's flat buffer: 1 on its matrices (the slots marked to decay).
 #[must_use]
-pub fn half_decay(lay: &crate::model::ops::HalfLayout, device: &candle_core::Device) -> Decay {
+pub fn half_decay(lay: &HalfLayout, device: &candle_core::Device) -> Decay {
     let mut mask = vec![0f32; lay.len];
     for s in lay.slots.iter().filter(|s| s.decay && s.present) {
-        mask[crate::model::ops::layout::Slot::range(s)].fill(1.0);
+        mask[s.range()].fill(1.0);
     }
     Tensor::from_vec(mask, lay.len, device).map_or(Decay::None, Decay::Mask)
+}
+
+/// timm's rule for where weight decay applies to a named trainable tensor: the matrices of a
+/// half-block's flat buffer (`…attn_half`, `…mlp_half`, laid out by `layouts`, the attention and
+/// MLP layouts of the network it belongs to) and every other matrix except the Poisson source
+/// map; never vectors, tokens, position embeddings or coefficients.
+#[must_use]
+pub fn timm_decay(name: &str, var: &Var, (attn, mlp): (&HalfLayout, &HalfLayout)) -> Decay {
+    if name.ends_with(".attn_half") {
+        return half_decay(attn, var.device());
+    }
+    if name.ends_with(".mlp_half") {
+        return half_decay(mlp, var.device());
+    }
+    if var.rank() == 2 && !name.ends_with("source") && !name.ends_with("pos_embed") {
+        Decay::All
+    } else {
+        Decay::None
+    }
 }
 
 struct Param {

@@ -1,7 +1,8 @@
 //! The one seam between the engine and every display (CLI reporter, desktop app, tests): plain,
 //! serialisable data. Displays send [`Command`]s and receive [`Event`]s; they never see a tensor.
 
-use crate::physics::Prior;
+pub use crate::config::{Coeff, Lockable, PerCoeff};
+use crate::config::{Prior, VitConfig};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -20,81 +21,6 @@ impl std::fmt::Display for Target {
         match self {
             Self::All => f.write_str("all"),
             Self::Block(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-/// A per-channel spectral coefficient of MoPPA.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Coeff {
-    /// Heat diffusivity κ.
-    Kappa,
-    /// Wave speed c.
-    C,
-    /// Poisson screening ε.
-    Eps,
-}
-
-impl Coeff {
-    /// All three.
-    pub const ALL: [Self; 3] = [Self::Kappa, Self::C, Self::Eps];
-
-    /// Name as in files and logs.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Kappa => "kappa",
-            Self::C => "c",
-            Self::Eps => "eps",
-        }
-    }
-
-    /// The prior it belongs to.
-    #[must_use]
-    pub fn prior(self) -> Prior {
-        match self {
-            Self::Kappa => Prior::Heat,
-            Self::C => Prior::Wave,
-            Self::Eps => Prior::Poisson,
-        }
-    }
-}
-
-/// Something that can be held out of the optimizer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Lockable {
-    /// κ.
-    Kappa,
-    /// c.
-    C,
-    /// ε.
-    Eps,
-    /// The Poisson source map S.
-    Source,
-}
-
-impl Lockable {
-    /// Name as in files and logs.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Kappa => "kappa",
-            Self::C => "c",
-            Self::Eps => "eps",
-            Self::Source => "source",
-        }
-    }
-
-    /// The checkpoint tensor it locks (`kappa_raw`, …).
-    #[must_use]
-    pub fn tensor(self) -> &'static str {
-        match self {
-            Self::Kappa => "kappa_raw",
-            Self::C => "c_raw",
-            Self::Eps => "eps_raw",
-            Self::Source => "source",
         }
     }
 }
@@ -229,7 +155,7 @@ pub struct RunInfo {
     /// The step the run starts at (resumed runs start later).
     pub start_step: u64,
     /// The backbone's architecture (for parameter counts of other methods).
-    pub backbone: crate::model::VitConfig,
+    pub backbone: VitConfig,
     /// Validation images available as probes.
     pub probes: usize,
 }
@@ -241,7 +167,8 @@ pub struct Progress {
     pub step: u64,
     /// Epoch (fractional).
     pub epoch: f64,
-    /// Total loss (cross-entropy + route loss).
+    /// Total loss (fine-tuning: cross-entropy + route loss; masked pretraining: the
+    /// reconstruction loss).
     pub loss: f64,
     /// Route loss (already × λ).
     pub route_loss: f64,
@@ -253,6 +180,9 @@ pub struct Progress {
     pub img_per_s: f64,
     /// Seconds since the run started.
     pub time_s: f64,
+    /// SupMAE pretraining: the classifier's cross-entropy beside the reconstruction loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_loss: Option<f64>,
 }
 
 /// A small square image (RGB, row-major).
@@ -288,12 +218,9 @@ pub struct BlockSnapshot {
     pub filters_channel: Vec<Vec<f32>>,
     /// ᾱ-weighted mix of the channel-mean gains.
     pub mix: Vec<f32>,
-    /// κ per channel (empty if heat is off).
-    pub kappa: Vec<f32>,
-    /// c per channel.
-    pub c: Vec<f32>,
-    /// ε per channel.
-    pub eps: Vec<f32>,
+    /// κ, c and ε per channel (empty for an inactive prior).
+    #[serde(flatten)]
+    pub coeffs: PerCoeff<Vec<f32>>,
     /// Source map S (`H·W`, empty if Poisson is off).
     pub source: Vec<f32>,
     /// Router statistics on the last training batch (None for a single prior).
@@ -338,9 +265,9 @@ pub struct EvalResult {
     pub step: u64,
     /// `val` or `test`.
     pub split: String,
-    /// Mean cross-entropy.
+    /// Mean cross-entropy (masked pretraining: the reconstruction loss).
     pub loss: f64,
-    /// Accuracy 0..1.
+    /// Accuracy 0..1 (NaN, written as null, for a pretraining objective without a classifier).
     pub acc: f64,
     /// Accuracy per class.
     pub per_class_acc: Vec<f64>,
@@ -441,6 +368,9 @@ pub enum Event {
     Warning(Notice),
     /// Something went wrong.
     Error(Notice),
+    /// The loss or a gradient was not finite: nothing was updated, the last good weights are
+    /// kept, and training holds (or stops, for a worker told to stop on divergence).
+    Diverged(Notice),
     /// The run ended.
     Finished(Finished),
 }

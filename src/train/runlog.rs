@@ -11,6 +11,26 @@ use std::path::Path;
 /// CSV header.
 pub const CSV_HEADER: &str = "kind,step,time_s,split,loss,route_loss,acc,lr,img_per_s";
 
+/// One `progress` row of `metrics.csv` (the app's CSV export writes the same rows).
+#[must_use]
+pub fn csv_progress_row(
+    step: f64,
+    time_s: f64,
+    loss: f64,
+    route_loss: f64,
+    train_acc: f64,
+    lr: f64,
+    img_per_s: f64,
+) -> String {
+    format!("progress,{step},{time_s:.4},,{loss},{route_loss},{train_acc},{lr},{img_per_s:.2}")
+}
+
+/// One `eval` row of `metrics.csv`.
+#[must_use]
+pub fn csv_eval_row(step: f64, time_s: f64, split: &str, loss: f64, acc: f64) -> String {
+    format!("eval,{step},{time_s:.4},{split},{loss},,{acc},,")
+}
+
 /// Appends events to the two files.
 pub struct RunLog {
     jsonl: BufWriter<File>,
@@ -23,6 +43,14 @@ fn open(path: &Path) -> std::io::Result<(File, bool)> {
 }
 
 impl RunLog {
+    /// Starts `dir/metrics.jsonl` and `dir/metrics.csv` afresh (a pretraining run folder).
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        for name in ["metrics.jsonl", "metrics.csv"] {
+            File::create(dir.join(name))?;
+        }
+        Self::open(dir)
+    }
+
     /// Opens (or appends to) `dir/metrics.jsonl` and `dir/metrics.csv`.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         let (jsonl, _) = open(&dir.join("metrics.jsonl"))?;
@@ -41,19 +69,28 @@ impl RunLog {
     #[must_use]
     pub fn json(event: &Event) -> Option<serde_json::Value> {
         Some(match event {
-            Event::Progress(p) => json!({"kind": "progress", "step": p.step, "time_s": p.time_s, "epoch": p.epoch,
-                "loss": p.loss, "route_loss": p.route_loss, "train_acc": p.train_acc, "lr": p.lr, "img_per_s": p.img_per_s}),
+            Event::Progress(p) => {
+                let mut v = json!({"kind": "progress", "step": p.step, "time_s": p.time_s, "epoch": p.epoch,
+                    "loss": p.loss, "route_loss": p.route_loss, "train_acc": p.train_acc, "lr": p.lr, "img_per_s": p.img_per_s});
+                if let Some(c) = p.class_loss {
+                    v["class_loss"] = json!(c);
+                }
+                v
+            }
             Event::Eval(e) => json!({"kind": "eval", "step": e.step, "time_s": e.time_s, "split": e.split,
                 "loss": e.loss, "acc": e.acc, "per_class_acc": e.per_class_acc}),
             Event::Applied(a) => json!({"kind": "applied", "step": a.step, "time_s": a.time_s,
                 "command": a.command, "target": a.target, "old": a.old, "new": a.new}),
-            Event::Warning(n) | Event::Error(n) => {
+            Event::Warning(n) | Event::Error(n) | Event::Diverged(n) => {
                 let kind = if matches!(event, Event::Warning(_)) {
                     "warning"
                 } else {
                     "error"
                 };
                 let mut v = json!({"kind": kind, "step": n.step, "time_s": n.time_s, "message": n.message});
+                if matches!(event, Event::Diverged(_)) {
+                    v["diverged"] = json!(true);
+                }
                 if let Some(p) = &n.path {
                     v["path"] = json!(p.display().to_string());
                 }
@@ -78,13 +115,21 @@ impl RunLog {
         match event {
             Event::Progress(p) => writeln!(
                 self.csv,
-                "progress,{},{:.4},,{},{},{},{},{:.2}",
-                p.step, p.time_s, p.loss, p.route_loss, p.train_acc, p.lr, p.img_per_s
+                "{}",
+                csv_progress_row(
+                    p.step as f64,
+                    p.time_s,
+                    p.loss,
+                    p.route_loss,
+                    p.train_acc,
+                    p.lr,
+                    p.img_per_s
+                )
             )?,
             Event::Eval(e) => writeln!(
                 self.csv,
-                "eval,{},{:.4},{},{},,{},,",
-                e.step, e.time_s, e.split, e.loss, e.acc
+                "{}",
+                csv_eval_row(e.step as f64, e.time_s, &e.split, e.loss, e.acc)
             )?,
             _ => {}
         }

@@ -4,24 +4,11 @@
 
 use super::Action;
 use crate::app::state::FilterSettings;
-use crate::app::widgets::colormap::PRIOR_COLORS;
+use crate::app::widgets::colormap::prior_color;
 use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
-use crate::physics::{Dct2, Prior, impulse_response, laplacian_eigenvalues, radial_profile};
+use crate::physics::{Dct2, impulse_response, laplacian_eigenvalues, radial_profile};
 use crate::train::protocol::{Command, Snapshot};
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-
-fn color(i: usize) -> egui::Color32 {
-    let [r, g, b] = PRIOR_COLORS[i % 3];
-    egui::Color32::from_rgb(r, g, b)
-}
-
-fn prior_index(p: Prior) -> usize {
-    match p {
-        Prior::Heat => 0,
-        Prior::Wave => 1,
-        Prior::Poisson => 2,
-    }
-}
 
 /// Draws the view. `snapshots` are the run's (oldest first); `scrub` the chosen index (None: live).
 pub fn ui(
@@ -116,7 +103,7 @@ pub fn ui(
     ui.horizontal(|ui| {
         for (p, g) in snap.priors.iter().zip(gains) {
             ui.vertical(|ui| {
-                ui.label(egui::RichText::new(p.name()).color(color(prior_index(*p))))
+                ui.label(egui::RichText::new(p.name()).color(prior_color(*p)))
                     .on_hover_text(p.equation());
                 heatmap(ui, textures, &format!("gain-{p}"), g, (h, w), scale, side);
             });
@@ -142,7 +129,7 @@ pub fn ui(
                     let pts: Vec<[f64; 2]> = radial_profile(&lambda, &g64).into_iter().map(|(k, v)| [k, v]).collect();
                     pu.line(
                         Line::new(p.name(), PlotPoints::from(pts))
-                            .color(color(prior_index(*p)))
+                            .color(prior_color(*p))
                             .width(2.0),
                     );
                 }
@@ -174,7 +161,7 @@ pub fn ui(
         ui.horizontal(|ui| {
             for (p, imp) in snap.priors.iter().zip(&impulses) {
                 ui.vertical(|ui| {
-                    ui.label(egui::RichText::new(p.name()).color(color(prior_index(*p))));
+                    ui.label(egui::RichText::new(p.name()).color(prior_color(*p)));
                     heatmap(
                         ui,
                         textures,
@@ -199,11 +186,7 @@ pub fn ui(
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         format!("{name}: mean {mean:.4} [{lo:.4} … {hi:.4}]   ")
     };
-    ui.label(format!(
-        "{}{}{}",
-        summary("κ", &block.kappa),
-        summary("c", &block.c),
-        summary("ε", &block.eps)
-    ));
+    let line: String = block.coeffs.iter().map(|(c, v)| summary(c.symbol(), v)).collect();
+    ui.label(line);
     actions
 }

@@ -1,10 +1,9 @@
 //! The launch panel: backbone, data, method and optimisation settings, and the parameter count.
 
 use super::{Action, RunStatus};
-use crate::model::{MethodKind, Placement, RouterKind, VitConfig, count_trainable};
-use crate::physics::Prior;
-use crate::train::RunConfig;
-use crate::train::config::DeviceChoice;
+use crate::config::{
+    DEFAULT_STEPS, DeviceChoice, MethodKind, Placement, Prior, RouterKind, RunConfig, VitConfig, count_trainable,
+};
 
 /// Draws the launch settings.
 pub fn ui(
@@ -173,7 +172,7 @@ pub fn ui(
                 }
                 ui.end_row();
                 ui.label("steps");
-                let mut steps = cfg.steps.unwrap_or(crate::train::config::DEFAULT_STEPS);
+                let mut steps = cfg.steps.unwrap_or(DEFAULT_STEPS);
                 if ui
                     .add(egui::DragValue::new(&mut steps).range(1..=1_000_000).prefix("steps "))
                     .changed()

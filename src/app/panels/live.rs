@@ -4,8 +4,8 @@
 
 use super::Action;
 use crate::app::state::{ChangeMode, ControlSettings};
-use crate::physics::Prior;
-use crate::train::protocol::{Coeff, Command, Hyper, Lockable, SetMode, Snapshot, Target};
+use crate::config::{Coeff, Lockable, Prior};
+use crate::train::protocol::{Command, Hyper, SetMode, Snapshot, Target};
 
 fn released(r: &egui::Response) -> bool {
     r.drag_stopped() || (r.changed() && !r.dragged())
@@ -51,43 +51,30 @@ pub fn ui(ui: &mut egui::Ui, c: &mut ControlSettings, snapshot: Option<&Snapshot
             v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
         }
     };
-    let coeffs = [
+    // What each coefficient's slider says and spans, in prior order.
+    let sliders = [
         (
-            Coeff::Kappa,
-            Prior::Heat,
             "κ heat",
             "exp(−κ·τ·Λ): larger κ blurs more (local smoothing)",
             1e-3..=10.0,
         ),
         (
-            Coeff::C,
-            Prior::Wave,
             "c wave",
             "exp(−γ·τ·√Λ)·cos(c·τ·√Λ): larger c rings faster (long-range)",
             1e-2..=5.0,
         ),
         (
-            Coeff::Eps,
-            Prior::Poisson,
             "ε Poisson",
             "S·ε/(Λ + ε): smaller ε spreads further (global equilibrium)",
             1e-3..=100.0,
         ),
     ];
-    for (coeff, prior, label, eq, range) in coeffs {
-        if !has(prior) {
+    for (coeff, (label, eq, range)) in Coeff::ALL.into_iter().zip(sliders) {
+        if !has(coeff.prior()) {
             continue;
         }
-        let current = shown.map(|b| match coeff {
-            Coeff::Kappa => mean(&b.kappa),
-            Coeff::C => mean(&b.c),
-            Coeff::Eps => mean(&b.eps),
-        });
-        let value = match coeff {
-            Coeff::Kappa => &mut c.kappa,
-            Coeff::C => &mut c.c,
-            Coeff::Eps => &mut c.eps,
-        };
+        let current = shown.map(|b| mean(&b.coeffs[coeff]));
+        let value = &mut c.coeffs[coeff];
         ui.horizontal(|ui| {
             let r = if c.mode == ChangeMode::Set {
                 ui.add(egui::Slider::new(value, range).logarithmic(true).text(label))
@@ -107,11 +94,7 @@ pub fn ui(ui: &mut egui::Ui, c: &mut ControlSettings, snapshot: Option<&Snapshot
                 };
                 actions.push(Action::Send(Command::SetCoeff { coeff, target, mode }));
             }
-            let what = match coeff {
-                Coeff::Kappa => Lockable::Kappa,
-                Coeff::C => Lockable::C,
-                Coeff::Eps => Lockable::Eps,
-            };
+            let what = Lockable::from(coeff);
             lock_toggle(
                 ui,
                 &mut actions,

@@ -4,20 +4,11 @@
 use super::Action;
 use crate::app::history::RunHistory;
 use crate::app::state::RouterSettings;
-use crate::app::widgets::colormap::PRIOR_COLORS;
+use crate::app::widgets::colormap::{prior_color, prior_rgb};
 use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
 use crate::physics::Prior;
 use crate::train::protocol::{Command, Snapshot};
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-
-fn color(p: Prior) -> egui::Color32 {
-    let [r, g, b] = PRIOR_COLORS[match p {
-        Prior::Heat => 0,
-        Prior::Wave => 1,
-        Prior::Poisson => 2,
-    }];
-    egui::Color32::from_rgb(r, g, b)
-}
 
 /// An alert about the router.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,7 +125,7 @@ pub fn ui(
                 for p in &snap.priors {
                     ui.label(
                         egui::RichText::new(format!("{:>8}", p.name()))
-                            .color(color(*p))
+                            .color(prior_color(*p))
                             .monospace(),
                     );
                 }
@@ -155,7 +146,7 @@ pub fn ui(
             egui::Grid::new("router-table").striped(true).show(ui, |ui| {
                 ui.label("block");
                 for p in &snap.priors {
-                    ui.label(egui::RichText::new(p.name()).color(color(*p)));
+                    ui.label(egui::RichText::new(p.name()).color(prior_color(*p)));
                 }
                 ui.label("entropy");
                 ui.end_row();
@@ -216,11 +207,7 @@ pub fn ui(
                                     .iter()
                                     .enumerate()
                                     .fold((0, &0.0f32), |m, (i, v)| if v > m.1 { (i, v) } else { m });
-                                let [r, g, bl] = PRIOR_COLORS[match snap.priors[best] {
-                                    Prior::Heat => 0,
-                                    Prior::Wave => 1,
-                                    Prior::Poisson => 2,
-                                }];
+                                let [r, g, bl] = prior_rgb(snap.priors[best]);
                                 let t = ((top - 1.0 / k as f32) / (1.0 - 1.0 / k as f32)).clamp(0.15, 1.0);
                                 let mix = |c: u8| (f32::from(c) * t + 255.0 * (1.0 - t)) as u8;
                                 [mix(r), mix(g), mix(bl), 255]
@@ -251,7 +238,7 @@ pub fn ui(
                     for (p, s) in snap.priors.iter().zip(series) {
                         pu.line(
                             Line::new(p.name(), PlotPoints::from(s.xy(false)))
-                                .color(color(*p))
+                                .color(prior_color(*p))
                                 .width(2.0),
                         );
                     }

@@ -1,5 +1,7 @@
 //! Colormaps: a diverging blue–white–red map for signed values (wave gains go negative) and a
-//! sequential map for shares in 0..1, as 8-bit RGB.
+//! sequential map for shares in 0..1, as 8-bit RGB; one colour per prior.
+
+use crate::config::Prior;
 
 /// Blue (−1) – white (0) – red (+1), after ColorBrewer's RdBu.
 const DIVERGING: [[u8; 3]; 9] = [
@@ -50,6 +52,19 @@ pub fn sequential(v: f32) -> [u8; 3] {
 
 /// One colour per prior (heat, wave, Poisson), also used for their curves.
 pub const PRIOR_COLORS: [[u8; 3]; 3] = [[230, 85, 13], [49, 130, 189], [49, 163, 84]];
+
+/// A prior's colour as RGB.
+#[must_use]
+pub fn prior_rgb(p: Prior) -> [u8; 3] {
+    PRIOR_COLORS[p.index()]
+}
+
+/// A prior's colour for egui.
+#[must_use]
+pub fn prior_color(p: Prior) -> egui::Color32 {
+    let [r, g, b] = prior_rgb(p);
+    egui::Color32::from_rgb(r, g, b)
+}
 
 #[cfg(test)]
 mod tests {

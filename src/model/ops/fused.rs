@@ -22,6 +22,23 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// A half-block's residual epilogue, row by row: `out ← x + ls ⊙ (out + bias)`, or
+/// `x + out + bias` without layer scale.
+fn residual_epilogue(out: &mut [f32], x: &[f32], bias: &[f32], ls: Option<&[f32]>, d: usize) {
+    rows_mut(out, d, |r, row| {
+        let xr = &x[r * d..(r + 1) * d];
+        if let Some(ls) = ls {
+            for (((v, xv), b), g) in row.iter_mut().zip(xr).zip(bias).zip(ls) {
+                *v = xv + g * (*v + b);
+            }
+        } else {
+            for ((v, xv), b) in row.iter_mut().zip(xr).zip(bias) {
+                *v = xv + *v + b;
+            }
+        }
+    });
+}
+
 /// Runs `f` on the contiguous `f32` data of a CPU tensor.
 fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
@@ -318,19 +335,7 @@ impl CustomOp3 for AttnHalfOp {
         attention::forward(&qkv, &mut o, self.save.then_some(probs.as_mut_slice()), self.dims);
         let mut out = zeros(n * d);
         linear_fwd(n, d, d, &o, d, p(PROJ_W), &mut out, d, false, Par::Pool);
-        let (pb, ls, has_ls) = (p(PROJ_B), p(LS), lay.present(LS));
-        rows_mut(&mut out, d, |r, row| {
-            let xr = &x[r * d..(r + 1) * d];
-            if has_ls {
-                for (((v, xv), bias), g) in row.iter_mut().zip(xr).zip(pb).zip(ls) {
-                    *v = xv + g * (*v + bias);
-                }
-            } else {
-                for ((v, xv), bias) in row.iter_mut().zip(xr).zip(pb) {
-                    *v = xv + *v + bias;
-                }
-            }
-        });
+        residual_epilogue(&mut out, x, p(PROJ_B), lay.present(LS).then(|| p(LS)), d);
         if self.save {
             let ln = if self.train_weights {
                 Some(ln)
@@ -544,19 +549,8 @@ impl CustomOp2 for MlpHalfOp {
         math::bias_gelu(&mut a, &mut g, &mut cdf, p(FC1_B));
         let mut out = take(n * d);
         linear_fwd(n, d, hd, &g, hd, p(FC2_W), &mut out, d, false, Par::Pool);
-        let (fb, ls, has_ls) = (p(FC2_B), p(LS), lay.present(LS));
-        rows_mut(&mut out, d, |r, row| {
-            let xr = &x[r * d..(r + 1) * d];
-            if has_ls {
-                for (((v, xv), bias), gm) in row.iter_mut().zip(xr).zip(fb).zip(ls) {
-                    *v = xv + gm * (*v + bias);
-                }
-            } else {
-                for ((v, xv), bias) in row.iter_mut().zip(xr).zip(fb) {
-                    *v = xv + *v + bias;
-                }
-            }
-        });
+        let has_ls = lay.present(LS);
+        residual_epilogue(&mut out, x, p(FC2_B), has_ls.then(|| p(LS)), d);
         if self.save {
             let keep_g = self.train_weights || has_ls;
             let ln = if self.train_weights {

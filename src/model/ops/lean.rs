@@ -11,7 +11,7 @@
 //!
 //! The standalone [`softmax`] and [`layer_norm`] take their forward values from one-pass kernels
 //! without a backward of their own (`rowwise::softmax`; candle_nn's fused LayerNorm); a small
-//! custom op ([`Hold`]) returns that value as its output and carries the backward pass, so
+//! custom op ([`HeldValue`]) returns that value as its output and carries the backward pass, so
 //! autograd sees one node. The
 //! transformer's two half-blocks are one node each as well ([`attn_half`], [`mlp_half`]: forward
 //! on detached inputs, hand-written backward). The elementwise and row-wise work inside them (GELU,
@@ -29,9 +29,9 @@ use candle_core::op::Add;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Arc;
 
-/// Which backward pass a [`Hold`] carries.
+/// Which backward pass a [`HeldValue`] carries.
 #[derive(Clone, Copy, Debug)]
-enum Kind {
+enum HeldBackward {
     /// `y = softmax(x)` over the last dimension.
     Softmax,
     /// `y = LayerNorm(x; γ, β)` over the last dimension.
@@ -41,12 +41,12 @@ enum Kind {
 /// A custom op whose output is a value computed beforehand without autograd (`value`), and
 /// whose backward pass is the one of `kind`. The forward copies the value once (a custom op must
 /// return storage it owns).
-struct Hold {
+struct HeldValue {
     value: Tensor,
-    kind: Kind,
+    kind: HeldBackward,
 }
 
-impl Hold {
+impl HeldValue {
     fn copy_value<S: BackendStorage>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
         let (storage, layout) = self.value.storage_and_layout();
         if !layout.is_contiguous() || layout.start_offset() != 0 {
@@ -88,7 +88,7 @@ fn sum_rows(t: &Tensor) -> Result<Tensor> {
     t.reshape(((), d))?.sum(0)
 }
 
-impl CustomOp1 for Hold {
+impl CustomOp1 for HeldValue {
     fn name(&self) -> &'static str {
         "lean-softmax"
     }
@@ -107,7 +107,7 @@ impl CustomOp1 for Hold {
     }
 }
 
-impl CustomOp3 for Hold {
+impl CustomOp3 for HeldValue {
     fn name(&self) -> &'static str {
         "lean-layer-norm"
     }
@@ -145,7 +145,7 @@ impl CustomOp3 for Hold {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Kind::LayerNorm { eps } = self.kind else {
+        let HeldBackward::LayerNorm { eps } = self.kind else {
             candle_core::bail!("lean op: not a LayerNorm");
         };
         let g = g.detach();
@@ -166,15 +166,15 @@ impl CustomOp3 for Hold {
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     // `rowwise::softmax` has no backward pass of its own: it computes the value on a detached
-    // input; the gradient to `x` comes from `Hold`'s backward (tests/ops.rs
+    // input; the gradient to `x` comes from `HeldValue`'s backward (tests/ops.rs
     // `lean_softmax_and_layer_norm_match_composite` checks it against the composite softmax).
     let y = rowwise::softmax(&x)?;
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op1(Hold {
+    x.apply_op1(HeldValue {
         value: y,
-        kind: Kind::Softmax,
+        kind: HeldBackward::Softmax,
     })
 }
 
@@ -184,7 +184,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     let x = x.contiguous()?;
     let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
     // candle_nn's LayerNorm has no backward pass: value only, on detached inputs; the gradients
-    // to x, γ and β come from `Hold`'s backward (checked in tests/ops.rs like the softmax).
+    // to x, γ and β come from `HeldValue`'s backward (checked in tests/ops.rs like the softmax).
     let y = candle_nn::ops::layer_norm(&x.detach(), &gamma.detach(), &beta.detach(), eps as f32)?;
     if !(x.track_op() || gamma.track_op() || beta.track_op()) {
         return Ok(y);
@@ -192,9 +192,9 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     x.apply_op3(
         &gamma,
         &beta,
-        Hold {
+        HeldValue {
             value: y,
-            kind: Kind::LayerNorm { eps },
+            kind: HeldBackward::LayerNorm { eps },
         },
     )
 }
@@ -360,7 +360,7 @@ fn norm_and_residual_bwd(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dx = (rowwise::layer_norm_bwd(x, &slot(w, lay, NORM_W)?, dh, eps)? + g)?;
     let dw = if want_w {
-        wg[NORM_W] = Some(sum_rows(&(dh * &Hold::normalized(x, eps)?)?)?);
+        wg[NORM_W] = Some(sum_rows(&(dh * &HeldValue::normalized(x, eps)?)?)?);
         wg[NORM_B] = Some(sum_rows(dh)?);
         Some(flat_grad(lay, wg, w)?)
     } else {
@@ -539,7 +539,7 @@ impl CustomOp3 for AttnHalf {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.fwd(x, lx, Hold::cpu)
+        self.fwd(x, lx, HeldValue::cpu)
     }
 
     #[cfg(feature = "cuda")]
@@ -552,7 +552,7 @@ impl CustomOp3 for AttnHalf {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.fwd(x, lx, Hold::cuda)
+        self.fwd(x, lx, HeldValue::cuda)
     }
 
     fn bwd(
@@ -634,7 +634,7 @@ impl CustomOp2 for MlpHalf {
 
     fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         let (s, l) = self.branch.storage_and_layout();
-        residual(x, lx, storage_of(&s, Hold::cpu)?, l)
+        residual(x, lx, storage_of(&s, HeldValue::cpu)?, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -646,7 +646,7 @@ impl CustomOp2 for MlpHalf {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (s, l) = self.branch.storage_and_layout();
-        residual(x, lx, storage_of(&s, Hold::cuda)?, l)
+        residual(x, lx, storage_of(&s, HeldValue::cuda)?, l)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

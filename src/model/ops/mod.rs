@@ -19,6 +19,7 @@ pub mod lean;
 pub mod profile;
 pub mod rowwise;
 pub mod spectral;
+pub mod verify;
 
 use candle_core::{DType, Result, Tensor};
 pub use cpu::attention::Dims;

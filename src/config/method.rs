@@ -1,195 +1,8 @@
-//! Backbone and method configuration: plain serde data with named presets.
+//! The fine-tuning method and its hyper-parameters ([`MethodConfig`]), and the one catalogue of
+//! named method variants that `moppa compare`, `moppa params` and the app share.
 
-use crate::physics::Prior;
+use super::prior::Prior;
 use serde::{Deserialize, Serialize};
-
-/// How the backbone turns tokens into one feature vector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Pool {
-    /// The class token (timm `global_pool='token'`).
-    #[default]
-    Token,
-    /// The mean of the patch tokens (timm `global_pool='avg'`; MAE checkpoints).
-    Avg,
-}
-
-/// The timm `VisionTransformer` arguments that matter, as stored in our backbone files'
-/// `moppa.backbone` metadata (see INTERFACES.md).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-#[allow(clippy::struct_excessive_bools)] // timm's own flags, one per optional tensor
-pub struct VitConfig {
-    /// Input image side (square), pixels.
-    pub img_size: usize,
-    /// Patch side, pixels.
-    pub patch_size: usize,
-    /// Input channels.
-    pub in_chans: usize,
-    /// Width `D`.
-    pub embed_dim: usize,
-    /// Number of transformer blocks.
-    pub depth: usize,
-    /// Attention heads.
-    pub num_heads: usize,
-    /// MLP hidden width = `int(D · mlp_ratio)`.
-    pub mlp_ratio: f64,
-    /// Whether the qkv projection has a bias.
-    pub qkv_bias: bool,
-    /// A class token leads the sequence.
-    pub class_token: bool,
-    /// Register tokens after the class token.
-    pub reg_tokens: usize,
-    /// A distillation token (DeiT distilled) after the class token.
-    pub dist_token: bool,
-    /// Position embeddings cover only the patch tokens (added before the prefix is joined).
-    pub no_embed_class: bool,
-    /// Pooling.
-    pub pool: Pool,
-    /// `fc_norm` after pooling.
-    pub fc_norm: bool,
-    /// The final `norm` (timm replaces it by `fc_norm` for avg pooling).
-    pub final_norm: bool,
-    /// `norm_pre` before the blocks.
-    pub norm_pre: bool,
-    /// Layer scale (`ls1.gamma`, `ls2.gamma`).
-    pub layer_scale: bool,
-    /// The patch embedding has a bias.
-    pub patch_bias: bool,
-    /// Classes of the backbone's own head (0: no head).
-    pub num_classes: usize,
-    /// LayerNorm epsilon.
-    pub ln_eps: f64,
-    /// Per-channel input mean (after scaling pixels to 0..1).
-    pub mean: [f32; 3],
-    /// Per-channel input std.
-    pub std: [f32; 3],
-    /// Prefix tokens (class + register + distillation); derived, stored for readers.
-    pub prefix_tokens: usize,
-}
-
-/// ImageNet normalisation, timm's default.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet std.
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-impl Default for VitConfig {
-    fn default() -> Self {
-        Self::vit_b16()
-    }
-}
-
-impl VitConfig {
-    fn base(img: usize, patch: usize, d: usize, depth: usize, heads: usize, classes: usize) -> Self {
-        let mut c = Self {
-            img_size: img,
-            patch_size: patch,
-            in_chans: 3,
-            embed_dim: d,
-            depth,
-            num_heads: heads,
-            mlp_ratio: 4.0,
-            qkv_bias: true,
-            class_token: true,
-            reg_tokens: 0,
-            dist_token: false,
-            no_embed_class: false,
-            pool: Pool::Token,
-            fc_norm: false,
-            final_norm: true,
-            norm_pre: false,
-            layer_scale: false,
-            patch_bias: true,
-            num_classes: classes,
-            ln_eps: 1e-6,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-            prefix_tokens: 0,
-        };
-        c.prefix_tokens = c.derived_prefix_tokens();
-        c
-    }
-
-    /// The speed issue's tiny configuration: 32 px, patch 4, D 96, depth 4, 3 heads, 10 classes.
-    #[must_use]
-    pub fn tiny() -> Self {
-        Self::base(32, 4, 96, 4, 3, 10)
-    }
-
-    /// ViT-Ti/16 (timm `vit_tiny_patch16_224`).
-    #[must_use]
-    pub fn vit_ti16() -> Self {
-        Self::base(224, 16, 192, 12, 3, 1000)
-    }
-
-    /// ViT-S/16 (timm `vit_small_patch16_224`).
-    #[must_use]
-    pub fn vit_s16() -> Self {
-        Self::base(224, 16, 384, 12, 6, 1000)
-    }
-
-    /// ViT-B/16 (timm `vit_base_patch16_224`).
-    #[must_use]
-    pub fn vit_b16() -> Self {
-        Self::base(224, 16, 768, 12, 12, 1000)
-    }
-
-    /// ViT-L/16 (timm `vit_large_patch16_224`).
-    #[must_use]
-    pub fn vit_l16() -> Self {
-        Self::base(224, 16, 1024, 24, 16, 1000)
-    }
-
-    /// Class + register + distillation tokens.
-    #[must_use]
-    pub fn derived_prefix_tokens(&self) -> usize {
-        usize::from(self.class_token) + self.reg_tokens + usize::from(self.dist_token)
-    }
-
-    /// Patch-grid side `H = W = img_size / patch_size`.
-    #[must_use]
-    pub fn grid(&self) -> usize {
-        self.img_size / self.patch_size.max(1)
-    }
-
-    /// Tokens per image (prefix + patches).
-    #[must_use]
-    pub fn tokens(&self) -> usize {
-        self.derived_prefix_tokens() + self.grid() * self.grid()
-    }
-
-    /// MLP hidden width, as timm computes it.
-    #[must_use]
-    pub fn mlp_hidden(&self) -> usize {
-        (self.embed_dim as f64 * self.mlp_ratio) as usize
-    }
-
-    /// Checks internal consistency; the error says what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
-            return Err(format!(
-                "img_size {} is not a multiple of patch_size {}",
-                self.img_size, self.patch_size
-            ));
-        }
-        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
-            return Err(format!(
-                "embed_dim {} is not divisible by num_heads {}",
-                self.embed_dim, self.num_heads
-            ));
-        }
-        if self.depth == 0 || self.embed_dim == 0 || self.in_chans == 0 {
-            return Err("depth, embed_dim and in_chans must be positive".into());
-        }
-        if self.pool == Pool::Token && !self.class_token {
-            return Err("token pooling needs a class token".into());
-        }
-        if self.std.iter().any(|s| *s <= 0.0 || !s.is_finite()) {
-            return Err(format!("normalisation std {:?} must be positive", self.std));
-        }
-        Ok(())
-    }
-}
 
 /// The fine-tuning method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
@@ -395,4 +208,132 @@ impl MethodConfig {
             m => m.name().to_owned(),
         }
     }
+}
+
+/// A named method variant: what `moppa compare --methods` and `moppa params` list.
+#[derive(Clone, Copy, Debug)]
+pub struct NamedMethod {
+    /// Name on the command line.
+    pub name: &'static str,
+    /// What it is, in one phrase.
+    pub about: &'static str,
+    /// The variant from the run's own method settings (rank, priors, λ, … of `base`).
+    pub build: fn(&MethodConfig) -> MethodConfig,
+}
+
+impl NamedMethod {
+    /// The variant's configuration on top of `base`.
+    #[must_use]
+    pub fn config(&self, base: &MethodConfig) -> MethodConfig {
+        (self.build)(base)
+    }
+}
+
+fn with_kind(base: &MethodConfig, method: MethodKind) -> MethodConfig {
+    MethodConfig { method, ..base.clone() }
+}
+
+fn with_prior(base: &MethodConfig, prior: Prior) -> MethodConfig {
+    MethodConfig {
+        priors: vec![prior],
+        ..with_kind(base, MethodKind::Moppa)
+    }
+}
+
+/// Every named method variant, in the order tables list them.
+pub const METHOD_CATALOGUE: [NamedMethod; 12] = [
+    NamedMethod {
+        name: "linear",
+        about: "linear probe: the head only",
+        build: |_| MethodConfig::of(MethodKind::Linear),
+    },
+    NamedMethod {
+        name: "full",
+        about: "full fine-tuning: every weight",
+        build: |_| MethodConfig::of(MethodKind::Full),
+    },
+    NamedMethod {
+        name: "lora",
+        about: "LoRA on q and v at the run's rank",
+        build: |b| MethodConfig {
+            rank: b.rank,
+            lora_alpha: b.lora_alpha,
+            ..MethodConfig::of(MethodKind::Lora)
+        },
+    },
+    NamedMethod {
+        name: "adaptformer",
+        about: "AdaptFormer beside the MLP, bottleneck = the run's rank",
+        build: |b| MethodConfig {
+            rank: b.rank,
+            ..MethodConfig::of(MethodKind::Adaptformer)
+        },
+    },
+    NamedMethod {
+        name: "moppa",
+        about: "MoPPA with the run's settings",
+        build: |b| with_kind(b, MethodKind::Moppa),
+    },
+    NamedMethod {
+        name: "moppa-noroute",
+        about: "MoPPA without route regularization (λ = 0)",
+        build: |b| MethodConfig {
+            route_weight: 0.0,
+            ..with_kind(b, MethodKind::Moppa)
+        },
+    },
+    NamedMethod {
+        name: "moppa-image",
+        about: "MoPPA with one mixture per image",
+        build: |b| MethodConfig {
+            router: RouterKind::Image,
+            ..with_kind(b, MethodKind::Moppa)
+        },
+    },
+    NamedMethod {
+        name: "moppa-layer",
+        about: "MoPPA with one learned mixture per block",
+        build: |b| MethodConfig {
+            router: RouterKind::Layer,
+            ..with_kind(b, MethodKind::Moppa)
+        },
+    },
+    NamedMethod {
+        name: "moppa-parallel",
+        about: "MoPPA beside the MLP instead of before attention",
+        build: |b| MethodConfig {
+            placement: Placement::ParallelMlp,
+            ..with_kind(b, MethodKind::Moppa)
+        },
+    },
+    NamedMethod {
+        name: "heat",
+        about: "MoPPA with the heat prior alone",
+        build: |b| with_prior(b, Prior::Heat),
+    },
+    NamedMethod {
+        name: "wave",
+        about: "MoPPA with the wave prior alone",
+        build: |b| with_prior(b, Prior::Wave),
+    },
+    NamedMethod {
+        name: "poisson",
+        about: "MoPPA with the Poisson prior alone",
+        build: |b| with_prior(b, Prior::Poisson),
+    },
+];
+
+/// The variants `moppa compare` runs by default.
+pub const COMPARE_DEFAULT: &str = "linear,full,lora,adaptformer,moppa,moppa-noroute,heat,wave,poisson";
+
+/// A named variant on top of `base`, or `None` for an unknown name.
+#[must_use]
+pub fn named_method(name: &str, base: &MethodConfig) -> Option<MethodConfig> {
+    METHOD_CATALOGUE.iter().find(|m| m.name == name).map(|m| m.config(base))
+}
+
+/// The catalogue's names, for messages.
+#[must_use]
+pub fn method_names() -> String {
+    METHOD_CATALOGUE.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }

@@ -1,253 +1,17 @@
-//! The training worker: a named thread that owns the [`Trainer`], reads [`Command`]s from a
-//! bounded channel at every step boundary and sends [`Event`]s through another. It never
-//! blocks on a display: progress and snapshots are coalesced (latest wins) when the receiver is
-//! behind, while evaluations, applied commands, warnings, errors and the end of the run wait in
-//! a small backlog until there is room. A waker closure (the app passes `request_repaint`) is
-//! called after each batch of events.
+//! The worker thread's body: set the run up, then at every step boundary apply the waiting
+//! commands, train one step, evaluate, checkpoint and snapshot on schedule, until the run is done,
+//! stopped, interrupted, diverged (headless) or failed.
 
-use super::config::RunConfig;
-use super::protocol::{Command, Event, FinishReason, Finished, Notice};
-use super::runlog::RunLog;
-use super::trainer::{StepOutcome, Trainer};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use super::outbox::Outbox;
+use super::{STOP_ABANDON, STOP_GRACEFUL, STOP_INTERRUPT, WorkerOptions};
+use crate::config::RunConfig;
+use crate::data::Split;
+use crate::train::protocol::{Command, Event, FinishReason, Finished, Notice};
+use crate::train::runlog::RunLog;
+use crate::train::trainer::{StepOutcome, Trainer};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
-
-/// Called after events were sent (e.g. `egui::Context::request_repaint`).
-pub type Waker = Arc<dyn Fn() + Send + Sync>;
-
-/// How a worker runs.
-#[derive(Clone)]
-pub struct WorkerOptions {
-    /// Called after each batch of events.
-    pub waker: Option<Waker>,
-    /// Start training immediately (else wait for [`Command::Start`]).
-    pub autostart: bool,
-    /// Threads of the training pool when the config does not say (`None`: every core).
-    pub default_threads: Option<usize>,
-    /// Capacity of the event channel.
-    pub event_capacity: usize,
-    /// At most this many snapshots per second.
-    pub max_snapshots_per_s: f64,
-}
-
-impl Default for WorkerOptions {
-    fn default() -> Self {
-        Self {
-            waker: None,
-            autostart: true,
-            default_threads: None,
-            event_capacity: 256,
-            max_snapshots_per_s: 10.0,
-        }
-    }
-}
-
-impl WorkerOptions {
-    /// Defaults for a display that shares the machine: all cores but one for training.
-    #[must_use]
-    pub fn with_ui(waker: Waker) -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        Self {
-            waker: Some(waker),
-            autostart: false,
-            default_threads: Some((cores - 1).max(1)),
-            ..Self::default()
-        }
-    }
-}
-
-const STOP_NONE: u8 = 0;
-const STOP_GRACEFUL: u8 = 1;
-const STOP_INTERRUPT: u8 = 2;
-const STOP_ABANDON: u8 = 3;
-
-/// A running worker.
-pub struct WorkerHandle {
-    commands: Sender<Command>,
-    events: Receiver<Event>,
-    stop: Arc<AtomicU8>,
-    join: Option<std::thread::JoinHandle<()>>,
-    finished: Arc<AtomicBool>,
-}
-
-impl WorkerHandle {
-    /// Starts a run on a new thread. Setup errors arrive as `Error` + `Finished(failed)` events.
-    pub fn spawn(cfg: RunConfig, opts: WorkerOptions) -> std::io::Result<Self> {
-        let (cmd_tx, cmd_rx) = bounded(64);
-        let (ev_tx, ev_rx) = bounded(opts.event_capacity.max(4));
-        let stop = Arc::new(AtomicU8::new(STOP_NONE));
-        let finished = Arc::new(AtomicBool::new(false));
-        let (stop2, finished2) = (stop.clone(), finished.clone());
-        let join = std::thread::Builder::new()
-            .name("moppa-trainer".into())
-            .spawn(move || {
-                let mut out = Outbox::new(ev_tx, opts.waker.clone());
-                run(&cfg, &opts, &cmd_rx, &mut out, &stop2);
-                finished2.store(true, Ordering::Release);
-                // Deliver what is left without ever blocking for long.
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while !out.is_empty() && Instant::now() < deadline && stop2.load(Ordering::Relaxed) != STOP_ABANDON {
-                    out.flush();
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })?;
-        Ok(Self {
-            commands: cmd_tx,
-            events: ev_rx,
-            stop,
-            join: Some(join),
-            finished,
-        })
-    }
-
-    /// Sends a command (never blocks; fails only when 64 commands are already waiting).
-    pub fn send(&self, c: Command) -> Result<(), Command> {
-        self.commands.try_send(c).map_err(|e| match e {
-            TrySendError::Full(c) | TrySendError::Disconnected(c) => c,
-        })
-    }
-
-    /// The event stream.
-    #[must_use]
-    pub fn events(&self) -> &Receiver<Event> {
-        &self.events
-    }
-
-    /// Asks for a graceful stop at the next step boundary (final evaluation and checkpoint).
-    pub fn stop(&self) {
-        self.stop
-            .compare_exchange(STOP_NONE, STOP_GRACEFUL, Ordering::AcqRel, Ordering::Relaxed)
-            .ok();
-    }
-
-    /// Like [`Self::stop`], reported as `interrupted` (Ctrl-C).
-    pub fn interrupt(&self) {
-        self.stop.store(STOP_INTERRUPT, Ordering::Release);
-    }
-
-    /// A stop flag a signal handler can set: the same as [`Self::interrupt`].
-    #[must_use]
-    pub fn interrupt_flag(&self) -> Arc<AtomicU8> {
-        self.stop.clone()
-    }
-
-    /// Whether the worker thread has ended its run.
-    #[must_use]
-    pub fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
-    }
-
-    /// Waits for the thread to end.
-    pub fn join(mut self) {
-        if let Some(j) = self.join.take() {
-            j.join().ok();
-        }
-    }
-}
-
-/// Sets an interrupt flag obtained from [`WorkerHandle::interrupt_flag`].
-pub fn raise_interrupt(flag: &AtomicU8) {
-    flag.store(STOP_INTERRUPT, Ordering::Release);
-}
-
-impl Drop for WorkerHandle {
-    /// Abandons the run (no final evaluation) and waits for the current step to end.
-    fn drop(&mut self) {
-        if let Some(j) = self.join.take() {
-            if !self.finished.load(Ordering::Acquire) {
-                self.stop.store(STOP_ABANDON, Ordering::Release);
-            }
-            j.join().ok();
-        }
-    }
-}
-
-/// The sending side: never blocks.
-struct Outbox {
-    tx: Sender<Event>,
-    backlog: VecDeque<Event>,
-    progress: Option<Event>,
-    snapshot: Option<Event>,
-    waker: Option<Waker>,
-    log: Option<RunLog>,
-    log_error: bool,
-}
-
-impl Outbox {
-    fn new(tx: Sender<Event>, waker: Option<Waker>) -> Self {
-        Self {
-            tx,
-            backlog: VecDeque::new(),
-            progress: None,
-            snapshot: None,
-            waker,
-            log: None,
-            log_error: false,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.backlog.is_empty() && self.progress.is_none() && self.snapshot.is_none()
-    }
-
-    /// Logs the event to the run folder, then queues it.
-    fn push(&mut self, ev: Event) {
-        if let Some(log) = &mut self.log
-            && let Err(e) = log.write(&ev)
-            && !self.log_error
-        {
-            self.log_error = true;
-            self.backlog.push_back(Event::Warning(Notice {
-                step: 0,
-                time_s: 0.0,
-                message: format!("cannot write the run log: {e}"),
-                path: None,
-                line: None,
-            }));
-        }
-        match ev {
-            Event::Progress(_) => self.progress = Some(ev),
-            Event::Snapshot(_) => self.snapshot = Some(ev),
-            other => self.backlog.push_back(other),
-        }
-        self.flush();
-    }
-
-    /// Sends what fits; returns without waiting.
-    fn flush(&mut self) {
-        let mut sent = false;
-        while let Some(ev) = self.backlog.pop_front() {
-            match self.tx.try_send(ev) {
-                Ok(()) => sent = true,
-                Err(TrySendError::Full(ev)) => {
-                    self.backlog.push_front(ev);
-                    break;
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    self.backlog.clear();
-                    break;
-                }
-            }
-        }
-        if self.backlog.is_empty() {
-            for slot in [&mut self.progress, &mut self.snapshot] {
-                if let Some(ev) = slot.take() {
-                    match self.tx.try_send(ev) {
-                        Ok(()) => sent = true,
-                        Err(TrySendError::Full(ev)) => *slot = Some(ev),
-                        Err(TrySendError::Disconnected(_)) => {}
-                    }
-                }
-            }
-        }
-        if sent && let Some(w) = &self.waker {
-            w();
-        }
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -267,7 +31,13 @@ fn notice(trainer: Option<&Trainer>, message: impl Into<String>) -> Notice {
 }
 
 /// The thread body.
-fn run(cfg: &RunConfig, opts: &WorkerOptions, commands: &Receiver<Command>, out: &mut Outbox, stop: &AtomicU8) {
+pub(super) fn run(
+    cfg: &RunConfig,
+    opts: &WorkerOptions,
+    commands: &Receiver<Command>,
+    out: &mut Outbox,
+    stop: &AtomicU8,
+) {
     let threads = cfg
         .threads
         .or(opts.default_threads)
@@ -338,8 +108,8 @@ fn send_snapshot(trainer: &Trainer, out: &mut Outbox) {
     }
 }
 
-fn evaluate(trainer: &mut Trainer, test: bool, out: &mut Outbox) -> Option<f64> {
-    match trainer.evaluate(test) {
+fn evaluate(trainer: &mut Trainer, split: Split, out: &mut Outbox) -> Option<f64> {
+    match trainer.evaluate(split) {
         Ok(Some(r)) => {
             let acc = r.acc;
             out.push(Event::Eval(r));
@@ -390,7 +160,7 @@ fn apply(
         Command::SetHyper { hyper, value } => trainer.set_hyper(hyper, value).map(Some),
         Command::Lock { what, target, locked } => trainer.set_lock(what, target, locked).map(Some),
         Command::Evaluate => {
-            evaluate(trainer, false, out);
+            evaluate(trainer, Split::Val, out);
             Ok(None)
         }
         Command::SaveCheckpoint { path } => match trainer.save_adapter(&path) {
@@ -496,7 +266,14 @@ fn train_loop(
             Ok(StepOutcome::Diverged(msg)) => {
                 drain_notices(trainer, out);
                 diverged = true;
-                out.push(Event::Error(notice(
+                if opts.stop_on_divergence {
+                    out.push(Event::Diverged(notice(
+                        Some(trainer),
+                        format!("training diverged: {msg}; stopped with the last good weights"),
+                    )));
+                    return FinishReason::Diverged;
+                }
+                out.push(Event::Diverged(notice(
                     Some(trainer),
                     format!("training diverged: {msg}; paused with the last good weights"),
                 )));
@@ -514,7 +291,7 @@ fn train_loop(
         let step = trainer.step;
         let eval_every = trainer.cfg.eval_every;
         if eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.done() {
-            evaluate(trainer, false, out);
+            evaluate(trainer, Split::Val, out);
             checkpoint(trainer, out);
         }
         let rate_ok = last_snapshot.is_none_or(|t| t.elapsed() >= min_gap);
@@ -535,8 +312,8 @@ fn finish(trainer: &mut Trainer, reason: FinishReason, out: &mut Outbox, stop: &
     let abandon = stop.load(Ordering::Acquire) == STOP_ABANDON;
     let mut test_acc = None;
     if !abandon && reason != FinishReason::Failed {
-        evaluate(trainer, false, out);
-        test_acc = evaluate(trainer, true, out);
+        evaluate(trainer, Split::Val, out);
+        test_acc = evaluate(trainer, Split::Test, out);
         if reason != FinishReason::Diverged || trainer.step > 0 {
             checkpoint(trainer, out);
         }

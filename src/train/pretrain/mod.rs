@@ -1,18 +1,21 @@
-//! `moppa pretrain`: a ViT trained from scratch (supervised) by the same engine, exported as a
-//! backbone file: timm tensor names, the architecture and input normalisation in the
-//! `moppa.backbone` metadata, and how it was made in `moppa.pretrain`.
+//! `moppa pretrain`: a ViT trained from scratch by the same engine and exported as a backbone
+//! file (timm tensor names, the architecture and input normalisation in the `moppa.backbone`
+//! metadata, how it was made in `moppa.pretrain`). Supervised pretraining is a full fine-tuning
+//! run of the worker, exported here; masked pretraining runs its own loop ([`mae`]).
 
-use super::trainer::TrainError;
+pub mod mae;
+
+use super::error::{Result, TrainError};
+use crate::config::MethodKind;
 use crate::data::{self, Split};
 use crate::model::checkpoint::adapter_info;
-use crate::model::tensor_file::{StoreAs, TensorFile, write_atomic};
-use crate::model::vit::BACKBONE_META_KEY;
-use std::collections::HashMap;
+use crate::model::tensor_file::{StoreAs, TensorFile};
+use crate::model::vit::{BackboneFileMeta, write_backbone};
 use std::path::Path;
 
 /// Per-channel mean and std of a dataset's training images (pixels scaled to 0..1), from up to
 /// `limit` images; grey images count as three equal channels.
-pub fn dataset_stats(spec: &str, limit: usize) -> Result<([f32; 3], [f32; 3]), TrainError> {
+pub fn dataset_stats(spec: &str, limit: usize) -> Result<([f32; 3], [f32; 3])> {
     let ds = data::load(spec, false, 0)?;
     let samples: Vec<_> = ds.split(Split::Train).iter().take(limit).cloned().collect();
     let (prepared, _) = data::loader::prepare_all(&samples, 32);
@@ -39,16 +42,11 @@ pub fn dataset_stats(spec: &str, limit: usize) -> Result<([f32; 3], [f32; 3]), T
 
 /// Turns a full fine-tuning run's `adapter.safetensors` (timm names, with its head) into a
 /// backbone file. `provenance` (JSON) is stored as `moppa.pretrain`.
-pub fn export_backbone(
-    run_dir: &Path,
-    out: &Path,
-    store: StoreAs,
-    provenance: &serde_json::Value,
-) -> Result<(), TrainError> {
+pub fn export_backbone(run_dir: &Path, out: &Path, store: StoreAs, provenance: &serde_json::Value) -> Result<()> {
     let adapter = run_dir.join("adapter.safetensors");
     let tf = TensorFile::read(&adapter)?;
     let info = adapter_info(&tf)?;
-    if info.method.method != crate::model::MethodKind::Full {
+    if info.method.method != MethodKind::Full {
         return Err(TrainError::Config(format!(
             "{}: not a full fine-tuning run",
             adapter.display()
@@ -63,22 +61,10 @@ pub fn export_backbone(
     {
         t.shape = vec![cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.patch_size];
     }
-    let mut meta: HashMap<String, String> = HashMap::new();
-    meta.insert(
-        BACKBONE_META_KEY.into(),
-        serde_json::to_string(&cfg).map_err(|e| TrainError::Config(e.to_string()))?,
-    );
-    meta.insert(
-        "moppa.classes".into(),
-        serde_json::to_string(&info.classes).unwrap_or_default(),
-    );
-    meta.insert("moppa.pretrain".into(), provenance.to_string());
-    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-    }
-    write_atomic(out, &tensors, &meta, store)?;
+    let meta = BackboneFileMeta {
+        provenance: Some(provenance.clone()),
+        classes: Some(info.classes.clone()),
+    };
+    write_backbone(out, &cfg, &tensors, &meta, store)?;
     Ok(())
 }

@@ -1,10 +1,23 @@
 //! The run configuration: every `moppa train` flag is a field (and a TOML key with `_` for `-`).
 //! The resolved config (every default filled in) is saved in the run folder.
 
-use crate::data::Augment;
-use crate::model::{MethodConfig, MethodKind};
+use super::method::{MethodConfig, MethodKind};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+
+/// Training-time augmentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Augment {
+    /// Random horizontal flips (off for digits and text).
+    pub flip: bool,
+    /// Random crops after zero-padding each side by this many pixels (0 = off).
+    pub crop_pad: u32,
+    /// Random rotations by up to ± this many degrees (0 = off).
+    pub rotate_deg: u32,
+    /// Random scalings by up to ± this many percent about the centre (0 = off).
+    pub scale_pct: u32,
+}
 
 /// Where training runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -1,0 +1,152 @@
+//! What the app does for a panel's [`Action`]: run control, file dialogs and the file I/O behind
+//! them (run settings, exports, the adapter, images). Panels only ask; this file acts.
+
+use super::history::RunHistory;
+use super::panels::{Action, RunStatus};
+use super::{StudioApp, capture};
+use crate::config::RunConfig;
+use crate::train::protocol::Command;
+use crate::train::runlog::{CSV_HEADER, csv_eval_row, csv_progress_row};
+
+impl StudioApp {
+    pub(super) fn apply(&mut self, action: Action, ctx: &egui::Context) {
+        match action {
+            Action::Start => {
+                let changed = self.launched.as_ref() != Some(&self.settings.config);
+                match self.status {
+                    RunStatus::Ready | RunStatus::Paused if !changed => self.send(Command::Start),
+                    RunStatus::Running => {}
+                    _ => self.launch(true),
+                }
+                if self.status == RunStatus::Ready || self.status == RunStatus::Paused {
+                    self.status = RunStatus::Running;
+                }
+            }
+            Action::Pause => self.send(Command::Pause),
+            Action::Step => self.send(Command::Step),
+            Action::Stop => self.send(Command::Stop),
+            Action::Reset => self.launch(false),
+            Action::Send(c) => self.send(c),
+            Action::PickBackbone => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("safetensors", &["safetensors"])
+                    .pick_file()
+                {
+                    self.settings.config.backbone = p.display().to_string();
+                }
+            }
+            Action::PickData => {
+                if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                    self.settings.config.data = p.display().to_string();
+                }
+            }
+            Action::LoadConfig => {
+                if let Some(p) = rfd::FileDialog::new().add_filter("TOML", &["toml"]).pick_file() {
+                    match std::fs::read_to_string(&p)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| RunConfig::from_toml(&t))
+                    {
+                        Ok(c) => self.settings.config = c,
+                        Err(e) => self.show_error(format!("{}: {e}", p.display())),
+                    }
+                }
+            }
+            Action::SaveConfig => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("TOML", &["toml"])
+                    .set_file_name("run.toml")
+                    .save_file()
+                {
+                    let r = self
+                        .settings
+                        .config
+                        .to_toml()
+                        .and_then(|t| std::fs::write(&p, t).map_err(|e| e.to_string()));
+                    if let Err(e) = r {
+                        self.show_error(format!("{}: {e}", p.display()));
+                    }
+                }
+            }
+            Action::ExportCsv => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("CSV", &["csv"])
+                    .set_file_name("metrics.csv")
+                    .save_file()
+                {
+                    let csv = self.runs.last().map(metrics_csv).unwrap_or_default();
+                    if let Err(e) = std::fs::write(&p, csv) {
+                        self.show_error(format!("{}: {e}", p.display()));
+                    }
+                }
+            }
+            Action::ExportPlot(id) => {
+                let rect = self.plot_rects.iter().find(|(n, _)| *n == id).map(|(_, r)| *r);
+                if let (Some(rect), Some(p)) = (
+                    rect,
+                    rfd::FileDialog::new()
+                        .add_filter("PNG", &["png"])
+                        .set_file_name(format!("{id}.png"))
+                        .save_file(),
+                ) {
+                    capture::screenshot(ctx, p, Some(rect));
+                }
+            }
+            Action::Screenshot => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("PNG", &["png"])
+                    .set_file_name("moppa-studio.png")
+                    .save_file()
+                {
+                    capture::screenshot(ctx, p, None);
+                }
+            }
+            Action::SaveAdapter => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("safetensors", &["safetensors"])
+                    .set_file_name("adapter.safetensors")
+                    .save_file()
+                {
+                    self.send(Command::SaveCheckpoint { path: p });
+                }
+            }
+            Action::PickImage => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("images", &["png", "jpg", "jpeg"])
+                    .pick_file()
+                {
+                    match image::open(&p) {
+                        Ok(img) => {
+                            self.playground.set_image(img);
+                            self.settings.playground.image = Some(p);
+                        }
+                        Err(e) => self.show_error(format!("{}: {e}", p.display())),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The current run's metrics in the run folder's CSV layout.
+#[must_use]
+pub fn metrics_csv(r: &RunHistory) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!("{CSV_HEADER}\n");
+    for ((((l, rl), a), lr), ips) in r
+        .loss
+        .points
+        .iter()
+        .zip(&r.route_loss.points)
+        .zip(&r.train_acc.points)
+        .zip(&r.lr.points)
+        .zip(&r.img_per_s.points)
+    {
+        let _ = writeln!(s, "{}", csv_progress_row(l[0], l[1], l[2], rl[2], a[2], lr[2], ips[2]));
+    }
+    for (split, rows) in [("val", &r.val), ("test", &r.test)] {
+        for e in rows {
+            let _ = writeln!(s, "{}", csv_eval_row(e[0], e[1], split, e[3], e[2]));
+        }
+    }
+    s
+}

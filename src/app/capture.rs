@@ -1,0 +1,83 @@
+//! Pictures of the app: the `--screenshot` and `--frame-stats` harness (train, capture or measure,
+//! quit), window and plot captures, PNG writing.
+
+use super::StudioApp;
+use super::panels::RunStatus;
+use crate::train::protocol::Command;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl StudioApp {
+    pub(super) fn screenshot_mode(&mut self, ctx: &egui::Context) {
+        if let Some(path) = self.opts.screenshot.clone() {
+            let step = self.runs.last().map_or(0, |r| r.step);
+            let done = matches!(self.status, RunStatus::Finished | RunStatus::Failed);
+            if !self.screenshot_requested && (step >= self.opts.after_steps || done) {
+                self.screenshot_requested = true;
+                if self.status == RunStatus::Running {
+                    self.send(Command::Pause);
+                }
+                // Let one more frame draw the latest snapshot, then capture and quit.
+                let ctx2 = ctx.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(800));
+                    let ctx3 = ctx2.clone();
+                    ctx2.request_screenshot(move |img| {
+                        match save_png(&img, &path) {
+                            Ok(()) => println!("wrote {}", path.display()),
+                            Err(e) => eprintln!("error: cannot write {}: {e}", path.display()),
+                        }
+                        ctx3.send_viewport_cmd(egui::ViewportCommand::Close);
+                    });
+                    ctx2.request_repaint();
+                });
+            }
+            ctx.request_repaint_after(Duration::from_millis(100));
+        }
+        if let Some(secs) = self.opts.frame_stats
+            && !self.screenshot_requested
+        {
+            if self.started_at.elapsed().as_secs_f64() >= secs {
+                self.screenshot_requested = true;
+                if let (Some((med, p99)), Some((gap, gap99))) = (self.frames.stats(), self.frames.intervals()) {
+                    let step = self.runs.last().map_or(0, |r| r.step);
+                    let thr = self.runs.last().map_or(0.0, |r| r.throughput);
+                    println!(
+                        "UI over the last {} frames while training (step {step}, {thr:.0} img/s): frame CPU time median {med:.2} ms, p99 {p99:.2} ms; frame interval median {gap:.1} ms ({:.0} fps), p99 {gap99:.1} ms",
+                        self.frames.len(),
+                        1000.0 / gap.max(1e-3)
+                    );
+                }
+                ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            }
+            ctx.request_repaint_after(Duration::from_millis(15));
+        }
+    }
+}
+
+/// Saves a window capture (optionally cropped) as PNG from the screenshot callback.
+pub(super) fn screenshot(ctx: &egui::Context, path: PathBuf, crop: Option<egui::Rect>) {
+    let ppp = ctx.pixels_per_point();
+    ctx.request_screenshot(move |img| {
+        let img = match crop {
+            Some(r) => Arc::new(img.region(&r, Some(ppp))),
+            None => img,
+        };
+        if let Err(e) = save_png(&img, &path) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+        }
+    });
+    ctx.request_repaint();
+}
+
+/// Writes an egui image as PNG.
+pub fn save_png(img: &egui::ColorImage, path: &std::path::Path) -> Result<(), String> {
+    let rgba: Vec<u8> = img
+        .pixels
+        .iter()
+        .flat_map(egui::Color32::to_srgba_unmultiplied)
+        .collect();
+    let buf = image::RgbaImage::from_raw(img.width() as u32, img.height() as u32, rgba).ok_or("bad image size")?;
+    buf.save(path).map_err(|e| e.to_string())
+}

@@ -1,0 +1,183 @@
+//! The run flags shared by `moppa train` and `moppa compare` (every field of the run
+//! configuration, also a TOML key) and the value parsers of the enumerated flags.
+
+use super::{CliError, usage};
+use crate::config::{DeviceChoice, MethodKind, Placement, Precision, Prior, RouterKind, RunConfig};
+use crate::train::evaluate::run_config;
+use clap::Args;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+
+fn serde_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| format!("unknown value '{s}'"))
+}
+
+pub(crate) fn parse_method(s: &str) -> Result<MethodKind, String> {
+    serde_enum(s).map_err(|e| format!("{e} (moppa, lora, adaptformer, linear, full)"))
+}
+fn parse_placement(s: &str) -> Result<Placement, String> {
+    serde_enum(s).map_err(|e| format!("{e} (pre_attn, parallel_mlp)"))
+}
+fn parse_router(s: &str) -> Result<RouterKind, String> {
+    serde_enum(s).map_err(|e| format!("{e} (token, image, layer)"))
+}
+pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    serde_enum(s).map_err(|e| format!("{e} (auto, cpu, cuda)"))
+}
+pub(crate) fn parse_dtype(s: &str) -> Result<Precision, String> {
+    serde_enum(s).map_err(|e| format!("{e} (f32, bf16)"))
+}
+fn parse_prior(s: &str) -> Result<Prior, String> {
+    s.parse::<Prior>().map_err(|e| e.to_string())
+}
+
+/// Every run setting as an optional flag (TOML keys are the same names with `_`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// A TOML run config; flags override its values.
+    #[arg(long, help_heading = "Run")]
+    pub config: Option<PathBuf>,
+    /// Backbone: `builtin` (default: a ViT pretrained on Fashion-MNIST), a timm safetensors file, or random:PRESET.
+    #[arg(long, help_heading = "Run")]
+    pub backbone: Option<String>,
+    /// Heads of a timm backbone file (timm files do not record it; default D/64).
+    #[arg(long, help_heading = "Run")]
+    pub heads: Option<usize>,
+    /// Data: `builtin:digits` (default), `idx:DIR`, a VTAB-1K task folder or an ImageFolder.
+    #[arg(long, help_heading = "Run")]
+    pub data: Option<String>,
+    /// Keep N training images per class (seeded): the low-data regime PEFT is for.
+    #[arg(long, help_heading = "Run")]
+    pub few_shot: Option<usize>,
+    /// VTAB-1K: train on train800val200.txt.
+    #[arg(long = "final", help_heading = "Run")]
+    pub final_split: bool,
+    /// Method: moppa (default), lora, adaptformer, linear, full.
+    #[arg(long, value_parser = parse_method, help_heading = "Method")]
+    pub method: Option<MethodKind>,
+    /// Rank r of MoPPA / LoRA, bottleneck of AdaptFormer (default 8).
+    #[arg(long, help_heading = "Method")]
+    pub rank: Option<usize>,
+    /// MoPPA placement: pre_attn (default) or parallel_mlp.
+    #[arg(long, value_parser = parse_placement, help_heading = "Method")]
+    pub placement: Option<Placement>,
+    /// MoPPA router: token (default), image or layer.
+    #[arg(long, value_parser = parse_router, help_heading = "Method")]
+    pub router: Option<RouterKind>,
+    /// Active priors, comma-separated (default heat,wave,poisson).
+    #[arg(long, value_parser = parse_prior, value_delimiter = ',', help_heading = "Method")]
+    pub priors: Option<Vec<Prior>>,
+    /// Route-regularization weight λ ≥ 0 (default 0.01).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub route_weight: Option<f64>,
+    /// τ > 0 of the heat and wave filters (default 1).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub tau: Option<f64>,
+    /// Wave damping γ ≥ 0 (default 0).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub gamma: Option<f64>,
+    /// Router temperature T > 0 (default 1).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub temperature: Option<f64>,
+    /// MoPPA output scale s (default 1).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Method")]
+    pub scale: Option<f64>,
+    /// LoRA α (scale α/r; default r).
+    #[arg(long, help_heading = "Method")]
+    pub lora_alpha: Option<f64>,
+    /// Optimizer steps (default 600 unless --epochs).
+    #[arg(long, help_heading = "Optimisation")]
+    pub steps: Option<u64>,
+    /// Epochs (used when --steps is not given).
+    #[arg(long, help_heading = "Optimisation")]
+    pub epochs: Option<u64>,
+    /// Images per batch (default 64).
+    #[arg(long, help_heading = "Optimisation")]
+    pub batch: Option<usize>,
+    /// Peak learning rate (default: 1e-2 adapters, 3e-2 linear, 1e-3 full).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
+    pub lr: Option<f64>,
+    /// AdamW weight decay on matrices (default 0.01).
+    #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
+    pub weight_decay: Option<f64>,
+    /// Linear warm-up steps before the cosine decay (default 50).
+    #[arg(long, help_heading = "Optimisation")]
+    pub warmup: Option<u64>,
+    /// Evaluate and checkpoint every N steps (default 100; 0: only at the end).
+    #[arg(long, help_heading = "Optimisation")]
+    pub eval_every: Option<u64>,
+    /// Clip the global gradient norm (default 1; 0: off).
+    #[arg(long, help_heading = "Optimisation")]
+    pub grad_clip: Option<f64>,
+    /// Seed of initialisation, shuffling and augmentation (default 0).
+    #[arg(long, help_heading = "Optimisation")]
+    pub seed: Option<u64>,
+    /// Random horizontal flips while training.
+    #[arg(long, help_heading = "Optimisation")]
+    pub flip: bool,
+    /// Random crops after padding each side by N pixels while training.
+    #[arg(long, help_heading = "Optimisation")]
+    pub crop_pad: Option<u32>,
+    /// Random rotations by up to ± DEG degrees while training.
+    #[arg(long, value_name = "DEG", help_heading = "Optimisation")]
+    pub rotate: Option<u32>,
+    /// Random zooms by up to ± PCT percent while training.
+    #[arg(long, value_name = "PCT", help_heading = "Optimisation")]
+    pub zoom: Option<u32>,
+    /// auto (default), cpu or cuda.
+    #[arg(long, value_parser = parse_device, help_heading = "Machine")]
+    pub device: Option<DeviceChoice>,
+    /// CPU threads (default: every core).
+    #[arg(long, help_heading = "Machine")]
+    pub threads: Option<usize>,
+    /// f32 (default) or bf16 (GPU).
+    #[arg(long, value_parser = parse_dtype, help_heading = "Machine")]
+    pub dtype: Option<Precision>,
+    /// Run folder: config.toml, metrics.jsonl/.csv, adapter.safetensors, state.safetensors.
+    #[arg(long, help_heading = "Output")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder (its config, weights, optimizer and data position).
+    #[arg(long, help_heading = "Output")]
+    pub resume: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Defaults ← `--resume DIR/config.toml` or `--config FILE` ← flags.
+    pub fn resolve(&self) -> Result<RunConfig, CliError> {
+        let mut c = if let Some(dir) = &self.resume {
+            let mut c = run_config(dir).map_err(|e| CliError::Failure(e.into()))?;
+            c.resume = Some(dir.clone());
+            c.out = Some(dir.clone());
+            c
+        } else if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
+        } else {
+            RunConfig::default()
+        };
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => { $( if let Some(v) = self.$field.clone() { $target = v.into(); } )* };
+        }
+        set!(backbone => c.backbone, data => c.data, method => c.method.method, rank => c.method.rank,
+             placement => c.method.placement, router => c.method.router, priors => c.method.priors,
+             route_weight => c.method.route_weight, tau => c.method.tau, gamma => c.method.gamma,
+             temperature => c.method.temperature, scale => c.method.scale, batch => c.batch,
+             weight_decay => c.weight_decay, warmup => c.warmup, eval_every => c.eval_every,
+             grad_clip => c.grad_clip, seed => c.seed, device => c.device, dtype => c.dtype,
+             crop_pad => c.augment.crop_pad, rotate => c.augment.rotate_deg, zoom => c.augment.scale_pct);
+        set!(heads => c.heads, few_shot => c.few_shot, lora_alpha => c.method.lora_alpha, steps => c.steps,
+             epochs => c.epochs, lr => c.lr, threads => c.threads, out => c.out);
+        if self.epochs.is_some() && self.steps.is_none() {
+            c.steps = None;
+        }
+        if self.final_split {
+            c.final_split = true;
+        }
+        if self.flip {
+            c.augment.flip = true;
+        }
+        c.validate().map_err(usage)?;
+        Ok(c)
+    }
+}

@@ -1,0 +1,91 @@
+//! `moppa eval`: a saved adapter's accuracy on a dataset split, with per-class results.
+
+use super::{CliError, usage};
+use crate::data::Split;
+use crate::train::evaluate::{evaluate_adapter, run_config};
+use clap::Args;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// `moppa eval`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Examples:\n  moppa eval --run runs/digits\n  moppa eval --adapter a.safetensors --backbone builtin --data builtin:digits --split val"
+)]
+pub struct EvalArgs {
+    /// A run folder (its config.toml names backbone and data; its adapter.safetensors is evaluated).
+    #[arg(long, conflicts_with = "adapter")]
+    pub run: Option<PathBuf>,
+    /// An adapter checkpoint.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Backbone for --adapter (default: the run's, or builtin).
+    #[arg(long)]
+    pub backbone: Option<String>,
+    /// Heads of a timm backbone file.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Data spec (default: the run's, or builtin:digits).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// test (default) or val.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Load onto a backbone file other than the one trained on (same shapes).
+    #[arg(long)]
+    pub force: bool,
+    /// Per-class results CSV (default: RUN/eval-SPLIT.csv, or next to the adapter).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+}
+
+/// Runs `moppa eval`.
+pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
+    let split = match args.split.as_str() {
+        "test" => Split::Test,
+        "val" => Split::Val,
+        other => return Err(usage(format!("--split must be val or test (got {other})"))),
+    };
+    let (adapter, base) = match (&args.run, &args.adapter) {
+        (Some(dir), _) => (
+            dir.join("adapter.safetensors"),
+            Some(run_config(dir).map_err(|e| CliError::Failure(e.into()))?),
+        ),
+        (None, Some(a)) => (a.clone(), None),
+        (None, None) => return Err(usage("give --run DIR or --adapter FILE")),
+    };
+    let backbone = args
+        .backbone
+        .clone()
+        .or_else(|| base.as_ref().map(|c| c.backbone.clone()))
+        .unwrap_or_else(|| "builtin".into());
+    let data = args
+        .data
+        .clone()
+        .or_else(|| base.as_ref().map(|c| c.data.clone()))
+        .unwrap_or_else(|| "builtin:digits".into());
+    let heads = args.heads.or_else(|| base.as_ref().and_then(|c| c.heads));
+    let (result, classes) = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.force, args.batch)
+        .map_err(|e| CliError::Failure(e.into()))?;
+    println!(
+        "{} accuracy {:.4} (loss {:.4}) on {data}",
+        split.name(),
+        result.acc,
+        result.loss
+    );
+    let mut csv = String::from("class,name,acc\n");
+    for (i, (name, acc)) in classes.iter().zip(&result.per_class_acc).enumerate() {
+        let _ = writeln!(csv, "{i},{name},{acc:.6}");
+    }
+    let out = args.output.clone().unwrap_or_else(|| match &args.run {
+        Some(dir) => dir.join(format!("eval-{}.csv", split.name())),
+        None => adapter.with_extension(format!("eval-{}.csv", split.name())),
+    });
+    std::fs::write(&out, csv)
+        .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", out.display())))?;
+    println!("per-class results: {}", out.display());
+    Ok(())
+}

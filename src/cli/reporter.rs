@@ -1,0 +1,170 @@
+//! Turns the engine's events into a progress bar on a terminal, or plain lines otherwise: the
+//! CLI's one display of a run (fine-tuning, supervised and masked pretraining, compare).
+
+use super::CliError;
+use crate::train::WorkerHandle;
+use crate::train::protocol::{Event, FinishReason, Finished, Notice};
+use crate::util::group_digits;
+
+/// The CLI's display of a run.
+pub struct Reporter {
+    tty: bool,
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    last_line: u64,
+    first_error: Option<String>,
+}
+
+/// A notice's message with its file (and line) when the message does not already name it.
+fn with_location(n: &Notice) -> String {
+    let where_ = match (&n.path, n.line) {
+        (Some(p), Some(l)) if !n.message.contains(&p.display().to_string()) => format!(" ({}:{l})", p.display()),
+        (Some(p), None) if !n.message.contains(&p.display().to_string()) => format!(" ({})", p.display()),
+        _ => String::new(),
+    };
+    format!("{}{where_}", n.message)
+}
+
+impl Reporter {
+    /// A display with a progress bar when `tty`, plain lines otherwise.
+    #[must_use]
+    pub fn new(tty: bool) -> Self {
+        Self {
+            tty,
+            bar: None,
+            total: 0,
+            last_line: 0,
+            first_error: None,
+        }
+    }
+
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// The first error of the run, with its file.
+    #[must_use]
+    pub fn first_error(&self) -> Option<&str> {
+        self.first_error.as_deref()
+    }
+
+    /// Shows one event; returns the end of the run when it is `Finished`.
+    pub fn show(&mut self, ev: &Event) -> Option<Finished> {
+        match ev {
+            Event::Started(info) => {
+                self.total = info.total_steps;
+                self.say(format!(
+                    "{} · {} trainable · {} ({} threads) · {} classes · {}/{}/{} train/val/test images · {} steps",
+                    info.method,
+                    group_digits(info.trainable),
+                    info.device,
+                    info.threads,
+                    info.classes.len(),
+                    info.split_sizes[0],
+                    info.split_sizes[1],
+                    info.split_sizes[2],
+                    info.total_steps
+                ));
+                if self.tty {
+                    let b = indicatif::ProgressBar::new(self.total);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{bar:30.cyan/blue} {pos}/{len} {msg} · {elapsed_precise} ETA {eta}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    b.set_position(info.start_step);
+                    self.bar = Some(b);
+                }
+            }
+            Event::Progress(p) => {
+                let acc = if p.train_acc.is_finite() {
+                    format!(" acc {:.3}", p.train_acc)
+                } else {
+                    String::new()
+                };
+                let class = p.class_loss.map(|c| format!(" class loss {c:.4}")).unwrap_or_default();
+                let msg = format!(
+                    "loss {:.4}{acc}{class} lr {:.2e} {:.0} img/s",
+                    p.loss, p.lr, p.img_per_s
+                );
+                if let Some(b) = &self.bar {
+                    b.set_position(p.step);
+                    b.set_message(msg);
+                } else if p.step == self.total || p.step >= self.last_line + (self.total / 20).max(1) {
+                    self.last_line = p.step;
+                    eprintln!("step {}/{} · {msg} · {:.1} s", p.step, self.total, p.time_s);
+                }
+            }
+            Event::Eval(e) => {
+                let acc = if e.acc.is_finite() {
+                    format!("acc {:.4} ", e.acc)
+                } else {
+                    String::new()
+                };
+                let loss = if e.loss.is_finite() {
+                    format!("loss {:.4}", e.loss)
+                } else {
+                    String::new()
+                };
+                self.say(format!("eval {} at step {}: {acc}{loss}", e.split, e.step));
+            }
+            Event::Applied(a) => self.say(format!(
+                "applied {} ({}) at step {}: {} → {}",
+                a.command, a.target, a.step, a.old, a.new
+            )),
+            Event::Warning(n) => self.say(format!("warning: {}", n.message)),
+            Event::Error(n) | Event::Diverged(n) => {
+                let line = with_location(n);
+                self.say(format!("error: {line}"));
+                self.first_error.get_or_insert(line);
+            }
+            Event::Finished(f) => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+                if f.reason != FinishReason::Failed {
+                    let fmt = |v: Option<f64>| v.map_or_else(|| "-".into(), |a| format!("{a:.4}"));
+                    println!(
+                        "{:?}: {} steps in {:.1} s · best val acc {} · test acc {}",
+                        f.reason,
+                        f.steps,
+                        f.time_s,
+                        fmt(f.best_val_acc),
+                        fmt(f.test_acc)
+                    );
+                    for c in &f.checkpoints {
+                        println!("wrote {}", c.display());
+                    }
+                }
+                return Some(f.clone());
+            }
+            Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } => {}
+        }
+        None
+    }
+}
+
+/// Shows a worker's events until the run ends; a failed run is an error with its first message.
+pub fn follow(handle: &WorkerHandle, tty: bool) -> Result<Finished, CliError> {
+    let mut reporter = Reporter::new(tty);
+    loop {
+        let Ok(ev) = handle.events().recv() else {
+            return Err(CliError::Failure(anyhow::anyhow!(
+                "the training thread ended without a result"
+            )));
+        };
+        if let Some(f) = reporter.show(&ev) {
+            if f.reason == FinishReason::Failed {
+                return Err(CliError::Failure(anyhow::anyhow!(
+                    "{}",
+                    reporter.first_error().unwrap_or("the run failed")
+                )));
+            }
+            return Ok(f);
+        }
+    }
+}

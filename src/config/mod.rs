@@ -1,0 +1,20 @@
+//! Plain configuration data at the bottom of the crate: the method's vocabulary (priors,
+//! coefficients, locks), the backbone architecture and its presets, the method settings and their
+//! catalogue, the run configuration, and trainable-parameter counts. No tensors: every other
+//! layer (model, data, train, the CLI and the app) reads it, so the app can describe a run
+//! without depending on the model.
+
+mod method;
+mod params;
+mod prior;
+mod run;
+mod vit;
+
+pub use method::{
+    COMPARE_DEFAULT, METHOD_CATALOGUE, MethodConfig, MethodKind, NamedMethod, Placement, RouterKind, method_names,
+    named_method,
+};
+pub use params::{backbone_params, count_trainable};
+pub use prior::{Coeff, Lockable, PerCoeff, Prior, UnknownPrior};
+pub use run::{Augment, DEFAULT_STEPS, DeviceChoice, Precision, RunConfig};
+pub use vit::{IMAGENET_MEAN, IMAGENET_STD, Pool, VIT_PRESETS, VitConfig, VitPreset};

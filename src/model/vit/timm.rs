@@ -1,0 +1,455 @@
+//! timm's tensor names, in one table for both directions: reading a checkpoint (ours, with the
+//! architecture in its metadata, or timm's own, architecture inferred from the shapes) and
+//! writing the weights back under the same names (backbone files, full fine-tuning adapters).
+//! Block tensors are named by the half-block layouts (`ops::layout`), everything else by [`Part`].
+
+use super::{BackboneOptions, BackboneSource, Vit};
+use crate::config::{Pool, VitConfig};
+use crate::model::error::{ModelError, Result};
+use crate::model::ops::{HalfLayout, Kernels, layout};
+use crate::model::resample::resample_grid;
+use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// Metadata key of our backbone files: the [`VitConfig`] as JSON.
+pub const BACKBONE_META_KEY: &str = "moppa.backbone";
+/// Metadata key: how a backbone file was made (JSON), written by `moppa pretrain`.
+pub const PRETRAIN_META_KEY: &str = "moppa.pretrain";
+/// Metadata key: the class names of a backbone's own head (JSON list).
+pub const CLASSES_META_KEY: &str = "moppa.classes";
+
+/// A backbone tensor outside the transformer blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// `patch_embed.proj.weight`, `(D, C, p, p)` in files, `(D, C·p·p)` in memory.
+    PatchW,
+    /// `patch_embed.proj.bias`.
+    PatchB,
+    /// `cls_token`.
+    ClsToken,
+    /// `reg_token`.
+    RegToken,
+    /// `dist_token`.
+    DistToken,
+    /// `pos_embed`.
+    PosEmbed,
+    /// `norm_pre.weight`.
+    NormPreW,
+    /// `norm_pre.bias`.
+    NormPreB,
+    /// `norm.weight` (the final norm).
+    NormW,
+    /// `norm.bias`.
+    NormB,
+    /// `fc_norm.weight`.
+    FcNormW,
+    /// `fc_norm.bias`.
+    FcNormB,
+    /// `head.weight` (the backbone's own classifier).
+    HeadW,
+    /// `head.bias`.
+    HeadB,
+    /// `head_dist.weight` (DeiT distilled).
+    HeadDistW,
+    /// `head_dist.bias`.
+    HeadDistB,
+}
+
+/// How a random backbone initialises a tensor (timm's conventions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum InitKind {
+    /// Truncated normal, σ = 0.02.
+    TruncNormal,
+    /// Zeros (biases).
+    Zeros,
+    /// Ones (LayerNorm gains).
+    Ones,
+}
+
+impl Part {
+    /// Every part, in the order they are initialised, made trainable and listed.
+    pub const ALL: [Self; 16] = [
+        Self::PatchW,
+        Self::PatchB,
+        Self::ClsToken,
+        Self::RegToken,
+        Self::DistToken,
+        Self::PosEmbed,
+        Self::NormPreW,
+        Self::NormPreB,
+        Self::NormW,
+        Self::NormB,
+        Self::FcNormW,
+        Self::FcNormB,
+        Self::HeadW,
+        Self::HeadB,
+        Self::HeadDistW,
+        Self::HeadDistB,
+    ];
+
+    /// The timm name.
+    #[must_use]
+    pub fn timm_name(self) -> &'static str {
+        match self {
+            Self::PatchW => "patch_embed.proj.weight",
+            Self::PatchB => "patch_embed.proj.bias",
+            Self::ClsToken => "cls_token",
+            Self::RegToken => "reg_token",
+            Self::DistToken => "dist_token",
+            Self::PosEmbed => "pos_embed",
+            Self::NormPreW => "norm_pre.weight",
+            Self::NormPreB => "norm_pre.bias",
+            Self::NormW => "norm.weight",
+            Self::NormB => "norm.bias",
+            Self::FcNormW => "fc_norm.weight",
+            Self::FcNormB => "fc_norm.bias",
+            Self::HeadW => "head.weight",
+            Self::HeadB => "head.bias",
+            Self::HeadDistW => "head_dist.weight",
+            Self::HeadDistB => "head_dist.bias",
+        }
+    }
+
+    /// A classifier head (never part of the backbone's trainable body; optional in files).
+    #[must_use]
+    pub fn is_head(self) -> bool {
+        matches!(self, Self::HeadW | Self::HeadB | Self::HeadDistW | Self::HeadDistB)
+    }
+
+    /// The tensor whose presence decides whether this optional part is read: a head's weight.
+    fn anchor(self) -> Self {
+        match self {
+            Self::HeadB => Self::HeadW,
+            Self::HeadDistB => Self::HeadDistW,
+            other => other,
+        }
+    }
+
+    /// The shape this part has in a timm file of architecture `cfg` whose position embeddings
+    /// cover a `grid × grid` patch grid; `None` when the architecture has no such tensor.
+    #[must_use]
+    pub fn file_shape(self, cfg: &VitConfig, grid: usize) -> Option<Vec<usize>> {
+        let (d, p, c) = (cfg.embed_dim, cfg.patch_size, cfg.in_chans);
+        let classes = cfg.num_classes;
+        let pos_prefix = if cfg.no_embed_class { 0 } else { cfg.prefix_tokens };
+        let some = |on: bool, shape: Vec<usize>| on.then_some(shape);
+        match self {
+            Self::PatchW => Some(vec![d, c, p, p]),
+            Self::PatchB => some(cfg.patch_bias, vec![d]),
+            Self::ClsToken => some(cfg.class_token, vec![1, 1, d]),
+            Self::RegToken => some(cfg.reg_tokens > 0, vec![1, cfg.reg_tokens, d]),
+            Self::DistToken => some(cfg.dist_token, vec![1, 1, d]),
+            Self::PosEmbed => Some(vec![1, pos_prefix + grid * grid, d]),
+            Self::NormPreW | Self::NormPreB => some(cfg.norm_pre, vec![d]),
+            Self::NormW | Self::NormB => some(cfg.final_norm, vec![d]),
+            Self::FcNormW | Self::FcNormB => some(cfg.fc_norm, vec![d]),
+            Self::HeadW => some(classes > 0, vec![classes, d]),
+            Self::HeadB => some(classes > 0, vec![classes]),
+            Self::HeadDistW => some(classes > 0 && cfg.dist_token, vec![classes, d]),
+            Self::HeadDistB => some(classes > 0 && cfg.dist_token, vec![classes]),
+        }
+    }
+
+    /// How a random backbone initialises it.
+    pub(super) fn init(self) -> InitKind {
+        match self {
+            Self::PatchW
+            | Self::ClsToken
+            | Self::RegToken
+            | Self::DistToken
+            | Self::PosEmbed
+            | Self::HeadW
+            | Self::HeadDistW => InitKind::TruncNormal,
+            Self::NormPreW | Self::NormW | Self::FcNormW => InitKind::Ones,
+            Self::PatchB | Self::NormPreB | Self::NormB | Self::FcNormB | Self::HeadB | Self::HeadDistB => {
+                InitKind::Zeros
+            }
+        }
+    }
+}
+
+/// The tensors of every part, indexed by [`Part`] (`None`: absent in this architecture).
+pub type Parts = [Option<Tensor>; Part::ALL.len()];
+
+fn err_cfg(path: &Path, msg: impl std::fmt::Display) -> ModelError {
+    ModelError::Format {
+        path: path.to_owned(),
+        msg: msg.to_string(),
+    }
+}
+
+fn is_square(n: usize) -> Option<usize> {
+    let r = (n as f64).sqrt().round() as usize;
+    (r * r == n).then_some(r)
+}
+
+/// Infers the architecture of a foreign timm file from its tensor shapes.
+fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
+    let path = &tf.path;
+    let has = |p: Part| tf.has(p.timm_name());
+    let pw = tf.get(Part::PatchW.timm_name())?;
+    let [d, c, p, p2] = pw.shape[..] else {
+        return Err(err_cfg(
+            path,
+            format!(
+                "patch_embed.proj.weight has shape {:?}, expected (D, C, p, p)",
+                pw.shape
+            ),
+        ));
+    };
+    if p != p2 {
+        return Err(err_cfg(path, "non-square patches are not supported"));
+    }
+    let depth = (0..=tf.tensors.len())
+        .take_while(|i| tf.has(&format!("blocks.{i}.norm1.weight")))
+        .count();
+    let hidden = tf.get("blocks.0.mlp.fc1.weight")?.shape.first().copied().unwrap_or(0);
+    let reg_tokens = tf
+        .tensors
+        .get(Part::RegToken.timm_name())
+        .map_or(0, |t| t.shape.get(1).copied().unwrap_or(0));
+    let class_token = has(Part::ClsToken);
+    let dist_token = has(Part::DistToken);
+    let prefix = usize::from(class_token) + reg_tokens + usize::from(dist_token);
+    let npos = tf.get(Part::PosEmbed.timm_name())?.shape.get(1).copied().unwrap_or(0);
+    let (grid, no_embed_class) = match (npos.checked_sub(prefix).and_then(is_square), is_square(npos)) {
+        (Some(g), _) => (g, false),
+        (None, Some(g)) => (g, true),
+        _ => {
+            return Err(err_cfg(
+                path,
+                format!("pos_embed covers {npos} tokens: not a square grid (+{prefix} prefix tokens)"),
+            ));
+        }
+    };
+    let heads = match opts.heads {
+        Some(h) => h,
+        None if d % 64 == 0 => d / 64,
+        None => {
+            return Err(ModelError::Config(format!(
+                "{}: the file does not record the number of heads and D = {d} is not a multiple of 64; pass --heads",
+                path.display()
+            )));
+        }
+    };
+    let fc_norm = has(Part::FcNormW);
+    Ok(VitConfig {
+        img_size: grid * p,
+        patch_size: p,
+        in_chans: c,
+        embed_dim: d,
+        depth,
+        num_heads: heads,
+        mlp_ratio: hidden as f64 / d as f64,
+        qkv_bias: tf.has("blocks.0.attn.qkv.bias"),
+        class_token,
+        reg_tokens,
+        dist_token,
+        no_embed_class,
+        pool: if fc_norm { Pool::Avg } else { Pool::Token },
+        fc_norm,
+        final_norm: has(Part::NormW),
+        norm_pre: has(Part::NormPreW),
+        layer_scale: tf.has("blocks.0.ls1.gamma"),
+        patch_bias: has(Part::PatchB),
+        num_classes: tf.tensors.get(Part::HeadW.timm_name()).map_or(0, |t| t.shape[0]),
+        prefix_tokens: prefix,
+        ..VitConfig::tiny()
+    })
+}
+
+impl Vit {
+    /// Loads a backbone file: ours (config in the metadata) or timm's (config inferred).
+    pub fn from_file(path: &Path, opts: &BackboneOptions, device: &Device) -> Result<Self> {
+        let tf = TensorFile::read(path)?;
+        Self::from_tensor_file(&tf, opts, device)
+    }
+
+    /// Builds from decoded tensors; every tensor must be known and of the right shape.
+    pub fn from_tensor_file(tf: &TensorFile, opts: &BackboneOptions, device: &Device) -> Result<Self> {
+        let path = tf.path.clone();
+        let mut cfg = match tf.metadata.get(BACKBONE_META_KEY) {
+            Some(json) => serde_json::from_str::<VitConfig>(json)
+                .map_err(|e| err_cfg(&path, format!("bad {BACKBONE_META_KEY} metadata: {e}")))?,
+            None => infer_config(tf, opts)?,
+        };
+        if let Some(h) = opts.heads {
+            cfg.num_heads = h;
+        }
+        if let Some(p) = opts.pool {
+            cfg.pool = p;
+        }
+        let file_grid = cfg.grid();
+        if let Some(s) = opts.img_size {
+            cfg.img_size = s;
+        }
+        cfg.prefix_tokens = cfg.derived_prefix_tokens();
+        cfg.validate().map_err(|e| err_cfg(&path, e))?;
+        let mut known: Vec<String> = Vec::new();
+        let mut take = |name: &str, shape: &[usize]| -> Result<HostTensor> {
+            known.push(name.to_owned());
+            tf.get_shaped(name, shape).cloned()
+        };
+        let d = cfg.embed_dim;
+        let grid = cfg.grid();
+        let pos_prefix = if cfg.no_embed_class { 0 } else { cfg.prefix_tokens };
+        let mut host: Vec<Option<HostTensor>> = Vec::with_capacity(Part::ALL.len());
+        for part in Part::ALL {
+            let name = part.timm_name();
+            let wanted = part.file_shape(&cfg, file_grid);
+            // Heads are optional: a file may come without the classifier its config describes
+            // (weight and bias go together: a weight without its bias is an error).
+            let optional = part.is_head() && !tf.has(part.anchor().timm_name());
+            host.push(match wanted {
+                Some(shape) if !optional => Some(take(name, &shape)?),
+                _ => None,
+            });
+        }
+        if let Some(w) = &mut host[Part::PatchW as usize] {
+            w.shape = vec![d, w.shape[1..].iter().product()];
+        }
+        if let Some(pos) = &mut host[Part::PosEmbed as usize]
+            && grid != file_grid
+        {
+            let (head, body) = pos.data.split_at(pos_prefix * d);
+            let mut data = head.to_vec();
+            data.extend(resample_grid(body, d, (file_grid, file_grid), (grid, grid)));
+            *pos = HostTensor::new(vec![1, pos_prefix + grid * grid, d], data);
+        }
+        let attn_layout = Arc::new(HalfLayout::attn(d, cfg.qkv_bias, cfg.layer_scale));
+        let mlp_layout = Arc::new(HalfLayout::mlp(d, cfg.mlp_hidden(), cfg.layer_scale));
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let mut pack = |lay: &HalfLayout| -> Result<Tensor> {
+                let mut flat = vec![0.0f32; lay.len];
+                for (k, s) in lay.slots.iter().enumerate() {
+                    if s.present {
+                        let t = take(&format!("blocks.{i}.{}", s.name), &s.shape)?;
+                        flat[s.range()].copy_from_slice(&t.data);
+                    } else if k == layout::LS {
+                        flat[s.range()].fill(1.0);
+                    }
+                }
+                Ok(Tensor::from_vec(flat, lay.len, device)?)
+            };
+            blocks.push(super::BlockWeights {
+                attn: pack(&attn_layout)?,
+                mlp: pack(&mlp_layout)?,
+            });
+        }
+        if tf.has(&format!("blocks.{}.norm1.weight", cfg.depth)) {
+            return Err(err_cfg(
+                &path,
+                format!("the file has more than the configured {} blocks", cfg.depth),
+            ));
+        }
+        let unknown: Vec<String> = tf.tensors.keys().filter(|k| !known.contains(k)).cloned().collect();
+        if !unknown.is_empty() {
+            return Err(ModelError::Unknown { path, names: unknown });
+        }
+        let mut parts: Parts = Default::default();
+        for (slot, h) in parts.iter_mut().zip(&host) {
+            *slot = h.as_ref().map(|h| h.to_tensor(device)).transpose()?;
+        }
+        Ok(Self {
+            source: BackboneSource {
+                path: Some(path.clone()),
+                sha256: tf.sha256.clone(),
+            },
+            kernels: Kernels::Auto,
+            parts,
+            blocks,
+            attn_layout,
+            mlp_layout,
+            cfg,
+            grad: AtomicBool::new(true),
+            compute: DType::F32,
+        })
+    }
+
+    /// All weights under timm names, on the host (for writing our backbone files and full
+    /// fine-tuning checkpoints). Placeholders of absent optional tensors are left out.
+    pub fn to_host(&self) -> Result<BTreeMap<String, HostTensor>> {
+        let mut out = BTreeMap::new();
+        let host = |t: &Tensor, shape: Vec<usize>| -> Result<HostTensor> {
+            Ok(HostTensor::new(
+                shape,
+                t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            ))
+        };
+        for part in Part::ALL {
+            if let Some(t) = self.part(part) {
+                let shape = if part == Part::PatchW {
+                    self.patch_file_shape()
+                } else {
+                    t.dims().to_vec()
+                };
+                out.insert(part.timm_name().to_owned(), host(t, shape)?);
+            }
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (w, lay) in [(&b.attn, &self.attn_layout), (&b.mlp, &self.mlp_layout)] {
+                let flat: Vec<f32> = w.to_dtype(DType::F32)?.to_vec1()?;
+                for s in lay.slots.iter().filter(|s| s.present) {
+                    out.insert(
+                        format!("blocks.{i}.{}", s.name),
+                        HostTensor::new(s.shape.clone(), flat[s.range()].to_vec()),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The patch embedding's shape in timm files, `(D, C, p, p)`.
+    #[must_use]
+    pub fn patch_file_shape(&self) -> Vec<usize> {
+        let c = &self.cfg;
+        vec![c.embed_dim, c.in_chans, c.patch_size, c.patch_size]
+    }
+}
+
+/// What goes into a backbone file besides the weights.
+#[derive(Clone, Debug, Default)]
+pub struct BackboneFileMeta {
+    /// How it was made (`moppa.pretrain`), if known.
+    pub provenance: Option<serde_json::Value>,
+    /// Class names of its own head, if it has one.
+    pub classes: Option<Vec<String>>,
+}
+
+/// Writes a backbone file atomically: `tensors` under timm names, `cfg` as `moppa.backbone`,
+/// plus provenance and class names. The one writer of backbone files (`moppa pretrain`, tests).
+pub fn write_backbone(
+    path: &Path,
+    cfg: &VitConfig,
+    tensors: &BTreeMap<String, HostTensor>,
+    meta: &BackboneFileMeta,
+    store: StoreAs,
+) -> Result<()> {
+    let mut m: HashMap<String, String> = HashMap::new();
+    m.insert(
+        BACKBONE_META_KEY.to_owned(),
+        serde_json::to_string(cfg).map_err(|e| ModelError::Config(e.to_string()))?,
+    );
+    if let Some(p) = &meta.provenance {
+        m.insert(PRETRAIN_META_KEY.to_owned(), p.to_string());
+    }
+    if let Some(c) = &meta.classes {
+        m.insert(
+            CLASSES_META_KEY.to_owned(),
+            serde_json::to_string(c).map_err(|e| ModelError::Config(e.to_string()))?,
+        );
+    }
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    write_atomic(path, tensors, &m, store)
+}

@@ -1,0 +1,161 @@
+//! The commands that change a run while it trains: coefficients, hyper-parameters, locks, the
+//! probe image and the filter view's channel. Each returns what changed or a message why not;
+//! the model owns how the values are represented (`MoppaUnit::set_coeff`).
+
+use super::Trainer;
+use crate::config::{Coeff, Lockable, MethodKind};
+use crate::train::protocol::{Applied, Hyper, SetMode, Target};
+
+type Outcome<T> = std::result::Result<T, String>;
+
+impl Trainer {
+    fn applied(&self, command: String, target: Target, old: f64, new: f64) -> Applied {
+        Applied {
+            step: self.step,
+            command,
+            target: target.to_string(),
+            old,
+            new,
+            time_s: self.time_s(),
+        }
+    }
+
+    /// The MoPPA blocks a command addresses.
+    fn blocks_of(&self, target: Target) -> Outcome<Vec<usize>> {
+        let moppa = self.model.moppa_blocks();
+        match target {
+            Target::All => Ok(moppa),
+            Target::Block(b) if moppa.contains(&b) => Ok(vec![b]),
+            Target::Block(b) => Err(format!(
+                "block {b} has no MoPPA unit (blocks 0..{})",
+                self.model.adapters.len()
+            )),
+        }
+    }
+
+    /// Changes κ, c or ε; returns what changed (channel means), or a message why not.
+    pub fn set_coeff(&mut self, coeff: Coeff, target: Target, mode: SetMode) -> Outcome<Applied> {
+        let (SetMode::Set(v) | SetMode::Scale(v)) = mode;
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("{} must be > 0 (got {v})", coeff.name()));
+        }
+        if self.cfg.method.method != MethodKind::Moppa {
+            return Err(format!(
+                "{} applies to MoPPA; this run is {}",
+                coeff.name(),
+                self.cfg.method.label()
+            ));
+        }
+        if !self.cfg.method.active_priors().contains(&coeff.prior()) {
+            return Err(format!(
+                "{} belongs to the {} prior, which is not active in this run",
+                coeff.name(),
+                coeff.prior()
+            ));
+        }
+        let mut old_all = Vec::new();
+        let mut new_all = Vec::new();
+        for b in self.blocks_of(target)? {
+            let Some(unit) = self.model.moppa_unit(b) else { continue };
+            let old = unit.coeff_values(coeff);
+            let new: Vec<f64> = old
+                .iter()
+                .map(|o| if let SetMode::Scale(f) = mode { o * f } else { v })
+                .collect();
+            unit.set_coeff(coeff, &new).map_err(|e| e.to_string())?;
+            old_all.extend(old);
+            new_all.extend(new);
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let mode_name = if matches!(mode, SetMode::Scale(_)) {
+            " scale"
+        } else {
+            ""
+        };
+        Ok(self.applied(
+            format!("{}{mode_name}", coeff.name()),
+            target,
+            mean(&old_all),
+            mean(&new_all),
+        ))
+    }
+
+    /// Changes τ, γ, λ, T or the peak learning rate.
+    pub fn set_hyper(&mut self, hyper: Hyper, value: f64) -> Outcome<Applied> {
+        let positive = matches!(hyper, Hyper::Tau | Hyper::Temperature | Hyper::Lr);
+        let ok = value.is_finite() && if positive { value > 0.0 } else { value >= 0.0 };
+        if !ok {
+            return Err(format!(
+                "{} must be {} (got {value})",
+                hyper.name(),
+                if positive { "> 0" } else { "≥ 0" }
+            ));
+        }
+        let live = &mut self.model.live;
+        let slot = match hyper {
+            Hyper::Tau => &mut live.tau,
+            Hyper::Gamma => &mut live.gamma,
+            Hyper::RouteWeight => &mut live.route_weight,
+            Hyper::Temperature => &mut live.temperature,
+            Hyper::Lr => &mut self.peak_lr,
+        };
+        let old = std::mem::replace(slot, value);
+        Ok(self.applied(hyper.name().into(), Target::All, old, value))
+    }
+
+    /// Locks or releases a coefficient (or the source map).
+    pub fn set_lock(&mut self, what: Lockable, target: Target, locked: bool) -> Outcome<Applied> {
+        let mut n = 0;
+        for b in self.blocks_of(target)? {
+            if let Some(name) = self.model.lock_name(b, what) {
+                self.opt.set_locked(&name, locked);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Err(format!("{} is not trained in this run", what.name()));
+        }
+        let verb = if locked { "lock" } else { "unlock" };
+        let (old, new) = if locked { (0.0, 1.0) } else { (1.0, 0.0) };
+        Ok(self.applied(format!("{verb} {}", what.name()), target, old, new))
+    }
+
+    /// The tensors of block `block` that are locked now.
+    #[must_use]
+    pub fn locked_in(&self, block: usize) -> Vec<Lockable> {
+        Lockable::ALL
+            .into_iter()
+            .filter(|&l| {
+                self.model
+                    .lock_name(block, l)
+                    .is_some_and(|name| self.opt.is_locked(&name))
+            })
+            .collect()
+    }
+
+    /// Chooses the probe image (an index into the validation split).
+    pub fn set_probe(&mut self, index: usize) -> Outcome<()> {
+        if index >= self.val.len() {
+            return Err(format!(
+                "probe index {index} is outside the validation split (0..{})",
+                self.val.len()
+            ));
+        }
+        self.probe = index;
+        Ok(())
+    }
+
+    /// Chooses the channel of the per-channel filter view.
+    pub fn set_channel(&mut self, channel: Option<usize>) -> Outcome<()> {
+        let r = self.cfg.method.rank;
+        match channel {
+            Some(c) if c >= r || self.cfg.method.method != MethodKind::Moppa => {
+                Err(format!("channel {c} does not exist (rank {r})"))
+            }
+            _ => {
+                self.channel = channel;
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Setting a run up: device, backbone, data, model, optimizer, the resume state and the loader.
+
+use super::Trainer;
+use super::checkpoint::read_state;
+use crate::config::{MethodKind, Precision, RunConfig};
+use crate::data::loader::{EvalSet, Loader};
+use crate::data::{self, LoaderConfig, Normalize};
+use crate::model::PeftModel;
+use crate::train::backbone::{device_name, load_backbone, select_device};
+use crate::train::error::{Result, TrainError};
+use crate::train::optim::{AdamW, timm_decay};
+use crate::train::protocol::{Notice, RunInfo};
+use candle_core::DType;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Memory an evaluation split may take decoded (larger splits are decoded per pass).
+const EVAL_CACHE_BYTES: usize = 512 << 20;
+
+fn setup_notice(message: String, path: Option<PathBuf>) -> Notice {
+    Notice {
+        step: 0,
+        time_s: 0.0,
+        message,
+        path,
+        line: None,
+    }
+}
+
+impl Trainer {
+    /// Sets a run up: backbone, data, model, optimizer, the resume state, the loader.
+    pub fn new(cfg: &RunConfig, threads: usize) -> Result<Self> {
+        cfg.validate().map_err(TrainError::Config)?;
+        let mut notices = Vec::new();
+        let device = select_device(cfg.device)?;
+        let mut backbone = load_backbone(&cfg.backbone, cfg.heads, cfg.seed, &device)?;
+        if let Some(m) = cfg.mean {
+            backbone.cfg.mean = m;
+        }
+        if let Some(s) = cfg.std {
+            if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(TrainError::Config(format!("--std {s:?} must be positive")));
+            }
+            backbone.cfg.std = s;
+        }
+        if cfg.dtype == Precision::Bf16 {
+            if device.is_cpu() {
+                notices.push(setup_notice(
+                    "--dtype bf16 needs a GPU; training in f32 on the CPU".into(),
+                    None,
+                ));
+            } else {
+                backbone = backbone.to_dtype(DType::BF16)?;
+            }
+        }
+        let mut dataset = data::load(&cfg.data, cfg.final_split, cfg.seed)?;
+        if let Some(n) = cfg.few_shot {
+            dataset.few_shot(n, cfg.seed)?;
+        }
+        for (path, reason) in &dataset.skipped {
+            notices.push(setup_notice(format!("skipped: {reason}"), Some(path.clone())));
+        }
+        let normalize = Normalize {
+            mean: backbone.cfg.mean,
+            std: backbone.cfg.std,
+        };
+        let size = backbone.cfg.img_size as u32;
+        let total = cfg.total_steps(dataset.train.len());
+        let cfg = cfg.resolved(total);
+        let model = PeftModel::new(backbone, cfg.method.clone(), dataset.classes.clone(), cfg.seed)?;
+        let mut opt = AdamW::new(
+            model.trainable(),
+            |n, v| timm_decay(n, v, model.backbone.layouts()),
+            cfg.weight_decay,
+        )?;
+        let val = EvalSet::new(dataset.val.clone(), size, EVAL_CACHE_BYTES);
+        let test = EvalSet::new(dataset.test.clone(), size, EVAL_CACHE_BYTES);
+        for (path, reason) in val.skipped.iter().chain(&test.skipped) {
+            notices.push(setup_notice(format!("skipped: {reason}"), Some(path.clone())));
+        }
+        let moppa = cfg.method.method == MethodKind::Moppa;
+        let g = model.backbone.grid();
+        let mut info = RunInfo {
+            method: cfg.method.label(),
+            trainable: model.num_trainable(),
+            device: device_name(&device),
+            threads,
+            classes: dataset.classes.clone(),
+            blocks: model.backbone.depth(),
+            grid: (g, g),
+            priors: if moppa { cfg.method.active_priors() } else { Vec::new() },
+            rank: if moppa { cfg.method.rank } else { 0 },
+            total_steps: total,
+            split_sizes: [dataset.train.len(), dataset.val.len(), dataset.test.len()],
+            config: serde_json::to_value(&cfg).unwrap_or_default(),
+            out: cfg.out.clone(),
+            start_step: 0,
+            backbone: model.backbone.cfg.clone(),
+            probes: dataset.val.len(),
+        };
+        let resumed = match &cfg.resume {
+            Some(dir) => Some(read_state(dir, &model, &mut opt, &device)?),
+            None => None,
+        };
+        let position = resumed.as_ref().map_or((0, 0), |s| (s.loader_epoch, s.loader_index));
+        info.start_step = resumed.as_ref().map_or(0, |s| s.step);
+        let loader_cfg = LoaderConfig {
+            size,
+            batch: cfg.batch,
+            normalize,
+            augment: cfg.augment,
+            seed: cfg.seed,
+        };
+        let loader =
+            Loader::spawn(dataset.train, &loader_cfg, position).map_err(|e| TrainError::io("loader thread", e))?;
+        let mut trainer = Self {
+            peak_lr: cfg.lr(),
+            model,
+            opt,
+            loader,
+            val,
+            test,
+            normalize,
+            device,
+            step: 0,
+            total,
+            position,
+            epoch: 0.0,
+            probe: 0,
+            channel: None,
+            last_routing: Vec::new(),
+            best_val: None,
+            clock: Instant::now(),
+            time_offset: 0.0,
+            throughput: 0.0,
+            notices,
+            checkpoints: Vec::new(),
+            info,
+            cfg,
+        };
+        if let Some(state) = resumed {
+            trainer.restore(&state);
+        }
+        if let Some(out) = trainer.cfg.out.clone() {
+            std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+            let text = trainer.cfg.to_toml().map_err(TrainError::Config)?;
+            let path = out.join("config.toml");
+            std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
+        }
+        Ok(trainer)
+    }
+}

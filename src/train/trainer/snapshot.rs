@@ -1,0 +1,128 @@
+//! The model's internals for the live views: each MoPPA block's filters (channel mean and one
+//! channel), their router-weighted mix, coefficients, source map, router statistics, locks, and
+//! the probe image's per-token router weights.
+
+use super::Trainer;
+use crate::config::PerCoeff;
+use crate::data::loader::assemble;
+use crate::model::NoGrad;
+use crate::train::batch::images_tensor;
+use crate::train::error::Result;
+use crate::train::protocol::{BlockSnapshot, Rgb, RouterStats, Snapshot};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+
+impl Trainer {
+    /// The model's internals now (MoPPA blocks; empty for other methods).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let (h, w) = (self.model.grid.h, self.model.grid.w);
+        let priors = self.info.priors.clone();
+        let k = priors.len();
+        let _no_grad = NoGrad::new(&self.model);
+        let size = self.model.backbone.cfg.img_size;
+        let probe = self.val.rgb(self.probe);
+        let mut probe_alpha: HashMap<usize, Vec<f32>> = HashMap::new();
+        let mut probe_prediction = None;
+        if let Some((rgb, _)) = &probe {
+            let x = assemble(&[rgb.as_slice()], size as u32, &self.normalize, None);
+            let x = images_tensor(x, 1, size, &self.device, self.model.backbone.dtype())?;
+            let fwd = self.model.forward(&x, true)?;
+            probe_prediction = fwd.logits.argmax(1)?.to_vec1::<u32>()?.first().copied();
+            for r in fwd.routing {
+                probe_alpha.insert(r.block, r.alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?);
+            }
+        }
+        let mut blocks = Vec::new();
+        for b in self.model.moppa_blocks() {
+            let Some(u) = self.model.moppa_unit(b) else { continue };
+            let gains: Vec<Vec<Vec<f32>>> = u
+                .filters(&self.model.grid, &self.model.live, false)?
+                .iter()
+                .map(|g| g.to_dtype(DType::F32)?.to_vec2::<f32>())
+                .collect::<candle_core::Result<_>>()?;
+            let mean_of = |g: &Vec<Vec<f32>>| -> Vec<f32> {
+                let r = g.len().max(1) as f32;
+                (0..h * w)
+                    .map(|i| g.iter().map(|row| row[i]).sum::<f32>() / r)
+                    .collect()
+            };
+            let filters_mean: Vec<Vec<f32>> = gains.iter().map(mean_of).collect();
+            let filters_channel = match self.channel {
+                Some(c) => gains.iter().filter_map(|g| g.get(c).cloned()).collect(),
+                None => Vec::new(),
+            };
+            let router = self
+                .last_routing
+                .iter()
+                .find(|r| r.block == b)
+                .map(|r| router_stats(&r.alpha, k))
+                .transpose()?;
+            let weights: Vec<f32> = router
+                .as_ref()
+                .map_or_else(|| vec![1.0 / k as f32; k], |r| r.mean_alpha.clone());
+            let mix = (0..h * w)
+                .map(|i| filters_mean.iter().zip(&weights).map(|(f, a)| f[i] * a).sum())
+                .collect();
+            let natural = u.coeffs();
+            blocks.push(BlockSnapshot {
+                block: b,
+                filters_mean,
+                filters_channel,
+                mix,
+                coeffs: PerCoeff::from_fn(|c| natural[c].iter().map(|&v| v as f32).collect()),
+                source: u.source_map()?,
+                router,
+                probe_alpha: probe_alpha.remove(&b).unwrap_or_default(),
+                locked: self.locked_in(b),
+            });
+        }
+        let live = &self.model.live;
+        Ok(Snapshot {
+            step: self.step,
+            grid: (h, w),
+            priors,
+            channel: self.channel,
+            tau: live.tau,
+            gamma: live.gamma,
+            route_weight: live.route_weight,
+            temperature: live.temperature,
+            blocks,
+            probe: probe.map(|(pixels, label)| (Rgb { size, pixels }, self.probe, label)),
+            probe_prediction,
+        })
+    }
+}
+
+/// ᾱ, entropy and argmax shares from router weights `(B|1, N|1, k)`.
+fn router_stats(alpha: &Tensor, k: usize) -> Result<RouterStats> {
+    let v: Vec<f32> = alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let rows = v.len() / k.max(1);
+    let mut mean = vec![0f32; k];
+    let mut share = vec![0f32; k];
+    let mut entropy = 0f32;
+    for row in v.chunks_exact(k) {
+        let mut best = 0;
+        for (p, &a) in row.iter().enumerate() {
+            mean[p] += a;
+            if a > row[best] {
+                best = p;
+            }
+            if a > 0.0 {
+                entropy -= a * a.ln();
+            }
+        }
+        share[best] += 1.0;
+    }
+    let n = rows.max(1) as f32;
+    for x in mean.iter_mut().chain(share.iter_mut()) {
+        *x /= n;
+    }
+    entropy /= n;
+    let norm = if k > 1 { entropy / (k as f32).ln() } else { 0.0 };
+    Ok(RouterStats {
+        mean_alpha: mean,
+        entropy,
+        entropy_norm: norm,
+        argmax_share: share,
+    })
+}

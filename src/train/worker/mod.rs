@@ -1,0 +1,171 @@
+//! The training worker: a named thread that owns the [`Trainer`](crate::train::trainer::Trainer), reads [`Command`]s from a
+//! bounded channel at every step boundary and sends [`Event`]s through another. It never
+//! blocks on a display: progress and snapshots are coalesced (latest wins) when the receiver is
+//! behind, while evaluations, applied commands, warnings, errors and the end of the run wait in
+//! a small backlog until there is room. A waker closure (the app passes `request_repaint`) is
+//! called after each batch of events.
+
+mod outbox;
+mod run;
+
+use super::protocol::{Command, Event};
+use crate::config::RunConfig;
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use outbox::Outbox;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// Called after events were sent (e.g. `egui::Context::request_repaint`).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// How a worker runs.
+#[derive(Clone)]
+pub struct WorkerOptions {
+    /// Called after each batch of events.
+    pub waker: Option<Waker>,
+    /// Start training immediately (else wait for [`Command::Start`]).
+    pub autostart: bool,
+    /// Threads of the training pool when the config does not say (`None`: every core).
+    pub default_threads: Option<usize>,
+    /// Capacity of the event channel.
+    pub event_capacity: usize,
+    /// At most this many snapshots per second.
+    pub max_snapshots_per_s: f64,
+    /// On divergence, end the run (headless: nobody can change the coefficients and resume)
+    /// instead of holding for a display to steer it.
+    pub stop_on_divergence: bool,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            waker: None,
+            autostart: true,
+            default_threads: None,
+            event_capacity: 256,
+            max_snapshots_per_s: 10.0,
+            stop_on_divergence: false,
+        }
+    }
+}
+
+impl WorkerOptions {
+    /// Defaults for a display that shares the machine: all cores but one for training.
+    #[must_use]
+    pub fn with_ui(waker: Waker) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        Self {
+            waker: Some(waker),
+            autostart: false,
+            default_threads: Some((cores - 1).max(1)),
+            ..Self::default()
+        }
+    }
+}
+
+pub(super) const STOP_NONE: u8 = 0;
+pub(super) const STOP_GRACEFUL: u8 = 1;
+pub(super) const STOP_INTERRUPT: u8 = 2;
+pub(super) const STOP_ABANDON: u8 = 3;
+
+/// A running worker.
+pub struct WorkerHandle {
+    commands: Sender<Command>,
+    events: Receiver<Event>,
+    stop: Arc<AtomicU8>,
+    join: Option<std::thread::JoinHandle<()>>,
+    finished: Arc<AtomicBool>,
+}
+
+impl WorkerHandle {
+    /// Starts a run on a new thread. Setup errors arrive as `Error` + `Finished(failed)` events.
+    pub fn spawn(cfg: RunConfig, opts: WorkerOptions) -> std::io::Result<Self> {
+        let (cmd_tx, cmd_rx) = bounded(64);
+        let (ev_tx, ev_rx) = bounded(opts.event_capacity.max(4));
+        let stop = Arc::new(AtomicU8::new(STOP_NONE));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (stop2, finished2) = (stop.clone(), finished.clone());
+        let join = std::thread::Builder::new()
+            .name("moppa-trainer".into())
+            .spawn(move || {
+                let mut out = Outbox::new(ev_tx, opts.waker.clone());
+                run::run(&cfg, &opts, &cmd_rx, &mut out, &stop2);
+                finished2.store(true, Ordering::Release);
+                // Deliver what is left without ever blocking for long.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !out.is_empty() && Instant::now() < deadline && stop2.load(Ordering::Relaxed) != STOP_ABANDON {
+                    out.flush();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })?;
+        Ok(Self {
+            commands: cmd_tx,
+            events: ev_rx,
+            stop,
+            join: Some(join),
+            finished,
+        })
+    }
+
+    /// Sends a command (never blocks; fails only when 64 commands are already waiting).
+    pub fn send(&self, c: Command) -> Result<(), Command> {
+        self.commands.try_send(c).map_err(|e| match e {
+            TrySendError::Full(c) | TrySendError::Disconnected(c) => c,
+        })
+    }
+
+    /// The event stream.
+    #[must_use]
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Asks for a graceful stop at the next step boundary (final evaluation and checkpoint).
+    pub fn stop(&self) {
+        self.stop
+            .compare_exchange(STOP_NONE, STOP_GRACEFUL, Ordering::AcqRel, Ordering::Relaxed)
+            .ok();
+    }
+
+    /// Like [`Self::stop`], reported as `interrupted` (Ctrl-C).
+    pub fn interrupt(&self) {
+        self.stop.store(STOP_INTERRUPT, Ordering::Release);
+    }
+
+    /// A stop flag a signal handler can set: the same as [`Self::interrupt`].
+    #[must_use]
+    pub fn interrupt_flag(&self) -> Arc<AtomicU8> {
+        self.stop.clone()
+    }
+
+    /// Whether the worker thread has ended its run.
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(mut self) {
+        if let Some(j) = self.join.take() {
+            j.join().ok();
+        }
+    }
+}
+
+/// Sets an interrupt flag obtained from [`WorkerHandle::interrupt_flag`].
+pub fn raise_interrupt(flag: &AtomicU8) {
+    flag.store(STOP_INTERRUPT, Ordering::Release);
+}
+
+impl Drop for WorkerHandle {
+    /// Abandons the run (no final evaluation) and waits for the current step to end.
+    fn drop(&mut self) {
+        if let Some(j) = self.join.take() {
+            if !self.finished.load(Ordering::Acquire) {
+                self.stop.store(STOP_ABANDON, Ordering::Release);
+            }
+            j.join().ok();
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Helpers shared by the integration tests: fixture paths, running the `moppa` binary, relative
+//! errors as INTERFACES.md defines them, deterministic noise, a small backbone file. Each test
+//! file uses only some of them.
+#![allow(dead_code, clippy::unwrap_used, clippy::pedantic)]
+
+use candle_core::{DType, Device, Tensor};
+use moppa_studio::config::VitConfig;
+use moppa_studio::model::Vit;
+use moppa_studio::model::tensor_file::StoreAs;
+use moppa_studio::model::vit::{BackboneFileMeta, write_backbone};
+use std::path::{Path, PathBuf};
+
+/// A committed fixture under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Runs the `moppa` binary with `args`.
+pub fn moppa(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args(args)
+        .output()
+        .expect("run moppa")
+}
+
+/// `‖a‖₂` over all elements, in f64.
+pub fn norm(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
+}
+
+/// INTERFACES.md's relative error `‖a − b‖₂ / ‖b‖₂` over all elements, in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    norm(&(&a - &b).unwrap()) / norm(&b).max(1e-30)
+}
+
+/// The same relative error for host slices.
+pub fn rel_err_slices(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Deterministic normal noise (xorshift + Box-Muller) of `shape` times `scale`, `f32` on the CPU.
+pub fn randn(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A small random backbone file in `dir` (16 px, patch 4, D 32, depth 3, 2 heads, no head): fast
+/// enough for many real runs.
+pub fn micro_backbone(dir: &Path) -> PathBuf {
+    let path = dir.join("micro.safetensors");
+    if !path.exists() {
+        let cfg = VitConfig {
+            img_size: 16,
+            patch_size: 4,
+            embed_dim: 32,
+            depth: 3,
+            num_heads: 2,
+            num_classes: 0,
+            ..VitConfig::tiny()
+        };
+        let vit = Vit::random(&cfg, 7, &Device::Cpu).unwrap();
+        write_backbone(
+            &path,
+            &vit.cfg,
+            &vit.to_host().unwrap(),
+            &BackboneFileMeta::default(),
+            StoreAs::F32,
+        )
+        .unwrap();
+    }
+    path
+}
+
+/// The adapter tensors of a reference fixture (`blocks.*` and `head.*`), as
+/// `PeftModel::set_trainable` takes them.
+pub fn adapter_params(
+    tf: &moppa_studio::model::tensor_file::TensorFile,
+) -> std::collections::BTreeMap<String, moppa_studio::model::tensor_file::HostTensor> {
+    tf.tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("blocks.") || k.starts_with("head."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
