@@ -14,7 +14,9 @@ fn main() {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {}", e.message());
+            if let Some(m) = e.message() {
+                eprintln!("error: {m}");
+            }
             std::process::exit(e.exit_code());
         }
     }
@@ -45,6 +47,18 @@ fn app_options(cli: &Cli) -> Result<moppa_studio::app::AppOptions, moppa_studio:
     if cli.frame_stats.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err(usage("--frame-stats must be > 0 seconds"));
     }
+    if let Some(p) = &cli.screenshot {
+        // Fail now, not after training for the screenshot: the file must be writable.
+        let existed = p.exists();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(p)
+            .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write --screenshot {}: {e}", p.display())))?;
+        if !existed {
+            std::fs::remove_file(p).ok();
+        }
+    }
     Ok(moppa_studio::app::AppOptions {
         autostart: cli.autostart,
         screenshot: cli.screenshot.clone(),
@@ -62,7 +76,9 @@ fn open_app(cli: &Cli) -> i32 {
     let opts = match app_options(cli) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("error: {}", e.message());
+            if let Some(m) = e.message() {
+                eprintln!("error: {m}");
+            }
             return e.exit_code();
         }
     };

@@ -2,7 +2,7 @@
 //! the one atomic file write.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// `12345678` → `12,345,678`.
 #[must_use]
@@ -16,6 +16,16 @@ pub fn group_digits(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// A number as a user typed it, kept short: `1e308` rather than 309 digits.
+#[must_use]
+pub fn short_number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && !(1e-4..1e7).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
 }
 
 /// Resident memory of this process in MiB (Linux; `None` elsewhere).
@@ -48,6 +58,59 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// A file written to a temporary name next to its destination and synced, waiting to be put in
+/// place by [`StagedFile::commit`]; dropped uncommitted, the temporary file is removed. Staging
+/// several files before committing any lets a group of files (a checkpoint's adapter and state)
+/// replace the previous group only once every new file is complete on disk.
+#[derive(Debug)]
+pub struct StagedFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    done: bool,
+}
+
+impl StagedFile {
+    /// Writes `path`'s new content to `.NAME.tmpPID` in the same folder and syncs it.
+    pub fn write(
+        path: &Path,
+        write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+    ) -> std::io::Result<Self> {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+        let staged = Self {
+            tmp: dir.join(format!(".{name}.tmp{}", std::process::id())),
+            path: path.to_owned(),
+            done: false,
+        };
+        let mut buf = std::io::BufWriter::new(std::fs::File::create(&staged.tmp)?);
+        write(&mut buf)?;
+        buf.flush()?;
+        let file = buf.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+        file.sync_all()?;
+        Ok(staged)
+    }
+
+    /// Renames the temporary file over the destination.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.done {
+            std::fs::remove_file(&self.tmp).ok();
+        }
+    }
+}
+
 /// Writes a file atomically: `write` fills a temporary file in the same folder, which is synced
 /// and renamed over `path`. On any failure the temporary file is removed and `path` is left as
 /// it was, so a reader never sees half a file.
@@ -55,24 +118,32 @@ pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut buf = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        write(&mut buf)?;
-        buf.flush()?;
-        let file = buf.into_inner().map_err(std::io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
+    StagedFile::write(path, write)?.commit()
+}
+
+/// The machine's physical memory in bytes (Linux `MemTotal`; `None` where unknown).
+#[must_use]
+pub fn physical_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Compute threads for a request: at most the machine's available parallelism (more only
+/// oversubscribes the cores and slows every step). Returns the count and, when the request was
+/// lowered, a warning saying so.
+#[must_use]
+pub fn clamp_threads(requested: Option<usize>) -> (usize, Option<String>) {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    match requested {
+        Some(n) if n > cores => (
+            cores,
+            Some(format!(
+                "--threads {n} is more than the {cores} this machine can run at once; using {cores}"
+            )),
+        ),
+        Some(n) => (n.max(1), None),
+        None => (cores, None),
     }
-    result
 }

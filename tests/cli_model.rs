@@ -71,7 +71,7 @@ fn infer_with_a_moppa_adapter_writes_logits_and_router() {
     model.set_trainable(&adapter_params(&tf), &tf.path).unwrap();
     let adapter = dir.path().join("adapter.safetensors");
     model
-        .save_adapter(&adapter, &serde_json::to_string(&method).unwrap())
+        .save_adapter(&adapter, &serde_json::to_string(&method).unwrap(), 0)
         .unwrap();
     // The fixture's images as an input file.
     let input = dir.path().join("in.safetensors");

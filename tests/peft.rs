@@ -464,7 +464,7 @@ fn adapter_checkpoint_reproduces_logits_bit_for_bit() {
             .path()
             .join(format!("{}.safetensors", method.label().replace(' ', "_")));
         let run_config = serde_json::to_string(&method).unwrap();
-        model.save_adapter(&path, &run_config).unwrap();
+        model.save_adapter(&path, &run_config, 0).unwrap();
         let again = load_adapter(&path, load(), false).unwrap();
         let a: Vec<f32> = model
             .forward(&images, false)

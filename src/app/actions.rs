@@ -88,7 +88,7 @@ impl StudioApp {
                         .set_file_name(format!("{id}.png"))
                         .save_file(),
                 ) {
-                    capture::screenshot(ctx, p, Some(rect));
+                    capture::screenshot(ctx, p, Some(rect), self.capture_errors.clone());
                 }
             }
             Action::Screenshot => {
@@ -97,7 +97,7 @@ impl StudioApp {
                     .set_file_name("moppa-studio.png")
                     .save_file()
                 {
-                    capture::screenshot(ctx, p, None);
+                    capture::screenshot(ctx, p, None, self.capture_errors.clone());
                 }
             }
             Action::SaveAdapter => {

@@ -5,7 +5,8 @@ use super::StudioApp;
 use super::panels::RunStatus;
 use crate::train::protocol::Command;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 impl StudioApp {
@@ -26,7 +27,10 @@ impl StudioApp {
                     ctx2.request_screenshot(move |img| {
                         match save_png(&img, &path) {
                             Ok(()) => println!("wrote {}", path.display()),
-                            Err(e) => eprintln!("error: cannot write {}: {e}", path.display()),
+                            Err(e) => {
+                                eprintln!("error: cannot write {}: {e}", path.display());
+                                SCREENSHOT_FAILED.store(true, Ordering::Release);
+                            }
                         }
                         ctx3.send_viewport_cmd(egui::ViewportCommand::Close);
                     });
@@ -56,22 +60,31 @@ impl StudioApp {
     }
 }
 
-/// Saves a window capture (optionally cropped) as PNG from the screenshot callback.
-pub(super) fn screenshot(ctx: &egui::Context, path: PathBuf, crop: Option<egui::Rect>) {
+/// Set when `--screenshot` could not write its file: the app then exits with status 1.
+pub(super) static SCREENSHOT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Messages of captures that failed, for the app to show (the capture callback runs later).
+pub type CaptureErrors = Arc<Mutex<Vec<String>>>;
+
+/// Saves a window capture (optionally cropped) as PNG from the screenshot callback; a failure
+/// is queued in `errors` for the app to show.
+pub(super) fn screenshot(ctx: &egui::Context, path: PathBuf, crop: Option<egui::Rect>, errors: CaptureErrors) {
     let ppp = ctx.pixels_per_point();
     ctx.request_screenshot(move |img| {
         let img = match crop {
             Some(r) => Arc::new(img.region(&r, Some(ppp))),
             None => img,
         };
-        if let Err(e) = save_png(&img, &path) {
-            eprintln!("error: cannot write {}: {e}", path.display());
+        if let Err(e) = save_png(&img, &path)
+            && let Ok(mut q) = errors.lock()
+        {
+            q.push(format!("cannot write {}: {e}", path.display()));
         }
     });
     ctx.request_repaint();
 }
 
-/// Writes an egui image as PNG.
+/// Writes an egui image as PNG, atomically.
 pub fn save_png(img: &egui::ColorImage, path: &std::path::Path) -> Result<(), String> {
     let rgba: Vec<u8> = img
         .pixels
@@ -79,5 +92,8 @@ pub fn save_png(img: &egui::ColorImage, path: &std::path::Path) -> Result<(), St
         .flat_map(egui::Color32::to_srgba_unmultiplied)
         .collect();
     let buf = image::RgbaImage::from_raw(img.width() as u32, img.height() as u32, rgba).ok_or("bad image size")?;
-    buf.save(path).map_err(|e| e.to_string())
+    crate::util::write_atomic(path, |w| {
+        buf.write_to(w, image::ImageFormat::Png).map_err(std::io::Error::other)
+    })
+    .map_err(|e| e.to_string())
 }

@@ -80,6 +80,7 @@ pub struct StudioApp {
     plot_rects: Vec<(&'static str, egui::Rect)>,
     screenshot_requested: bool,
     run_counter: usize,
+    capture_errors: capture::CaptureErrors,
 }
 
 impl StudioApp {
@@ -129,6 +130,7 @@ impl StudioApp {
             plot_rects: Vec::new(),
             screenshot_requested: false,
             run_counter: 0,
+            capture_errors: capture::CaptureErrors::default(),
         };
         let autostart = app.opts.autostart || app.opts.screenshot.is_some() || app.opts.frame_stats.is_some();
         app.launch(autostart);
@@ -264,6 +266,14 @@ impl eframe::App for StudioApp {
         }
         self.last_frame = Some(now);
         self.drain(ctx, Duration::from_millis(4));
+        let failed: Vec<String> = self
+            .capture_errors
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        for m in failed {
+            self.show_error(m);
+        }
         self.screenshot_mode(ctx);
     }
 
@@ -290,10 +300,17 @@ pub fn run(opts: AppOptions, renderer: eframe::Renderer) -> anyhow::Result<()> {
         renderer,
         ..Default::default()
     };
+    let screenshot = opts.screenshot.clone();
     eframe::run_native(
         "moppa-studio",
         native,
         Box::new(move |cc| Ok(Box::new(StudioApp::new(cc, opts)))),
     )
-    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))?;
+    if let Some(p) = screenshot
+        && capture::SCREENSHOT_FAILED.load(std::sync::atomic::Ordering::Acquire)
+    {
+        anyhow::bail!("the screenshot was not written to {}", p.display());
+    }
+    Ok(())
 }

@@ -33,6 +33,7 @@ fn parse_prior(s: &str) -> Result<Prior, String> {
 
 /// Every run setting as an optional flag (TOML keys are the same names with `_`).
 #[derive(Debug, Clone, Default, Args)]
+#[allow(clippy::struct_excessive_bools)] // one per switch flag
 pub struct RunArgs {
     /// A TOML run config; flags override its values.
     #[arg(long, help_heading = "Run")]
@@ -86,7 +87,7 @@ pub struct RunArgs {
     #[arg(long, help_heading = "Method")]
     pub lora_alpha: Option<f64>,
     /// Optimizer steps (default 600 unless --epochs).
-    #[arg(long, help_heading = "Optimisation")]
+    #[arg(long, help_heading = "Optimisation", conflicts_with = "epochs")]
     pub steps: Option<u64>,
     /// Epochs (used when --steps is not given).
     #[arg(long, help_heading = "Optimisation")]
@@ -139,23 +140,59 @@ pub struct RunArgs {
     /// Continue the run in this folder (its config, weights, optimizer and data position).
     #[arg(long, help_heading = "Output")]
     pub resume: Option<PathBuf>,
+    /// --out names a run folder already: move it aside to DIR.old-N and start afresh.
+    #[arg(long, help_heading = "Output", conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// For schedulers: resume the run in --out if it is unfinished, exit 0 at once if it is
+    /// finished, start it if there is none.
+    #[arg(long, help_heading = "Output", conflicts_with_all = ["resume", "overwrite"])]
+    pub auto_resume: bool,
+}
+
+/// Keys a resumed run may change (INTERFACES.md): its length, the machine and the outputs.
+const RESUMABLE_KEYS: [&str; 11] = [
+    "steps",
+    "epochs",
+    "threads",
+    "device",
+    "eval_every",
+    "out",
+    "resume",
+    "overwrite",
+    "auto_resume",
+    "serve",
+    "token",
+];
+
+/// The first setting in which `changed` differs from `base` outside the resumable keys, as
+/// `(dotted key, base's value)`.
+fn first_change(base: &serde_json::Value, changed: &serde_json::Value, prefix: &str) -> Option<(String, String)> {
+    let (Some(b), Some(c)) = (base.as_object(), changed.as_object()) else {
+        return (base != changed).then(|| (prefix.trim_end_matches('.').to_owned(), base.to_string()));
+    };
+    for (k, cv) in c {
+        if prefix.is_empty() && RESUMABLE_KEYS.contains(&k.as_str()) {
+            continue;
+        }
+        let bv = b.get(k).unwrap_or(&serde_json::Value::Null);
+        if bv != cv {
+            if bv.is_object() && cv.is_object() {
+                return first_change(bv, cv, &format!("{prefix}{k}."));
+            }
+            let shown = match bv {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "(none)".into(),
+                other => other.to_string(),
+            };
+            return Some((format!("{prefix}{k}"), shown));
+        }
+    }
+    None
 }
 
 impl RunArgs {
-    /// Defaults ← `--resume DIR/config.toml` or `--config FILE` ← flags.
-    pub fn resolve(&self) -> Result<RunConfig, CliError> {
-        let mut c = if let Some(dir) = &self.resume {
-            let mut c = run_config(dir).map_err(|e| CliError::Failure(e.into()))?;
-            c.resume = Some(dir.clone());
-            c.out = Some(dir.clone());
-            c
-        } else if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
-            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
-        } else {
-            RunConfig::default()
-        };
+    /// The flags applied onto `c`.
+    fn apply(&self, c: &mut RunConfig) {
         macro_rules! set {
             ($($field:ident => $target:expr),* $(,)?) => { $( if let Some(v) = self.$field.clone() { $target = v.into(); } )* };
         }
@@ -177,6 +214,58 @@ impl RunArgs {
         if self.flip {
             c.augment.flip = true;
         }
+        if self.overwrite {
+            c.overwrite = true;
+        }
+        if self.auto_resume {
+            c.auto_resume = true;
+        }
+    }
+
+    /// Defaults ← `--config FILE` ← flags; with `--resume DIR`, the run's own config ← the flags
+    /// a resumed run may change ([`Self::resolve_resume`]).
+    pub fn resolve(&self) -> Result<RunConfig, CliError> {
+        if let Some(dir) = &self.resume {
+            return self.resolve_resume(dir);
+        }
+        let mut c = if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+            RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
+        } else {
+            RunConfig::default()
+        };
+        self.apply(&mut c);
+        c.validate().map_err(usage)?;
+        Ok(c)
+    }
+
+    /// The configuration of the run in `dir`, continued: its own `config.toml`, with only the
+    /// flags a resumed run may change (steps/epochs, threads, device, eval-every, outputs); any
+    /// other flag must repeat the run's own value, else a usage error names it.
+    pub fn resolve_resume(&self, dir: &std::path::Path) -> Result<RunConfig, CliError> {
+        if self.config.is_some() {
+            return Err(usage(
+                "--config does not apply to a resumed run: its own config.toml is its configuration",
+            ));
+        }
+        if self.out.as_ref().is_some_and(|o| o != dir) && self.resume.is_some() {
+            return Err(usage(format!(
+                "--out must be the resumed run's folder {} (or left out)",
+                dir.display()
+            )));
+        }
+        let base = run_config(dir).map_err(|e| CliError::Failure(e.into()))?;
+        let mut c = base.clone();
+        self.apply(&mut c);
+        let as_json = |c: &RunConfig| serde_json::to_value(c).map_err(|e| CliError::Failure(e.into()));
+        if let Some((key, value)) = first_change(&as_json(&base)?, &as_json(&c)?, "") {
+            return Err(usage(format!(
+                "this run was trained with {key} = {value}; a resumed run keeps its settings (only --steps/--epochs, --threads, --device, --eval-every may change)"
+            )));
+        }
+        c.resume = Some(dir.to_owned());
+        c.out = Some(dir.to_owned());
         c.validate().map_err(usage)?;
         Ok(c)
     }

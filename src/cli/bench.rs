@@ -83,9 +83,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), CliError> {
         tf32: args.tf32,
         verify: args.verify,
     };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let (threads, lowered) = crate::util::clamp_threads(args.threads);
+    if let Some(w) = lowered {
+        eprintln!("warning: {w}");
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

@@ -2,11 +2,12 @@
 //! as one markdown table.
 
 use super::args::RunArgs;
-use super::train::headless;
+use super::train::{claim_out, headless, preflight};
 use super::{CliError, usage};
 use crate::config::{COMPARE_DEFAULT, METHOD_CATALOGUE, MethodConfig, RunConfig, method_names, named_method};
 use crate::train::WorkerHandle;
 use crate::train::protocol::{Event, FinishReason};
+use crate::train::runfolder::last_record;
 use crate::util::group_digits;
 use clap::Args;
 use std::fmt::Write as _;
@@ -64,6 +65,12 @@ pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
                 .ok_or_else(|| usage(format!("unknown method '{m}' in --methods ({})", method_names())))
         })
         .collect::<Result<_, _>>()?;
+    for (_, method) in &methods {
+        preflight(&RunConfig {
+            method: method.clone(),
+            ..base.clone()
+        })?;
+    }
     let mut rows = Vec::new();
     for (name, method) in &methods {
         let (mut val, mut test, mut rate, mut trainable) = (Vec::new(), Vec::new(), Vec::new(), 0);
@@ -75,6 +82,22 @@ pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
                 ..base.clone()
             };
             eprintln!("== {name} (seed {seed})");
+            let Some(cfg) = claim_out(&args.run, cfg)? else {
+                // --auto-resume of a run that is done: its own record.
+                let dir = base.out.as_ref().map(|o| o.join(format!("{name}-seed{seed}")));
+                let rec = dir.as_deref().and_then(|d| last_record(d, "finished"));
+                let started = dir.as_deref().and_then(|d| last_record(d, "started"));
+                let (Some(rec), Some(started)) = (rec, started) else {
+                    return Err(CliError::Failure(anyhow::anyhow!(
+                        "{name} (seed {seed}): its run folder has no result"
+                    )));
+                };
+                trainable = started["trainable"].as_u64().unwrap_or(0) as usize;
+                val.push(rec["best_val_acc"].as_f64().unwrap_or(f64::NAN));
+                test.push(rec["test_acc"].as_f64().unwrap_or(f64::NAN));
+                rate.push(rec["step"].as_f64().unwrap_or(0.0) / rec["time_s"].as_f64().unwrap_or(1.0).max(1e-9));
+                continue;
+            };
             let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
             let mut finished = None;
             for ev in handle.events() {

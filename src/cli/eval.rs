@@ -68,8 +68,12 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
         .or_else(|| base.as_ref().map(|c| c.data.clone()))
         .unwrap_or_else(|| "builtin:digits".into());
     let heads = args.heads.or_else(|| base.as_ref().and_then(|c| c.heads));
-    let (result, classes) = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.force, args.batch)
+    let eval = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.force, args.batch)
         .map_err(|e| CliError::Failure(e.into()))?;
+    for w in &eval.warnings {
+        eprintln!("warning: {w}");
+    }
+    let (result, classes) = (eval.result, eval.classes);
     println!(
         "{} accuracy {:.4} (loss {:.4}) on {data}",
         split.name(),

@@ -26,6 +26,9 @@ pub enum CliError {
     Usage(anyhow::Error),
     /// A runtime failure: exit 1.
     Failure(anyhow::Error),
+    /// A failure whose message was printed already (by the reporter): exit with this code, say
+    /// nothing more.
+    Reported(i32),
 }
 
 impl CliError {
@@ -35,14 +38,17 @@ impl CliError {
         match self {
             Self::Usage(_) => EXIT_USAGE,
             Self::Failure(_) => EXIT_FAILURE,
+            Self::Reported(code) => *code,
         }
     }
 
-    /// The message, causes joined on one line.
+    /// The message, causes joined on one line (`None`: already shown).
     #[must_use]
-    pub fn message(&self) -> String {
-        let (Self::Usage(e) | Self::Failure(e)) = self;
-        format!("{e:#}")
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Self::Usage(e) | Self::Failure(e) => Some(format!("{e:#}")),
+            Self::Reported(_) => None,
+        }
     }
 }
 

@@ -2,9 +2,11 @@
 
 use super::{CliError, usage};
 use crate::config::{METHOD_CATALOGUE, MethodConfig, MethodKind, VitConfig, count_trainable};
-use crate::model::checkpoint::load_adapter;
+use crate::model::checkpoint::load_adapter_noting;
 use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
 use crate::model::{BackboneOptions, Vit};
+use crate::train::TrainError;
+use crate::train::backbone::load_backbone_with;
 use crate::util::group_digits;
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor};
@@ -65,6 +67,12 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
         }
         load_backbone(&path, &args.backbone_args, &Device::Cpu)?.cfg
     };
+    if args.rank > cfg.embed_dim {
+        return Err(usage(format!(
+            "--rank {} is larger than the backbone's width D = {} (a rank of at most D makes sense)",
+            args.rank, cfg.embed_dim
+        )));
+    }
     let full = count_trainable(&cfg, &MethodConfig::of(MethodKind::Full), args.classes);
     println!(
         "backbone: {} (D {}, depth {}, {} px, patch {}, {}×{} tokens), {} classes",
@@ -103,9 +111,10 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
 for the image router, (blocks, 1, 1, k) for the layer router (patch tokens only)."
 )]
 pub struct InferArgs {
-    /// Backbone safetensors (timm names, or ours with its config in the metadata).
+    /// Backbone: builtin, random:PRESET, or a safetensors file (timm names, or ours with its
+    /// config in the metadata).
     #[arg(long)]
-    pub backbone: PathBuf,
+    pub backbone: String,
     /// Adapter checkpoint; without it the backbone's own head is used.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -146,13 +155,19 @@ fn infer_inner(args: &InferArgs) -> anyhow::Result<()> {
             images.shape
         );
     }
+    if images.shape[0] == 0 {
+        anyhow::bail!("{}: 'images' holds no image (N = 0)", args.input.display());
+    }
     // Run at the input's resolution (position embeddings are resampled as timm does).
     let opts = BackboneOptions {
         heads: args.backbone_args.heads,
         img_size: Some(images.shape[2]),
         ..BackboneOptions::default()
     };
-    let vit = Vit::from_file(&args.backbone, &opts, &device).context("cannot load backbone")?;
+    let vit = load_backbone_with(&args.backbone, &opts, 0, &device).map_err(|e| match e {
+        TrainError::Config(m) => anyhow::anyhow!("{}: {m}", args.input.display()),
+        other => anyhow::anyhow!("cannot load backbone: {other}"),
+    })?;
     let images = images.to_tensor(&device)?;
     let n = images.dim(0)?;
     let batches = (0..n)
@@ -161,7 +176,10 @@ fn infer_inner(args: &InferArgs) -> anyhow::Result<()> {
     let mut logits = Vec::new();
     let mut routers: Vec<Vec<Tensor>> = Vec::new();
     if let Some(path) = &args.adapter {
-        let model = load_adapter(path, vit, args.force)?;
+        let (model, forced) = load_adapter_noting(path, vit, args.force)?;
+        if let Some(w) = forced {
+            eprintln!("warning: {w}");
+        }
         for batch in batches {
             let fwd = model.forward(&batch?, true)?;
             logits.push(fwd.logits);
@@ -169,10 +187,7 @@ fn infer_inner(args: &InferArgs) -> anyhow::Result<()> {
         }
     } else {
         if !vit.has_head() {
-            anyhow::bail!(
-                "{}: the backbone has no classifier head; pass --adapter",
-                args.backbone.display()
-            );
+            anyhow::bail!("{}: the backbone has no classifier head; pass --adapter", args.backbone);
         }
         for batch in batches {
             logits.push(vit.forward(&batch?)?);

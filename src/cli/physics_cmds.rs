@@ -183,12 +183,21 @@ fn filters_csv(set: &FilterSet) -> String {
 /// Runs `moppa apply`.
 pub fn apply(args: &ApplyArgs) -> Result<(), CliError> {
     let coeffs = args.coeffs.coeffs()?;
-    let format = image::ImageFormat::from_path(&args.output).map_err(|_| {
-        usage(format!(
-            "cannot tell the image format of output '{}' from its extension (use .png or .jpg)",
-            args.output.display()
-        ))
-    })?;
+    let ext = args
+        .output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let format = match ext.as_deref() {
+        Some("png") => image::ImageFormat::Png,
+        Some("jpg" | "jpeg") => image::ImageFormat::Jpeg,
+        _ => {
+            return Err(usage(format!(
+                "cannot write output '{}': use a .png, .jpg or .jpeg name",
+                args.output.display()
+            )));
+        }
+    };
     let input = read_image(&args.input)?;
     let out = apply_prior(&input, args.prior.into(), &coeffs).map_err(|e| CliError::Failure(e.into()))?;
     write_image_atomic(&out, &args.output, format).map_err(CliError::Failure)

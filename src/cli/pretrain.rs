@@ -12,7 +12,7 @@ use crate::train::WorkerHandle;
 use crate::train::pretrain::mae::{MaeRun, pretrain as pretrain_mae_run};
 use crate::train::pretrain::{dataset_stats, export_backbone};
 use crate::train::protocol::{FinishReason, Finished};
-use crate::train::worker::raise_interrupt;
+use crate::train::runfolder::{OutFlags, RunFolderError, plan_out};
 use clap::Args;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -31,6 +31,26 @@ fn preset(name: &str) -> Result<VitConfig, CliError> {
 
 fn store(args: &PretrainArgs) -> StoreAs {
     if args.f16 { StoreAs::F16 } else { StoreAs::F32 }
+}
+
+/// The run folder: `--run`, else next to the output (`OUTPUT` without its extension + `.run`),
+/// never a surprise folder in the working directory. With `export_only` it must exist.
+fn run_dir(args: &PretrainArgs) -> Result<PathBuf, CliError> {
+    let dir = args.run.clone().unwrap_or_else(|| args.output.with_extension("run"));
+    if args.export_only {
+        return Ok(dir);
+    }
+    let flags = OutFlags {
+        overwrite: args.overwrite,
+        ..OutFlags::default()
+    };
+    match plan_out(&dir, flags) {
+        Ok(_) => {}
+        Err(RunFolderError::Usage(m)) => return Err(usage(m.replace("--out", "--run"))),
+        Err(e) => return Err(CliError::Failure(e.into())),
+    }
+    eprintln!("run folder: {}", dir.display());
+    Ok(dir)
 }
 
 /// `moppa pretrain`.
@@ -64,9 +84,12 @@ pub struct PretrainArgs {
     /// CPU threads.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Run folder (metrics, checkpoints).
-    #[arg(long, default_value = "runs/pretrain")]
-    pub run: PathBuf,
+    /// Run folder (metrics, checkpoints; default: OUTPUT's name with `.run`, next to it).
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// --run names a run folder already: move it aside (DIR.old-N) and start afresh.
+    #[arg(long)]
+    pub overwrite: bool,
     /// The backbone file to write.
     #[arg(long)]
     pub output: PathBuf,
@@ -112,6 +135,14 @@ fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
             args.mask_ratio
         )));
     }
+    let patches = preset(&args.preset)?.grid().pow(2);
+    if ((patches as f64) * (1.0 - args.mask_ratio)).round() as usize >= patches {
+        return Err(usage(format!(
+            "--mask-ratio {} hides no patch of the {patches}-patch grid: there is nothing to reconstruct (use at least {:.3})",
+            args.mask_ratio,
+            0.5 / patches as f64 + 1e-3
+        )));
+    }
     if args.decoder_dim == 0 || !args.decoder_dim.is_multiple_of(32) || args.decoder_depth == 0 {
         return Err(usage(format!(
             "--decoder-dim must be a positive multiple of 32 and --decoder-depth positive (got {} and {})",
@@ -153,11 +184,12 @@ fn pretrain_mae(args: &PretrainArgs) -> Result<i32, CliError> {
             scale_pct: args.zoom,
         },
         seed: args.seed,
-        run: args.run.clone(),
+        run: run_dir(args)?,
     };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let (threads, lowered) = crate::util::clamp_threads(args.threads);
+    if let Some(w) = lowered {
+        eprintln!("warning: {w}");
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("moppa-compute-{i}"))
@@ -250,6 +282,8 @@ fn finished_from_log(dir: &std::path::Path) -> Result<Finished, CliError> {
         test_acc: v["test_acc"].as_f64(),
         checkpoints: Vec::new(),
         time_s: v["time_s"].as_f64().unwrap_or(0.0),
+        message: None,
+        path: None,
     })
 }
 
@@ -259,8 +293,9 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
     if args.objective != "supervised" {
         return pretrain_mae(args);
     }
+    let run = run_dir(args)?;
     let finished = if args.export_only {
-        finished_from_log(&args.run)?
+        finished_from_log(&run)?
     } else {
         let (mean, std) = dataset_stats_cli(&args.data)?;
         let cfg = RunConfig {
@@ -282,16 +317,17 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
                 rotate_deg: args.rotate,
                 scale_pct: args.zoom,
             },
-            out: Some(args.run.clone()),
+            out: Some(run.clone()),
             mean: Some(mean),
             std: Some(std),
             ..RunConfig::default()
         };
         cfg.validate().map_err(usage)?;
         let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
-        let flag = handle.interrupt_flag();
-        ctrlc::set_handler(move || raise_interrupt(&flag)).ok();
-        let finished = follow(&handle, std::io::stderr().is_terminal())?;
+        let flag = handle.stop_flag();
+        let on_signal = flag.clone();
+        ctrlc::set_handler(move || on_signal.interrupt()).ok();
+        let finished = follow(&handle, &flag, std::io::stderr().is_terminal())?;
         handle.join();
         if finished.reason != FinishReason::Done {
             return Ok(exit_code(finished.reason).max(1));
@@ -305,7 +341,7 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
         "test_acc": finished.test_acc, "best_val_acc": finished.best_val_acc, "steps": finished.steps,
         "seconds": finished.time_s,
     });
-    export_backbone(&args.run, &args.output, store(args), &provenance).map_err(|e| CliError::Failure(e.into()))?;
+    export_backbone(&run, &args.output, store(args), &provenance).map_err(|e| CliError::Failure(e.into()))?;
     println!(
         "wrote backbone {} (test accuracy {:.4})",
         args.output.display(),

@@ -2,9 +2,11 @@
 //! CLI's one display of a run (fine-tuning, supervised and masked pretraining, compare).
 
 use super::CliError;
-use crate::train::WorkerHandle;
 use crate::train::protocol::{Event, FinishReason, Finished, Notice};
+use crate::train::{StopFlag, WorkerHandle};
 use crate::util::group_digits;
+use crossbeam_channel::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 /// The CLI's display of a run.
 pub struct Reporter {
@@ -116,7 +118,7 @@ impl Reporter {
                 "applied {} ({}) at step {}: {} → {}",
                 a.command, a.target, a.step, a.old, a.new
             )),
-            Event::Warning(n) => self.say(format!("warning: {}", n.message)),
+            Event::Warning(n) => self.say(format!("warning: {}", with_location(n))),
             Event::Error(n) | Event::Diverged(n) => {
                 let line = with_location(n);
                 self.say(format!("error: {line}"));
@@ -148,23 +150,49 @@ impl Reporter {
     }
 }
 
-/// Shows a worker's events until the run ends; a failed run is an error with its first message.
-pub fn follow(handle: &WorkerHandle, tty: bool) -> Result<Finished, CliError> {
+/// Shows a worker's events until the run ends. A failed run is an error that was shown
+/// already ([`CliError::Reported`]). After an interrupt during setup (no `Started` yet) it does
+/// not wait for the setup to notice: it returns an `Interrupted` end within half a second.
+pub fn follow(handle: &WorkerHandle, stop: &StopFlag, tty: bool) -> Result<Finished, CliError> {
     let mut reporter = Reporter::new(tty);
+    let mut started = false;
+    let mut interrupted_at: Option<Instant> = None;
     loop {
-        let Ok(ev) = handle.events().recv() else {
-            return Err(CliError::Failure(anyhow::anyhow!(
-                "the training thread ended without a result"
-            )));
-        };
-        if let Some(f) = reporter.show(&ev) {
-            if f.reason == FinishReason::Failed {
+        match handle.events().recv_timeout(Duration::from_millis(100)) {
+            Ok(ev) => {
+                started |= matches!(ev, Event::Started(_));
+                if let Some(f) = reporter.show(&ev) {
+                    if f.reason == FinishReason::Failed {
+                        return Err(match (reporter.first_error(), &f.message) {
+                            (Some(_), _) => CliError::Reported(1),
+                            (None, Some(m)) => CliError::Failure(anyhow::anyhow!("{m}")),
+                            (None, None) => CliError::Failure(anyhow::anyhow!("the run failed")),
+                        });
+                    }
+                    return Ok(f);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
                 return Err(CliError::Failure(anyhow::anyhow!(
-                    "{}",
-                    reporter.first_error().unwrap_or("the run failed")
+                    "the training thread ended without a result"
                 )));
             }
-            return Ok(f);
+        }
+        if stop.cuts_short() && !started {
+            let since = interrupted_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(500) {
+                return Ok(Finished {
+                    reason: FinishReason::Interrupted,
+                    steps: 0,
+                    best_val_acc: None,
+                    test_acc: None,
+                    checkpoints: Vec::new(),
+                    time_s: 0.0,
+                    message: None,
+                    path: None,
+                });
+            }
         }
     }
 }

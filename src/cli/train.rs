@@ -1,10 +1,13 @@
-//! `moppa train`: the engine from the command line.
+//! `moppa train`: the engine from the command line, with the run folder's rules applied before
+//! anything starts and Ctrl-C acknowledged at once.
 
-use super::CliError;
 use super::args::RunArgs;
 use super::reporter::follow;
+use super::{CliError, usage};
+use crate::config::{RunConfig, check_resources};
+use crate::train::backbone::backbone_config;
 use crate::train::protocol::FinishReason;
-use crate::train::worker::raise_interrupt;
+use crate::train::runfolder::{OutFlags, OutPlan, RunFolderError, plan_out};
 use crate::train::{WorkerHandle, WorkerOptions};
 use clap::Args;
 use std::io::IsTerminal as _;
@@ -18,7 +21,9 @@ pub const EXIT_INTERRUPTED: i32 = 130;
     after_help = "Examples:\n  moppa train                                   # MoPPA on the built-in pair (backbone + digits)\n  \
 moppa train --method lora --few-shot 10 --out runs/lora10\n  \
 moppa train --backbone vit_base.safetensors --data vtab/dtd --epochs 100 --out runs/dtd\n  \
-moppa train --resume runs/dtd --steps 20000\nCtrl-C stops at the next step, writes a final checkpoint and exits with 130."
+moppa train --resume runs/dtd --steps 20000\n  \
+moppa train --config run.toml --out runs/a --auto-resume   # for schedulers: resume, skip if done, or start\n\
+Ctrl-C stops at the next step, writes a final checkpoint and exits with 130."
 )]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -47,14 +52,65 @@ pub fn exit_code(reason: FinishReason) -> i32 {
     }
 }
 
+/// What the run folder rules make of `--out` (INTERFACES.md): the configuration to run, or
+/// `None` when an auto-resumed run is finished already.
+pub fn claim_out(args: &RunArgs, cfg: RunConfig) -> Result<Option<RunConfig>, CliError> {
+    let Some(out) = cfg.out.clone() else {
+        return Ok(Some(cfg));
+    };
+    let flags = OutFlags {
+        resume: cfg.resume.is_some(),
+        overwrite: cfg.overwrite,
+        auto_resume: cfg.auto_resume,
+    };
+    match plan_out(&out, flags) {
+        Ok(OutPlan::AlreadyFinished(reason)) => {
+            println!("{}: this run has ended ({reason}); nothing to do", out.display());
+            Ok(None)
+        }
+        Ok(OutPlan::Resume) if cfg.resume.is_none() => args.resolve_resume(&out).map(Some),
+        Ok(_) => Ok(Some(cfg)),
+        Err(RunFolderError::Usage(m)) => Err(usage(m)),
+        Err(e) => Err(CliError::Failure(e.into())),
+    }
+}
+
+/// Refuses, before anything is allocated, a run that cannot work on its backbone or fit this
+/// machine (the backbone's architecture is read from its file's header only).
+pub fn preflight(cfg: &RunConfig) -> Result<(), CliError> {
+    crate::data::check_spec(&cfg.data).map_err(usage)?;
+    let vit = backbone_config(&cfg.backbone, cfg.heads).map_err(|e| match e {
+        crate::train::TrainError::Config(m) => usage(m),
+        other => CliError::Failure(other.into()),
+    })?;
+    check_resources(&vit, &cfg.method, cfg.batch, 0, crate::util::physical_memory_bytes()).map_err(usage)
+}
+
 /// Runs `moppa train`.
 pub fn train(args: &TrainArgs) -> Result<i32, CliError> {
     let cfg = args.run.resolve()?;
+    let Some(cfg) = claim_out(&args.run, cfg)? else {
+        return Ok(0);
+    };
+    preflight(&cfg)?;
     let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
-    let flag = handle.interrupt_flag();
-    ctrlc::set_handler(move || raise_interrupt(&flag)).ok();
+    let flag = handle.stop_flag();
+    let acknowledged = flag.clone();
+    ctrlc::set_handler(move || {
+        if !acknowledged.cuts_short() {
+            eprintln!("interrupted: stopping at the next step with a final checkpoint (no evaluation)");
+        }
+        acknowledged.interrupt();
+    })
+    .ok();
     let tty = std::io::stderr().is_terminal() && !args.plain;
-    let finished = follow(&handle, tty)?;
+    let finished = follow(&handle, &flag, tty)?;
+    if finished.reason == FinishReason::Interrupted && !handle.is_finished() {
+        // Interrupted during setup: nothing to save; the process exits without waiting for the
+        // setup to notice (dropping the handle would join its thread).
+        std::mem::forget(handle);
+        return Ok(EXIT_INTERRUPTED);
+    }
     handle.join();
     Ok(exit_code(finished.reason))
 }

@@ -133,14 +133,14 @@ impl MethodConfig {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(format!("{name} must be > 0 (got {v})"))
+                Err(format!("{name} must be > 0 (got {})", crate::util::short_number(v)))
             }
         };
         let nonneg = |name: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(format!("{name} must be ≥ 0 (got {v})"))
+                Err(format!("{name} must be ≥ 0 (got {})", crate::util::short_number(v)))
             }
         };
         pos("tau", self.tau)?;

@@ -7,6 +7,7 @@
 mod method;
 mod params;
 mod prior;
+mod resources;
 mod run;
 mod vit;
 
@@ -16,5 +17,6 @@ pub use method::{
 };
 pub use params::{backbone_params, count_trainable};
 pub use prior::{Coeff, Lockable, PerCoeff, Prior, UnknownPrior};
+pub use resources::{MemoryEstimate, check_resources, estimate_memory, human_bytes};
 pub use run::{Augment, DEFAULT_STEPS, DeviceChoice, Precision, RunConfig};
 pub use vit::{IMAGENET_MEAN, IMAGENET_STD, Pool, VIT_PRESETS, VitConfig, VitPreset};

@@ -91,6 +91,12 @@ pub struct RunConfig {
     pub out: Option<PathBuf>,
     /// Continue the run in this folder.
     pub resume: Option<PathBuf>,
+    /// `--out` names a run folder: move it aside (`DIR.old-N`) and start afresh.
+    #[serde(skip_serializing_if = "is_false")]
+    pub overwrite: bool,
+    /// Resume an unfinished run in `out`, do nothing for a finished one, else start it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub auto_resume: bool,
     /// A snapshot every N steps (and at most ~10 per second).
     pub snapshot_every: u64,
     /// Override the backbone's input mean (per channel, pixels in 0..1).
@@ -123,11 +129,18 @@ impl Default for RunConfig {
             augment: Augment::default(),
             out: None,
             resume: None,
+            overwrite: false,
+            auto_resume: false,
             snapshot_every: 5,
             mean: None,
             std: None,
         }
     }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Steps when neither `steps` nor `epochs` is given.
@@ -204,6 +217,8 @@ impl RunConfig {
     #[must_use]
     pub fn resolved(&self, total_steps: u64) -> Self {
         let mut c = self.clone();
+        // How the run folder was claimed is not part of what the run is.
+        (c.overwrite, c.auto_resume) = (false, false);
         c.lr = Some(self.lr());
         c.steps = Some(total_steps);
         c.epochs = None;
@@ -225,7 +240,7 @@ impl RunConfig {
         let known: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
         let unknown: Vec<&String> = value
             .keys()
-            .filter(|k| !known.contains(k) && k.as_str() != "final")
+            .filter(|k| !known.contains(k) && !["final", "overwrite", "auto_resume"].contains(&k.as_str()))
             .collect();
         if !unknown.is_empty() {
             return Err(format!(

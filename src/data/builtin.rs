@@ -61,5 +61,6 @@ pub fn digits() -> Result<Dataset, DataError> {
         val,
         test,
         skipped: Vec::new(),
+        notes: Vec::new(),
     })
 }

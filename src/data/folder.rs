@@ -1,7 +1,13 @@
 //! Image folders on disk: ImageFolder trees (class subfolders, optionally under `train/`,
 //! `val/`, `test/`) and VTAB-1K split files (`relative/path label` per line).
+//!
+//! Hygiene: a directory reached through symlinks is walked at most once (a link back up the tree
+//! cannot loop or relabel other classes' images); the same file (canonical path) is never in two
+//! splits (an evaluation split keeps it, training loses it); duplicate lines, label gaps, files
+//! outside the task folder, empty splits and empty classes are counted in the dataset's notes.
 
 use super::{DataError, Dataset, Sample, Source, split_per_class};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "JPEG"];
@@ -27,14 +33,39 @@ fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(list_dir(dir)?.into_iter().filter(|p| p.is_dir()).collect())
 }
 
+/// The directories already walked (canonical paths), so none is walked twice.
+#[derive(Default)]
+struct Walked {
+    dirs: HashSet<PathBuf>,
+    /// Subfolders passed over because they were walked already (symlink loops and aliases).
+    repeats: Vec<PathBuf>,
+}
+
+impl Walked {
+    /// Marks `dir` walked; false when it was already.
+    fn enter(&mut self, dir: &Path) -> bool {
+        let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        self.dirs.insert(canon)
+    }
+}
+
 /// Image files of one class folder (recursively), zero-byte files set aside.
-fn class_files(dir: &Path, label: u32, skipped: &mut Vec<(PathBuf, String)>) -> Result<Vec<Sample>, DataError> {
+fn class_files(
+    dir: &Path,
+    label: u32,
+    walked: &mut Walked,
+    skipped: &mut Vec<(PathBuf, String)>,
+) -> Result<Vec<Sample>, DataError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for p in list_dir(&d)? {
             if p.is_dir() {
-                stack.push(p);
+                if walked.enter(&p) {
+                    stack.push(p);
+                } else {
+                    walked.repeats.push(p);
+                }
             } else if is_image(&p) {
                 match std::fs::metadata(&p) {
                     Ok(m) if m.len() == 0 => skipped.push((p, "zero bytes".into())),
@@ -64,17 +95,81 @@ fn names(dirs: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
+fn canonical(s: &Sample) -> Option<PathBuf> {
+    match &s.source {
+        Source::File(p) => Some(p.canonicalize().unwrap_or_else(|_| p.clone())),
+        Source::Memory(_) => None,
+    }
+}
+
+/// Keeps each file (canonical path) in one place: duplicates within a split are dropped, and a
+/// file in an evaluation split is dropped from training (and from validation when it is also a
+/// test image). With `final_split`, VTAB's train800val200 contains val200 by design: the
+/// validation images stay in training then. Returns the notes.
+fn dedupe(
+    train: &mut Vec<Sample>,
+    val: &mut Vec<Sample>,
+    test: &mut Vec<Sample>,
+    final_split: bool,
+) -> Vec<(Option<PathBuf>, String)> {
+    let mut notes = Vec::new();
+    let mut within = 0;
+    let mut unique = |v: &mut Vec<Sample>| {
+        let mut seen = HashSet::new();
+        let before = v.len();
+        v.retain(|s| canonical(s).is_none_or(|c| seen.insert(c)));
+        within += before - v.len();
+        seen
+    };
+    let test_set = unique(test);
+    let val_set = unique(val);
+    let _ = unique(train);
+    if within > 0 {
+        notes.push((None, format!("{within} duplicate image(s) within a split left out")));
+    }
+    let mut drop_from = |v: &mut Vec<Sample>, others: &[&HashSet<PathBuf>], what: &str| {
+        let before = v.len();
+        v.retain(|s| canonical(s).is_none_or(|c| !others.iter().any(|o| o.contains(&c))));
+        let n = before - v.len();
+        if n > 0 {
+            notes.push((
+                None,
+                format!("{n} image(s) of the {what} split are also in an evaluation split and were left out of {what}"),
+            ));
+        }
+    };
+    drop_from(val, &[&test_set], "validation");
+    if final_split {
+        drop_from(train, &[&test_set], "training");
+    } else {
+        drop_from(train, &[&test_set, &val_set], "training");
+    }
+    notes
+}
+
 /// An ImageFolder tree: `train/` (+ optional `val/`, `test/`) or class folders only (seeded
 /// 80/10/10 split per class).
 pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
     let mut skipped = Vec::new();
+    let mut aliased = 0;
+    let mut walked = Walked::default();
+    walked.enter(dir);
     let train_dir = dir.join("train");
-    let (classes, train, val, test) = if train_dir.is_dir() {
+    let (classes, mut train, mut val, mut test) = if train_dir.is_dir() {
         let classes = names(&class_dirs(&train_dir)?);
         if classes.is_empty() {
             return Err(DataError::file(&train_dir, "no class subfolders"));
         }
-        let read = |sub: &str, skipped: &mut Vec<(PathBuf, String)>| -> Result<Vec<Sample>, DataError> {
+        for sub in ["train", "val", "test"] {
+            let d = dir.join(sub);
+            walked.enter(&d);
+            if d.is_dir() {
+                for cd in class_dirs(&d)? {
+                    walked.enter(&cd);
+                }
+            }
+        }
+        let mut read = |sub: &str| -> Result<Vec<Sample>, DataError> {
             let d = dir.join(sub);
             if !d.is_dir() {
                 return Ok(Vec::new());
@@ -85,13 +180,13 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
                 let Some(label) = classes.iter().position(|c| *c == name) else {
                     return Err(DataError::file(&cd, format!("class '{name}' does not exist in train/")));
                 };
-                all.extend(class_files(&cd, label as u32, skipped)?);
+                all.extend(class_files(&cd, label as u32, &mut walked, &mut skipped)?);
             }
             Ok(all)
         };
-        let mut train = read("train", &mut skipped)?;
-        let mut val = read("val", &mut skipped)?;
-        let test = read("test", &mut skipped)?;
+        let mut train = read("train")?;
+        let mut val = read("val")?;
+        let test = read("test")?;
         if val.is_empty() {
             // No val/: hold out a seeded 10% of train for model selection (the test split is
             // never used for that).
@@ -107,10 +202,18 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
                 "no class subfolders (expected one folder per class, or train/ val/ test/)",
             ));
         }
+        for cd in &dirs {
+            walked.enter(cd);
+        }
         let mut all = Vec::new();
         for (label, cd) in dirs.iter().enumerate() {
-            all.extend(class_files(cd, label as u32, &mut skipped)?);
+            all.extend(class_files(cd, label as u32, &mut walked, &mut skipped)?);
         }
+        // One file reached under two class folders (a link) would be two labels: keep the first.
+        let mut seen = HashSet::new();
+        let before = all.len();
+        all.retain(|s| canonical(s).is_none_or(|c| seen.insert(c)));
+        aliased = before - all.len();
         let (train, val, test) = split_per_class(&all, classes.len(), 0.1, 0.1, seed);
         (classes, train, val, test)
     };
@@ -120,25 +223,54 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
             "no usable image (PNG or JPEG) in the training split",
         ));
     }
-    Ok(Dataset {
+    let mut notes = dedupe(&mut train, &mut val, &mut test, false);
+    if aliased > 0 {
+        notes.push((
+            Some(dir.to_owned()),
+            format!("{aliased} file(s) reached twice through links were counted once"),
+        ));
+    }
+    if !walked.repeats.is_empty() {
+        notes.push((
+            walked.repeats.first().cloned(),
+            format!(
+                "{} folder(s) reached again through a link were not walked twice (first: {})",
+                walked.repeats.len(),
+                walked.repeats[0].display()
+            ),
+        ));
+    }
+    let mut ds = Dataset {
         spec: dir.display().to_string(),
         classes,
         train,
         val,
         test,
         skipped,
-    })
+        notes,
+    };
+    ds.note_empty(true);
+    Ok(ds)
+}
+
+/// One VTAB split file's usable lines (sample, line number) and what was odd about it.
+struct SplitFile {
+    rows: Vec<(Sample, usize)>,
+    duplicates: usize,
+    outside: usize,
 }
 
 /// Reads one VTAB split file: `relative/path label` per line (blank lines ignored).
-fn read_split_file(
-    dir: &Path,
-    name: &str,
-    skipped: &mut Vec<(PathBuf, String)>,
-) -> Result<Vec<(Sample, usize)>, DataError> {
+fn read_split_file(dir: &Path, name: &str, skipped: &mut Vec<(PathBuf, String)>) -> Result<SplitFile, DataError> {
     let path = dir.join(name);
     let text = std::fs::read_to_string(&path).map_err(|e| DataError::file(&path, e.to_string()))?;
-    let mut out = Vec::new();
+    let root = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let mut out = SplitFile {
+        rows: Vec::new(),
+        duplicates: 0,
+        outside: 0,
+    };
+    let mut seen: HashSet<(String, u32)> = HashSet::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
         let line = line.trim();
@@ -159,7 +291,12 @@ fn read_split_file(
                 format!("label '{}' is not a non-negative integer", label.trim()),
             )
         })?;
-        let file = dir.join(rel.trim());
+        let rel = rel.trim();
+        if !seen.insert((rel.to_owned(), label)) {
+            out.duplicates += 1;
+            continue;
+        }
+        let file = dir.join(rel);
         match std::fs::metadata(&file) {
             Err(_) => {
                 return Err(DataError::line(
@@ -169,13 +306,18 @@ fn read_split_file(
                 ));
             }
             Ok(m) if m.len() == 0 => skipped.push((file, "zero bytes".into())),
-            Ok(_) => out.push((
-                Sample {
-                    source: Source::File(file),
-                    label,
-                },
-                line_no,
-            )),
+            Ok(_) => {
+                if !file.canonicalize().is_ok_and(|c| c.starts_with(&root)) {
+                    out.outside += 1;
+                }
+                out.rows.push((
+                    Sample {
+                        source: Source::File(file),
+                        label,
+                    },
+                    line_no,
+                ));
+            }
         }
     }
     Ok(out)
@@ -184,22 +326,48 @@ fn read_split_file(
 /// A VTAB-1K task folder.
 pub fn load_vtab(dir: &Path, final_split: bool) -> Result<Dataset, DataError> {
     let mut skipped = Vec::new();
+    let mut notes = Vec::new();
     let train_file = if final_split {
         "train800val200.txt"
     } else {
         "train800.txt"
     };
     let train = read_split_file(dir, train_file, &mut skipped)?;
+    if train.rows.is_empty() {
+        return Err(DataError::file(&dir.join(train_file), "no usable image"));
+    }
     let val = read_split_file(dir, "val200.txt", &mut skipped)?;
     let test = if dir.join("test.txt").exists() {
         read_split_file(dir, "test.txt", &mut skipped)?
     } else {
-        Vec::new()
+        notes.push((
+            Some(dir.join("test.txt")),
+            "no test.txt: the test split is empty (no test accuracy)".to_owned(),
+        ));
+        SplitFile {
+            rows: Vec::new(),
+            duplicates: 0,
+            outside: 0,
+        }
     };
+    for (set, file) in [(&train, train_file), (&val, "val200.txt"), (&test, "test.txt")] {
+        if set.duplicates > 0 {
+            notes.push((
+                Some(dir.join(file)),
+                format!("{} duplicate line(s) in {file} were counted once", set.duplicates),
+            ));
+        }
+        if set.outside > 0 {
+            notes.push((
+                Some(dir.join(file)),
+                format!("{} line(s) of {file} name files outside the task folder", set.outside),
+            ));
+        }
+    }
     // Classes are the labels seen in training; a label only in val/test is an error.
-    let n = train.iter().map(|(s, _)| s.label + 1).max().unwrap_or(0);
+    let n = train.rows.iter().map(|(s, _)| s.label + 1).max().unwrap_or(0);
     for (set, file) in [(&val, "val200.txt"), (&test, "test.txt")] {
-        if let Some((s, line)) = set.iter().find(|(s, _)| s.label >= n) {
+        if let Some((s, line)) = set.rows.iter().find(|(s, _)| s.label >= n) {
             return Err(DataError::line(
                 &dir.join(file),
                 *line,
@@ -211,16 +379,30 @@ pub fn load_vtab(dir: &Path, final_split: bool) -> Result<Dataset, DataError> {
             ));
         }
     }
-    if train.is_empty() {
-        return Err(DataError::file(&dir.join(train_file), "no usable image"));
+    let used: HashSet<u32> = train.rows.iter().map(|(s, _)| s.label).collect();
+    if used.len() < n as usize {
+        notes.push((
+            Some(dir.join(train_file)),
+            format!(
+                "labels are not contiguous: {} distinct labels in 0..{} ({} classes have no training image)",
+                used.len(),
+                n - 1,
+                n as usize - used.len()
+            ),
+        ));
     }
-    let strip = |v: Vec<(Sample, usize)>| v.into_iter().map(|(s, _)| s).collect();
-    Ok(Dataset {
+    let strip = |v: SplitFile| -> Vec<Sample> { v.rows.into_iter().map(|(s, _)| s).collect() };
+    let (mut train, mut val, mut test) = (strip(train), strip(val), strip(test));
+    notes.extend(dedupe(&mut train, &mut val, &mut test, final_split));
+    let mut ds = Dataset {
         spec: dir.display().to_string(),
         classes: (0..n).map(|c| c.to_string()).collect(),
-        train: strip(train),
-        val: strip(val),
-        test: strip(test),
+        train,
+        val,
+        test,
         skipped,
-    })
+        notes,
+    };
+    ds.note_empty(false);
+    Ok(ds)
 }

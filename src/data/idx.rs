@@ -63,8 +63,10 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataErr
     let dims: Vec<usize> = (0..nd)
         .map(|i| u32::from_be_bytes([bytes[4 + 4 * i], bytes[5 + 4 * i], bytes[6 + 4 * i], bytes[7 + 4 * i]]) as usize)
         .collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() < header + n {
+    let Some(n) = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+        return Err(DataError::file(path, format!("dimensions {dims:?} are too large")));
+    };
+    if bytes.len() - header < n {
         return Err(DataError::file(
             path,
             format!(
@@ -87,6 +89,12 @@ fn read_split(dir: &Path, prefix: &str) -> Result<Vec<Sample>, DataError> {
             format!("expected 3 dimensions (N×H×W), got {idims:?}"),
         ));
     };
+    if n == 0 || h == 0 || w == 0 {
+        return Err(DataError::file(
+            &ipath,
+            format!("holds no image (dimensions {idims:?}: every one must be at least 1)"),
+        ));
+    }
     if ldims != [n] {
         return Err(DataError::file(
             &lpath,
@@ -135,5 +143,6 @@ pub fn load(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
         val,
         test,
         skipped: Vec::new(),
+        notes: Vec::new(),
     })
 }

@@ -140,11 +140,9 @@ impl Loader {
             let (prepared, skipped) = prepare_all(&samples, cfg.size);
             if prepared.is_empty() {
                 let msg = format!("no usable training image ({} could not be decoded)", skipped.len());
-                let path = skipped.first().map(|(p, _)| p.clone()).unwrap_or_default();
-                send(LoaderMsg::Failed(DataError::File {
-                    path,
-                    line: None,
-                    message: msg,
+                send(LoaderMsg::Failed(match skipped.first() {
+                    Some((path, _)) => DataError::file(path, msg),
+                    None => DataError::Spec("the training split is empty".into()),
                 }));
                 return;
             }

@@ -9,6 +9,7 @@ pub mod loader;
 pub mod transform;
 
 pub use builtin::{DIGITS_PNG, digits};
+pub use idx::parse as parse_idx;
 pub use loader::{Batch, EvalSet, Loader, LoaderConfig, LoaderMsg};
 pub use transform::Normalize;
 
@@ -123,6 +124,9 @@ pub struct Dataset {
     pub test: Vec<Sample>,
     /// Files left out while building the lists (zero bytes), with the reason.
     pub skipped: Vec<(PathBuf, String)>,
+    /// Things worth a warning (the file involved, if one): empty splits or classes, duplicates,
+    /// label gaps, files outside the dataset folder, symlink loops; each with its count.
+    pub notes: Vec<(Option<PathBuf>, String)>,
 }
 
 impl Dataset {
@@ -133,6 +137,40 @@ impl Dataset {
             Split::Train => &self.train,
             Split::Val => &self.val,
             Split::Test => &self.test,
+        }
+    }
+
+    /// Notes about empty evaluation splits and (with `classes`) classes without training images.
+    pub(crate) fn note_empty(&mut self, classes: bool) {
+        for (split, name) in [(Split::Val, "validation"), (Split::Test, "test")] {
+            if self.split(split).is_empty() {
+                self.notes
+                    .push((None, format!("the {name} split of {} is empty", self.spec)));
+            }
+        }
+        if !classes {
+            return;
+        }
+        let counts = self.counts(Split::Train);
+        let empty: Vec<&str> = self
+            .classes
+            .iter()
+            .zip(&counts)
+            .filter(|(_, n)| **n == 0)
+            .map(|(c, _)| c.as_str())
+            .collect();
+        if !empty.is_empty() {
+            let shown: Vec<&str> = empty.iter().take(5).copied().collect();
+            self.notes.push((
+                None,
+                format!(
+                    "{} of {} classes have no training image ({}{})",
+                    empty.len(),
+                    self.classes.len(),
+                    shown.join(", "),
+                    if empty.len() > 5 { ", …" } else { "" }
+                ),
+            ));
         }
     }
 
@@ -164,6 +202,24 @@ impl Dataset {
         }
         c
     }
+}
+
+/// The built-in datasets' specs.
+pub const BUILTIN_SPECS: [&str; 1] = ["builtin:digits"];
+
+/// Checks a spec's form without reading anything: `builtin:` names a built-in dataset, `idx:`
+/// has a folder. (Whether files exist and parse is for [`load`].)
+pub fn check_spec(spec: &str) -> Result<(), String> {
+    if spec.starts_with("builtin:") && !BUILTIN_SPECS.contains(&spec) {
+        return Err(format!(
+            "--data {spec}: no such built-in dataset (available: {})",
+            BUILTIN_SPECS.join(", ")
+        ));
+    }
+    if spec.is_empty() || spec == "idx:" {
+        return Err(format!("--data '{spec}' names no folder"));
+    }
+    Ok(())
 }
 
 /// Loads a dataset from a spec (INTERFACES.md): `builtin:digits`, `idx:DIR`, or a directory with

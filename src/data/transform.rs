@@ -15,17 +15,41 @@ pub struct Normalize {
     pub std: [f32; 3],
 }
 
-/// Decodes a sample's pixels (files are read here, on the loader thread).
+/// An error's text made safe for one line of a message: printable characters only (a corrupt
+/// file's bytes can end up in a decoder's error), at most 160 of them.
+fn printable(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() || c == '\u{fffd}' { '?' } else { c })
+        .collect();
+    if clean.chars().count() > 160 {
+        format!("{}…", clean.chars().take(160).collect::<String>())
+    } else {
+        clean
+    }
+}
+
+/// Whether JPEG bytes end with the end-of-image marker (`FF D9`, allowing a little trailing
+/// padding): a file cut short decodes to a partly grey image without an error otherwise.
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(64)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// Decodes a sample's pixels (files are read here, on the loader thread). Undecodable and
+/// truncated files are errors naming the file.
 pub fn decode(sample: &Sample) -> Result<RawImage, DataError> {
     match &sample.source {
         Source::Memory(img) => Ok((**img).clone()),
         Source::File(path) => {
-            let img = image::ImageReader::open(path)
-                .map_err(|e| DataError::file(path, e.to_string()))?
-                .with_guessed_format()
-                .map_err(|e| DataError::file(path, e.to_string()))?
-                .decode()
-                .map_err(|e| DataError::file(path, format!("cannot decode: {e}")))?;
+            let bytes = std::fs::read(path).map_err(|e| DataError::file(path, e.to_string()))?;
+            let format = image::guess_format(&bytes)
+                .map_err(|e| DataError::file(path, format!("cannot decode: {}", printable(&e.to_string()))))?;
+            if format == image::ImageFormat::Jpeg && !jpeg_complete(&bytes) {
+                return Err(DataError::file(path, "truncated JPEG (no end-of-image marker)"));
+            }
+            let img = image::load_from_memory_with_format(&bytes, format)
+                .map_err(|e| DataError::file(path, format!("cannot decode: {}", printable(&e.to_string()))))?;
             let grey = !img.color().has_color();
             Ok(if grey {
                 let g = img.to_luma8();

@@ -4,7 +4,7 @@
 
 use super::error::{ModelError, Result};
 use super::peft::PeftModel;
-use super::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
+use super::tensor_file::{HostTensor, StoreAs, TensorFile, encode, stage};
 use super::vit::Vit;
 use crate::config::{MethodConfig, VitConfig};
 use candle_core::{DType, Tensor};
@@ -21,6 +21,9 @@ pub const KEY_CONFIG: &str = "moppa.config";
 pub const KEY_BACKBONE: &str = "moppa.backbone";
 /// Class names, a JSON list.
 pub const KEY_CLASSES: &str = "moppa.classes";
+/// The step the checkpoint was taken at (an adapter and `state.safetensors` of one checkpoint
+/// carry the same value).
+pub const KEY_STEP: &str = "moppa.step";
 
 fn host(t: &Tensor) -> Result<HostTensor> {
     Ok(HostTensor::new(
@@ -127,9 +130,10 @@ impl PeftModel {
         v.to_string()
     }
 
-    /// Writes the adapter atomically (temporary file, fsync, rename). `run_config` is the flat
-    /// run config JSON (it must contain the method fields).
-    pub fn save_adapter(&self, path: &Path, run_config: &str) -> Result<()> {
+    /// The adapter file's bytes: every trainable tensor (finite, or an error naming it) with the
+    /// run config (flat JSON; it must contain the method fields), the backbone's description, the
+    /// class names and the step it was taken at.
+    pub fn encode_adapter(&self, path: &Path, run_config: &str, step: u64) -> Result<Vec<u8>> {
         let tensors = self.trainable_host()?;
         for (name, t) in &tensors {
             if t.data.iter().any(|v| !v.is_finite()) {
@@ -147,9 +151,19 @@ impl PeftModel {
                 KEY_CLASSES.to_owned(),
                 serde_json::to_string(&self.classes).unwrap_or_default(),
             ),
+            (KEY_STEP.to_owned(), step.to_string()),
         ]
         .into();
-        write_atomic(path, &tensors, &meta, StoreAs::F32)
+        encode(path, &tensors, &meta, StoreAs::F32)
+    }
+
+    /// Writes the adapter atomically (temporary file, fsync, rename).
+    pub fn save_adapter(&self, path: &Path, run_config: &str, step: u64) -> Result<()> {
+        let data = self.encode_adapter(path, run_config, step)?;
+        stage(path, &data)?.commit().map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            error: source,
+        })
     }
 }
 
@@ -217,8 +231,20 @@ pub fn adapter_info(tf: &TensorFile) -> Result<AdapterInfo> {
 /// Loads an adapter onto `backbone`. The backbone must be the file it was trained on (same
 /// sha256) unless `force`, and must always have the same shapes (width, depth, grid, tokens).
 pub fn load_adapter(path: &Path, backbone: Vit, force: bool) -> Result<PeftModel> {
+    load_adapter_noting(path, backbone, force).map(|(m, _)| m)
+}
+
+/// [`load_adapter`], also returning what the user should be told: that `force` loaded it onto a
+/// backbone file other than its own.
+pub fn load_adapter_noting(path: &Path, backbone: Vit, force: bool) -> Result<(PeftModel, Option<String>)> {
     let tf = TensorFile::read(path)?;
     let info = adapter_info(&tf)?;
+    if let Some((name, _)) = tf.tensors.iter().find(|(_, t)| t.data.iter().any(|v| !v.is_finite())) {
+        return Err(ModelError::Format {
+            path: path.to_owned(),
+            msg: format!("tensor '{name}' holds NaN or infinite values"),
+        });
+    }
     let (want, have) = (&info.backbone, &backbone.cfg);
     let shape = |c: &VitConfig| {
         (
@@ -245,9 +271,10 @@ pub fn load_adapter(path: &Path, backbone: Vit, force: bool) -> Result<PeftModel
         )));
     }
     let have_sha = &backbone.source.sha256;
-    if !force && info.backbone_sha256 != *have_sha {
-        return Err(ModelError::Incompatible(format!(
-            "{}: adapter was trained on backbone sha256 {}, this backbone ({}) is {}; pass --force to load it onto a different file with identical shapes",
+    let mut note = None;
+    if info.backbone_sha256 != *have_sha {
+        let what = format!(
+            "{}: adapter was trained on backbone sha256 {}, this backbone ({}) is {}",
             path.display(),
             short(&info.backbone_sha256),
             backbone
@@ -256,11 +283,17 @@ pub fn load_adapter(path: &Path, backbone: Vit, force: bool) -> Result<PeftModel
                 .as_ref()
                 .map_or_else(|| "random weights".into(), |p| p.display().to_string()),
             short(have_sha),
-        )));
+        );
+        if !force {
+            return Err(ModelError::Incompatible(format!(
+                "{what}; pass --force to load it onto a different file with identical shapes"
+            )));
+        }
+        note = Some(format!("--force: {what}; the results describe that other backbone"));
     }
     let model = PeftModel::new(backbone, info.method.clone(), info.classes.clone(), 0)?;
     model.set_trainable(&tf.tensors, path)?;
-    Ok(model)
+    Ok((model, note))
 }
 
 fn short(sha: &str) -> String {

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (shown in the message, not a separate cause, so it is said once).
+        error: std::io::Error,
     },
     /// A file that is not a usable safetensors checkpoint.
     #[error("{path}: {msg}")]

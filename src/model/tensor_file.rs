@@ -55,7 +55,7 @@ impl TensorFile {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
         Self::from_bytes(path, &bytes)
     }
@@ -122,12 +122,80 @@ impl TensorFile {
         Ok(out)
     }
 
-    /// A float tensor by name.
+    /// A float tensor by name (an integer tensor of that name is an error saying so).
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        if self.int_tensors.contains_key(name) {
+            return Err(format_err(
+                &self.path,
+                format!("tensor '{name}' holds integers; a floating-point tensor is expected"),
+            ));
+        }
         self.tensors.get(name).ok_or_else(|| ModelError::Missing {
             path: self.path.clone(),
             name: name.to_owned(),
         })
+    }
+
+    /// Reads only a file's header: metadata and every tensor's name, dtype class and shape, with
+    /// no values (`data` empty, `sha256` empty). For describing a checkpoint without loading it.
+    pub fn read_header(path: &Path) -> Result<Self> {
+        use std::io::Read as _;
+        let io = |source| ModelError::Io {
+            path: path.to_owned(),
+            error: source,
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)
+            .map_err(|_| format_err(path, "not a safetensors file (shorter than its 8-byte header length)"))?;
+        let n = u64::from_le_bytes(len);
+        let size = f.metadata().map_err(io)?.len();
+        if n == 0 || n > 100 << 20 || n + 8 > size {
+            return Err(format_err(
+                path,
+                format!("not a safetensors file (header length {n} for a file of {size} bytes)"),
+            ));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(io)?;
+        let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| format_err(path, format!("not a safetensors file (bad header: {e})")))?;
+        let mut out = Self {
+            path: path.to_owned(),
+            ..Self::default()
+        };
+        for (name, v) in json {
+            if name == "__metadata__" {
+                out.metadata = v
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                continue;
+            }
+            let shape: Vec<usize> = v["shape"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .ok_or_else(|| format_err(path, format!("tensor '{name}' has no shape in the header")))?;
+            match v["dtype"].as_str() {
+                Some("I64" | "I32" | "I16" | "I8" | "U8" | "U16" | "U32" | "U64" | "BOOL") => {
+                    out.int_tensors.insert(name, (shape, Vec::new()));
+                }
+                _ => {
+                    out.tensors.insert(
+                        name,
+                        HostTensor {
+                            shape,
+                            data: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// A float tensor checked against an expected shape.
@@ -165,7 +233,7 @@ pub fn hex(bytes: &[u8]) -> String {
 pub fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     Ok(hex(&Sha256::digest(&bytes)))
 }
@@ -179,18 +247,13 @@ pub enum StoreAs {
     F16,
 }
 
-/// Writes tensors and metadata atomically: a temporary file in the same folder, fsync, rename.
-/// A failure never leaves a half-written file behind.
-pub fn write_atomic<S: std::hash::BuildHasher>(
+/// Encodes tensors and metadata as safetensors bytes (`path` only names the file in errors).
+pub fn encode<S: std::hash::BuildHasher>(
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
     metadata: &HashMap<String, String, S>,
     store: StoreAs,
-) -> Result<()> {
-    let io = |source| ModelError::Io {
-        path: path.to_owned(),
-        source,
-    };
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(name, t)| {
@@ -217,14 +280,36 @@ pub fn write_atomic<S: std::hash::BuildHasher>(
                 .map_err(|e| format_err(path, format!("cannot encode '{name}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let data = safetensors::serialize(
+    safetensors::serialize(
         views,
         Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
     )
-    .map_err(|e| format_err(path, format!("cannot encode: {e}")))?;
-    crate::util::write_atomic(path, |w| {
+    .map_err(|e| format_err(path, format!("cannot encode: {e}")))
+}
+
+/// Writes `bytes` to a temporary file next to `path` and syncs it, ready to be committed.
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<crate::util::StagedFile> {
+    crate::util::StagedFile::write(path, |w| {
         use std::io::Write as _;
-        w.write_all(&data)
+        w.write_all(bytes)
     })
-    .map_err(io)
+    .map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        error: source,
+    })
+}
+
+/// Writes tensors and metadata atomically: a temporary file in the same folder, fsync, rename.
+/// A failure never leaves a half-written file behind.
+pub fn write_atomic<S: std::hash::BuildHasher>(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: &HashMap<String, String, S>,
+    store: StoreAs,
+) -> Result<()> {
+    let data = encode(path, tensors, metadata, store)?;
+    stage(path, &data)?.commit().map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        error: source,
+    })
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum PhysicsError {
     /// A coefficient outside its domain (κ, c, ε, τ must be > 0; γ ≥ 0).
-    #[error("{name} must be {rule} (got {value})")]
+    #[error("{name} must be {rule} (got {})", crate::util::short_number(*value))]
     BadCoefficient {
         /// Coefficient name as the user knows it.
         name: &'static str,
@@ -60,6 +60,22 @@ impl PriorCoeffs {
         positive("eps", self.eps)?;
         positive("tau", self.tau)?;
         non_negative("gamma", self.gamma)?;
+        // The filters' arguments grow with Λ < 8: they must stay finite, or the filter is NaN
+        // (cos of infinity) where the user sees an all-black image or null cells.
+        let sqrt_max = 8f64.sqrt();
+        for (name, value, product) in [
+            ("kappa", self.kappa, self.kappa * self.tau * 8.0),
+            ("c", self.c, self.c * self.tau * sqrt_max),
+            ("gamma", self.gamma, self.gamma * self.tau * sqrt_max),
+        ] {
+            if !product.is_finite() {
+                return Err(PhysicsError::BadCoefficient {
+                    name,
+                    rule: "small enough that its product with τ and Λ is finite",
+                    value,
+                });
+            }
+        }
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 use super::error::{Result, TrainError};
 use crate::config::{DeviceChoice, VitConfig};
 use crate::model::tensor_file::TensorFile;
+use crate::model::vit::timm::config_of;
 use crate::model::{BackboneOptions, Vit};
 use candle_core::Device;
 use std::path::Path;
@@ -18,9 +19,23 @@ pub fn load_backbone(spec: &str, heads: Option<usize>, seed: u64, device: &Devic
         heads,
         ..BackboneOptions::default()
     };
+    load_backbone_with(spec, &opts, seed, device)
+}
+
+/// [`load_backbone`] with every option (e.g. another image size: position embeddings resampled).
+pub fn load_backbone_with(spec: &str, opts: &BackboneOptions, seed: u64, device: &Device) -> Result<Vit> {
+    if let Some(size) = opts.img_size {
+        let cfg = backbone_config(spec, opts.heads)?;
+        if size == 0 || !size.is_multiple_of(cfg.patch_size) {
+            return Err(TrainError::Config(format!(
+                "images of {size}×{size} pixels do not split into the backbone's {p}×{p} patches (use a multiple of {p})",
+                p = cfg.patch_size
+            )));
+        }
+    }
     if spec == "builtin" {
         let tf = TensorFile::from_bytes(Path::new("builtin"), BUILTIN_BACKBONE)?;
-        return Ok(Vit::from_tensor_file(&tf, &opts, device)?);
+        return Ok(Vit::from_tensor_file(&tf, opts, device)?);
     }
     if let Some(name) = spec.strip_prefix("random:") {
         let cfg = VitConfig::preset(name).ok_or_else(|| {
@@ -29,9 +44,46 @@ pub fn load_backbone(spec: &str, heads: Option<usize>, seed: u64, device: &Devic
                 VitConfig::preset_names()
             ))
         })?;
-        return Ok(Vit::random(&VitConfig { num_classes: 0, ..cfg }, seed, device)?);
+        let cfg = VitConfig {
+            num_classes: 0,
+            img_size: opts.img_size.unwrap_or(cfg.img_size),
+            num_heads: opts.heads.unwrap_or(cfg.num_heads),
+            ..cfg
+        };
+        return Ok(Vit::random(&cfg, seed, device)?);
     }
-    Ok(Vit::from_file(Path::new(spec), &opts, device)?)
+    Ok(Vit::from_file(Path::new(spec), opts, device)?)
+}
+
+/// The architecture a backbone spec names, from file headers only (nothing loaded): for checks
+/// before a run starts and for describing a backbone. An unknown `random:` preset is a
+/// [`TrainError::Config`].
+pub fn backbone_config(spec: &str, heads: Option<usize>) -> Result<VitConfig> {
+    let opts = BackboneOptions {
+        heads,
+        ..BackboneOptions::default()
+    };
+    if spec == "builtin" {
+        let tf = TensorFile::from_bytes(Path::new("builtin"), BUILTIN_BACKBONE)?;
+        return Ok(config_of(&tf, &opts)?);
+    }
+    if let Some(name) = spec.strip_prefix("random:") {
+        return VitConfig::preset(name)
+            .map(|c| VitConfig { num_classes: 0, ..c })
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "unknown preset '{name}' in --backbone random:{name} ({})",
+                    VitConfig::preset_names()
+                ))
+            });
+    }
+    let path = Path::new(spec);
+    if !path.exists() {
+        return Err(TrainError::Config(format!(
+            "--backbone {spec}: no such file (expected builtin, random:PRESET or a .safetensors file)"
+        )));
+    }
+    Ok(config_of(&TensorFile::read_header(path)?, &opts)?)
 }
 
 /// Whether this build has CUDA and a GPU answers (the app offers the device choice then).

@@ -18,13 +18,19 @@ pub enum TrainError {
     #[error("{0}")]
     Config(String),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (shown in the message, not a separate cause, so it is said once).
+        error: std::io::Error,
     },
+    /// The run folder cannot be used as asked (another writer, a flag combination).
+    #[error(transparent)]
+    RunFolder(#[from] super::runfolder::RunFolderError),
+    /// Stopped by an interrupt before there was anything to save.
+    #[error("interrupted")]
+    Cancelled,
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -35,7 +41,7 @@ impl TrainError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 
@@ -45,6 +51,7 @@ impl TrainError {
         let (path, line) = match self {
             Self::Data(DataError::File { path, line, .. }) => (Some(path.clone()), *line),
             Self::Io { path, .. }
+            | Self::RunFolder(super::runfolder::RunFolderError::Io { path, .. })
             | Self::Model(
                 ModelError::Io { path, .. } | ModelError::Format { path, .. } | ModelError::Shape { path, .. },
             ) => (Some(path.clone()), None),

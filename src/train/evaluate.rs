@@ -9,7 +9,7 @@ use super::protocol::EvalResult;
 use crate::config::{DeviceChoice, RunConfig};
 use crate::data::loader::EvalSet;
 use crate::data::{self, Normalize, Split};
-use crate::model::checkpoint::load_adapter;
+use crate::model::checkpoint::load_adapter_noting;
 use crate::model::{GradMode, NoGrad, PeftModel, cross_entropy};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
@@ -30,15 +30,20 @@ pub struct EvalInput<'a> {
 }
 
 /// Runs `f(images, labels)` on every batch of `set`, in order, with `model`'s gradients off
-/// (back on afterwards, also after an error).
+/// (back on afterwards, also after an error). `cancel` is asked before each batch; when it says
+/// so the pass ends with [`TrainError::Cancelled`].
 pub fn for_each_batch(
     model: &dyn GradMode,
     set: &mut EvalSet,
     input: &EvalInput<'_>,
+    cancel: &dyn Fn() -> bool,
     mut f: impl FnMut(Tensor, &[u32]) -> Result<()>,
 ) -> Result<()> {
     let _no_grad = NoGrad::new(model);
     set.for_each_batch(input.batch, input.normalize, |pixels, labels| {
+        if cancel() {
+            return Err(TrainError::Cancelled);
+        }
         let images = images_tensor(pixels, labels.len(), input.size, input.device, input.dtype)?;
         f(images, &labels)
     })
@@ -109,17 +114,32 @@ impl Tally {
     }
 }
 
-/// The classifier's tally over `set`.
-pub fn classify(model: &PeftModel, set: &mut EvalSet, input: &EvalInput<'_>) -> Result<Tally> {
+/// The classifier's tally over `set` (`cancel` as in [`for_each_batch`]).
+pub fn classify(
+    model: &PeftModel,
+    set: &mut EvalSet,
+    input: &EvalInput<'_>,
+    cancel: &dyn Fn() -> bool,
+) -> Result<Tally> {
     let mut tally = Tally::new(model.classes.len());
-    for_each_batch(model, set, input, |images, labels| {
+    for_each_batch(model, set, input, cancel, |images, labels| {
         tally.add(&model.forward(&images, false)?.logits, labels)
     })?;
     Ok(tally)
 }
 
+/// What `moppa eval` reports: the result, the class names and anything the user should be told
+/// (a forced load onto another backbone, skipped images).
+pub struct AdapterEval {
+    /// The evaluation.
+    pub result: EvalResult,
+    /// Class names, index = label.
+    pub classes: Vec<String>,
+    /// Warnings, one line each.
+    pub warnings: Vec<String>,
+}
+
 /// Loads `adapter` onto the backbone `backbone_spec` and evaluates it on `split` of `data_spec`.
-/// Returns the result and the class names.
 pub fn evaluate_adapter(
     adapter: &Path,
     backbone_spec: &str,
@@ -128,10 +148,11 @@ pub fn evaluate_adapter(
     split: Split,
     force: bool,
     batch: usize,
-) -> Result<(EvalResult, Vec<String>)> {
+) -> Result<AdapterEval> {
     let device = select_device(DeviceChoice::Auto)?;
     let backbone = load_backbone(backbone_spec, heads, 0, &device)?;
-    let model = load_adapter(adapter, backbone, force)?;
+    let (model, forced) = load_adapter_noting(adapter, backbone, force)?;
+    let mut warnings: Vec<String> = forced.into_iter().collect();
     let dataset = data::load(data_spec, false, 0)?;
     if dataset.classes.len() != model.classes.len() {
         return Err(TrainError::Config(format!(
@@ -155,10 +176,22 @@ pub fn evaluate_adapter(
         device: &device,
         dtype: model.backbone.dtype(),
     };
-    let result = classify(&model, &mut set, &input)?
+    let result = classify(&model, &mut set, &input, &|| false)?
         .result(0, split, 0.0)
         .ok_or_else(|| TrainError::Config(format!("the {} split of {data_spec} has no usable image", split.name())))?;
-    Ok((result, model.classes.clone()))
+    if let Some((path, why)) = set.skipped.first() {
+        warnings.push(format!(
+            "{} image(s) of the {} split could not be used (first: {}: {why})",
+            set.skipped.len(),
+            split.name(),
+            path.display()
+        ));
+    }
+    Ok(AdapterEval {
+        result,
+        classes: model.classes.clone(),
+        warnings,
+    })
 }
 
 /// The run config saved in a run folder.

@@ -11,10 +11,13 @@ pub mod evaluate;
 pub mod optim;
 pub mod pretrain;
 pub mod protocol;
+pub mod runfolder;
 pub mod runlog;
+pub mod stop;
 pub mod trainer;
 pub mod worker;
 
 pub use error::TrainError;
 pub use protocol::{Command, Event};
+pub use stop::StopFlag;
 pub use worker::{WorkerHandle, WorkerOptions};

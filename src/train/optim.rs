@@ -174,7 +174,8 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`, clipping the global gradient norm at `clip` (0: off).
-    /// A non-finite gradient leaves every parameter untouched. Tensors without a gradient and
+    /// A non-finite gradient, or an update that would make a weight non-finite, leaves every
+    /// parameter and moment untouched (`finite: false`). Tensors without a gradient and
     /// locked tensors keep their values and their moments.
     pub fn step(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<UpdateInfo> {
         let (Some(m), Some(v), Some(decay)) = (self.m.clone(), self.v.clone(), self.decay.clone()) else {
@@ -225,11 +226,11 @@ impl AdamW {
             .map(|p| grads.get(p.var.as_tensor()).is_some() && !self.locked.contains(&p.name))
             .collect();
         if self.host_pass && m.device().is_cpu() {
-            self.step_host(&g, &m, &v, &decay, &active, scale, lr, (bc1, bc2))?;
-            return Ok(UpdateInfo {
-                grad_norm,
-                finite: true,
-            });
+            let finite = self.step_host(&g, &m, &v, &decay, &active, scale, lr, (bc1, bc2))?;
+            if !finite {
+                self.t -= 1;
+            }
+            return Ok(UpdateInfo { grad_norm, finite });
         }
         let g = (g * scale)?;
         let m_new = ((&m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
@@ -249,6 +250,15 @@ impl AdamW {
             update = (update + ((&w * &decay)? * self.weight_decay)?)?;
         }
         let w_new = (w - (update * lr)?)?;
+        // An update that overflows (an absurd learning rate) would leave no good weights to keep:
+        // check before anything is written.
+        if !f64::from(w_new.abs()?.max_all()?.to_scalar::<f32>()?).is_finite() {
+            self.t -= 1;
+            return Ok(UpdateInfo {
+                grad_norm,
+                finite: false,
+            });
+        }
         if active.iter().all(|a| *a) {
             self.m = Some(m_new);
             self.v = Some(v_new);
@@ -283,7 +293,7 @@ impl AdamW {
         scale: f64,
         lr: f64,
         (bc1, bc2): (f64, f64),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         use rayon::prelude::*;
         let g: Vec<f32> = g.to_vec1()?;
         let decay: Vec<f32> = decay.to_vec1()?;
@@ -292,7 +302,8 @@ impl AdamW {
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let (scale, lr, eps, wd) = (scale as f32, lr as f32, self.eps as f32, self.weight_decay as f32);
         let (bc1, bc2) = (bc1 as f32, bc2 as f32);
-        for (p, &on) in self.params.iter().zip(active) {
+        let mut updated = Vec::new();
+        for (i, (p, &on)) in self.params.iter().zip(active).enumerate() {
             if !on {
                 continue;
             }
@@ -310,12 +321,21 @@ impl AdamW {
                     let update = (*m / bc1) / ((*v / bc2).sqrt() + eps) + wd * *w * d;
                     *w -= lr * update;
                 });
+            // An update that overflows (an absurd learning rate) would leave no good weights to
+            // keep: nothing is written unless every new value is finite.
+            if !w.par_iter().all(|x| x.is_finite()) {
+                return Ok(false);
+            }
+            updated.push((i, w));
+        }
+        for (i, w) in updated {
+            let p = &self.params[i];
             let new = Tensor::from_vec(w, p.var.shape(), p.var.device())?;
             p.var.set(&new.to_dtype(p.var.dtype())?)?;
         }
         self.m = Some(Tensor::from_vec(mv, m.elem_count(), m.device())?);
         self.v = Some(Tensor::from_vec(vv, v.elem_count(), v.device())?);
-        Ok(())
+        Ok(true)
     }
 
     /// The moments by parameter name (for resumable state).

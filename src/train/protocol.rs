@@ -338,6 +338,12 @@ pub struct Finished {
     pub checkpoints: Vec<PathBuf>,
     /// Seconds since start.
     pub time_s: f64,
+    /// For a failed run: what failed, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// For a failed run: the file involved, if one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 /// What the engine tells displays.

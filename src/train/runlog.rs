@@ -99,9 +99,18 @@ impl RunLog {
                 }
                 v
             }
-            Event::Finished(f) => json!({"kind": "finished", "step": f.steps, "time_s": f.time_s,
-                "reason": f.reason, "best_val_acc": f.best_val_acc, "test_acc": f.test_acc,
-                "checkpoints": f.checkpoints.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()}),
+            Event::Finished(f) => {
+                let mut v = json!({"kind": "finished", "step": f.steps, "time_s": f.time_s,
+                    "reason": f.reason, "best_val_acc": f.best_val_acc, "test_acc": f.test_acc,
+                    "checkpoints": f.checkpoints.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()});
+                if let Some(m) = &f.message {
+                    v["message"] = json!(m);
+                }
+                if let Some(p) = &f.path {
+                    v["path"] = json!(p.display().to_string());
+                }
+                v
+            }
             Event::Started(info) => json!({"kind": "started", "step": info.start_step, "time_s": 0.0,
                 "method": info.method, "trainable": info.trainable, "device": info.device, "threads": info.threads}),
             Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } => return None,

@@ -262,6 +262,36 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     })
 }
 
+/// The architecture a file records (ours: its metadata; timm's: inferred from the shapes) with
+/// the heads and pooling of `opts`, before any image-size override.
+fn file_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
+    let mut cfg = match tf.metadata.get(BACKBONE_META_KEY) {
+        Some(json) => serde_json::from_str::<VitConfig>(json)
+            .map_err(|e| err_cfg(&tf.path, format!("bad {BACKBONE_META_KEY} metadata: {e}")))?,
+        None => infer_config(tf, opts)?,
+    };
+    if let Some(h) = opts.heads {
+        cfg.num_heads = h;
+    }
+    if let Some(p) = opts.pool {
+        cfg.pool = p;
+    }
+    Ok(cfg)
+}
+
+/// The architecture a backbone file describes as `opts` will run it (image size and derived
+/// prefix included), validated. Needs only the header: shapes and metadata
+/// (`TensorFile::read_header`).
+pub fn config_of(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
+    let mut cfg = file_config(tf, opts)?;
+    if let Some(s) = opts.img_size {
+        cfg.img_size = s;
+    }
+    cfg.prefix_tokens = cfg.derived_prefix_tokens();
+    cfg.validate().map_err(|e| err_cfg(&tf.path, e))?;
+    Ok(cfg)
+}
+
 impl Vit {
     /// Loads a backbone file: ours (config in the metadata) or timm's (config inferred).
     pub fn from_file(path: &Path, opts: &BackboneOptions, device: &Device) -> Result<Self> {
@@ -272,23 +302,8 @@ impl Vit {
     /// Builds from decoded tensors; every tensor must be known and of the right shape.
     pub fn from_tensor_file(tf: &TensorFile, opts: &BackboneOptions, device: &Device) -> Result<Self> {
         let path = tf.path.clone();
-        let mut cfg = match tf.metadata.get(BACKBONE_META_KEY) {
-            Some(json) => serde_json::from_str::<VitConfig>(json)
-                .map_err(|e| err_cfg(&path, format!("bad {BACKBONE_META_KEY} metadata: {e}")))?,
-            None => infer_config(tf, opts)?,
-        };
-        if let Some(h) = opts.heads {
-            cfg.num_heads = h;
-        }
-        if let Some(p) = opts.pool {
-            cfg.pool = p;
-        }
-        let file_grid = cfg.grid();
-        if let Some(s) = opts.img_size {
-            cfg.img_size = s;
-        }
-        cfg.prefix_tokens = cfg.derived_prefix_tokens();
-        cfg.validate().map_err(|e| err_cfg(&path, e))?;
+        let file_grid = file_config(tf, opts)?.grid();
+        let cfg = config_of(tf, opts)?;
         let mut known: Vec<String> = Vec::new();
         let mut take = |name: &str, shape: &[usize]| -> Result<HostTensor> {
             known.push(name.to_owned());
@@ -448,7 +463,7 @@ pub fn write_backbone(
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
             path: dir.to_owned(),
-            source,
+            error: source,
         })?;
     }
     write_atomic(path, tensors, &m, store)

@@ -105,6 +105,8 @@ impl Reports<'_> {
             test_acc: accuracy.map(|a| a.1),
             checkpoints: Vec::new(),
             time_s,
+            message: None,
+            path: None,
         }));
     }
 }
@@ -351,7 +353,7 @@ fn evaluate(
         device,
         dtype: DType::F32,
     };
-    for_each_batch(model, &mut set, &input, |images, labels| {
+    for_each_batch(model, &mut set, &input, &|| false, |images, labels| {
         let b = labels.len();
         if recon {
             let (keep, restore, hidden) = model.masks(b, &mut rng)?;

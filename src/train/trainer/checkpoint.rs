@@ -1,13 +1,18 @@
 //! Checkpoints: the adapter (the user-facing result) and the resume state (weights, optimizer
-//! moments, schedule, data position, live settings), written atomically into the run folder.
+//! moments, schedule, data position, live settings) of one step, a consistent pair: both files are
+//! written and synced under temporary names before either replaces its predecessor, so a failure
+//! (a full disk, a kill) leaves the previous pair in place; `--resume` checks that the adapter
+//! belongs to the state. The best validation accuracy's adapter is kept apart.
 
 use super::Trainer;
 use crate::data::DataError;
+use crate::model::ModelError;
 use crate::model::PeftModel;
-use crate::model::checkpoint::KEY_CONFIG;
-use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
+use crate::model::checkpoint::{KEY_CONFIG, KEY_STEP};
+use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, encode, stage};
 use crate::train::error::{Result, TrainError};
 use crate::train::optim::AdamW;
+use crate::train::runfolder::{ADAPTER, ADAPTER_BEST, STATE};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,9 +48,14 @@ fn host(t: &Tensor) -> candle_core::Result<HostTensor> {
 /// Reads `dir/state.safetensors` into the model's trainable tensors and the optimizer (moments,
 /// step count, locks); returns the rest of the state for [`Trainer::restore`].
 pub(super) fn read_state(dir: &Path, model: &PeftModel, opt: &mut AdamW, device: &Device) -> Result<ResumeState> {
-    let path = dir.join("state.safetensors");
+    let path = dir.join(STATE);
     let tf = TensorFile::read(&path)?;
     let bad = |msg: String| TrainError::Data(DataError::file(&path, msg));
+    if let Some((name, _)) = tf.tensors.iter().find(|(_, t)| t.data.iter().any(|v| !v.is_finite())) {
+        return Err(bad(format!(
+            "tensor '{name}' holds NaN or infinite values: this state cannot be resumed"
+        )));
+    }
     let state: ResumeState = tf
         .metadata
         .get(KEY_STATE)
@@ -83,31 +93,58 @@ impl Trainer {
         self.probe = state.probe;
     }
 
+    fn run_config_json(&self) -> String {
+        serde_json::to_string(&self.cfg).unwrap_or_default()
+    }
+
     /// Writes the adapter (atomically) with the resolved run config.
     pub fn save_adapter(&self, path: &Path) -> Result<()> {
-        let run = serde_json::to_string(&self.cfg).unwrap_or_default();
-        self.model.save_adapter(path, &run)?;
+        self.model.save_adapter(path, &self.run_config_json(), self.step)?;
         Ok(())
     }
 
-    /// Writes `adapter.safetensors` and `state.safetensors` into the run folder (if any).
+    /// Writes `adapter-best.safetensors` (the weights now, at a new best validation accuracy).
+    pub fn save_best(&mut self) -> Result<Option<PathBuf>> {
+        let Some(out) = self.cfg.out.clone() else {
+            return Ok(None);
+        };
+        let path = out.join(ADAPTER_BEST);
+        self.save_adapter(&path)?;
+        self.remember(&path);
+        Ok(Some(path))
+    }
+
+    fn remember(&mut self, path: &Path) {
+        if !self.checkpoints.iter().any(|p| p == path) {
+            self.checkpoints.push(path.to_owned());
+        }
+    }
+
+    /// Writes `adapter.safetensors` and `state.safetensors` of this step into the run folder (if
+    /// any) as a pair: both are complete on disk before either replaces the previous pair.
     pub fn checkpoint(&mut self) -> Result<Vec<PathBuf>> {
         let Some(out) = self.cfg.out.clone() else {
             return Ok(Vec::new());
         };
-        let adapter = out.join("adapter.safetensors");
-        self.save_adapter(&adapter)?;
-        let state = out.join("state.safetensors");
-        self.save_state(&state)?;
-        for p in [&adapter, &state] {
-            if !self.checkpoints.contains(p) {
-                self.checkpoints.push(p.clone());
-            }
+        let adapter = out.join(ADAPTER);
+        let state = out.join(STATE);
+        let adapter_bytes = self
+            .model
+            .encode_adapter(&adapter, &self.run_config_json(), self.step)?;
+        let staged_adapter = stage(&adapter, &adapter_bytes)?;
+        let staged_state = stage(&state, &self.encode_state(&state)?)?;
+        for (staged, path) in [(staged_adapter, &adapter), (staged_state, &state)] {
+            staged.commit().map_err(|source| ModelError::Io {
+                path: path.clone(),
+                error: source,
+            })?;
         }
+        self.remember(&adapter);
+        self.remember(&state);
         Ok(vec![adapter, state])
     }
 
-    fn save_state(&self, path: &Path) -> Result<()> {
+    fn encode_state(&self, path: &Path) -> Result<Vec<u8>> {
         let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
         for (name, var) in self.model.trainable() {
             tensors.insert(format!("param.{name}"), host(var.as_tensor())?);
@@ -134,13 +171,34 @@ impl Trainer {
         };
         let meta: HashMap<String, String> = [
             (KEY_STATE.to_owned(), serde_json::to_string(&state).unwrap_or_default()),
-            (
-                KEY_CONFIG.to_owned(),
-                serde_json::to_string(&self.cfg).unwrap_or_default(),
-            ),
+            (KEY_CONFIG.to_owned(), self.run_config_json()),
+            (KEY_STEP.to_owned(), self.step.to_string()),
         ]
         .into();
-        write_atomic(path, &tensors, &meta, StoreAs::F32)?;
+        Ok(encode(path, &tensors, &meta, StoreAs::F32)?)
+    }
+
+    /// After `--resume`: the adapter must be the state's pair. One from another step (the write
+    /// of a checkpoint was cut between its two files) is rewritten from the resumed weights.
+    pub(super) fn verify_pair(&mut self) -> Result<()> {
+        let Some(dir) = self.cfg.resume.clone() else {
+            return Ok(());
+        };
+        let path = dir.join(ADAPTER);
+        let step = TensorFile::read_header(&path)
+            .ok()
+            .and_then(|tf| tf.metadata.get(KEY_STEP).and_then(|s| s.parse::<u64>().ok()));
+        if step != Some(self.step) {
+            let mut n = self.notice(format!(
+                "{} was not of the state's step {} ({}); rewritten from the resumed weights",
+                ADAPTER,
+                self.step,
+                step.map_or_else(|| "unreadable or unknown step".into(), |s| format!("step {s}"))
+            ));
+            n.path = Some(path.clone());
+            self.notices.push(n);
+            self.save_adapter(&path)?;
+        }
         Ok(())
     }
 }

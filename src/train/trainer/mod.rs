@@ -17,6 +17,8 @@ use crate::data::Normalize;
 use crate::data::loader::{EvalSet, Loader};
 use crate::model::PeftModel;
 use crate::model::peft::BlockRouting;
+use crate::train::runfolder::RunLock;
+use crate::train::stop::StopFlag;
 use candle_core::Device;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,6 +67,13 @@ pub struct Trainer {
     /// Checkpoints written.
     pub checkpoints: Vec<PathBuf>,
     info: RunInfo,
+    /// Set by a validation evaluation that beat the best so far (the worker then keeps that
+    /// adapter as `adapter-best.safetensors`).
+    improved: bool,
+    /// Long waits (data, evaluation) end early when this asks to.
+    stop: StopFlag,
+    /// The run folder's one-writer lock, held for the whole run.
+    _lock: Option<RunLock>,
 }
 
 impl Trainer {
@@ -90,6 +99,11 @@ impl Trainer {
     #[must_use]
     pub fn current_lr(&self) -> f64 {
         schedule(self.step, self.total, self.cfg.warmup, self.peak_lr)
+    }
+
+    /// Whether the last validation evaluation beat the best before it (cleared by reading).
+    pub fn take_improved(&mut self) -> bool {
+        std::mem::take(&mut self.improved)
     }
 
     fn notice(&self, message: String) -> Notice {

@@ -2,7 +2,7 @@
 
 use super::Trainer;
 use super::checkpoint::read_state;
-use crate::config::{MethodKind, Precision, RunConfig};
+use crate::config::{MethodKind, Precision, RunConfig, check_resources};
 use crate::data::loader::{EvalSet, Loader};
 use crate::data::{self, LoaderConfig, Normalize};
 use crate::model::PeftModel;
@@ -10,6 +10,8 @@ use crate::train::backbone::{device_name, load_backbone, select_device};
 use crate::train::error::{Result, TrainError};
 use crate::train::optim::{AdamW, timm_decay};
 use crate::train::protocol::{Notice, RunInfo};
+use crate::train::runfolder::{CONFIG_TOML, RunLock};
+use crate::train::stop::StopFlag;
 use candle_core::DType;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,13 +29,25 @@ fn setup_notice(message: String, path: Option<PathBuf>) -> Notice {
     }
 }
 
+/// Ends setup early when an interrupt asks to (nothing has been saved yet).
+fn check(stop: &StopFlag) -> Result<()> {
+    if stop.cuts_short() {
+        Err(TrainError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
 impl Trainer {
-    /// Sets a run up: backbone, data, model, optimizer, the resume state, the loader.
-    pub fn new(cfg: &RunConfig, threads: usize) -> Result<Self> {
+    /// Sets a run up: the run folder's lock, backbone, data, model, optimizer, the resume state,
+    /// the loader. `stop` ends it early (and later, the waits for data and the evaluations).
+    pub fn new(cfg: &RunConfig, threads: usize, stop: StopFlag) -> Result<Self> {
         cfg.validate().map_err(TrainError::Config)?;
+        let lock = cfg.out.as_deref().map(RunLock::acquire).transpose()?;
         let mut notices = Vec::new();
         let device = select_device(cfg.device)?;
         let mut backbone = load_backbone(&cfg.backbone, cfg.heads, cfg.seed, &device)?;
+        check(&stop)?;
         if let Some(m) = cfg.mean {
             backbone.cfg.mean = m;
         }
@@ -54,11 +68,33 @@ impl Trainer {
             }
         }
         let mut dataset = data::load(&cfg.data, cfg.final_split, cfg.seed)?;
+        check(&stop)?;
         if let Some(n) = cfg.few_shot {
             dataset.few_shot(n, cfg.seed)?;
         }
+        check_resources(
+            &backbone.cfg,
+            &cfg.method,
+            cfg.batch,
+            dataset.classes.len(),
+            crate::util::physical_memory_bytes(),
+        )
+        .map_err(TrainError::Config)?;
         for (path, reason) in &dataset.skipped {
             notices.push(setup_notice(format!("skipped: {reason}"), Some(path.clone())));
+        }
+        for (path, message) in &dataset.notes {
+            notices.push(setup_notice(message.clone(), path.clone()));
+        }
+        if cfg.batch > dataset.train.len() {
+            notices.push(setup_notice(
+                format!(
+                    "--batch {} is larger than the {} training images: every batch is the whole split",
+                    cfg.batch,
+                    dataset.train.len()
+                ),
+                None,
+            ));
         }
         let normalize = Normalize {
             mean: backbone.cfg.mean,
@@ -75,6 +111,7 @@ impl Trainer {
         )?;
         let val = EvalSet::new(dataset.val.clone(), size, EVAL_CACHE_BYTES);
         let test = EvalSet::new(dataset.test.clone(), size, EVAL_CACHE_BYTES);
+        check(&stop)?;
         for (path, reason) in val.skipped.iter().chain(&test.skipped) {
             notices.push(setup_notice(format!("skipped: {reason}"), Some(path.clone())));
         }
@@ -137,15 +174,22 @@ impl Trainer {
             checkpoints: Vec::new(),
             info,
             cfg,
+            improved: false,
+            stop,
+            _lock: lock,
         };
         if let Some(state) = resumed {
             trainer.restore(&state);
+            trainer.verify_pair()?;
         }
         if let Some(out) = trainer.cfg.out.clone() {
-            std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
             let text = trainer.cfg.to_toml().map_err(TrainError::Config)?;
-            let path = out.join("config.toml");
-            std::fs::write(&path, text).map_err(|e| TrainError::io(&path, e))?;
+            let path = out.join(CONFIG_TOML);
+            crate::util::write_atomic(&path, |w| {
+                use std::io::Write as _;
+                w.write_all(text.as_bytes())
+            })
+            .map_err(|e| TrainError::io(&path, e))?;
         }
         Ok(trainer)
     }

@@ -14,29 +14,36 @@ use std::time::{Duration, Instant};
 
 impl Trainer {
     fn next_batch(&mut self) -> Result<Batch> {
+        let deadline = Instant::now() + Duration::from_hours(1);
         loop {
-            match self.loader.recv_timeout(Duration::from_hours(1)) {
+            if self.stop.cuts_short() {
+                return Err(TrainError::Cancelled);
+            }
+            if Instant::now() > deadline {
+                return Err(TrainError::Config(
+                    "the data loader produced nothing for an hour".into(),
+                ));
+            }
+            match self.loader.recv_timeout(Duration::from_millis(100)) {
                 Some(LoaderMsg::Batch(b)) => return Ok(b),
-                Some(LoaderMsg::Ready { usable, skipped }) => {
-                    if !skipped.is_empty() {
-                        let names: Vec<String> = skipped.iter().take(5).map(|(p, _)| p.display().to_string()).collect();
-                        let mut n = self.notice(format!(
-                            "skipped {} undecodable training image(s) ({} usable): {}{}",
-                            skipped.len(),
-                            usable,
-                            names.join(", "),
-                            if skipped.len() > 5 { ", …" } else { "" }
-                        ));
-                        n.path = skipped.first().map(|(p, _)| p.clone());
-                        self.notices.push(n);
-                    }
+                Some(LoaderMsg::Ready { usable, skipped }) if !skipped.is_empty() => {
+                    let names: Vec<String> = skipped
+                        .iter()
+                        .take(5)
+                        .map(|(p, why)| format!("{} ({why})", p.display()))
+                        .collect();
+                    let mut n = self.notice(format!(
+                        "skipped {} undecodable training image(s) ({} usable): {}{}",
+                        skipped.len(),
+                        usable,
+                        names.join(", "),
+                        if skipped.len() > 5 { ", …" } else { "" }
+                    ));
+                    n.path = skipped.first().map(|(p, _)| p.clone());
+                    self.notices.push(n);
                 }
                 Some(LoaderMsg::Failed(e)) => return Err(e.into()),
-                None => {
-                    return Err(TrainError::Config(
-                        "the data loader produced nothing for an hour".into(),
-                    ));
-                }
+                Some(LoaderMsg::Ready { .. }) | None => {}
             }
         }
     }
@@ -69,9 +76,13 @@ impl Trainer {
         let lr = self.current_lr();
         let update = self.opt.step(&grads, lr, self.cfg.grad_clip)?;
         if !update.finite {
+            let what = if update.grad_norm.is_finite() {
+                format!("the update at learning rate {lr:e} overflows")
+            } else {
+                format!("gradient norm is {}", update.grad_norm)
+            };
             return Ok(StepOutcome::Diverged(format!(
-                "gradient norm is {} at step {}; {}",
-                update.grad_norm,
+                "{what} at step {}; {}",
                 self.step + 1,
                 self.coefficients_in_force()
             )));
@@ -146,11 +157,15 @@ impl Trainer {
         if set.is_empty() {
             return Ok(None);
         }
-        let result = classify(&self.model, set, &input)?.result(self.step, split, self.time_s());
+        let stop = self.stop.clone();
+        let tally = classify(&self.model, set, &input, &|| stop.cuts_short())?;
+        let result = tally.result(self.step, split, self.time_s());
         if split == Split::Val
             && let Some(r) = &result
+            && self.best_val.is_none_or(|b| r.acc > b)
         {
-            self.best_val = Some(self.best_val.map_or(r.acc, |b| b.max(r.acc)));
+            self.best_val = Some(r.acc);
+            self.improved = true;
         }
         Ok(result)
     }

@@ -9,11 +9,12 @@ mod outbox;
 mod run;
 
 use super::protocol::{Command, Event};
+use super::stop::{StopFlag, StopRequest};
 use crate::config::RunConfig;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use outbox::Outbox;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Called after events were sent (e.g. `egui::Context::request_repaint`).
@@ -64,16 +65,11 @@ impl WorkerOptions {
     }
 }
 
-pub(super) const STOP_NONE: u8 = 0;
-pub(super) const STOP_GRACEFUL: u8 = 1;
-pub(super) const STOP_INTERRUPT: u8 = 2;
-pub(super) const STOP_ABANDON: u8 = 3;
-
 /// A running worker.
 pub struct WorkerHandle {
     commands: Sender<Command>,
     events: Receiver<Event>,
-    stop: Arc<AtomicU8>,
+    stop: StopFlag,
     join: Option<std::thread::JoinHandle<()>>,
     finished: Arc<AtomicBool>,
 }
@@ -83,7 +79,7 @@ impl WorkerHandle {
     pub fn spawn(cfg: RunConfig, opts: WorkerOptions) -> std::io::Result<Self> {
         let (cmd_tx, cmd_rx) = bounded(64);
         let (ev_tx, ev_rx) = bounded(opts.event_capacity.max(4));
-        let stop = Arc::new(AtomicU8::new(STOP_NONE));
+        let stop = StopFlag::new();
         let finished = Arc::new(AtomicBool::new(false));
         let (stop2, finished2) = (stop.clone(), finished.clone());
         let join = std::thread::Builder::new()
@@ -94,7 +90,7 @@ impl WorkerHandle {
                 finished2.store(true, Ordering::Release);
                 // Deliver what is left without ever blocking for long.
                 let deadline = Instant::now() + Duration::from_secs(2);
-                while !out.is_empty() && Instant::now() < deadline && stop2.load(Ordering::Relaxed) != STOP_ABANDON {
+                while !out.is_empty() && Instant::now() < deadline && stop2.request() != StopRequest::Abandon {
                     out.flush();
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -123,19 +119,17 @@ impl WorkerHandle {
 
     /// Asks for a graceful stop at the next step boundary (final evaluation and checkpoint).
     pub fn stop(&self) {
-        self.stop
-            .compare_exchange(STOP_NONE, STOP_GRACEFUL, Ordering::AcqRel, Ordering::Relaxed)
-            .ok();
+        self.stop.stop();
     }
 
-    /// Like [`Self::stop`], reported as `interrupted` (Ctrl-C).
+    /// Ctrl-C: stop at the next step boundary with a final checkpoint and no evaluation.
     pub fn interrupt(&self) {
-        self.stop.store(STOP_INTERRUPT, Ordering::Release);
+        self.stop.interrupt();
     }
 
-    /// A stop flag a signal handler can set: the same as [`Self::interrupt`].
+    /// The run's stop flag, for a signal handler ([`StopFlag::interrupt`]).
     #[must_use]
-    pub fn interrupt_flag(&self) -> Arc<AtomicU8> {
+    pub fn stop_flag(&self) -> StopFlag {
         self.stop.clone()
     }
 
@@ -153,17 +147,12 @@ impl WorkerHandle {
     }
 }
 
-/// Sets an interrupt flag obtained from [`WorkerHandle::interrupt_flag`].
-pub fn raise_interrupt(flag: &AtomicU8) {
-    flag.store(STOP_INTERRUPT, Ordering::Release);
-}
-
 impl Drop for WorkerHandle {
     /// Abandons the run (no final evaluation) and waits for the current step to end.
     fn drop(&mut self) {
         if let Some(j) = self.join.take() {
             if !self.finished.load(Ordering::Acquire) {
-                self.stop.store(STOP_ABANDON, Ordering::Release);
+                self.stop.abandon();
             }
             j.join().ok();
         }

@@ -2,16 +2,36 @@
 //! commands, train one step, evaluate, checkpoint and snapshot on schedule, until the run is done,
 //! stopped, interrupted, diverged (headless) or failed.
 
+use super::WorkerOptions;
 use super::outbox::Outbox;
-use super::{STOP_ABANDON, STOP_GRACEFUL, STOP_INTERRUPT, WorkerOptions};
 use crate::config::RunConfig;
 use crate::data::Split;
+use crate::train::TrainError;
 use crate::train::protocol::{Command, Event, FinishReason, Finished, Notice};
 use crate::train::runlog::RunLog;
+use crate::train::stop::{StopFlag, StopRequest};
 use crate::train::trainer::{StepOutcome, Trainer};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
+
+/// How the training loop ended: the reason, and for a failure the notice naming what failed.
+struct End {
+    reason: FinishReason,
+    failure: Option<Notice>,
+}
+
+impl End {
+    fn with(reason: FinishReason) -> Self {
+        Self { reason, failure: None }
+    }
+
+    fn failed(notice: Notice) -> Self {
+        Self {
+            reason: FinishReason::Failed,
+            failure: Some(notice),
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -36,12 +56,9 @@ pub(super) fn run(
     opts: &WorkerOptions,
     commands: &Receiver<Command>,
     out: &mut Outbox,
-    stop: &AtomicU8,
+    stop: &StopFlag,
 ) {
-    let threads = cfg
-        .threads
-        .or(opts.default_threads)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let (threads, lowered) = crate::util::clamp_threads(cfg.threads.or(opts.default_threads));
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("moppa-compute-{i}"))
@@ -49,23 +66,32 @@ pub(super) fn run(
     {
         Ok(p) => p,
         Err(e) => {
-            out.push(Event::Error(notice(
-                None,
-                format!("cannot start {threads} compute threads: {e}"),
-            )));
-            out.push(Event::Finished(failed(0.0)));
+            let n = notice(None, format!("cannot start {threads} compute threads: {e}"));
+            out.push(Event::Error(n.clone()));
+            out.push(Event::Finished(failed(0, 0.0, Some(n))));
             return;
         }
     };
     pool.install(|| {
-        let mut trainer = match Trainer::new(cfg, threads) {
+        let mut trainer = match Trainer::new(cfg, threads, stop.clone()) {
             Ok(t) => t,
+            Err(TrainError::Cancelled) => {
+                out.push(Event::Finished(Finished {
+                    reason: FinishReason::Interrupted,
+                    ..failed(0, 0.0, None)
+                }));
+                return;
+            }
             Err(e) => {
-                out.push(Event::Error(e.notice(0, 0.0)));
-                out.push(Event::Finished(failed(0.0)));
+                let n = e.notice(0, 0.0);
+                out.push(Event::Error(n.clone()));
+                out.push(Event::Finished(failed(0, 0.0, Some(n))));
                 return;
             }
         };
+        if let Some(msg) = lowered {
+            trainer.notices.insert(0, notice(None, msg));
+        }
         if let Some(dir) = &trainer.cfg.out {
             match RunLog::open(dir) {
                 Ok(log) => out.log = Some(log),
@@ -76,19 +102,23 @@ pub(super) fn run(
             }
         }
         out.push(Event::Started(Box::new(trainer.info().clone())));
-        let reason = train_loop(&mut trainer, opts, commands, out, stop);
-        finish(&mut trainer, reason, out, stop);
+        let end = train_loop(&mut trainer, opts, commands, out, stop);
+        finish(&mut trainer, end, out, stop);
     });
 }
 
-fn failed(time_s: f64) -> Finished {
+/// A `failed` end record (or, with another `reason` spread over it, an early end).
+fn failed(steps: u64, time_s: f64, why: Option<Notice>) -> Finished {
+    let (message, path) = why.map_or((None, None), |n| (Some(n.message), n.path));
     Finished {
         reason: FinishReason::Failed,
-        steps: 0,
+        steps,
         best_val_acc: None,
         test_acc: None,
         checkpoints: Vec::new(),
         time_s,
+        message,
+        path,
     }
 }
 
@@ -108,25 +138,34 @@ fn send_snapshot(trainer: &Trainer, out: &mut Outbox) {
     }
 }
 
-fn evaluate(trainer: &mut Trainer, split: Split, out: &mut Outbox) -> Option<f64> {
+/// Evaluates a split and reports it; a validation result that beats the best so far keeps its
+/// adapter as `adapter-best.safetensors` (a failure to write it is returned: it ends the run).
+fn evaluate(trainer: &mut Trainer, split: Split, out: &mut Outbox) -> Result<Option<f64>, Notice> {
     match trainer.evaluate(split) {
         Ok(Some(r)) => {
             let acc = r.acc;
             out.push(Event::Eval(r));
-            Some(acc)
+            if trainer.take_improved() {
+                trainer
+                    .save_best()
+                    .map_err(|e| e.notice(trainer.step, trainer.time_s()))?;
+            }
+            Ok(Some(acc))
         }
-        Ok(None) => None,
+        Ok(None) | Err(TrainError::Cancelled) => Ok(None),
         Err(e) => {
             out.push(Event::Error(e.notice(trainer.step, trainer.time_s())));
-            None
+            Ok(None)
         }
     }
 }
 
-fn checkpoint(trainer: &mut Trainer, out: &mut Outbox) {
-    if let Err(e) = trainer.checkpoint() {
-        out.push(Event::Error(e.notice(trainer.step, trainer.time_s())));
-    }
+/// Writes the checkpoint pair; a failure is the notice that ends the run.
+fn checkpoint(trainer: &mut Trainer) -> Result<(), Notice> {
+    trainer
+        .checkpoint()
+        .map(|_| ())
+        .map_err(|e| e.notice(trainer.step, trainer.time_s()))
 }
 
 /// Applies one command; returns the new state.
@@ -159,10 +198,13 @@ fn apply(
         Command::SetCoeff { coeff, target, mode } => trainer.set_coeff(coeff, target, mode).map(Some),
         Command::SetHyper { hyper, value } => trainer.set_hyper(hyper, value).map(Some),
         Command::Lock { what, target, locked } => trainer.set_lock(what, target, locked).map(Some),
-        Command::Evaluate => {
-            evaluate(trainer, Split::Val, out);
-            Ok(None)
-        }
+        Command::Evaluate => match evaluate(trainer, Split::Val, out) {
+            Ok(_) => Ok(None),
+            Err(n) => {
+                out.push(Event::Error(n));
+                Ok(None)
+            }
+        },
         Command::SaveCheckpoint { path } => match trainer.save_adapter(&path) {
             Ok(()) => {
                 out.push(Event::Warning(Notice {
@@ -198,8 +240,8 @@ fn train_loop(
     opts: &WorkerOptions,
     commands: &Receiver<Command>,
     out: &mut Outbox,
-    stop: &AtomicU8,
-) -> FinishReason {
+    stop: &StopFlag,
+) -> End {
     let mut state = if opts.autostart { State::Running } else { State::Idle };
     let mut single = false;
     let mut diverged = false;
@@ -214,7 +256,7 @@ fn train_loop(
             match commands.recv_timeout(Duration::from_millis(50)) {
                 Ok(c) => Some(c),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return FinishReason::Stopped,
+                Err(RecvTimeoutError::Disconnected) => return End::with(FinishReason::Stopped),
             }
         } else {
             commands.try_recv().ok()
@@ -226,24 +268,19 @@ fn train_loop(
             }
             state = apply(trainer, cmd, state, out, &mut single, &mut snapshot_due);
         }
-        match stop.load(Ordering::Acquire) {
-            STOP_GRACEFUL => {
-                return if diverged {
-                    FinishReason::Diverged
-                } else {
-                    FinishReason::Stopped
-                };
-            }
-            STOP_INTERRUPT => return FinishReason::Interrupted,
-            STOP_ABANDON => return FinishReason::Stopped,
-            _ => {}
+        let stopped = if diverged {
+            FinishReason::Diverged
+        } else {
+            FinishReason::Stopped
+        };
+        match stop.request() {
+            StopRequest::Graceful => return End::with(stopped),
+            StopRequest::Interrupt => return End::with(FinishReason::Interrupted),
+            StopRequest::Abandon => return End::with(FinishReason::Stopped),
+            StopRequest::None => {}
         }
         if stop_cmd {
-            return if diverged {
-                FinishReason::Diverged
-            } else {
-                FinishReason::Stopped
-            };
+            return End::with(stopped);
         }
         if snapshot_due && (state != State::Running || single) {
             send_snapshot(trainer, out);
@@ -255,7 +292,7 @@ fn train_loop(
             continue;
         }
         if trainer.done() {
-            return FinishReason::Done;
+            return End::with(FinishReason::Done);
         }
         match trainer.step() {
             Ok(StepOutcome::Done(progress)) => {
@@ -271,7 +308,7 @@ fn train_loop(
                         Some(trainer),
                         format!("training diverged: {msg}; stopped with the last good weights"),
                     )));
-                    return FinishReason::Diverged;
+                    return End::with(FinishReason::Diverged);
                 }
                 out.push(Event::Diverged(notice(
                     Some(trainer),
@@ -282,17 +319,25 @@ fn train_loop(
                 single = false;
                 continue;
             }
+            Err(TrainError::Cancelled) => {
+                drain_notices(trainer, out);
+                return End::with(FinishReason::Interrupted);
+            }
             Err(e) => {
                 drain_notices(trainer, out);
-                out.push(Event::Error(e.notice(trainer.step, trainer.time_s())));
-                return FinishReason::Failed;
+                let n = e.notice(trainer.step, trainer.time_s());
+                out.push(Event::Error(n.clone()));
+                return End::failed(n);
             }
         }
         let step = trainer.step;
         let eval_every = trainer.cfg.eval_every;
         if eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.done() {
-            evaluate(trainer, Split::Val, out);
-            checkpoint(trainer, out);
+            let saved = evaluate(trainer, Split::Val, out).and_then(|_| checkpoint(trainer));
+            if let Err(n) = saved {
+                out.push(Event::Error(n.clone()));
+                return End::failed(n);
+            }
         }
         let rate_ok = last_snapshot.is_none_or(|t| t.elapsed() >= min_gap);
         if (snapshot_due || step.is_multiple_of(every) || single) && rate_ok {
@@ -308,18 +353,39 @@ fn train_loop(
     }
 }
 
-fn finish(trainer: &mut Trainer, reason: FinishReason, out: &mut Outbox, stop: &AtomicU8) {
-    let abandon = stop.load(Ordering::Acquire) == STOP_ABANDON;
+/// Ends the run: the final evaluation (not after an interrupt or a failure) and checkpoint,
+/// then `Finished`. A checkpoint that cannot be written turns any end into a failure naming it.
+fn finish(trainer: &mut Trainer, end: End, out: &mut Outbox, stop: &StopFlag) {
+    let abandon = stop.request() == StopRequest::Abandon;
+    let End {
+        mut reason,
+        mut failure,
+    } = end;
     let mut test_acc = None;
     if !abandon && reason != FinishReason::Failed {
-        evaluate(trainer, Split::Val, out);
-        test_acc = evaluate(trainer, Split::Test, out);
-        if reason != FinishReason::Diverged || trainer.step > 0 {
-            checkpoint(trainer, out);
+        let interrupted = reason == FinishReason::Interrupted;
+        let mut saved = Ok(());
+        if !interrupted {
+            saved = evaluate(trainer, Split::Val, out).map(|_| ());
+            if saved.is_ok() {
+                test_acc = evaluate(trainer, Split::Test, out).ok().flatten();
+            }
         }
-        send_snapshot(trainer, out);
+        if saved.is_ok() && (reason != FinishReason::Diverged || trainer.step > 0) {
+            saved = checkpoint(trainer);
+        }
+        match saved {
+            Ok(()) if !interrupted => send_snapshot(trainer, out),
+            Ok(()) => {}
+            Err(n) => {
+                out.push(Event::Error(n.clone()));
+                reason = FinishReason::Failed;
+                failure = Some(n);
+            }
+        }
     }
     drain_notices(trainer, out);
+    let (message, path) = failure.map_or((None, None), |n| (Some(n.message), n.path));
     out.push(Event::Finished(Finished {
         reason,
         steps: trainer.step,
@@ -327,5 +393,7 @@ fn finish(trainer: &mut Trainer, reason: FinishReason, out: &mut Outbox, stop: &
         test_acc,
         checkpoints: trainer.checkpoints.clone(),
         time_s: trainer.time_s(),
+        message,
+        path,
     }));
 }
