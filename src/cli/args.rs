@@ -255,6 +255,13 @@ impl RunArgs {
                 dir.display()
             )));
         }
+        if !dir.join(crate::train::runfolder::CONFIG_TOML).is_file() {
+            return Err(usage(format!(
+                "--resume {}: not a run folder (no {})",
+                dir.display(),
+                crate::train::runfolder::CONFIG_TOML
+            )));
+        }
         let base = run_config(dir).map_err(|e| CliError::Failure(e.into()))?;
         let mut c = base.clone();
         self.apply(&mut c);
