@@ -7,8 +7,20 @@ use moppa_studio::cli::{Cli, run};
 fn main() {
     moppa_studio::util::keep_freed_memory();
     let cli = Cli::parse();
+    #[cfg(feature = "gui")]
+    if let Some(moppa_studio::cli::Command::View(v)) = &cli.command {
+        match v.run_folders() {
+            Ok(dirs) => std::process::exit(open_app(&cli, dirs)),
+            Err(e) => {
+                if let Some(m) = e.message() {
+                    eprintln!("error: {m}");
+                }
+                std::process::exit(e.exit_code());
+            }
+        }
+    }
     let Some(command) = cli.command else {
-        std::process::exit(open_app(&cli));
+        std::process::exit(open_app(&cli, Vec::new()));
     };
     match run(command) {
         Ok(0) => {}
@@ -24,13 +36,17 @@ fn main() {
 
 /// The app's start options from the top-level flags.
 #[cfg(feature = "gui")]
-fn app_options(cli: &Cli) -> Result<moppa_studio::app::AppOptions, moppa_studio::cli::CliError> {
+fn app_options(
+    cli: &Cli,
+    open: Vec<std::path::PathBuf>,
+) -> Result<moppa_studio::app::AppOptions, moppa_studio::cli::CliError> {
     use moppa_studio::cli::{CliError, usage};
     let tab = match &cli.tab {
-        Some(t) => Some(
-            moppa_studio::app::state::Tab::parse(t)
-                .ok_or_else(|| usage(format!("--tab must be filters, router, curves or playground (got {t})")))?,
-        ),
+        Some(t) => Some(moppa_studio::app::state::Tab::parse(t).ok_or_else(|| {
+            usage(format!(
+                "--tab must be filters, router, curves, runs or playground (got {t})"
+            ))
+        })?),
         None => None,
     };
     let config = match &cli.config {
@@ -67,13 +83,15 @@ fn app_options(cli: &Cli) -> Result<moppa_studio::app::AppOptions, moppa_studio:
         frame_stats: cli.frame_stats,
         config,
         stable_display: false,
+        open,
+        runs_dir: None,
     })
 }
 
 /// No subcommand: the desktop app on the built-in default.
 #[cfg(feature = "gui")]
-fn open_app(cli: &Cli) -> i32 {
-    let opts = match app_options(cli) {
+fn open_app(cli: &Cli, open: Vec<std::path::PathBuf>) -> i32 {
+    let opts = match app_options(cli, open) {
         Ok(o) => o,
         Err(e) => {
             if let Some(m) = e.message() {
@@ -101,7 +119,7 @@ fn open_app(cli: &Cli) -> i32 {
 
 /// Built without the app: print the help.
 #[cfg(not(feature = "gui"))]
-fn open_app(_cli: &Cli) -> i32 {
+fn open_app(_cli: &Cli, _open: Vec<std::path::PathBuf>) -> i32 {
     use clap::CommandFactory as _;
     Cli::command().print_help().ok();
     println!("\n(this build has no desktop app: rebuild with the default `gui` feature)");

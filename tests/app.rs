@@ -53,6 +53,7 @@ fn info() -> RunInfo {
         start_step: 0,
         backbone: VitConfig::tiny(),
         probes: 1000,
+        run_id: "test-run".into(),
     }
 }
 
@@ -251,11 +252,15 @@ fn events_update_the_curves_and_the_router() {
     h.run_steps(4);
     let app = h.state();
     let run = app.runs.last().unwrap();
-    assert_eq!(run.loss.points.len(), 200);
-    assert_eq!(run.val.len(), 4);
-    assert_eq!(run.applied.len(), 1);
-    assert_eq!(run.snapshots.len(), 10);
-    assert_eq!(run.shares[1][2].last(), Some(0.6f32 as f64), "block 1's Poisson share");
+    assert_eq!(run.history.loss.points.len(), 200);
+    assert_eq!(run.history.val.len(), 4);
+    assert_eq!(run.history.applied.len(), 1);
+    assert_eq!(run.history.snapshots.len(), 10);
+    assert_eq!(
+        run.history.shares[1][2].last(),
+        Some(0.6f32 as f64),
+        "block 1's Poisson share"
+    );
     // The router view lists the blocks' weights.
     assert!(
         h.query_by_label("0.600 (60%)").is_some(),
@@ -322,4 +327,323 @@ fn snapshot_router_view() {
 #[test]
 fn snapshot_curves_view() {
     snapshot_of(Tab::Curves);
+}
+
+// ---- Run folders opened in the app (`moppa view`, File → Open run…) ----
+
+mod common;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The JSON lines of a run folder file (complete lines only).
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn count(recs: &[Value], kind: &str) -> usize {
+    recs.iter().filter(|r| r["kind"] == kind).count()
+}
+
+/// A short real run (micro backbone, built-in digits) into `dir/{method}-seed0`.
+fn real_run(dir: &Path, method: &str, extra: &[&str]) -> PathBuf {
+    let backbone = common::micro_backbone(dir);
+    let out = dir.join(format!("{method}-seed0"));
+    let mut args = vec![
+        "train",
+        "--backbone",
+        backbone.to_str().unwrap(),
+        "--method",
+        method,
+        "--rank",
+        "4",
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--batch",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = common::moppa(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// The app (fake launcher: nothing of its own runs) with run folders opened at start.
+fn viewer(tab: Tab, open: Vec<PathBuf>) -> Harness<'static, StudioApp> {
+    let (launcher, _fake) = launcher();
+    let settings = Settings {
+        tab,
+        ..Settings::default()
+    };
+    Harness::builder()
+        .with_size(egui::vec2(1440.0, 900.0))
+        .with_max_steps(16)
+        .build_eframe(move |cc| {
+            StudioApp::with_launcher(
+                &cc.egui_ctx,
+                settings,
+                launcher,
+                AppOptions {
+                    stable_display: true,
+                    open,
+                    ..AppOptions::default()
+                },
+            )
+        })
+}
+
+/// Mean of block 0's α for `prior` in a snapshot record, as the router table prints it.
+fn router_cell(rec: &Value, prior: usize) -> String {
+    let router = &rec["router"][0];
+    let a = router["mean"][prior].as_f64().unwrap();
+    let s = router["share"][prior].as_f64().unwrap();
+    format!("{a:.3} ({:.0}%)", 100.0 * s)
+}
+
+#[test]
+fn a_finished_run_folder_opens_with_its_curves_filters_and_router() {
+    let tmp = tempdir("open-finished");
+    let dir = real_run(&tmp, "moppa", &[]);
+    let metrics = records(&dir.join("metrics.jsonl"));
+    let snaps = records(&dir.join("snapshots.jsonl"));
+    let last = snaps.last().unwrap().clone();
+    assert_eq!(last["kind"], "snapshot");
+    let mut h = viewer(Tab::Filters, vec![dir.clone()]);
+    h.run_steps(4);
+    {
+        let app = h.state();
+        assert_eq!(
+            app.runs.len(),
+            1,
+            "nothing of the app's own is launched by `moppa view`"
+        );
+        let run = &app.runs[0].history;
+        assert_eq!(
+            run.loss.points.len(),
+            count(&metrics, "progress"),
+            "every progress record is a curve point"
+        );
+        let vals = metrics
+            .iter()
+            .filter(|r| r["kind"] == "eval" && r["split"] == "val")
+            .count();
+        assert_eq!(run.val.len(), vals);
+        assert_eq!(run.test.len(), 1);
+        assert_eq!(run.snapshots.len(), count(&snaps, "snapshot"), "every snapshot record");
+        // The filters follow from the recorded coefficients: κ of channel 0, block 0.
+        let kappa = last["kappa"][0][0].as_f64().unwrap();
+        let shown = f64::from(run.snapshots.last().unwrap().blocks[0].coeffs.kappa[0]);
+        assert!((shown - kappa).abs() <= 1e-6 * kappa.abs(), "{shown} vs {kappa}");
+        let finished = metrics.iter().find(|r| r["kind"] == "finished").unwrap();
+        assert_eq!(run.best_val(), finished["best_val_acc"].as_f64());
+    }
+    // Filters: the scrubber shows the last snapshot's step, and its coefficient summary.
+    let step = last["step"].as_u64().unwrap();
+    assert!(
+        h.query_by_label(&format!("step {step}")).is_some(),
+        "the snapshot scrubber is at step {step}"
+    );
+    let kappas: Vec<f64> = (0..4).map(|c| last["kappa"][0][c].as_f64().unwrap()).collect();
+    let mean = kappas.iter().sum::<f64>() / kappas.len() as f64;
+    assert!(
+        h.query_all_by_label_contains(&format!("κ: mean {mean:.4}")).count() >= 1,
+        "the κ summary of block 0 (mean {mean:.4})"
+    );
+    // Router: block 0's weights from the last record.
+    h.state_mut().settings.tab = Tab::Router;
+    h.run_steps(3);
+    for p in 0..3 {
+        let cell = router_cell(&last, p);
+        assert!(h.query_by_label(&cell).is_some(), "router table cell {cell}");
+    }
+    // Curves: the finished run's state is shown.
+    h.state_mut().settings.tab = Tab::Curves;
+    h.run_steps(3);
+    assert!(h.query_all_by_label_contains("finished (done)").count() >= 1);
+}
+
+#[test]
+fn two_runs_are_listed_in_the_runs_table() {
+    let tmp = tempdir("open-two");
+    let a = real_run(&tmp, "moppa", &[]);
+    let b = real_run(&tmp, "lora", &[]);
+    // A parent folder opens every run under it.
+    let mut h = viewer(Tab::Runs, vec![tmp.clone()]);
+    h.run_steps(4);
+    assert_eq!(h.state().runs.len(), 2);
+    for (dir, method) in [(&a, "moppa r4"), (&b, "lora r4")] {
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert!(h.query_by_label(name).is_some(), "runs table lists {name}");
+        assert!(
+            h.query_by_label(method).is_some(),
+            "runs table shows the method {method}"
+        );
+        let started = records(&dir.join("metrics.jsonl"))
+            .into_iter()
+            .find(|r| r["kind"] == "started")
+            .unwrap();
+        let trainable = moppa_studio::util::group_digits(started["trainable"].as_u64().unwrap() as usize);
+        assert!(
+            h.query_by_label(&trainable).is_some(),
+            "trainable {trainable} of {name}"
+        );
+    }
+    // The first MoPPA run is the one the filter and router views show.
+    assert_eq!(h.state().sel().unwrap().history.label, "moppa-seed0");
+}
+
+#[test]
+fn a_run_killed_mid_write_reopens_with_every_complete_record() {
+    use std::io::Write as _;
+    let tmp = tempdir("open-killed");
+    let backbone = common::micro_backbone(&tmp);
+    let dir = tmp.join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args([
+            "train",
+            "--backbone",
+            backbone.to_str().unwrap(),
+            "--steps",
+            "1000000",
+            "--eval-every",
+            "50",
+        ])
+        .args(["--batch", "16", "--threads", "1", "--out", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join("snapshots.jsonl")).map_or(0, |t| t.lines().count()) < 6 {
+        assert!(t0.elapsed().as_secs() < 120, "the run wrote no snapshots");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // A write cut short: half a record at the end of both files.
+    for f in ["metrics.jsonl", "snapshots.jsonl"] {
+        let mut file = std::fs::OpenOptions::new().append(true).open(dir.join(f)).unwrap();
+        file.write_all(br#"{"kind":"progress","step":99999999,"lo"#).unwrap();
+    }
+    let metrics = records(&dir.join("metrics.jsonl"));
+    let snaps = records(&dir.join("snapshots.jsonl"));
+    let mut h = viewer(Tab::Curves, vec![dir]);
+    h.run_steps(4);
+    let app = h.state();
+    let run = &app.runs[0].history;
+    assert_eq!(run.loss.points.len(), count(&metrics, "progress"));
+    assert_eq!(run.snapshots.len(), count(&snaps, "snapshot"));
+    assert!(run.snapshots.len() >= 5);
+    let evals = metrics
+        .iter()
+        .filter(|r| r["kind"] == "eval" && r["split"] == "val")
+        .count();
+    assert_eq!(run.val.len(), evals);
+    assert!(
+        app.runs[0]
+            .liveness()
+            .is_some_and(|l| !matches!(l, moppa_studio::train::replay::Liveness::Finished(_))),
+        "a killed run has not finished"
+    );
+}
+
+/// A fresh folder under the target dir for one test.
+fn tempdir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The app with the real engine, its runs written under `runs_dir`.
+fn real_app(settings: Settings, runs_dir: PathBuf, autostart: bool) -> Harness<'static, StudioApp> {
+    Harness::builder()
+        .with_size(egui::vec2(1440.0, 900.0))
+        .with_max_steps(16)
+        .build_eframe(move |cc| {
+            StudioApp::with_launcher(
+                &cc.egui_ctx,
+                settings,
+                moppa_studio::app::link::worker_launcher(),
+                AppOptions {
+                    stable_display: true,
+                    autostart,
+                    runs_dir: Some(runs_dir),
+                    ..AppOptions::default()
+                },
+            )
+        })
+}
+
+fn micro_settings(dir: &Path) -> Settings {
+    let mut config = RunConfig {
+        backbone: common::micro_backbone(dir).to_str().unwrap().to_owned(),
+        steps: Some(30),
+        eval_every: 15,
+        batch: 16,
+        threads: Some(1),
+        ..RunConfig::default()
+    };
+    config.method.rank = 4;
+    Settings {
+        config,
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn a_run_started_in_the_app_leaves_a_run_folder_and_an_unstarted_one_none() {
+    use moppa_studio::app::panels::RunStatus;
+    let tmp = tempdir("app-run-folder");
+    let runs = tmp.join("runs");
+    // Started: trains to the end and leaves a complete run folder behind.
+    let mut h = real_app(micro_settings(&tmp), runs.clone(), true);
+    let t0 = std::time::Instant::now();
+    while h.state().status() != RunStatus::Finished {
+        assert!(t0.elapsed().as_secs() < 120, "the app's run did not finish");
+        h.run_steps(1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(h);
+    let folders: Vec<PathBuf> = std::fs::read_dir(&runs).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(folders.len(), 1, "{folders:?}");
+    let name = folders[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.ends_with("-moppa-r4") && name.starts_with("20"),
+        "named by date and method: {name}"
+    );
+    let metrics = records(&folders[0].join("metrics.jsonl"));
+    assert_eq!(count(&metrics, "progress"), 30);
+    assert_eq!(metrics.last().unwrap()["kind"], "finished");
+    assert!(count(&records(&folders[0].join("snapshots.jsonl")), "snapshot") >= 3);
+    // Prepared but never started (the app opened and closed): nothing is left behind.
+    let idle = tmp.join("idle");
+    let mut h = real_app(micro_settings(&tmp), idle.clone(), false);
+    let t0 = std::time::Instant::now();
+    while h.state().status() != RunStatus::Ready {
+        assert!(t0.elapsed().as_secs() < 60, "the app's run did not get ready");
+        h.run_steps(1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        std::fs::read_dir(&idle).unwrap().count(),
+        1,
+        "the prepared run holds its folder"
+    );
+    drop(h);
+    assert_eq!(
+        std::fs::read_dir(&idle).unwrap().count(),
+        0,
+        "an unstarted run leaves nothing"
+    );
 }

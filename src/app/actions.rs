@@ -12,14 +12,41 @@ impl StudioApp {
     pub(super) fn apply(&mut self, action: Action, ctx: &egui::Context) {
         match action {
             Action::Start => {
-                let changed = self.launched.as_ref() != Some(&self.settings.config);
-                match self.status {
-                    RunStatus::Ready | RunStatus::Paused if !changed => self.send(Command::Start),
-                    RunStatus::Running => {}
+                let control = self.sel().is_some_and(|r| r.control);
+                // Settings changed since this app's run was launched: Start launches them.
+                let changed = self.selected_is_local() && self.launched.as_ref() != Some(&self.settings.config);
+                match self.status() {
+                    RunStatus::Ready | RunStatus::Paused if control && !changed => {
+                        self.send(Command::Start);
+                        if let Some(r) = self.sel_mut() {
+                            r.status = RunStatus::Running;
+                        }
+                    }
+                    RunStatus::Running if control => {}
                     _ => self.launch(true),
                 }
-                if self.status == RunStatus::Ready || self.status == RunStatus::Paused {
-                    self.status = RunStatus::Running;
+            }
+            Action::Select(i) => {
+                if i < self.runs.len() {
+                    self.selected = i;
+                    self.scrub = None;
+                }
+            }
+            Action::OpenRuns => {
+                if let Some(dirs) = rfd::FileDialog::new().pick_folders() {
+                    self.open_folders(&dirs);
+                }
+            }
+            Action::OpenRun(d) => self.open_folder(&d),
+            Action::Connect => {
+                let (addr, token) = (self.connect.addr.trim().to_owned(), self.connect.token.clone());
+                self.settings.last_server.clone_from(&addr);
+                self.connect_to(&addr, &token);
+            }
+            Action::FetchRunFiles => {
+                if let Some(dir) = rfd::FileDialog::new().pick_folder() {
+                    self.fetch_to = Some(dir);
+                    self.send(Command::FetchRunFiles);
                 }
             }
             Action::Pause => self.send(Command::Pause),
@@ -73,7 +100,7 @@ impl StudioApp {
                     .set_file_name("metrics.csv")
                     .save_file()
                 {
-                    let csv = self.runs.last().map(metrics_csv).unwrap_or_default();
+                    let csv = self.sel().map(|r| metrics_csv(&r.history)).unwrap_or_default();
                     if let Err(e) = std::fs::write(&p, csv) {
                         self.show_error(format!("{}: {e}", p.display()));
                     }

@@ -12,11 +12,11 @@ use std::time::Duration;
 impl StudioApp {
     pub(super) fn screenshot_mode(&mut self, ctx: &egui::Context) {
         if let Some(path) = self.opts.screenshot.clone() {
-            let step = self.runs.last().map_or(0, |r| r.step);
-            let done = matches!(self.status, RunStatus::Finished | RunStatus::Failed);
+            let step = self.sel().map_or(0, |r| r.history.step);
+            let done = matches!(self.status(), RunStatus::Finished | RunStatus::Failed);
             if !self.screenshot_requested && (step >= self.opts.after_steps || done) {
                 self.screenshot_requested = true;
-                if self.status == RunStatus::Running {
+                if self.status() == RunStatus::Running {
                     self.send(Command::Pause);
                 }
                 // Let one more frame draw the latest snapshot, then capture and quit.
@@ -45,8 +45,8 @@ impl StudioApp {
             if self.started_at.elapsed().as_secs_f64() >= secs {
                 self.screenshot_requested = true;
                 if let (Some((med, p99)), Some((gap, gap99))) = (self.frames.stats(), self.frames.intervals()) {
-                    let step = self.runs.last().map_or(0, |r| r.step);
-                    let thr = self.runs.last().map_or(0.0, |r| r.throughput);
+                    let step = self.sel().map_or(0, |r| r.history.step);
+                    let thr = self.sel().map_or(0.0, |r| r.history.throughput);
                     println!(
                         "UI over the last {} frames while training (step {step}, {thr:.0} img/s): frame CPU time median {med:.2} ms, p99 {p99:.2} ms; frame interval median {gap:.1} ms ({:.0} fps), p99 {gap99:.1} ms",
                         self.frames.len(),

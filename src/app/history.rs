@@ -1,7 +1,7 @@
 //! What the app remembers of a run: decimated metric series (bounded memory however long the
 //! run), evaluations, applied commands, and a bounded list of snapshots for scrubbing.
 
-use crate::train::protocol::{Applied, EvalResult, Progress, RunInfo, Snapshot};
+use crate::train::protocol::{Applied, EvalResult, FinishReason, Progress, RunInfo, Snapshot};
 
 /// Points kept per series before halving its resolution.
 pub const MAX_POINTS: usize = 4096;
@@ -107,6 +107,10 @@ pub struct RunHistory {
     pub time_s: f64,
     /// Latest images/s.
     pub throughput: f64,
+    /// Times the run was resumed (a recorded run started again).
+    pub resumes: usize,
+    /// How it ended, once it did.
+    pub finished: Option<FinishReason>,
 }
 
 impl RunHistory {

@@ -1,29 +1,127 @@
-//! The window's layout: the top bar (tabs, run control, export), the status bar with messages,
-//! the launch panel, the live controls, the central view of the chosen tab, and the error dialog.
+//! The window's layout: the top bar (File menu, tabs, the run the views show, run control,
+//! export), the status bar with messages, the launch panel, the live controls, the central view
+//! of the chosen tab, and the dialogs (errors, Connect…).
 
-use super::StudioApp;
 use super::panels::{self, Action, RunStatus};
 use super::state::Tab;
+use super::{OpenRun, Source, StudioApp};
 use crate::train::backbone::cuda_available;
 use crate::train::protocol::Snapshot;
+use crate::train::replay::Liveness;
 use std::time::Duration;
+
+/// A run's state in words, for the status bar and the runs table.
+#[must_use]
+pub fn run_state(r: &OpenRun) -> String {
+    let resumed = if r.history.resumes > 0 {
+        format!(" (resumed ×{})", r.history.resumes)
+    } else {
+        String::new()
+    };
+    let state = match (&r.source, r.liveness()) {
+        (Source::Folder(_), Some(Liveness::Crashed)) => "crashed (no record for 30 s)".to_owned(),
+        (Source::Folder(_), Some(Liveness::Finished(f))) => format!("finished ({})", reason(f)),
+        (Source::Folder(_), _) if r.history.info.is_some() => "being written (followed)".to_owned(),
+        (_, _) => match (r.status, r.history.finished) {
+            (RunStatus::Finished | RunStatus::Failed, Some(f)) => format!("finished ({})", reason(f)),
+            (s, _) => s.label().to_owned(),
+        },
+    };
+    format!("{state}{resumed}")
+}
+
+fn reason(f: crate::train::protocol::FinishReason) -> String {
+    serde_json::to_value(f)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
 
 impl StudioApp {
     pub(super) fn top_bar(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
         let mut actions = Vec::new();
         ui.horizontal(|ui| {
             ui.heading("MoPPA Studio");
+            ui.menu_button("File", |ui| {
+                if ui
+                    .button("Open run…")
+                    .on_hover_text("One or more run folders")
+                    .clicked()
+                {
+                    actions.push(Action::OpenRuns);
+                }
+                ui.menu_button("Recent runs", |ui| {
+                    // Folders since deleted (or runs never started) are not offered.
+                    let recent: Vec<_> = self
+                        .settings
+                        .recent_runs
+                        .iter()
+                        .filter(|d| crate::train::runfolder::is_run_folder(d))
+                        .cloned()
+                        .collect();
+                    if recent.is_empty() {
+                        ui.label("none yet");
+                    }
+                    for d in recent {
+                        if ui.button(d.display().to_string()).clicked() {
+                            actions.push(Action::OpenRun(d));
+                        }
+                    }
+                });
+                if ui
+                    .button("Connect…")
+                    .on_hover_text("A run served by moppa train --serve")
+                    .clicked()
+                {
+                    self.connect.open = true;
+                    if self.connect.addr.is_empty() {
+                        self.connect.addr.clone_from(&self.settings.last_server);
+                    }
+                }
+                let remote = self
+                    .sel()
+                    .is_some_and(|r| matches!(r.source, Source::Remote(_)) && r.control);
+                if ui
+                    .add_enabled(remote, egui::Button::new("Fetch the run's adapter and config…"))
+                    .clicked()
+                {
+                    actions.push(Action::FetchRunFiles);
+                }
+            });
             ui.separator();
             for t in Tab::ALL {
                 ui.selectable_value(&mut self.settings.tab, t, t.label());
             }
             ui.separator();
-            let s = self.status;
-            let can_start = !matches!(s, RunStatus::Running | RunStatus::None);
+            if self.runs.len() > 1 {
+                let current = self.sel().map_or_else(String::new, |r| r.history.label.clone());
+                egui::ComboBox::from_id_salt("run-shown")
+                    .selected_text(current)
+                    .show_ui(ui, |ui| {
+                        for (i, r) in self.runs.iter().enumerate() {
+                            if ui.selectable_label(i == self.selected, &r.history.label).clicked() {
+                                actions.push(Action::Select(i));
+                            }
+                        }
+                    })
+                    .response
+                    .on_hover_text("The run the filter, router and live views show");
+                ui.separator();
+            }
+            let s = self.status();
+            let control = self.sel().is_some_and(|r| r.control);
+            let local = self.selected_is_local();
+            // A run that cannot be steered from here (a folder, a watch-only connection): Start
+            // launches a new run of this app's.
+            let can_start = !(control && matches!(s, RunStatus::Running | RunStatus::None));
             if ui
                 .add_enabled(
                     can_start,
-                    egui::Button::new(if s == RunStatus::Paused { "Resume" } else { "Start" }),
+                    egui::Button::new(if s == RunStatus::Paused && control {
+                        "Resume"
+                    } else {
+                        "Start"
+                    }),
                 )
                 .on_hover_text("Space toggles pause")
                 .clicked()
@@ -31,14 +129,14 @@ impl StudioApp {
                 actions.push(Action::Start);
             }
             if ui
-                .add_enabled(s == RunStatus::Running, egui::Button::new("Pause"))
+                .add_enabled(control && s == RunStatus::Running, egui::Button::new("Pause"))
                 .clicked()
             {
                 actions.push(Action::Pause);
             }
             if ui
                 .add_enabled(
-                    matches!(s, RunStatus::Ready | RunStatus::Paused),
+                    control && matches!(s, RunStatus::Ready | RunStatus::Paused),
                     egui::Button::new("Step"),
                 )
                 .on_hover_text("One optimizer step")
@@ -48,7 +146,7 @@ impl StudioApp {
             }
             if ui
                 .add_enabled(
-                    matches!(s, RunStatus::Running | RunStatus::Paused | RunStatus::Ready),
+                    control && matches!(s, RunStatus::Running | RunStatus::Paused | RunStatus::Ready),
                     egui::Button::new("Stop"),
                 )
                 .on_hover_text("Final evaluation and checkpoint")
@@ -72,7 +170,7 @@ impl StudioApp {
                     actions.push(Action::Screenshot);
                 }
                 if ui
-                    .add_enabled(self.link.is_some(), egui::Button::new("Adapter checkpoint…"))
+                    .add_enabled(control && local, egui::Button::new("Adapter checkpoint…"))
                     .clicked()
                 {
                     actions.push(Action::SaveAdapter);
@@ -137,21 +235,81 @@ impl StudioApp {
         }
     }
 
+    /// Buttons selecting the MoPPA runs among those open (when the selected run is not one).
+    fn moppa_run_buttons(&self, ui: &mut egui::Ui) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let moppa: Vec<(usize, &str)> = self
+            .runs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.info().is_some_and(|i| !i.priors.is_empty()))
+            .map(|(i, r)| (i, r.history.label.as_str()))
+            .collect();
+        if !moppa.is_empty() {
+            ui.horizontal_wrapped(|ui| {
+                ui.label("Show a MoPPA run:");
+                for (i, label) in moppa {
+                    if ui.button(label).clicked() {
+                        actions.push(Action::Select(i));
+                    }
+                }
+            });
+        }
+        actions
+    }
+
+    fn connect_dialog(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if !self.connect.open {
+            return actions;
+        }
+        let r = egui::Modal::new(egui::Id::unique("connect-modal")).show(ui.ctx(), |ui| {
+            ui.heading("Connect to a served run");
+            ui.label("moppa train --serve prints the address and the token. Through an SSH tunnel: localhost:PORT.");
+            egui::Grid::new("connect-grid").num_columns(2).show(ui, |ui| {
+                ui.label("host:port");
+                ui.text_edit_singleline(&mut self.connect.addr);
+                ui.end_row();
+                ui.label("token");
+                ui.add(egui::TextEdit::singleline(&mut self.connect.token).password(true))
+                    .on_hover_text("Empty: watch only (the server must allow it)");
+                ui.end_row();
+            });
+            ui.horizontal(|ui| {
+                if ui.button("Connect").clicked() {
+                    actions.push(Action::Connect);
+                }
+                ui.button("Cancel").clicked()
+            })
+            .inner
+        });
+        if r.inner || r.should_close() {
+            self.connect.open = false;
+        }
+        actions
+    }
+
     fn snapshot_for_controls(&self) -> Option<&Snapshot> {
-        self.runs.last().and_then(|r| r.snapshots.last())
+        self.sel().and_then(|r| r.history.snapshots.last())
     }
 
     /// Draws every panel; returns what they asked for.
     pub(super) fn layout(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
-        if self.status == RunStatus::Running {
+        if self.status() == RunStatus::Running {
             // ~60 fps while training: curves and filters move smoothly.
             ui.ctx().request_repaint_after(Duration::from_millis(15));
         }
+        if self.runs.iter().any(OpenRun::following) {
+            // Runs written elsewhere: look for their new records.
+            ui.ctx().request_repaint_after(super::link::FOLLOW_EVERY);
+        }
         let mut actions = Vec::new();
-        if !ui.ctx().egui_wants_keyboard_input()
+        let control = self.sel().is_some_and(|r| r.control);
+        if control
+            && !ui.ctx().egui_wants_keyboard_input()
             && ui.input_mut(|i| i.consume_key(egui::Modifiers::NONE, egui::Key::Space))
         {
-            match self.status {
+            match self.status() {
                 RunStatus::Running => actions.push(Action::Pause),
                 RunStatus::Paused | RunStatus::Ready => actions.push(Action::Start),
                 _ => {}
@@ -160,39 +318,46 @@ impl StudioApp {
         egui::Panel::top("top").show(ui, |ui| actions.extend(self.top_bar(ui)));
         egui::Panel::bottom("status").show(ui, |ui| {
             self.messages(ui);
-            let (step, thr) = self.runs.last().map_or((0, 0.0), |r| (r.step, r.throughput));
-            let (device, total) = self.info.as_ref().map_or(("-".to_owned(), 0), |i| {
+            let (step, thr) = self.sel().map_or((0, 0.0), |r| (r.history.step, r.history.throughput));
+            let (device, total) = self.info().map_or(("-".to_owned(), 0), |i| {
                 let plural = if i.threads == 1 { "" } else { "s" };
                 (format!("{} · {} thread{plural}", i.device, i.threads), i.total_steps)
             });
+            let state = self.sel().map_or_else(|| "no run".to_owned(), run_state);
             let frames = (!self.opts.stable_display).then_some(&self.frames);
-            panels::status::ui(ui, self.status, &device, step, total, thr, frames);
+            panels::status::ui(ui, &state, &device, step, total, thr, frames);
         });
         egui::Panel::left("launch")
             .resizable(true)
             .default_size(270.0)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
-                    let backbone = self.info.as_ref().map(|i| i.backbone.clone());
-                    let classes = self.info.as_ref().map_or(10, |i| i.classes.len());
+                    let backbone = self.info().map(|i| i.backbone.clone());
+                    let classes = self.info().map_or(10, |i| i.classes.len());
+                    let local_status = self
+                        .runs
+                        .iter()
+                        .rev()
+                        .find(|r| r.source == Source::Local)
+                        .map_or(RunStatus::None, |r| r.status);
                     actions.extend(panels::launch::ui(
                         ui,
                         &mut self.settings.config,
-                        self.status,
+                        local_status,
                         backbone.as_ref(),
                         classes,
                         cuda_available(),
                     ));
                 });
             });
-        let moppa = self.info.as_ref().is_some_and(|i| !i.priors.is_empty());
-        if moppa && self.settings.tab != Tab::Playground {
+        let moppa = self.info().is_some_and(|i| !i.priors.is_empty());
+        if moppa && control && !matches!(self.settings.tab, Tab::Playground | Tab::Runs) {
             egui::Panel::right("live")
                 .resizable(true)
                 .default_size(290.0)
                 .show(ui, |ui| {
                     let snap = self.snapshot_for_controls().cloned();
-                    let running = self.status == RunStatus::Running;
+                    let running = self.status() == RunStatus::Running;
                     actions.extend(panels::live::ui(
                         ui,
                         &mut self.settings.controls,
@@ -206,13 +371,17 @@ impl StudioApp {
                 .auto_shrink([false, false])
                 .show(ui, |ui| match self.settings.tab {
                     Tab::Filters => {
-                        let rank = self.info.as_ref().map_or(0, |i| i.rank);
-                        let snaps: &[Snapshot] = self.runs.last().map_or(&[], |r| r.snapshots.as_slice());
-                        if !moppa && self.info.is_some() {
+                        let rank = self.info().map_or(0, |i| i.rank);
+                        let snaps: &[Snapshot] = self
+                            .runs
+                            .get(self.selected)
+                            .map_or(&[], |r| r.history.snapshots.as_slice());
+                        if !moppa && let Some(i) = self.info() {
                             ui.label(format!(
                                 "This run is {}: the spectral views are for MoPPA runs.",
-                                self.info.as_ref().map_or("", |i| i.method.as_str())
+                                i.method
                             ));
+                            actions.extend(self.moppa_run_buttons(ui));
                         }
                         actions.extend(panels::filters::ui(
                             ui,
@@ -224,24 +393,32 @@ impl StudioApp {
                         ));
                     }
                     Tab::Router => {
-                        let probes = self.info.as_ref().map_or(0, |i| i.probes);
-                        if let Some(r) = self.runs.last() {
+                        let probes = self.info().map_or(0, |i| i.probes);
+                        if !moppa && self.info().is_some() {
+                            actions.extend(self.moppa_run_buttons(ui));
+                        }
+                        if let Some(r) = self.runs.get(self.selected) {
                             let idx = self.scrub.unwrap_or(usize::MAX);
-                            let snap = r.snapshots.get(idx).or_else(|| r.snapshots.last());
+                            let snap = r.history.snapshots.get(idx).or_else(|| r.history.snapshots.last());
                             actions.extend(panels::router::ui(
                                 ui,
                                 &mut self.settings.router,
-                                r,
+                                &r.history,
                                 snap,
-                                probes,
+                                if r.control { probes } else { 0 },
                                 &mut self.textures,
                             ));
                         }
                     }
                     Tab::Curves => {
-                        let (a, rects) = panels::curves::ui(ui, &mut self.settings.curves, &self.runs);
+                        let histories: Vec<&crate::app::history::RunHistory> =
+                            self.runs.iter().map(|r| &r.history).collect();
+                        let (a, rects) = panels::curves::ui(ui, &mut self.settings.curves, &histories, self.selected);
                         actions.extend(a);
                         self.plot_rects = rects;
+                    }
+                    Tab::Runs => {
+                        actions.extend(panels::runs::ui(ui, &self.runs, self.selected));
                     }
                     Tab::Playground => {
                         actions.extend(panels::playground::ui(
@@ -253,6 +430,7 @@ impl StudioApp {
                     }
                 });
         });
+        actions.extend(self.connect_dialog(ui));
         self.error_modal(ui);
         actions
     }

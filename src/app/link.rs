@@ -1,17 +1,27 @@
-//! The app's only connection to the engine: commands out, events in. A real run is a
-//! [`WorkerHandle`]; tests plug in a fake that records commands and replays events.
+//! The app's connections to runs: commands out, events in. A run of this app's is a
+//! [`WorkerHandle`]; a run folder is a [`FolderLink`] (read, then followed while it grows); a
+//! served run is a [`RemoteRun`]. Tests plug in a fake that records commands and replays events.
 
 use crate::config::RunConfig;
 use crate::train::protocol::{Command, Event};
+use crate::train::replay::{Liveness, RunFolderReader};
+use crate::train::serve::RemoteLink;
 use crate::train::worker::Waker;
 use crate::train::{WorkerHandle, WorkerOptions};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// A connection to a run.
 pub trait Link {
-    /// Sends a command; false when it could not be queued.
+    /// Sends a command; false when it could not be queued (or the run cannot be steered).
     fn send(&mut self, command: Command) -> bool;
     /// The next event, if one is waiting (never blocks).
     fn try_recv(&mut self) -> Option<Event>;
+    /// For a run read from its folder: whether it finished, crashed or is still written.
+    fn liveness(&self) -> Option<Liveness> {
+        None
+    }
 }
 
 impl Link for WorkerHandle {
@@ -38,6 +48,70 @@ pub fn worker_launcher() -> Launcher {
         let handle = WorkerHandle::spawn(cfg.clone(), opts)?;
         Ok(Box::new(handle) as Box<dyn Link>)
     })
+}
+
+/// How often a followed folder is looked at (a new record shows within this).
+pub const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// A run folder as a link: its records first, then whatever is appended (read-only: commands
+/// are refused). The app repaints at least every [`FOLLOW_EVERY`] while such a run may still
+/// grow, so a new record shows within a quarter of a second.
+pub struct FolderLink {
+    reader: RunFolderReader,
+    queue: VecDeque<Event>,
+    last_poll: Option<Instant>,
+}
+
+impl FolderLink {
+    /// Opens `dir` (a run folder).
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        Ok(Self {
+            reader: RunFolderReader::open(dir)?,
+            queue: VecDeque::new(),
+            last_poll: None,
+        })
+    }
+}
+
+impl Link for FolderLink {
+    fn send(&mut self, _: Command) -> bool {
+        false
+    }
+
+    fn try_recv(&mut self) -> Option<Event> {
+        if self.queue.is_empty() && self.last_poll.is_none_or(|t| t.elapsed() >= FOLLOW_EVERY) {
+            self.last_poll = Some(Instant::now());
+            self.queue.extend(self.reader.poll());
+        }
+        self.queue.pop_front()
+    }
+
+    fn liveness(&self) -> Option<Liveness> {
+        Some(self.reader.liveness())
+    }
+}
+
+/// A run served elsewhere (`moppa train --serve`), watched and (with the token) steered.
+pub struct RemoteRun {
+    link: RemoteLink,
+}
+
+impl RemoteRun {
+    /// Wraps a connection.
+    #[must_use]
+    pub fn new(link: RemoteLink) -> Self {
+        Self { link }
+    }
+}
+
+impl Link for RemoteRun {
+    fn send(&mut self, command: Command) -> bool {
+        self.link.can_control() && self.link.send(&command).is_ok()
+    }
+
+    fn try_recv(&mut self) -> Option<Event> {
+        self.link.events().try_recv().ok()
+    }
 }
 
 /// A link for tests: records commands, delivers events pushed through a channel.

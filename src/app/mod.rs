@@ -1,6 +1,8 @@
 //! The desktop app (feature `gui`): live spectral filters, router per block, curves, and
-//! coefficients that can be moved while training. It drives the engine only through the
-//! protocol ([`link::Link`]: `Command` out, `Event` in) and never touches a tensor.
+//! coefficients that can be moved while training, for the run it launches, runs opened from
+//! their folders (finished, or followed while another process writes them) and runs served by
+//! `moppa train --serve` elsewhere. It drives every run only through the protocol
+//! ([`link::Link`]: `Command` out, `Event` in) and never touches a tensor.
 
 mod actions;
 mod capture;
@@ -15,18 +17,20 @@ pub use actions::metrics_csv;
 pub use capture::save_png;
 
 use history::RunHistory;
-use link::{Launcher, Link, worker_launcher};
+use link::{FolderLink, Launcher, Link, worker_launcher};
 use panels::RunStatus;
 use panels::playground::Playground;
 use panels::status::FrameTimes;
 use state::{Settings, Tab};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use widgets::heatmap::Textures;
 
 use crate::config::RunConfig;
 use crate::train::protocol::{Command, Event, FinishReason, Notice, RunInfo};
+use crate::train::replay::Liveness;
+use crate::train::serve::RemoteLink;
 use crate::train::worker::Waker;
 
 /// How the app starts.
@@ -46,6 +50,11 @@ pub struct AppOptions {
     pub config: Option<RunConfig>,
     /// Hide numbers that change from frame to frame (frame time, memory): for snapshot tests.
     pub stable_display: bool,
+    /// Run folders to open (`moppa view`): no run of the app's own is launched then.
+    pub open: Vec<PathBuf>,
+    /// Where the app's own runs write their run folders (`run` sets `runs/` in the app's data
+    /// folder); `None`: they write none.
+    pub runs_dir: Option<PathBuf>,
 }
 
 /// A message shown to the user.
@@ -55,19 +64,98 @@ struct Shown {
     notice: Notice,
 }
 
+/// Where a run's events come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Launched by this app.
+    Local,
+    /// A run folder, read (and followed while it grows).
+    Folder(PathBuf),
+    /// A run served by `moppa train --serve` at `HOST:PORT`.
+    Remote(String),
+}
+
+impl Source {
+    /// Short text for the runs table.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Local => "this app".into(),
+            Self::Folder(p) => p.display().to_string(),
+            Self::Remote(a) => format!("served at {a}"),
+        }
+    }
+}
+
+/// One run the app shows: what it remembers of it, where it comes from and how to reach it.
+pub struct OpenRun {
+    /// Curves, evaluations, snapshots.
+    pub history: RunHistory,
+    /// Where its events come from.
+    pub source: Source,
+    /// Where it is.
+    pub status: RunStatus,
+    /// Whether its controls (Start, Pause, the live sliders) act on it.
+    pub control: bool,
+    link: Option<Box<dyn Link>>,
+}
+
+impl OpenRun {
+    fn new(label: String, source: Source, link: Option<Box<dyn Link>>, control: bool) -> Self {
+        Self {
+            history: RunHistory::new(label),
+            source,
+            status: RunStatus::None,
+            control,
+            link,
+        }
+    }
+
+    /// The run's facts, once started.
+    #[must_use]
+    pub fn info(&self) -> Option<&RunInfo> {
+        self.history.info.as_ref()
+    }
+
+    /// A followed folder's state: finished, crashed or still written.
+    #[must_use]
+    pub fn liveness(&self) -> Option<Liveness> {
+        self.link.as_ref().and_then(|l| l.liveness())
+    }
+
+    /// Whether events may still arrive without the app asking (a followed folder still written,
+    /// a connected server).
+    #[must_use]
+    pub fn following(&self) -> bool {
+        match &self.source {
+            Source::Local => false,
+            Source::Remote(_) => self.link.is_some(),
+            Source::Folder(_) => !matches!(self.liveness(), Some(Liveness::Finished(_))),
+        }
+    }
+}
+
+/// The Connect… dialog's fields.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectForm {
+    /// Whether the dialog is open.
+    pub open: bool,
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// The token (empty: watch only).
+    pub token: String,
+}
+
 /// The app.
 pub struct StudioApp {
     /// Persisted settings.
     pub settings: Settings,
     launcher: Launcher,
-    link: Option<Box<dyn Link>>,
-    /// Where the current run is.
-    pub status: RunStatus,
+    /// Every run shown: this app's, opened folders, connected servers.
+    pub runs: Vec<OpenRun>,
+    /// The run the filter, router and live views show and the run controls act on.
+    pub selected: usize,
     launched: Option<RunConfig>,
-    /// Histories of this session's runs (the last is the current one).
-    pub runs: Vec<RunHistory>,
-    /// The current run's facts.
-    pub info: Option<RunInfo>,
     scrub: Option<usize>,
     textures: Textures,
     playground: Playground,
@@ -81,6 +169,10 @@ pub struct StudioApp {
     screenshot_requested: bool,
     run_counter: usize,
     capture_errors: capture::CaptureErrors,
+    /// Where the files a remote run sends ([`Command::FetchRunFiles`]) are saved.
+    fetch_to: Option<PathBuf>,
+    /// The Connect… dialog.
+    pub connect: ConnectForm,
 }
 
 impl StudioApp {
@@ -113,11 +205,9 @@ impl StudioApp {
         let mut app = Self {
             settings,
             launcher,
-            link: None,
-            status: RunStatus::None,
-            launched: None,
             runs: Vec::new(),
-            info: None,
+            selected: 0,
+            launched: None,
             scrub: None,
             textures: Textures::default(),
             playground: Playground::default(),
@@ -131,31 +221,166 @@ impl StudioApp {
             screenshot_requested: false,
             run_counter: 0,
             capture_errors: capture::CaptureErrors::default(),
+            fetch_to: None,
+            connect: ConnectForm::default(),
         };
-        let autostart = app.opts.autostart || app.opts.screenshot.is_some() || app.opts.frame_stats.is_some();
-        app.launch(autostart);
+        let open = std::mem::take(&mut app.opts.open);
+        if open.is_empty() {
+            let autostart = app.opts.autostart || app.opts.screenshot.is_some() || app.opts.frame_stats.is_some();
+            app.launch(autostart);
+        } else {
+            app.open_folders(&open);
+        }
         app
     }
 
-    /// Starts a new run (idle unless `autostart`) with the current settings.
+    /// The selected run, if any.
+    #[must_use]
+    pub fn sel(&self) -> Option<&OpenRun> {
+        self.runs.get(self.selected)
+    }
+
+    fn sel_mut(&mut self) -> Option<&mut OpenRun> {
+        self.runs.get_mut(self.selected)
+    }
+
+    /// The selected run's status (`None` without one).
+    #[must_use]
+    pub fn status(&self) -> RunStatus {
+        self.sel().map_or(RunStatus::None, |r| r.status)
+    }
+
+    /// The selected run's facts.
+    #[must_use]
+    pub fn info(&self) -> Option<&RunInfo> {
+        self.sel().and_then(OpenRun::info)
+    }
+
+    fn selected_is_local(&self) -> bool {
+        self.sel().is_some_and(|r| r.source == Source::Local)
+    }
+
+    /// Starts a new run of this app's (idle unless `autostart`) with the current settings, and
+    /// selects it.
     fn launch(&mut self, autostart: bool) {
-        self.link = None;
+        // The previous local run stops (it stays in the list with its history).
+        for r in self.runs.iter_mut().filter(|r| r.source == Source::Local) {
+            r.link = None;
+            discard_if_unstarted(r);
+            if matches!(
+                r.status,
+                RunStatus::Running | RunStatus::Paused | RunStatus::Ready | RunStatus::None
+            ) {
+                r.status = RunStatus::Finished;
+            }
+            r.control = false;
+        }
         self.run_counter += 1;
         let cfg = self.settings.config.clone();
-        self.runs
-            .push(RunHistory::new(format!("#{} {}", self.run_counter, cfg.method.label())));
-        self.info = None;
+        let label = format!("#{} {}", self.run_counter, cfg.method.label());
         self.scrub = None;
-        match (self.launcher)(&cfg, self.waker.clone(), autostart) {
+        // Every run of the app's own writes a run folder (unless the settings name one).
+        let mut run_cfg = cfg.clone();
+        if run_cfg.out.is_none()
+            && let Some(root) = &self.opts.runs_dir
+        {
+            run_cfg.out = Some(new_run_folder(root, &cfg));
+        }
+        match (self.launcher)(&run_cfg, self.waker.clone(), autostart) {
             Ok(link) => {
-                self.link = Some(link);
-                self.status = RunStatus::None;
+                if let Some(dir) = &run_cfg.out {
+                    self.settings.remember(dir);
+                }
+                self.runs.push(OpenRun::new(label, Source::Local, Some(link), true));
                 self.launched = Some(cfg);
             }
             Err(e) => {
-                self.status = RunStatus::Failed;
+                let mut r = OpenRun::new(label, Source::Local, None, false);
+                r.status = RunStatus::Failed;
+                self.runs.push(r);
                 self.show_error(format!("cannot start the run: {e:#}"));
             }
+        }
+        self.selected = self.runs.len() - 1;
+    }
+
+    /// Opens a run folder (followed while another process writes it); also remembered in the
+    /// recent list. A folder holding several runs opens each.
+    pub fn open_folder(&mut self, dir: &Path) {
+        self.open_folders(std::slice::from_ref(&dir.to_path_buf()));
+    }
+
+    /// Opens several folders at once (each a run folder or a folder holding some) and selects
+    /// the first MoPPA run among them.
+    pub fn open_folders(&mut self, dirs: &[PathBuf]) {
+        let mut found = Vec::new();
+        for dir in dirs {
+            let under = crate::train::replay::run_folders_under(dir);
+            if under.is_empty() {
+                self.show_error(format!(
+                    "{}: no run folder here (none holds metrics.jsonl)",
+                    dir.display()
+                ));
+            }
+            found.extend(under);
+        }
+        let mut opened = Vec::new();
+        for d in found {
+            if let Some(i) = self.runs.iter().position(|r| r.source == Source::Folder(d.clone())) {
+                opened.push(i);
+                continue;
+            }
+            match FolderLink::open(&d) {
+                Ok(link) => {
+                    let name = d
+                        .file_name()
+                        .map_or_else(|| d.display().to_string(), |n| n.to_string_lossy().into_owned());
+                    self.runs.push(OpenRun::new(
+                        name,
+                        Source::Folder(d.clone()),
+                        Some(Box::new(link)),
+                        false,
+                    ));
+                    let i = self.runs.len() - 1;
+                    // Read what the folder holds now (later records arrive while following).
+                    while let Some(ev) = self.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
+                        self.on_event(i, ev);
+                    }
+                    opened.push(i);
+                    self.settings.remember(&d);
+                }
+                Err(e) => self.show_error(e),
+            }
+        }
+        // Show the first MoPPA run among them (the filter and router views are for MoPPA runs).
+        if let Some(&i) = opened
+            .iter()
+            .find(|&&i| self.runs[i].info().is_some_and(|info| !info.priors.is_empty()))
+            .or_else(|| opened.first())
+        {
+            self.selected = i;
+        }
+        self.scrub = None;
+    }
+
+    /// Connects to a served run (`HOST:PORT`, token empty to watch only).
+    pub fn connect_to(&mut self, addr: &str, token: &str) {
+        match RemoteLink::connect(addr, (!token.is_empty()).then_some(token)) {
+            Ok(link) => {
+                let control = link.can_control();
+                let label = format!("{addr}{}", if control { "" } else { " (watching)" });
+                let link = link::RemoteRun::new(link);
+                self.runs.push(OpenRun::new(
+                    label,
+                    Source::Remote(addr.to_owned()),
+                    Some(Box::new(link)),
+                    control,
+                ));
+                self.selected = self.runs.len() - 1;
+                self.scrub = None;
+                self.connect.open = false;
+            }
+            Err(e) => self.show_error(format!("cannot connect: {e}")),
         }
     }
 
@@ -172,85 +397,112 @@ impl StudioApp {
         });
     }
 
+    /// Sends a command to the selected run.
     fn send(&mut self, c: Command) {
-        let ok = self.link.as_mut().is_some_and(|l| l.send(c));
+        let ok = self
+            .sel_mut()
+            .is_some_and(|r| r.control && r.link.as_mut().is_some_and(|l| l.send(c)));
         if !ok {
-            self.show_error("the engine did not accept the command (no run, or its queue is full)".into());
+            self.show_error(
+                "the run did not accept the command (it is not steerable from here, or its queue is full)".into(),
+            );
         }
     }
 
-    fn current(&mut self) -> &mut RunHistory {
-        if self.runs.is_empty() {
-            self.runs.push(RunHistory::new("#0".into()));
-        }
-        let last = self.runs.len() - 1;
-        &mut self.runs[last]
-    }
-
-    /// Handles one event from the engine.
-    pub fn on_event(&mut self, ev: Event) {
+    /// Handles one event of run `i`.
+    pub fn on_event(&mut self, i: usize, ev: Event) {
+        let quick = self.opts.autostart || self.opts.screenshot.is_some() || self.opts.frame_stats.is_some();
+        let selected = i == self.selected;
+        let Some(run) = self.runs.get_mut(i) else { return };
         match ev {
             Event::Started(info) => {
-                self.status =
-                    if self.opts.autostart || self.opts.screenshot.is_some() || self.opts.frame_stats.is_some() {
-                        RunStatus::Running
-                    } else {
-                        RunStatus::Ready
-                    };
+                let resumed = run.history.info.is_some();
+                run.status = match (&run.source, resumed) {
+                    (Source::Local, _) if quick => RunStatus::Running,
+                    (Source::Local, _) => RunStatus::Ready,
+                    _ => RunStatus::Running,
+                };
                 if info.start_step > 0 {
-                    self.current().step = info.start_step;
+                    run.history.step = info.start_step;
                 }
-                self.current().info = Some((*info).clone());
-                self.info = Some(*info);
-                // The live sliders start from the values the run was launched with.
-                let cfg = &self.settings.config;
-                let c = &mut self.settings.controls;
-                c.lr = cfg.lr();
-                c.tau = cfg.method.tau;
-                c.gamma = cfg.method.gamma;
-                c.route_weight = cfg.method.route_weight;
-                c.temperature = cfg.method.temperature;
+                if resumed {
+                    run.history.resumes += 1;
+                }
+                run.history.info = Some(*info);
+                if run.source == Source::Local && selected {
+                    // The live sliders start from the values the run was launched with.
+                    let cfg = &self.settings.config;
+                    let c = &mut self.settings.controls;
+                    c.lr = cfg.lr();
+                    c.tau = cfg.method.tau;
+                    c.gamma = cfg.method.gamma;
+                    c.route_weight = cfg.method.route_weight;
+                    c.temperature = cfg.method.temperature;
+                }
             }
             Event::Progress(p) => {
-                if self.status != RunStatus::Paused {
-                    self.status = RunStatus::Running;
+                if !matches!(run.status, RunStatus::Paused | RunStatus::Finished | RunStatus::Failed) {
+                    run.status = RunStatus::Running;
                 }
-                self.current().on_progress(&p);
+                run.history.on_progress(&p);
             }
-            Event::Snapshot(s) => self.current().on_snapshot(*s),
-            Event::Eval(e) => self.current().on_eval(&e),
-            Event::Applied(a) => self.current().applied.push(a),
-            Event::Paused { .. } => self.status = RunStatus::Paused,
-            Event::Resumed { .. } => self.status = RunStatus::Running,
+            Event::Snapshot(s) => run.history.on_snapshot(*s),
+            Event::Eval(e) => run.history.on_eval(&e),
+            Event::Applied(a) => run.history.applied.push(a),
+            Event::Paused { .. } => run.status = RunStatus::Paused,
+            Event::Resumed { .. } => run.status = RunStatus::Running,
             Event::Warning(n) => self.shown.push(Shown {
                 error: false,
                 notice: n,
             }),
-            Event::Error(n) | Event::Diverged(n) => self.shown.push(Shown { error: true, notice: n }),
+            Event::Error(n) | Event::Diverged(n) => {
+                // A recorded run's old errors are part of its history, not news for a dialog.
+                let news = !matches!(run.source, Source::Folder(_));
+                self.shown.push(Shown { error: news, notice: n });
+            }
             Event::Finished(f) => {
-                self.status = if f.reason == FinishReason::Failed {
+                run.status = if f.reason == FinishReason::Failed {
                     RunStatus::Failed
                 } else {
                     RunStatus::Finished
                 };
-                if let Some(t) = f.test_acc {
-                    let r = self.current();
-                    if r.test.is_empty() {
-                        r.test.push([f.steps as f64, f.time_s, t, 0.0]);
-                    }
+                run.history.finished = Some(f.reason);
+                run.history.time_s = run.history.time_s.max(f.time_s);
+                if let Some(t) = f.test_acc
+                    && run.history.test.is_empty()
+                {
+                    run.history.test.push([f.steps as f64, f.time_s, t, 0.0]);
+                }
+            }
+            Event::RunFile { name, base64 } => {
+                let dir = self.fetch_to.clone().unwrap_or_else(|| PathBuf::from("."));
+                match crate::train::serve::server::save_fetched(&dir, &name, &base64) {
+                    Ok(p) => self.shown.push(Shown {
+                        error: false,
+                        notice: Notice {
+                            step: 0,
+                            time_s: 0.0,
+                            message: format!("fetched {}", p.display()),
+                            path: Some(p),
+                            line: None,
+                        },
+                    }),
+                    Err(e) => self.show_error(format!("cannot save {name}: {e}")),
                 }
             }
         }
     }
 
-    /// Drains events for at most `budget`, so a busy engine never stalls the UI.
+    /// Drains every run's events for at most `budget` in all, so busy runs never stall the UI.
     fn drain(&mut self, ctx: &egui::Context, budget: Duration) {
         let start = Instant::now();
-        while let Some(ev) = self.link.as_mut().and_then(|l| l.try_recv()) {
-            self.on_event(ev);
-            if start.elapsed() > budget {
-                ctx.request_repaint();
-                break;
+        for i in 0..self.runs.len() {
+            while let Some(ev) = self.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
+                self.on_event(i, ev);
+                if start.elapsed() > budget {
+                    ctx.request_repaint();
+                    return;
+                }
             }
         }
     }
@@ -265,6 +517,12 @@ impl eframe::App for StudioApp {
             self.frames.push(cpu, (now - prev).as_secs_f64() * 1e3);
         }
         self.last_frame = Some(now);
+        // A run folder dropped on the window opens like File → Open run….
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
+        let dropped: Vec<PathBuf> = dropped.into_iter().filter(|p| p.is_dir()).collect();
+        if !dropped.is_empty() {
+            self.open_folders(&dropped);
+        }
         self.drain(ctx, Duration::from_millis(4));
         let failed: Vec<String> = self
             .capture_errors
@@ -290,8 +548,69 @@ impl eframe::App for StudioApp {
     }
 }
 
+/// A fresh folder for a run of the app's under `root`: `{UTC date_time}-{method}`, numbered
+/// when taken.
+fn new_run_folder(root: &Path, cfg: &RunConfig) -> PathBuf {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let method: String = cfg
+        .method
+        .label()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '+' { c } else { '-' })
+        .collect();
+    let base = format!("{}-{method}", crate::util::utc_stamp(since));
+    let mut dir = root.join(&base);
+    let mut n = 2;
+    while dir.exists() {
+        dir = root.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    dir
+}
+
+/// Removes the run folder of an app run that never trained (the app prepares a run when it
+/// opens; one never started leaves nothing behind). Only the files a run writes at setup are
+/// removed, and the folder only if that empties it.
+fn discard_if_unstarted(r: &OpenRun) {
+    if r.source != Source::Local || r.link.is_some() || r.history.step > 0 {
+        return;
+    }
+    let Some(dir) = r.info().and_then(|i| i.out.clone()) else {
+        return;
+    };
+    let metrics = std::fs::read_to_string(dir.join(crate::train::runfolder::METRICS_JSONL)).unwrap_or_default();
+    if metrics.contains("\"kind\":\"progress\"") {
+        return;
+    }
+    for f in [
+        crate::train::runfolder::METRICS_JSONL,
+        crate::train::runfolder::METRICS_CSV,
+        crate::train::runfolder::CONFIG_TOML,
+        crate::train::snapfile::SNAPSHOTS_JSONL,
+    ] {
+        std::fs::remove_file(dir.join(f)).ok();
+    }
+    std::fs::remove_dir(&dir).ok();
+}
+
+impl Drop for StudioApp {
+    fn drop(&mut self) {
+        for r in &mut self.runs {
+            if r.source == Source::Local {
+                r.link = None; // stops the worker and waits for it (its lock is released)
+                discard_if_unstarted(r);
+            }
+        }
+    }
+}
+
 /// Opens the app window.
-pub fn run(opts: AppOptions, renderer: eframe::Renderer) -> anyhow::Result<()> {
+pub fn run(mut opts: AppOptions, renderer: eframe::Renderer) -> anyhow::Result<()> {
+    if opts.runs_dir.is_none() {
+        opts.runs_dir = eframe::storage_dir("moppa-studio").map(|d| d.join("runs"));
+    }
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("MoPPA Studio")

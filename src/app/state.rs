@@ -16,13 +16,15 @@ pub enum Tab {
     Router,
     /// Loss and accuracy curves.
     Curves,
+    /// Every run shown, side by side.
+    Runs,
     /// The priors on a photo.
     Playground,
 }
 
 impl Tab {
     /// All tabs in order.
-    pub const ALL: [Self; 4] = [Self::Filters, Self::Router, Self::Curves, Self::Playground];
+    pub const ALL: [Self; 5] = [Self::Filters, Self::Router, Self::Curves, Self::Runs, Self::Playground];
 
     /// Label.
     #[must_use]
@@ -31,6 +33,7 @@ impl Tab {
             Self::Filters => "Filters",
             Self::Router => "Router",
             Self::Curves => "Curves",
+            Self::Runs => "Runs",
             Self::Playground => "Playground",
         }
     }
@@ -204,6 +207,22 @@ pub struct Settings {
     pub playground: PlaygroundSettings,
     /// Dark theme.
     pub dark: bool,
+    /// Run folders opened lately, newest first.
+    pub recent_runs: Vec<std::path::PathBuf>,
+    /// The last server connected to (`HOST:PORT`).
+    pub last_server: String,
+}
+
+/// How many run folders the recent list keeps.
+pub const RECENT_RUNS: usize = 12;
+
+impl Settings {
+    /// Puts `dir` first in the recent runs.
+    pub fn remember(&mut self, dir: &std::path::Path) {
+        self.recent_runs.retain(|d| d != dir);
+        self.recent_runs.insert(0, dir.to_owned());
+        self.recent_runs.truncate(RECENT_RUNS);
+    }
 }
 
 impl Default for Settings {
@@ -217,6 +236,8 @@ impl Default for Settings {
             controls: ControlSettings::default(),
             playground: PlaygroundSettings::default(),
             dark: true,
+            recent_runs: Vec::new(),
+            last_server: crate::train::serve::DEFAULT_ADDR.to_owned(),
         }
     }
 }

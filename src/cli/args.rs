@@ -22,7 +22,7 @@ fn parse_router(s: &str) -> Result<RouterKind, String> {
     serde_enum(s).map_err(|e| format!("{e} (token, image, layer)"))
 }
 pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    serde_enum(s).map_err(|e| format!("{e} (auto, cpu, cuda)"))
+    s.parse()
 }
 pub(crate) fn parse_dtype(s: &str) -> Result<Precision, String> {
     serde_enum(s).map_err(|e| format!("{e} (f32, bf16)"))
@@ -147,10 +147,21 @@ pub struct RunArgs {
     /// finished, start it if there is none.
     #[arg(long, help_heading = "Output", conflicts_with_all = ["resume", "overwrite"])]
     pub auto_resume: bool,
+    /// Publish the run at HOST:PORT (default 127.0.0.1:7878; port 0: any free one) for the app's
+    /// Connect… to watch and steer it. Needs --out.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:7878", help_heading = "Network")]
+    pub serve: Option<String>,
+    /// The token that lets a client steer the served run (default: $MOPPA_SERVE_TOKEN, else a new
+    /// one, printed).
+    #[arg(long, help_heading = "Network")]
+    pub token: Option<String>,
+    /// Clients without the token may watch (never steer) the served run.
+    #[arg(long, help_heading = "Network")]
+    pub serve_public: bool,
 }
 
 /// Keys a resumed run may change (INTERFACES.md): its length, the machine and the outputs.
-const RESUMABLE_KEYS: [&str; 11] = [
+const RESUMABLE_KEYS: [&str; 12] = [
     "steps",
     "epochs",
     "threads",
@@ -162,6 +173,7 @@ const RESUMABLE_KEYS: [&str; 11] = [
     "auto_resume",
     "serve",
     "token",
+    "serve_public",
 ];
 
 /// The first setting in which `changed` differs from `base` outside the resumable keys, as
@@ -220,6 +232,15 @@ impl RunArgs {
         if self.auto_resume {
             c.auto_resume = true;
         }
+        if self.serve.is_some() {
+            c.serve.clone_from(&self.serve);
+        }
+        if self.token.is_some() {
+            c.token.clone_from(&self.token);
+        }
+        if self.serve_public {
+            c.serve_public = true;
+        }
     }
 
     /// Defaults ← `--config FILE` ← flags; with `--resume DIR`, the run's own config ← the flags
@@ -244,7 +265,7 @@ impl RunArgs {
     /// flags a resumed run may change (steps/epochs, threads, device, eval-every, outputs); any
     /// other flag must repeat the run's own value, else a usage error names it.
     pub fn resolve_resume(&self, dir: &std::path::Path) -> Result<RunConfig, CliError> {
-        if self.config.is_some() {
+        if self.config.is_some() && !self.auto_resume {
             return Err(usage(
                 "--config does not apply to a resumed run: its own config.toml is its configuration",
             ));
@@ -263,9 +284,23 @@ impl RunArgs {
             )));
         }
         let base = run_config(dir).map_err(|e| CliError::Failure(e.into()))?;
+        let as_json = |c: &RunConfig| serde_json::to_value(c).map_err(|e| CliError::Failure(e.into()));
+        if let Some(path) = &self.config {
+            // `--config F --out DIR --auto-resume` (a job line of `moppa compare --plan`, run
+            // again after a requeue): F must describe this run.
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+            let planned = RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+            if let Some((key, value)) = first_change(&as_json(&base)?, &as_json(&planned)?, "") {
+                return Err(usage(format!(
+                    "{}: this run was trained with {key} = {value}, not as --config {} says",
+                    dir.display(),
+                    path.display()
+                )));
+            }
+        }
         let mut c = base.clone();
         self.apply(&mut c);
-        let as_json = |c: &RunConfig| serde_json::to_value(c).map_err(|e| CliError::Failure(e.into()));
         if let Some((key, value)) = first_change(&as_json(&base)?, &as_json(&c)?, "") {
             return Err(usage(format!(
                 "this run was trained with {key} = {value}; a resumed run keeps its settings (only --steps/--epochs, --threads, --device, --eval-every may change)"

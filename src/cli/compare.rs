@@ -1,20 +1,27 @@
 //! `moppa compare`: several methods on the same backbone, data and budget over several seeds,
-//! as one markdown table.
+//! as one markdown table; or the same sweep planned for a cluster (`--plan`) and its table
+//! collected from the finished run folders (`--collect`).
 
 use super::args::RunArgs;
 use super::train::{claim_out, headless, preflight};
 use super::{CliError, usage};
-use crate::config::{COMPARE_DEFAULT, METHOD_CATALOGUE, MethodConfig, RunConfig, method_names, named_method};
+use crate::config::{
+    COMPARE_DEFAULT, DeviceChoice, METHOD_CATALOGUE, MethodConfig, RunConfig, method_names, named_method,
+};
 use crate::train::WorkerHandle;
 use crate::train::protocol::{Event, FinishReason};
-use crate::train::runfolder::last_record;
-use crate::util::group_digits;
+use crate::train::runfolder::{CONFIG_TOML, is_run_folder, last_record};
+use crate::util::{group_digits, write_atomic};
 use clap::Args;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 
 fn compare_help() -> String {
-    let mut s = String::from("Example (the README's table):\n  moppa compare --seeds 3 --steps 600\nMethods:");
+    let mut s = String::from(
+        "Examples:\n  moppa compare --seeds 3 --steps 600                 (the README's table)\n  moppa compare --plan sweep --seeds 3 --gpus 4       (plan it for a cluster)\n  xargs -P 4 -d '\\n' -I{} sh -c {} < sweep/jobs.txt   (or: sbatch sweep/slurm.sh)\n  moppa compare --collect sweep                       (the same table)\nMethods:",
+    );
     for m in METHOD_CATALOGUE {
         let _ = write!(s, "\n  {:<15} {}", m.name, m.about);
     }
@@ -34,9 +41,63 @@ pub struct CompareArgs {
     /// Write the markdown table here too.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Train nothing: write DIR/runs/{method}-seed{seed}/config.toml per run, DIR/jobs.txt (one
+    /// `moppa train` line per run) and DIR/slurm.sh (a job array), for a cluster or `xargs -P`.
+    #[arg(long, value_name = "DIR", conflicts_with = "collect")]
+    pub plan: Option<PathBuf>,
+    /// With --plan: assign the runs to CUDA devices 0..N-1 round-robin (`--device cuda:i`).
+    #[arg(long, value_name = "N", requires = "plan")]
+    pub gpus: Option<usize>,
+    /// Train nothing: build the table from the run folders of a `--plan` (or `--out`) folder;
+    /// missing, unfinished and failed runs are listed (and the exit status is 1).
+    #[arg(long, value_name = "DIR")]
+    pub collect: Option<PathBuf>,
     /// The shared run settings (backbone, data, steps, batch, …; --method/--seed are set per run).
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// What a compare folder records about its sweep (`plan.json`), so that `--collect` can build
+/// the table and name every run that is missing.
+#[derive(Debug, Serialize, Deserialize)]
+struct Plan {
+    /// Format version.
+    format: u32,
+    /// Seeds per method.
+    seeds: u64,
+    /// The runs, in table order (methods as given, seeds ascending).
+    runs: Vec<PlannedRun>,
+    /// The table's closing line (settings shared by every run).
+    footer: String,
+}
+
+/// One run of a [`Plan`].
+#[derive(Debug, Serialize, Deserialize)]
+struct PlannedRun {
+    /// The method's name in `--methods`.
+    name: String,
+    /// Its table label (e.g. "moppa r8").
+    label: String,
+    seed: u64,
+    /// The run folder, relative to the plan's folder.
+    dir: PathBuf,
+}
+
+/// The plan file's name in a compare folder.
+const PLAN_JSON: &str = "plan.json";
+
+/// A finished run's figures for the table.
+struct RunResult {
+    trainable: usize,
+    val: f64,
+    test: f64,
+    steps_per_s: f64,
+}
+
+/// One table row: a method over its seeds.
+struct Row {
+    label: String,
+    results: Vec<RunResult>,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -50,8 +111,67 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-/// Runs `moppa compare`.
-pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
+/// The markdown table (the same for a live compare and a collected one).
+fn table(rows: &[Row], footer: &str) -> String {
+    let mut table = String::from("| method | trainable | val acc | test acc | steps/s |\n|---|---:|---:|---:|---:|\n");
+    for row in rows {
+        let col = |f: fn(&RunResult) -> f64| mean_std(&row.results.iter().map(f).collect::<Vec<_>>());
+        let ((vm, vs), (tm, ts), (r, _)) = (col(|r| r.val), col(|r| r.test), col(|r| r.steps_per_s));
+        let trainable = row.results.last().map_or(0, |r| r.trainable);
+        let _ = writeln!(
+            table,
+            "| {} | {} | {:.2} ± {:.2} | {:.2} ± {:.2} | {r:.1} |",
+            row.label,
+            group_digits(trainable),
+            100.0 * vm,
+            100.0 * vs,
+            100.0 * tm,
+            100.0 * ts
+        );
+    }
+    let _ = writeln!(table, "\n{footer}");
+    table
+}
+
+/// A finished run's figures from its folder, or why there are none.
+fn result_of(dir: &Path) -> Result<RunResult, String> {
+    if !is_run_folder(dir) {
+        return Err("missing (no run folder yet)".into());
+    }
+    let Some(rec) = last_record(dir, "finished") else {
+        return Err("unfinished (still running, or crashed: `moppa view` tells which)".into());
+    };
+    let reason = rec["reason"].as_str().unwrap_or("?");
+    if reason != "done" {
+        let why = rec["message"].as_str().map_or(String::new(), |m| format!(": {m}"));
+        return Err(format!("ended {reason}{why}"));
+    }
+    let trainable = last_record(dir, "started")
+        .and_then(|s| s["trainable"].as_u64())
+        .unwrap_or(0);
+    Ok(RunResult {
+        trainable: usize::try_from(trainable).unwrap_or(usize::MAX),
+        val: rec["best_val_acc"].as_f64().unwrap_or(f64::NAN),
+        test: rec["test_acc"].as_f64().unwrap_or(f64::NAN),
+        steps_per_s: rec["step"].as_f64().unwrap_or(0.0) / rec["time_s"].as_f64().unwrap_or(1.0).max(1e-9),
+    })
+}
+
+/// Writes the table to stdout and `--output`.
+fn emit(args: &CompareArgs, table: &str) -> Result<(), CliError> {
+    print!("{table}");
+    if let Some(p) = &args.output {
+        std::fs::write(p, table)
+            .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// The sweep's runs (method name and config, seed) and the table footer, from the flags.
+/// A sweep's shared configuration, its methods (name and config) and the table's footer.
+type Sweep = (RunConfig, Vec<(String, MethodConfig)>, String);
+
+fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
     let base = args.run.resolve()?;
     if args.seeds == 0 {
         return Err(usage("--seeds must be ≥ 1"));
@@ -71,96 +191,326 @@ pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
             ..base.clone()
         })?;
     }
+    let steps = base.steps.map_or_else(|| "default".to_owned(), |s| s.to_string());
+    let footer = format!(
+        "{} seeds each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
+        args.seeds, steps, base.batch, base.data, base.backbone
+    );
+    Ok((base, methods, footer))
+}
+
+/// The folder name of one run of a sweep.
+fn run_name(method: &str, seed: u64) -> String {
+    format!("{method}-seed{seed}")
+}
+
+/// Runs `moppa compare`.
+pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
+    if let Some(dir) = &args.collect {
+        return collect(args, dir);
+    }
+    if let Some(dir) = &args.plan {
+        return plan(args, dir);
+    }
+    let (base, methods, footer) = sweep(args)?;
+    if let Some(out) = &base.out {
+        write_plan(out, args.seeds, &methods, &footer, Path::new(""))?;
+    }
     let mut rows = Vec::new();
     for (name, method) in &methods {
-        let (mut val, mut test, mut rate, mut trainable) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let mut row = Row {
+            label: method.label(),
+            results: Vec::new(),
+        };
         for seed in 0..args.seeds {
+            let dir = base.out.as_ref().map(|o| o.join(run_name(name, seed)));
             let cfg = RunConfig {
                 method: method.clone(),
                 seed,
-                out: base.out.as_ref().map(|o| o.join(format!("{name}-seed{seed}"))),
+                out: dir.clone(),
                 ..base.clone()
             };
             eprintln!("== {name} (seed {seed})");
             let Some(cfg) = claim_out(&args.run, cfg)? else {
                 // --auto-resume of a run that is done: its own record.
-                let dir = base.out.as_ref().map(|o| o.join(format!("{name}-seed{seed}")));
-                let rec = dir.as_deref().and_then(|d| last_record(d, "finished"));
-                let started = dir.as_deref().and_then(|d| last_record(d, "started"));
-                let (Some(rec), Some(started)) = (rec, started) else {
-                    return Err(CliError::Failure(anyhow::anyhow!(
-                        "{name} (seed {seed}): its run folder has no result"
-                    )));
-                };
-                trainable = started["trainable"].as_u64().unwrap_or(0) as usize;
-                val.push(rec["best_val_acc"].as_f64().unwrap_or(f64::NAN));
-                test.push(rec["test_acc"].as_f64().unwrap_or(f64::NAN));
-                rate.push(rec["step"].as_f64().unwrap_or(0.0) / rec["time_s"].as_f64().unwrap_or(1.0).max(1e-9));
+                let result = dir
+                    .as_deref()
+                    .map_or_else(|| Err("no run folder".to_owned()), result_of);
+                row.results
+                    .push(result.map_err(|why| CliError::Failure(anyhow::anyhow!("{name} (seed {seed}): {why}")))?);
                 continue;
             };
-            let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
-            let mut finished = None;
-            for ev in handle.events() {
-                match ev {
-                    Event::Started(info) => trainable = info.trainable,
-                    Event::Error(n) | Event::Diverged(n) => eprintln!("error: {}", n.message),
-                    Event::Finished(f) => {
-                        finished = Some(f);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            handle.join();
-            let f =
-                finished.ok_or_else(|| CliError::Failure(anyhow::anyhow!("{name}: the run ended without a result")))?;
-            if f.reason != FinishReason::Done {
-                return Err(CliError::Failure(anyhow::anyhow!(
-                    "{name} (seed {seed}) ended: {:?}",
-                    f.reason
-                )));
-            }
-            eprintln!(
-                "   val {:.4} test {:.4} in {:.1} s",
-                f.best_val_acc.unwrap_or(f64::NAN),
-                f.test_acc.unwrap_or(f64::NAN),
-                f.time_s
-            );
-            val.push(f.best_val_acc.unwrap_or(f64::NAN));
-            test.push(f.test_acc.unwrap_or(f64::NAN));
-            rate.push(f.steps as f64 / f.time_s.max(1e-9));
+            row.results.push(train_one(name, seed, cfg)?);
         }
-        rows.push((
-            name.clone(),
-            method.label(),
-            trainable,
-            mean_std(&val),
-            mean_std(&test),
-            mean_std(&rate).0,
+        rows.push(row);
+    }
+    emit(args, &table(&rows, &footer))?;
+    Ok(0)
+}
+
+/// Trains one run of the sweep here.
+fn train_one(name: &str, seed: u64, cfg: RunConfig) -> Result<RunResult, CliError> {
+    let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
+    let (mut finished, mut trainable) = (None, 0);
+    for ev in handle.events() {
+        match ev {
+            Event::Started(info) => trainable = info.trainable,
+            Event::Error(n) | Event::Diverged(n) => eprintln!("error: {}", n.message),
+            Event::Finished(f) => {
+                finished = Some(f);
+                break;
+            }
+            _ => {}
+        }
+    }
+    handle.join();
+    let f = finished.ok_or_else(|| CliError::Failure(anyhow::anyhow!("{name}: the run ended without a result")))?;
+    if f.reason != FinishReason::Done {
+        return Err(CliError::Failure(anyhow::anyhow!(
+            "{name} (seed {seed}) ended: {:?}",
+            f.reason
+        )));
+    }
+    eprintln!(
+        "   val {:.4} test {:.4} in {:.1} s",
+        f.best_val_acc.unwrap_or(f64::NAN),
+        f.test_acc.unwrap_or(f64::NAN),
+        f.time_s
+    );
+    Ok(RunResult {
+        trainable,
+        val: f.best_val_acc.unwrap_or(f64::NAN),
+        test: f.test_acc.unwrap_or(f64::NAN),
+        steps_per_s: f.steps as f64 / f.time_s.max(1e-9),
+    })
+}
+
+/// Writes `plan.json` into `dir`, the run folders being `dir/sub/{method}-seed{seed}`.
+fn write_plan(
+    dir: &Path,
+    seeds: u64,
+    methods: &[(String, MethodConfig)],
+    footer: &str,
+    sub: &Path,
+) -> Result<(), CliError> {
+    let plan = Plan {
+        format: 1,
+        seeds,
+        runs: methods
+            .iter()
+            .flat_map(|(name, method)| {
+                (0..seeds).map(move |seed| PlannedRun {
+                    name: name.clone(),
+                    label: method.label(),
+                    seed,
+                    dir: sub.join(run_name(name, seed)),
+                })
+            })
+            .collect(),
+        footer: footer.to_owned(),
+    };
+    let failure = |e: &dyn std::fmt::Display| CliError::Failure(anyhow::anyhow!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| failure(&e))?;
+    let text = serde_json::to_string_pretty(&plan).map_err(|e| failure(&e))?;
+    write_atomic(&dir.join(PLAN_JSON), |w| w.write_all(text.as_bytes())).map_err(|e| failure(&e))
+}
+
+/// Quotes `s` for a POSIX shell when it needs it.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-./:=,+@%".contains(c)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// `moppa compare --plan DIR`: configs, `jobs.txt` and `slurm.sh`; trains nothing.
+fn plan(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
+    if args.run.out.is_some() || args.run.resume.is_some() {
+        return Err(usage(
+            "--plan places each run in DIR/runs/{method}-seed{seed}: leave out --out and --resume",
         ));
     }
-    let mut table = String::from("| method | trainable | val acc | test acc | steps/s |\n|---|---:|---:|---:|---:|\n");
-    for (_, label, n, (vm, vs), (tm, ts), r) in &rows {
-        let _ = writeln!(
-            table,
-            "| {label} | {} | {:.2} ± {:.2} | {:.2} ± {:.2} | {r:.1} |",
-            group_digits(*n),
-            100.0 * vm,
-            100.0 * vs,
-            100.0 * tm,
-            100.0 * ts
-        );
+    if args.gpus == Some(0) {
+        return Err(usage("--gpus must be ≥ 1"));
     }
-    let steps = base.steps.map_or_else(|| "default".to_owned(), |s| s.to_string());
-    let _ = writeln!(
-        table,
-        "\n{} seeds each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
-        args.seeds, steps, base.batch, base.data, base.backbone
+    if dir.join(PLAN_JSON).exists() {
+        return Err(usage(format!(
+            "{} holds a plan already ({PLAN_JSON}): run its jobs, collect it, or plan into another folder",
+            dir.display()
+        )));
+    }
+    let (base, methods, footer) = sweep(args)?;
+    let failure = |p: &Path, e: &dyn std::fmt::Display| CliError::Failure(anyhow::anyhow!("{}: {e}", p.display()));
+    std::fs::create_dir_all(dir).map_err(|e| failure(dir, &e))?;
+    // Absolute paths: the jobs may run from any folder (a scheduler's, a node's).
+    let root = std::fs::canonicalize(dir).map_err(|e| failure(dir, &e))?;
+    let mut jobs = String::new();
+    let mut n = 0usize;
+    for (name, method) in &methods {
+        for seed in 0..args.seeds {
+            let run_dir = root.join("runs").join(run_name(name, seed));
+            let cfg = RunConfig {
+                method: method.clone(),
+                seed,
+                out: Some(run_dir.clone()),
+                device: args.gpus.map_or(base.device, |g| DeviceChoice::Cuda(n % g)),
+                ..base.clone()
+            };
+            std::fs::create_dir_all(&run_dir).map_err(|e| failure(&run_dir, &e))?;
+            let config = run_dir.join(CONFIG_TOML);
+            let toml = cfg.to_toml().map_err(|e| failure(&config, &e))?;
+            write_atomic(&config, |w| w.write_all(toml.as_bytes())).map_err(|e| failure(&config, &e))?;
+            let _ = writeln!(
+                jobs,
+                "moppa train --config {} --out {} --auto-resume",
+                shell_quote(&config.to_string_lossy()),
+                shell_quote(&run_dir.to_string_lossy())
+            );
+            n += 1;
+        }
+    }
+    let jobs_path = root.join("jobs.txt");
+    write_atomic(&jobs_path, |w| w.write_all(jobs.as_bytes())).map_err(|e| failure(&jobs_path, &e))?;
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| failure(&logs, &e))?;
+    let slurm = slurm_script(&root, n, args.gpus.is_some());
+    let slurm_path = root.join("slurm.sh");
+    write_atomic(&slurm_path, |w| w.write_all(slurm.as_bytes())).map_err(|e| failure(&slurm_path, &e))?;
+    write_plan(&root, args.seeds, &methods, &footer, Path::new("runs"))?;
+    let shown = shell_quote(&dir.to_string_lossy());
+    println!("planned {n} runs in {}", root.display());
+    println!(
+        "  run them:      xargs -P 2 -d '\\n' -I{{}} sh -c {{}} < {shown}/jobs.txt   (or: sbatch {shown}/slurm.sh)"
     );
-    print!("{table}");
-    if let Some(p) = &args.output {
-        std::fs::write(p, &table)
-            .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", p.display())))?;
-    }
+    println!("  watch them:    moppa view {shown}");
+    println!("  the table:     moppa compare --collect {shown}");
     Ok(0)
+}
+
+/// The Slurm job-array script: array index i runs line i+1 of `jobs.txt`.
+fn slurm_script(root: &Path, n: usize, gpus: bool) -> String {
+    let q = |p: &Path| shell_quote(&p.to_string_lossy());
+    let gres = if gpus { "#SBATCH --gres=gpu:1\n" } else { "" };
+    format!(
+        "#!/usr/bin/env bash
+# A Slurm job array for this sweep: `sbatch {slurm}`. Index i runs line i+1 of jobs.txt.
+# Each line resumes its run after a requeue and exits at once when the run is done, so
+# resubmitting the whole array is safe. Add --partition, --time, --cpus-per-task as your
+# cluster needs; `moppa` must be on PATH on the nodes.
+#SBATCH --job-name=moppa-sweep
+#SBATCH --array=0-{last}
+#SBATCH --output={logs}/%A_%a.out
+#SBATCH --requeue
+{gres}set -euo pipefail
+line=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {jobs})
+if [ -z \"$line\" ]; then
+    echo \"no job $SLURM_ARRAY_TASK_ID in {jobs}\" >&2
+    exit 1
+fi
+{device}echo \"$line\"
+exec bash -c \"$line\"
+",
+        slurm = q(&root.join("slurm.sh")),
+        last = n.saturating_sub(1),
+        logs = root.join("logs").to_string_lossy(),
+        jobs = q(&root.join("jobs.txt")),
+        device = if gpus {
+            "# Slurm shows each task only its own GPU, as device 0.\nline=\"$line --device cuda:0\"\n"
+        } else {
+            ""
+        },
+    )
+}
+
+/// `moppa compare --collect DIR`: the table from the run folders a plan names.
+fn collect(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
+    let path = dir.join(PLAN_JSON);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            usage(format!(
+                "{}: no {PLAN_JSON} (made by `moppa compare --plan DIR`, or `moppa compare --out DIR`)",
+                dir.display()
+            ))
+        } else {
+            CliError::Failure(anyhow::anyhow!("{}: {e}", path.display()))
+        }
+    })?;
+    let plan: Plan = serde_json::from_str(&text)
+        .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: not a compare plan: {e}", path.display())))?;
+    if plan.format != 1 {
+        return Err(CliError::Failure(anyhow::anyhow!(
+            "{}: plan format {} (this moppa reads format 1)",
+            path.display(),
+            plan.format
+        )));
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut absent = Vec::new();
+    for run in &plan.runs {
+        let result = result_of(&dir.join(&run.dir));
+        if !rows.iter().any(|r| r.label == run.label) {
+            rows.push(Row {
+                label: run.label.clone(),
+                results: Vec::new(),
+            });
+        }
+        let Some(row) = rows.iter_mut().find(|r| r.label == run.label) else {
+            continue;
+        };
+        match result {
+            Ok(r) => row.results.push(r),
+            Err(why) => absent.push(format!("{} ({}): {why}", run.dir.display(), run.label)),
+        }
+    }
+    let rows: Vec<Row> = rows.into_iter().filter(|r| !r.results.is_empty()).collect();
+    let mut out = table(&rows, &plan.footer);
+    if !absent.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nNot in the table ({} of {} runs):",
+            absent.len(),
+            plan.runs.len()
+        );
+        for a in &absent {
+            let _ = writeln!(out, "- {a}");
+            eprintln!("not collected: {a}");
+        }
+    }
+    emit(args, &out)?;
+    Ok(i32::from(!absent.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_quotes_only_what_needs_it() {
+        assert_eq!(shell_quote("/a/b-c_1.toml"), "/a/b-c_1.toml");
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn table_rows_are_mean_and_sample_std() {
+        let r = |val, test| RunResult {
+            trainable: 1234,
+            val,
+            test,
+            steps_per_s: 10.0,
+        };
+        let rows = [Row {
+            label: "moppa r8".into(),
+            results: vec![r(0.9, 0.8), r(0.8, 0.6)],
+        }];
+        let t = table(&rows, "footer");
+        // mean 85 %, sample std of (90, 80) = 7.07 %; test 70 ± 14.14.
+        assert!(
+            t.contains("| moppa r8 | 1,234 | 85.00 ± 7.07 | 70.00 ± 14.14 | 10.0 |"),
+            "{t}"
+        );
+        assert!(t.ends_with("\nfooter\n"));
+    }
 }

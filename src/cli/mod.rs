@@ -81,7 +81,7 @@ pub struct Cli {
     /// App: steps to train before --screenshot.
     #[arg(long, default_value_t = 200, help_heading = "App (no subcommand)")]
     pub after_steps: u64,
-    /// App: the tab to show (filters, router, curves, playground).
+    /// App: the tab to show (filters, router, curves, runs, playground).
     #[arg(long, help_heading = "App (no subcommand)")]
     pub tab: Option<String>,
     /// App: renderer, glow (default; fast in software GL) or wgpu.
@@ -116,6 +116,42 @@ pub enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Run several methods on the same backbone, data and budget over several seeds; print a table.
     Compare(Box<compare::CompareArgs>),
+    /// Open run folders in the app (a parent folder opens every run under it); curves,
+    /// filters and router views, the runs table, and runs still being written are followed.
+    View(ViewArgs),
+}
+
+/// `moppa view`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ViewArgs {
+    /// Run folders, or folders holding run folders (e.g. a `moppa compare --plan` folder).
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<std::path::PathBuf>,
+}
+
+impl ViewArgs {
+    /// The run folders named, parents expanded; a path that is missing or holds no run folder is
+    /// a usage error naming it.
+    ///
+    /// # Errors
+    /// A usage error naming the first path that is not, and does not hold, a run folder.
+    pub fn run_folders(&self) -> Result<Vec<std::path::PathBuf>, CliError> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            if !d.is_dir() {
+                return Err(usage(format!("{}: no such folder", d.display())));
+            }
+            let found = crate::train::replay::run_folders_under(d);
+            if found.is_empty() {
+                return Err(usage(format!(
+                    "{}: not a run folder and no run folder below it (a run folder holds metrics.jsonl)",
+                    d.display()
+                )));
+            }
+            out.extend(found);
+        }
+        Ok(out)
+    }
 }
 
 /// Runs a parsed subcommand; returns the exit code.
@@ -124,10 +160,15 @@ pub fn run(command: Command) -> Result<i32, CliError> {
         Command::Train(args) => return train::train(args),
         Command::Pretrain(args) => return pretrain::pretrain(args),
         Command::Compare(args) => return compare::compare(args),
+        Command::View(_) => {
+            return Err(usage(
+                "moppa view needs the desktop app (this build has none: rebuild with the default `gui` feature)",
+            ));
+        }
         _ => {}
     }
     match command {
-        Command::Train(_) | Command::Pretrain(_) | Command::Compare(_) => Ok(()),
+        Command::Train(_) | Command::Pretrain(_) | Command::Compare(_) | Command::View(_) => Ok(()),
         Command::Eval(args) => eval::eval(&args),
         Command::Bench(args) => bench::bench(&args),
         Command::Filters(args) => physics_cmds::filters(&args),

@@ -144,7 +144,7 @@ impl Reporter {
                 }
                 return Some(f.clone());
             }
-            Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } => {}
+            Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } | Event::RunFile { .. } => {}
         }
         None
     }

@@ -6,10 +6,14 @@ use super::reporter::follow;
 use super::{CliError, usage};
 use crate::config::{RunConfig, check_resources};
 use crate::train::backbone::backbone_config;
+use crate::train::protocol::Event;
 use crate::train::protocol::FinishReason;
 use crate::train::runfolder::{OutFlags, OutPlan, RunFolderError, plan_out};
+use crate::train::serve::{ServeOptions, Server, new_token};
+use crate::train::trainer::new_run_id;
 use crate::train::{WorkerHandle, WorkerOptions};
 use clap::Args;
+use crossbeam_channel::{Receiver, bounded};
 use std::io::IsTerminal as _;
 
 /// Exit status of an interrupted run.
@@ -86,6 +90,37 @@ pub fn preflight(cfg: &RunConfig) -> Result<(), CliError> {
     check_resources(&vit, &cfg.method, cfg.batch, 0, crate::util::physical_memory_bytes()).map_err(usage)
 }
 
+/// `--serve`: the server, started beside the worker (`None` without the flag).
+fn serve(cfg: &RunConfig, opts: &mut WorkerOptions) -> Result<Option<(ServeOptions, Receiver<Event>)>, CliError> {
+    let Some(addr) = cfg.serve.clone() else { return Ok(None) };
+    let Some(run_dir) = cfg.out.clone() else {
+        return Err(usage(
+            "--serve needs --out: a viewer who connects mid-run receives the history from the run folder",
+        ));
+    };
+    let (token, generated) = match cfg.token.clone().or_else(|| std::env::var("MOPPA_SERVE_TOKEN").ok()) {
+        Some(t) if !t.is_empty() => (t, false),
+        _ => (new_token(), true),
+    };
+    if generated {
+        eprintln!("token: {token}  (give it to Connect… to steer this run; --token or MOPPA_SERVE_TOKEN sets it)");
+    }
+    let run_id = new_run_id();
+    opts.run_id = Some(run_id.clone());
+    let (tx, rx) = bounded(4096);
+    opts.observers.push(tx);
+    Ok(Some((
+        ServeOptions {
+            addr,
+            token,
+            public: cfg.serve_public,
+            run_dir,
+            run_id,
+        },
+        rx,
+    )))
+}
+
 /// Runs `moppa train`.
 pub fn train(args: &TrainArgs) -> Result<i32, CliError> {
     let cfg = args.run.resolve()?;
@@ -93,7 +128,26 @@ pub fn train(args: &TrainArgs) -> Result<i32, CliError> {
         return Ok(0);
     };
     preflight(&cfg)?;
-    let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
+    let mut opts = headless();
+    let served = match serve(&cfg, &mut opts)? {
+        Some((sopts, events)) => {
+            let listener =
+                Server::bind(&sopts).map_err(|e| CliError::Failure(anyhow::anyhow!("--serve {}: {e}", sopts.addr)))?;
+            Some((listener, sopts, events))
+        }
+        None => None,
+    };
+    let handle = WorkerHandle::spawn(cfg, opts).map_err(|e| CliError::Failure(e.into()))?;
+    let _server = match served {
+        Some((listener, sopts, events)) => {
+            let addr = sopts.addr.clone();
+            let server = Server::start(listener, sopts, handle.commands(), events)
+                .map_err(|e| CliError::Failure(anyhow::anyhow!("--serve {addr}: {e}")))?;
+            eprintln!("serving on {}", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
     let flag = handle.stop_flag();
     let acknowledged = flag.clone();
     ctrlc::set_handler(move || {

@@ -19,17 +19,56 @@ pub struct Augment {
     pub scale_pct: u32,
 }
 
-/// Where training runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// Where training runs: `auto`, `cpu`, `cuda` (the first GPU) or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
     /// CUDA when built with it and a GPU answers, else CPU.
     #[default]
     Auto,
     /// The CPU.
     Cpu,
-    /// The first CUDA GPU.
-    Cuda,
+    /// CUDA GPU number N (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(0) => f.write_str("cuda"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device '{other}' (auto, cpu, cuda, cuda:N)")),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Working precision.
@@ -46,6 +85,7 @@ pub enum Precision {
 /// A training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[allow(clippy::struct_excessive_bools)] // the run flags of INTERFACES.md, one per switch
 pub struct RunConfig {
     /// Backbone file, or `builtin`.
     pub backbone: String,
@@ -97,6 +137,15 @@ pub struct RunConfig {
     /// Resume an unfinished run in `out`, do nothing for a finished one, else start it.
     #[serde(skip_serializing_if = "is_false")]
     pub auto_resume: bool,
+    /// Publish the run's events and accept commands at this `HOST:PORT` (`moppa train --serve`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serve: Option<String>,
+    /// The token that lets a network client steer the run (never written to the run folder).
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// Network clients without the token may watch.
+    #[serde(skip_serializing_if = "is_false")]
+    pub serve_public: bool,
     /// A snapshot every N steps (and at most ~10 per second).
     pub snapshot_every: u64,
     /// Override the backbone's input mean (per channel, pixels in 0..1).
@@ -131,6 +180,9 @@ impl Default for RunConfig {
             resume: None,
             overwrite: false,
             auto_resume: false,
+            serve: None,
+            token: None,
+            serve_public: false,
             snapshot_every: 5,
             mean: None,
             std: None,
@@ -218,7 +270,8 @@ impl RunConfig {
     pub fn resolved(&self, total_steps: u64) -> Self {
         let mut c = self.clone();
         // How the run folder was claimed is not part of what the run is.
-        (c.overwrite, c.auto_resume) = (false, false);
+        (c.overwrite, c.auto_resume, c.serve_public) = (false, false, false);
+        (c.serve, c.token) = (None, None);
         c.lr = Some(self.lr());
         c.steps = Some(total_steps);
         c.epochs = None;
@@ -240,7 +293,10 @@ impl RunConfig {
         let known: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
         let unknown: Vec<&String> = value
             .keys()
-            .filter(|k| !known.contains(k) && !["final", "overwrite", "auto_resume"].contains(&k.as_str()))
+            .filter(|k| {
+                !known.contains(k)
+                    && !["final", "overwrite", "auto_resume", "serve", "token", "serve_public"].contains(&k.as_str())
+            })
             .collect();
         if !unknown.is_empty() {
             return Err(format!(

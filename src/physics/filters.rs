@@ -173,7 +173,26 @@ impl FilterSet {
     }
 }
 
-/// The gain of `prior` for scalar coefficients on a given `Λ` (source map all ones).
+/// One channel's gain of `prior` on a grid with eigenvalues `lambda`, from that channel's
+/// coefficient (κ, c or ε), τ, γ and (Poisson) the source map `S` (row-major, as `lambda`):
+/// METHOD.md's formulas, for views that recompute filters from recorded coefficients.
+pub fn channel_gain(
+    prior: Prior,
+    lambda: &[f64],
+    coeff: f64,
+    tau: f64,
+    gamma: f64,
+    source: Option<&[f64]>,
+) -> Result<Vec<f64>, PhysicsError> {
+    match prior {
+        Prior::Heat => Ok(heat_filter(lambda, coeff, tau)),
+        Prior::Wave => Ok(wave_filter(lambda, coeff, tau, gamma)),
+        Prior::Poisson => poisson_filter(lambda, coeff, source),
+    }
+}
+
+/// The gain of `prior` for scalar coefficients on a given `Λ` (source map all ones), coefficients
+/// validated: the playground and `moppa filters`.
 pub fn prior_gain(prior: Prior, lambda: &[f64], coeffs: &PriorCoeffs) -> Result<Vec<f64>, PhysicsError> {
     match prior {
         Prior::Heat => {

@@ -16,7 +16,7 @@ pub use crate::config::Prior;
 pub use coeffs::{PhysicsError, PriorCoeffs};
 pub use dct::{Dct2, dct_matrix};
 pub use filters::{
-    FilterSet, heat_filter, impulse_response, impulse_width, laplacian_eigenvalues, poisson_filter, prior_gain,
-    radial_profile, wave_filter,
+    FilterSet, channel_gain, heat_filter, impulse_response, impulse_width, laplacian_eigenvalues, poisson_filter,
+    prior_gain, radial_profile, wave_filter,
 };
 pub use image::{ImageDct, apply_prior, image_gain};

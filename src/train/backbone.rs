@@ -96,9 +96,8 @@ pub fn cuda_available() -> bool {
 pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     let device = match choice {
         DeviceChoice::Cpu => Device::Cpu,
-        DeviceChoice::Cuda => {
-            Device::new_cuda(0).map_err(|e| TrainError::Config(format!("--device cuda: no CUDA device ({e})")))?
-        }
+        DeviceChoice::Cuda(n) => Device::new_cuda(n)
+            .map_err(|e| TrainError::Config(format!("--device {choice}: no such CUDA device ({e})")))?,
         DeviceChoice::Auto => {
             if cfg!(feature = "cuda") {
                 Device::new_cuda(0).unwrap_or(Device::Cpu)

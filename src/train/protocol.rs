@@ -6,6 +6,9 @@ use crate::config::{Prior, VitConfig};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// The version of this protocol's serde form (a network client and server must agree).
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// Which blocks a coefficient command addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,6 +124,9 @@ pub enum Command {
         /// Channel index `< rank`.
         channel: Option<usize>,
     },
+    /// A network client asks for the run folder's adapter and config (answered by the server
+    /// with [`Event::RunFile`]s; a local run has no use for it).
+    FetchRunFiles,
 }
 
 /// Static facts about a run, sent once when the model is ready.
@@ -158,6 +164,9 @@ pub struct RunInfo {
     pub backbone: VitConfig,
     /// Validation images available as probes.
     pub probes: usize,
+    /// This run's id in this session (network viewers check they reach the run they expect).
+    #[serde(default)]
+    pub run_id: String,
 }
 
 /// One optimizer step's numbers.
@@ -379,6 +388,13 @@ pub enum Event {
     Diverged(Notice),
     /// The run ended.
     Finished(Finished),
+    /// A file of the run folder, sent to the network client that asked ([`Command::FetchRunFiles`]).
+    RunFile {
+        /// Its name in the run folder.
+        name: String,
+        /// Its bytes, base64.
+        base64: String,
+    },
 }
 
 impl Event {

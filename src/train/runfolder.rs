@@ -161,7 +161,13 @@ fn hostname() -> String {
 /// Whether process `pid` of this machine is alive (conservatively true where it cannot be told).
 fn pid_alive(pid: u32) -> bool {
     if cfg!(target_os = "linux") {
-        Path::new("/proc").join(pid.to_string()).exists()
+        // A killed process whose parent has not reaped it yet (a zombie, state Z) holds nothing.
+        match std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
     } else {
         true
     }

@@ -1,6 +1,7 @@
 //! Curves: training loss and route loss (EMA over the faint raw curve, optional log axis),
 //! train/validation accuracy, learning rate; x as step or wall time; markers where a command
-//! took effect; earlier runs of the session overlaid, with each run's best validation accuracy.
+//! took effect; every other run shown (this session's, opened folders, connected servers)
+//! overlaid in a colour of its own, named in the legend.
 
 use super::Action;
 use crate::app::history::RunHistory;
@@ -27,11 +28,31 @@ fn tr(points: Vec<[f64; 2]>, log: bool) -> Vec<[f64; 2]> {
     }
 }
 
-/// Draws the view. Returns actions and the screen rectangles of the plots (for export).
+/// One colour per run when several are overlaid (a run alone keeps the loss / accuracy colours).
+const RUN_COLORS: [Color32; 8] = [
+    Color32::from_rgb(240, 160, 60),
+    Color32::from_rgb(80, 200, 190),
+    Color32::from_rgb(230, 110, 170),
+    Color32::from_rgb(220, 210, 90),
+    Color32::from_rgb(160, 130, 240),
+    Color32::from_rgb(140, 200, 90),
+    Color32::from_rgb(230, 90, 90),
+    Color32::from_rgb(150, 150, 150),
+];
+
+/// The overlay colour of run `i`.
+#[must_use]
+pub fn run_color(i: usize) -> Color32 {
+    RUN_COLORS[i % RUN_COLORS.len()]
+}
+
+/// Draws the view for the `selected` run with the others overlaid. Returns actions and the
+/// screen rectangles of the plots (for export).
 pub fn ui(
     ui: &mut egui::Ui,
     s: &mut CurveSettings,
-    runs: &[RunHistory],
+    runs: &[&RunHistory],
+    selected: usize,
 ) -> (Vec<Action>, Vec<(&'static str, egui::Rect)>) {
     let mut actions = Vec::new();
     let mut rects = Vec::new();
@@ -40,7 +61,7 @@ pub fn ui(
         ui.checkbox(&mut s.log_y, "log loss");
         ui.selectable_value(&mut s.by_time, false, "x: step");
         ui.selectable_value(&mut s.by_time, true, "x: time (s)");
-        ui.checkbox(&mut s.overlay, "earlier runs");
+        ui.checkbox(&mut s.overlay, "other runs");
         ui.separator();
         if ui.button("Export CSV…").clicked() {
             actions.push(Action::ExportCsv);
@@ -55,16 +76,43 @@ pub fn ui(
                 }
             });
     });
-    let Some(current) = runs.last() else {
+    let Some(current) = runs.get(selected).copied() else {
         ui.label("No run yet.");
         return (actions, rects);
     };
-    let earlier: &[RunHistory] = if s.overlay { &runs[..runs.len() - 1] } else { &[] };
+    let others: Vec<(usize, &RunHistory)> = if s.overlay {
+        runs.iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, _)| *i != selected)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let x = s.by_time;
     let xlabel = if x { "time (s)" } else { "step" };
     let (log, ema) = (s.log_y, s.ema);
     let h = ((ui.available_height() - 120.0) / 2.0).clamp(140.0, 320.0);
-    let loss_color = Color32::from_rgb(80, 160, 255);
+    // Alone, a run's curves keep their own colours; overlaid, each run has one colour and its
+    // name in the legend.
+    let overlaid = !others.is_empty();
+    let named = |what: &str| {
+        if overlaid {
+            format!("{} {what}", current.label)
+        } else {
+            what.to_owned()
+        }
+    };
+    let loss_color = if overlaid {
+        run_color(selected)
+    } else {
+        Color32::from_rgb(80, 160, 255)
+    };
+    let val_color = if overlaid {
+        run_color(selected)
+    } else {
+        Color32::from_rgb(255, 140, 60)
+    };
     let route_color = Color32::from_rgb(200, 120, 255);
     let resp = Plot::new("loss")
         .height(h)
@@ -80,27 +128,32 @@ pub fn ui(
         })
         .link_axis(egui::Id::unique("curves-x"), [true, false])
         .show(ui, |pu| {
-            for r in earlier {
+            for (i, r) in &others {
                 pu.line(
                     Line::new(
                         format!("{} loss", r.label),
                         PlotPoints::from(tr(r.loss.ema(x, ema), log)),
                     )
-                    .color(Color32::from_gray(110))
-                    .width(1.0),
+                    .color(run_color(*i))
+                    .width(1.2),
                 );
             }
-            pu.line(Line::new("loss (raw)", PlotPoints::from(tr(current.loss.xy(x), log))).color(faint(loss_color)));
             pu.line(
-                Line::new("loss", PlotPoints::from(tr(current.loss.ema(x, ema), log)))
+                Line::new(named("loss (raw)"), PlotPoints::from(tr(current.loss.xy(x), log))).color(faint(loss_color)),
+            );
+            pu.line(
+                Line::new(named("loss"), PlotPoints::from(tr(current.loss.ema(x, ema), log)))
                     .color(loss_color)
                     .width(2.0),
             );
             if current.route_loss.points.iter().any(|p| p[2] > 0.0) {
                 pu.line(
-                    Line::new("route loss", PlotPoints::from(tr(current.route_loss.ema(x, ema), log)))
-                        .color(route_color)
-                        .width(1.5),
+                    Line::new(
+                        named("route loss"),
+                        PlotPoints::from(tr(current.route_loss.ema(x, ema), log)),
+                    )
+                    .color(route_color)
+                    .width(1.5),
                 );
             }
             let top = current.loss.points.iter().map(|p| p[2]).fold(0.0f64, f64::max);
@@ -128,33 +181,29 @@ pub fn ui(
             .x_axis_label(xlabel)
             .link_axis(egui::Id::unique("curves-x"), [true, false])
             .show(&mut cols[0], |pu| {
-                for r in earlier {
+                for (i, r) in &others {
                     let v: Vec<[f64; 2]> = r.val.iter().map(|e| [if x { e[1] } else { e[0] }, e[2]]).collect();
-                    pu.line(Line::new(format!("{} val", r.label), PlotPoints::from(v)).color(Color32::from_gray(110)));
+                    pu.line(Line::new(format!("{} val", r.label), PlotPoints::from(v)).color(run_color(*i)));
                 }
                 pu.line(
-                    Line::new("train acc (raw)", PlotPoints::from(current.train_acc.xy(x)))
+                    Line::new(named("train acc (raw)"), PlotPoints::from(current.train_acc.xy(x)))
                         .color(faint(Color32::from_rgb(120, 200, 120))),
                 );
                 pu.line(
-                    Line::new("train acc", PlotPoints::from(current.train_acc.ema(x, ema)))
+                    Line::new(named("train acc"), PlotPoints::from(current.train_acc.ema(x, ema)))
                         .color(Color32::from_rgb(120, 200, 120))
                         .width(2.0),
                 );
                 let v = eval_points(&current.val, x);
                 pu.line(
-                    Line::new("val acc", PlotPoints::from(v.clone()))
-                        .color(Color32::from_rgb(255, 140, 60))
+                    Line::new(named("val acc"), PlotPoints::from(v.clone()))
+                        .color(val_color)
                         .width(2.0),
                 );
-                pu.points(
-                    Points::new("val acc", v)
-                        .radius(3.0)
-                        .color(Color32::from_rgb(255, 140, 60)),
-                );
+                pu.points(Points::new(named("val acc"), v).radius(3.0).color(val_color));
                 let t = eval_points(&current.test, x);
                 pu.points(
-                    Points::new("test acc", t)
+                    Points::new(named("test acc"), t)
                         .radius(4.0)
                         .color(Color32::from_rgb(255, 80, 80)),
                 );
@@ -175,21 +224,6 @@ pub fn ui(
                 );
             });
         rects.push(("learning-rate", resp.response.rect));
-    });
-    ui.label(egui::RichText::new("Runs this session").strong());
-    egui::Grid::new("runs-table").striped(true).show(ui, |ui| {
-        ui.label("run");
-        ui.label("steps");
-        ui.label("best val acc");
-        ui.label("test acc");
-        ui.end_row();
-        for r in runs {
-            ui.label(&r.label);
-            ui.label(r.step.to_string());
-            ui.label(r.best_val().map_or("-".into(), |a| format!("{a:.4}")));
-            ui.label(r.test.last().map_or("-".into(), |t| format!("{:.4}", t[2])));
-            ui.end_row();
-        }
     });
     (actions, rects)
 }

@@ -195,7 +195,7 @@ pub fn ui(
                 ui.horizontal(|ui| {
                     ui.label("device");
                     ui.selectable_value(&mut cfg.device, DeviceChoice::Cpu, "CPU");
-                    ui.selectable_value(&mut cfg.device, DeviceChoice::Cuda, "CUDA");
+                    ui.selectable_value(&mut cfg.device, DeviceChoice::Cuda(0), "CUDA");
                 });
             }
         });

@@ -7,6 +7,7 @@ pub mod launch;
 pub mod live;
 pub mod playground;
 pub mod router;
+pub mod runs;
 pub mod status;
 
 use crate::train::protocol::Command;
@@ -44,6 +45,16 @@ pub enum Action {
     SaveAdapter,
     /// Open an image in the playground.
     PickImage,
+    /// Show run `i` in the filter, router and live views.
+    Select(usize),
+    /// Pick run folders to open.
+    OpenRuns,
+    /// Open this run folder.
+    OpenRun(std::path::PathBuf),
+    /// Connect to a served run with the Connect… dialog's fields.
+    Connect,
+    /// Ask a served run for its adapter and config (into a folder picked then).
+    FetchRunFiles,
 }
 
 /// Where a run is.

@@ -1,7 +1,5 @@
 //! The status bar: run state, device, step, throughput, UI frame time, memory.
 
-use super::RunStatus;
-
 /// Rolling UI frame statistics: the CPU time of each frame (event handling, layout, drawing,
 /// tessellation: what limits the frame rate) and the interval between frames.
 #[derive(Default)]
@@ -60,7 +58,7 @@ impl FrameTimes {
 /// `frames` None hides the volatile numbers (frame time, memory).
 pub fn ui(
     ui: &mut egui::Ui,
-    status: RunStatus,
+    status: &str,
     device: &str,
     step: u64,
     total: u64,
@@ -68,7 +66,7 @@ pub fn ui(
     frames: Option<&FrameTimes>,
 ) {
     ui.horizontal(|ui| {
-        ui.label(status.label());
+        ui.label(status);
         ui.separator();
         ui.label(format!("device {device}"));
         ui.separator();

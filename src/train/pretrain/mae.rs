@@ -186,6 +186,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
         start_step: 0,
         backbone: run.encoder.clone(),
         probes: 0,
+        run_id: String::new(),
     })));
     let mut opt = AdamW::new(
         model.vars(),

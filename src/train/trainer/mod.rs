@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub use super::error::TrainError;
+pub use setup::new_run_id;
 
 /// What a step produced.
 pub enum StepOutcome {
@@ -87,6 +88,17 @@ impl Trainer {
     #[must_use]
     pub fn time_s(&self) -> f64 {
         self.time_offset + self.clock.elapsed().as_secs_f64()
+    }
+
+    /// Names the run (a served run's id is chosen before its setup).
+    pub fn set_run_id(&mut self, id: String) {
+        self.info.run_id = id;
+    }
+
+    /// The run's clock: when it started here and the seconds before (resumed runs continue it).
+    #[must_use]
+    pub fn clock(&self) -> (Instant, f64) {
+        (self.clock, self.time_offset)
     }
 
     /// Whether the planned steps are done.

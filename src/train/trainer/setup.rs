@@ -29,6 +29,15 @@ fn setup_notice(message: String, path: Option<PathBuf>) -> Notice {
     }
 }
 
+/// A run id: start time and process, in hex.
+#[must_use]
+pub fn new_run_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{t:x}-{:x}", std::process::id())
+}
+
 /// Ends setup early when an interrupt asks to (nothing has been saved yet).
 fn check(stop: &StopFlag) -> Result<()> {
     if stop.cuts_short() {
@@ -134,6 +143,7 @@ impl Trainer {
             start_step: 0,
             backbone: model.backbone.cfg.clone(),
             probes: dataset.val.len(),
+            run_id: new_run_id(),
         };
         let resumed = match &cfg.resume {
             Some(dir) => Some(read_state(dir, &model, &mut opt, &device)?),

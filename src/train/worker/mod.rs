@@ -36,6 +36,11 @@ pub struct WorkerOptions {
     /// On divergence, end the run (headless: nobody can change the coefficients and resume)
     /// instead of holding for a display to steer it.
     pub stop_on_divergence: bool,
+    /// Further receivers of every event (e.g. a network server), each fed like the display:
+    /// never blocking the worker, progress and snapshots coalesced for a slow one.
+    pub observers: Vec<Sender<Event>>,
+    /// The run's id (a network server names it in its handshake); `None`: a new one.
+    pub run_id: Option<String>,
 }
 
 impl Default for WorkerOptions {
@@ -47,6 +52,8 @@ impl Default for WorkerOptions {
             event_capacity: 256,
             max_snapshots_per_s: 10.0,
             stop_on_divergence: false,
+            observers: Vec::new(),
+            run_id: None,
         }
     }
 }
@@ -85,7 +92,7 @@ impl WorkerHandle {
         let join = std::thread::Builder::new()
             .name("moppa-trainer".into())
             .spawn(move || {
-                let mut out = Outbox::new(ev_tx, opts.waker.clone());
+                let mut out = Outbox::new(ev_tx, opts.observers.clone(), opts.waker.clone());
                 run::run(&cfg, &opts, &cmd_rx, &mut out, &stop2);
                 finished2.store(true, Ordering::Release);
                 // Deliver what is left without ever blocking for long.
@@ -109,6 +116,12 @@ impl WorkerHandle {
         self.commands.try_send(c).map_err(|e| match e {
             TrySendError::Full(c) | TrySendError::Disconnected(c) => c,
         })
+    }
+
+    /// A sender of commands to this run (for another front end, e.g. a network server).
+    #[must_use]
+    pub fn commands(&self) -> Sender<Command> {
+        self.commands.clone()
     }
 
     /// The event stream.

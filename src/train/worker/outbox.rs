@@ -1,90 +1,165 @@
-//! The worker's sending side: every event is logged to the run folder first, then queued for
-//! the display without ever blocking: progress and snapshots are coalesced (latest wins) while
-//! the display is behind; everything else waits in a backlog until there is room.
+//! The worker's sending side: every event is logged to the run folder first (snapshots to
+//! `snapshots.jsonl` at their own cadence), then queued for each receiver (the display, and
+//! observers such as a network server) without ever blocking: progress and snapshots are
+//! coalesced (latest wins) while a receiver is behind; everything else waits in that receiver's
+//! backlog until there is room.
 
 use super::Waker;
-use crate::train::protocol::{Event, Notice};
+use crate::train::protocol::{Event, Notice, Snapshot};
 use crate::train::runlog::RunLog;
+use crate::train::snapfile::SnapshotLog;
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
-/// The sending side: never blocks.
-pub(super) struct Outbox {
+/// One receiver's queue.
+struct Sink {
     tx: Sender<Event>,
     backlog: VecDeque<Event>,
     progress: Option<Event>,
     snapshot: Option<Event>,
-    waker: Option<Waker>,
-    pub(super) log: Option<RunLog>,
-    log_error: bool,
+    /// Gone (its receiver was dropped): nothing more is queued for it.
+    closed: bool,
 }
 
-impl Outbox {
-    pub(super) fn new(tx: Sender<Event>, waker: Option<Waker>) -> Self {
+impl Sink {
+    fn new(tx: Sender<Event>) -> Self {
         Self {
             tx,
             backlog: VecDeque::new(),
             progress: None,
             snapshot: None,
-            waker,
-            log: None,
-            log_error: false,
+            closed: false,
         }
     }
 
-    pub(super) fn is_empty(&self) -> bool {
-        self.backlog.is_empty() && self.progress.is_none() && self.snapshot.is_none()
-    }
-
-    /// Logs the event to the run folder, then queues it.
-    pub(super) fn push(&mut self, ev: Event) {
-        if let Some(log) = &mut self.log
-            && let Err(e) = log.write(&ev)
-            && !self.log_error
-        {
-            self.log_error = true;
-            self.backlog.push_back(Event::Warning(Notice {
-                step: 0,
-                time_s: 0.0,
-                message: format!("cannot write the run log: {e}"),
-                path: None,
-                line: None,
-            }));
+    fn queue(&mut self, ev: Event) {
+        if self.closed {
+            return;
         }
         match ev {
             Event::Progress(_) => self.progress = Some(ev),
             Event::Snapshot(_) => self.snapshot = Some(ev),
             other => self.backlog.push_back(other),
         }
-        self.flush();
     }
 
-    /// Sends what fits; returns without waiting.
-    pub(super) fn flush(&mut self) {
+    fn is_empty(&self) -> bool {
+        self.closed || (self.backlog.is_empty() && self.progress.is_none() && self.snapshot.is_none())
+    }
+
+    /// Sends what fits; whether anything was sent.
+    fn flush(&mut self) -> bool {
         let mut sent = false;
         while let Some(ev) = self.backlog.pop_front() {
             match self.tx.try_send(ev) {
                 Ok(()) => sent = true,
                 Err(TrySendError::Full(ev)) => {
                     self.backlog.push_front(ev);
-                    break;
+                    return sent;
                 }
                 Err(TrySendError::Disconnected(_)) => {
+                    self.closed = true;
                     self.backlog.clear();
-                    break;
+                    return sent;
                 }
             }
         }
-        if self.backlog.is_empty() {
-            for slot in [&mut self.progress, &mut self.snapshot] {
-                if let Some(ev) = slot.take() {
-                    match self.tx.try_send(ev) {
-                        Ok(()) => sent = true,
-                        Err(TrySendError::Full(ev)) => *slot = Some(ev),
-                        Err(TrySendError::Disconnected(_)) => {}
-                    }
+        for slot in [&mut self.progress, &mut self.snapshot] {
+            if let Some(ev) = slot.take() {
+                match self.tx.try_send(ev) {
+                    Ok(()) => sent = true,
+                    Err(TrySendError::Full(ev)) => *slot = Some(ev),
+                    Err(TrySendError::Disconnected(_)) => self.closed = true,
                 }
             }
+        }
+        sent
+    }
+}
+
+/// The sending side: never blocks.
+pub(super) struct Outbox {
+    display: Sink,
+    observers: Vec<Sink>,
+    waker: Option<Waker>,
+    /// The run folder's log (shared with the heartbeat thread).
+    pub(super) log: Option<Arc<Mutex<RunLog>>>,
+    /// The run folder's snapshot records.
+    pub(super) snapshots: Option<SnapshotLog>,
+    log_error: bool,
+}
+
+impl Outbox {
+    pub(super) fn new(tx: Sender<Event>, observers: Vec<Sender<Event>>, waker: Option<Waker>) -> Self {
+        Self {
+            display: Sink::new(tx),
+            observers: observers.into_iter().map(Sink::new).collect(),
+            waker,
+            log: None,
+            snapshots: None,
+            log_error: false,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.display.is_empty() && self.observers.iter().all(Sink::is_empty)
+    }
+
+    fn log_failed(&mut self, what: &str, e: &std::io::Error) {
+        if !self.log_error {
+            self.log_error = true;
+            let n = Event::Warning(Notice {
+                step: 0,
+                time_s: 0.0,
+                message: format!("cannot write the {what}: {e}"),
+                path: None,
+                line: None,
+            });
+            self.display.queue(n.clone());
+            for o in &mut self.observers {
+                o.queue(n.clone());
+            }
+        }
+    }
+
+    /// Logs the event to the run folder, then queues it for every receiver.
+    pub(super) fn push(&mut self, ev: Event) {
+        let logged = match &self.log {
+            Some(log) => log.lock().map_or(Ok(()), |mut l| l.write(&ev)),
+            None => Ok(()),
+        };
+        if let Err(e) = logged {
+            self.log_failed("run log", &e);
+        }
+        for o in &mut self.observers {
+            o.queue(ev.clone());
+        }
+        self.display.queue(ev);
+        self.flush();
+    }
+
+    /// Appends a snapshot record to `snapshots.jsonl` (the caller decides the cadence).
+    pub(super) fn record(&mut self, s: &Snapshot, time_s: f64) {
+        let written = match &mut self.snapshots {
+            Some(log) => log.write(s, time_s),
+            None => Ok(()),
+        };
+        if let Err(e) = written {
+            self.log_failed("snapshot log", &e);
+        }
+    }
+
+    /// Whether a snapshot record is due at `step` by the file's cadence.
+    pub(super) fn record_due(&self, step: u64) -> bool {
+        self.snapshots.as_ref().is_some_and(|s| s.due(step))
+    }
+
+    /// Sends what fits; returns without waiting.
+    pub(super) fn flush(&mut self) {
+        let mut sent = self.display.flush();
+        for o in &mut self.observers {
+            sent |= o.flush();
         }
         if sent && let Some(w) = &self.waker {
             w();

@@ -8,10 +8,13 @@ use crate::config::RunConfig;
 use crate::data::Split;
 use crate::train::TrainError;
 use crate::train::protocol::{Command, Event, FinishReason, Finished, Notice};
-use crate::train::runlog::RunLog;
+use crate::train::runlog::{Heartbeat, RunLog};
+use crate::train::snapfile::{self, SnapshotLog};
 use crate::train::stop::{StopFlag, StopRequest};
 use crate::train::trainer::{StepOutcome, Trainer};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How the training loop ended: the reason, and for a failure the notice naming what failed.
@@ -92,17 +95,37 @@ pub(super) fn run(
         if let Some(msg) = lowered {
             trainer.notices.insert(0, notice(None, msg));
         }
-        if let Some(dir) = &trainer.cfg.out {
-            match RunLog::open(dir) {
-                Ok(log) => out.log = Some(log),
+        if let Some(id) = &opts.run_id {
+            trainer.set_run_id(id.clone());
+        }
+        let steps = Arc::new(AtomicU64::new(trainer.step));
+        let mut _heartbeat = None;
+        if let Some(dir) = trainer.cfg.out.clone() {
+            match RunLog::open(&dir) {
+                Ok(log) => {
+                    let log = Arc::new(Mutex::new(log));
+                    _heartbeat = Heartbeat::start(log.clone(), steps.clone(), trainer.clock()).ok();
+                    out.log = Some(log);
+                }
                 Err(e) => out.push(Event::Warning(notice(
                     Some(&trainer),
                     format!("{}: cannot write the run log: {e}", dir.display()),
                 ))),
             }
+            let info = trainer.info();
+            if !info.priors.is_empty() {
+                let header = snapfile::header(info.blocks, info.rank, info.grid, &info.priors);
+                match SnapshotLog::open(&dir, &header) {
+                    Ok(log) => out.snapshots = Some(log),
+                    Err(e) => out.push(Event::Warning(notice(
+                        Some(&trainer),
+                        format!("{}: cannot write the snapshot log: {e}", dir.display()),
+                    ))),
+                }
+            }
         }
         out.push(Event::Started(Box::new(trainer.info().clone())));
-        let end = train_loop(&mut trainer, opts, commands, out, stop);
+        let end = train_loop(&mut trainer, opts, commands, out, stop, &steps);
         finish(&mut trainer, end, out, stop);
     });
 }
@@ -128,14 +151,27 @@ fn drain_notices(trainer: &mut Trainer, out: &mut Outbox) {
     }
 }
 
-fn send_snapshot(trainer: &Trainer, out: &mut Outbox) {
-    if trainer.info().priors.is_empty() {
+/// Takes a snapshot of a MoPPA run's internals: to the displays when `display`, to
+/// `snapshots.jsonl` when `record` (its own cadence, evaluations, the end).
+fn snapshot_to(trainer: &Trainer, out: &mut Outbox, display: bool, record: bool) {
+    if trainer.info().priors.is_empty() || !(display || record) {
         return;
     }
     match trainer.snapshot() {
-        Ok(s) => out.push(Event::Snapshot(Box::new(s))),
+        Ok(s) => {
+            if record {
+                out.record(&s, trainer.time_s());
+            }
+            if display {
+                out.push(Event::Snapshot(Box::new(s)));
+            }
+        }
         Err(e) => out.push(Event::Warning(notice(Some(trainer), format!("snapshot failed: {e}")))),
     }
+}
+
+fn send_snapshot(trainer: &Trainer, out: &mut Outbox) {
+    snapshot_to(trainer, out, true, false);
 }
 
 /// Evaluates a split and reports it; a validation result that beats the best so far keeps its
@@ -223,6 +259,7 @@ fn apply(
         },
         Command::SetProbe { index } => trainer.set_probe(index).map(|()| None),
         Command::SetChannel { channel } => trainer.set_channel(channel).map(|()| None),
+        Command::FetchRunFiles => Err("fetching the run's files is for network clients (moppa train --serve)".into()),
     };
     match result {
         Ok(Some(applied)) => {
@@ -241,6 +278,7 @@ fn train_loop(
     commands: &Receiver<Command>,
     out: &mut Outbox,
     stop: &StopFlag,
+    steps: &AtomicU64,
 ) -> End {
     let mut state = if opts.autostart { State::Running } else { State::Idle };
     let mut single = false;
@@ -332,16 +370,20 @@ fn train_loop(
         }
         let step = trainer.step;
         let eval_every = trainer.cfg.eval_every;
+        steps.store(step, std::sync::atomic::Ordering::Relaxed);
+        let mut record = out.record_due(step);
         if eval_every > 0 && step.is_multiple_of(eval_every) && !trainer.done() {
             let saved = evaluate(trainer, Split::Val, out).and_then(|_| checkpoint(trainer));
             if let Err(n) = saved {
                 out.push(Event::Error(n.clone()));
                 return End::failed(n);
             }
+            record = true;
         }
         let rate_ok = last_snapshot.is_none_or(|t| t.elapsed() >= min_gap);
-        if (snapshot_due || step.is_multiple_of(every) || single) && rate_ok {
-            send_snapshot(trainer, out);
+        let display = (snapshot_due || step.is_multiple_of(every) || single) && rate_ok;
+        snapshot_to(trainer, out, display, record);
+        if display {
             last_snapshot = Some(Instant::now());
             snapshot_due = false;
         }
@@ -375,7 +417,7 @@ fn finish(trainer: &mut Trainer, end: End, out: &mut Outbox, stop: &StopFlag) {
             saved = checkpoint(trainer);
         }
         match saved {
-            Ok(()) if !interrupted => send_snapshot(trainer, out),
+            Ok(()) if !interrupted => snapshot_to(trainer, out, true, true),
             Ok(()) => {}
             Err(n) => {
                 out.push(Event::Error(n.clone()));
