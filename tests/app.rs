@@ -138,6 +138,32 @@ fn harness(tab: Tab) -> (Harness<'static, StudioApp>, Fake) {
     harness_on(tab, None)
 }
 
+/// The app at the snapshot tests' window size (numbers that change every frame hidden).
+fn app(
+    settings: Settings,
+    launcher: Launcher,
+    opts: AppOptions,
+    renderer: Option<egui_kittest::wgpu::WgpuTestRenderer>,
+) -> Harness<'static, StudioApp> {
+    let mut builder = Harness::builder()
+        .with_size(egui::vec2(1440.0, 900.0))
+        .with_max_steps(16);
+    if let Some(r) = renderer {
+        builder = builder.renderer(r);
+    }
+    builder.build_eframe(move |cc| {
+        StudioApp::with_launcher(
+            &cc.egui_ctx,
+            settings,
+            launcher,
+            AppOptions {
+                stable_display: true,
+                ..opts
+            },
+        )
+    })
+}
+
 /// The app on a fake engine; with a wgpu renderer for snapshot tests.
 fn harness_on(tab: Tab, renderer: Option<egui_kittest::wgpu::WgpuTestRenderer>) -> (Harness<'static, StudioApp>, Fake) {
     let (launcher, fake) = launcher();
@@ -145,24 +171,7 @@ fn harness_on(tab: Tab, renderer: Option<egui_kittest::wgpu::WgpuTestRenderer>) 
         tab,
         ..Settings::default()
     };
-    let mut builder = Harness::builder()
-        .with_size(egui::vec2(1440.0, 900.0))
-        .with_max_steps(16);
-    if let Some(r) = renderer {
-        builder = builder.renderer(r);
-    }
-    let harness = builder.build_eframe(move |cc| {
-        StudioApp::with_launcher(
-            &cc.egui_ctx,
-            settings,
-            launcher,
-            AppOptions {
-                stable_display: true,
-                ..AppOptions::default()
-            },
-        )
-    });
-    (harness, fake)
+    (app(settings, launcher, AppOptions::default(), renderer), fake)
 }
 
 /// A run with history: started, 200 steps, evaluations, a κ change, snapshots.
@@ -380,26 +389,15 @@ fn real_run(dir: &Path, method: &str, extra: &[&str]) -> PathBuf {
 
 /// The app (fake launcher: nothing of its own runs) with run folders opened at start.
 fn viewer(tab: Tab, open: Vec<PathBuf>) -> Harness<'static, StudioApp> {
-    let (launcher, _fake) = launcher();
     let settings = Settings {
         tab,
         ..Settings::default()
     };
-    Harness::builder()
-        .with_size(egui::vec2(1440.0, 900.0))
-        .with_max_steps(16)
-        .build_eframe(move |cc| {
-            StudioApp::with_launcher(
-                &cc.egui_ctx,
-                settings,
-                launcher,
-                AppOptions {
-                    stable_display: true,
-                    open,
-                    ..AppOptions::default()
-                },
-            )
-        })
+    let opts = AppOptions {
+        open,
+        ..AppOptions::default()
+    };
+    app(settings, launcher().0, opts, None)
 }
 
 /// Mean of block 0's α for `prior` in a snapshot record, as the router table prints it.
@@ -567,22 +565,22 @@ fn tempdir(name: &str) -> PathBuf {
 
 /// The app with the real engine, its runs written under `runs_dir`.
 fn real_app(settings: Settings, runs_dir: PathBuf, autostart: bool) -> Harness<'static, StudioApp> {
-    Harness::builder()
-        .with_size(egui::vec2(1440.0, 900.0))
-        .with_max_steps(16)
-        .build_eframe(move |cc| {
-            StudioApp::with_launcher(
-                &cc.egui_ctx,
-                settings,
-                moppa_studio::app::link::worker_launcher(),
-                AppOptions {
-                    stable_display: true,
-                    autostart,
-                    runs_dir: Some(runs_dir),
-                    ..AppOptions::default()
-                },
-            )
-        })
+    let opts = AppOptions {
+        autostart,
+        runs_dir: Some(runs_dir),
+        ..AppOptions::default()
+    };
+    app(settings, moppa_studio::app::link::worker_launcher(), opts, None)
+}
+
+/// Steps the app until its selected run reaches `status` (two minutes at most).
+fn wait_for_status(h: &mut Harness<'static, StudioApp>, status: moppa_studio::app::panels::RunStatus) {
+    let t0 = std::time::Instant::now();
+    while h.state().status() != status {
+        assert!(t0.elapsed().as_secs() < 120, "the app's run never became {status:?}");
+        h.run_steps(1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn micro_settings(dir: &Path) -> Settings {
@@ -608,12 +606,7 @@ fn a_run_started_in_the_app_leaves_a_run_folder_and_an_unstarted_one_none() {
     let runs = tmp.join("runs");
     // Started: trains to the end and leaves a complete run folder behind.
     let mut h = real_app(micro_settings(&tmp), runs.clone(), true);
-    let t0 = std::time::Instant::now();
-    while h.state().status() != RunStatus::Finished {
-        assert!(t0.elapsed().as_secs() < 120, "the app's run did not finish");
-        h.run_steps(1);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_status(&mut h, RunStatus::Finished);
     drop(h);
     let folders: Vec<PathBuf> = std::fs::read_dir(&runs).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(folders.len(), 1, "{folders:?}");
@@ -629,12 +622,7 @@ fn a_run_started_in_the_app_leaves_a_run_folder_and_an_unstarted_one_none() {
     // Prepared but never started (the app opened and closed): nothing is left behind.
     let idle = tmp.join("idle");
     let mut h = real_app(micro_settings(&tmp), idle.clone(), false);
-    let t0 = std::time::Instant::now();
-    while h.state().status() != RunStatus::Ready {
-        assert!(t0.elapsed().as_secs() < 60, "the app's run did not get ready");
-        h.run_steps(1);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_status(&mut h, RunStatus::Ready);
     assert_eq!(
         std::fs::read_dir(&idle).unwrap().count(),
         1,

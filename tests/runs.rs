@@ -117,6 +117,20 @@ impl Drop for Served {
     }
 }
 
+/// A served run (token `sekrit`) that trains until told to stop, and its run folder.
+fn served_until_stopped(name: &str) -> (PathBuf, Served) {
+    let tmp = tempdir(name);
+    let micro = common::micro_backbone(&tmp);
+    let dir = tmp.join("run");
+    let served = Served::spawn(&train_args(
+        &micro,
+        &dir,
+        1_000_000,
+        &["--serve", "127.0.0.1:0", "--token", "sekrit"],
+    ));
+    (dir, served)
+}
+
 /// The progress records written so far.
 fn progress_lines(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.matches(r#""kind":"progress""#).count())
@@ -221,15 +235,7 @@ fn a_watched_run_receives_history_then_live_progress_and_trains_as_without_serve
 
 #[test]
 fn a_steered_run_applies_set_coeff_and_the_next_snapshot_shows_it() {
-    let tmp = tempdir("serve-steer");
-    let micro = common::micro_backbone(&tmp);
-    let dir = tmp.join("run");
-    let served = Served::spawn(&train_args(
-        &micro,
-        &dir,
-        1_000_000,
-        &["--serve", "127.0.0.1:0", "--token", "sekrit"],
-    ));
+    let (dir, served) = served_until_stopped("serve-steer");
     let link = RemoteLink::connect(&served.addr, Some("sekrit")).unwrap();
     let mut seen = Vec::new();
     next_event(&link, &mut seen, |e| matches!(e, Event::Snapshot(_)));
@@ -280,6 +286,15 @@ fn a_steered_run_applies_set_coeff_and_the_next_snapshot_shows_it() {
     );
 }
 
+/// A handshake of this protocol version with `token`.
+fn with_token(token: &str) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        token: Some(token.into()),
+        ..Hello::default()
+    }
+}
+
 /// Reads until the server closes the connection; the refusal it sent first, if any.
 fn refusal(stream: &mut TcpStream) -> Option<String> {
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -299,15 +314,7 @@ fn refusal(stream: &mut TcpStream) -> Option<String> {
 
 #[test]
 fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
-    let tmp = tempdir("serve-refuse");
-    let micro = common::micro_backbone(&tmp);
-    let dir = tmp.join("run");
-    let served = Served::spawn(&train_args(
-        &micro,
-        &dir,
-        1_000_000,
-        &["--serve", "127.0.0.1:0", "--token", "sekrit"],
-    ));
+    let (dir, served) = served_until_stopped("serve-refuse");
     let addr = served.addr.clone();
     let good = RemoteLink::connect(&addr, Some("sekrit")).unwrap();
     // A wrong token, and none on a run that is not public.
@@ -348,15 +355,7 @@ fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
     assert!(why.contains("16 MiB"), "{why}");
     // A good handshake, then a frame that is not a command: dropped with a notice.
     let mut c = TcpStream::connect(&addr).unwrap();
-    write_frame(
-        &mut c,
-        &Hello {
-            protocol: PROTOCOL_VERSION,
-            token: Some("sekrit".into()),
-            ..Hello::default()
-        },
-    )
-    .unwrap();
+    write_frame(&mut c, &with_token("sekrit")).unwrap();
     c.write_all(&8u32.to_be_bytes()).unwrap();
     c.write_all(b"not json").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -374,15 +373,7 @@ fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
     );
     // A client that stops reading (handshake sent, nothing read ever after).
     let mut stalled = TcpStream::connect(&addr).unwrap();
-    write_frame(
-        &mut stalled,
-        &Hello {
-            protocol: PROTOCOL_VERSION,
-            token: Some("sekrit".into()),
-            ..Hello::default()
-        },
-    )
-    .unwrap();
+    write_frame(&mut stalled, &with_token("sekrit")).unwrap();
     // The run goes on: the good client still receives live progress, hundreds of steps on.
     let before = progress_lines(&dir);
     let mut seen = Vec::new();
@@ -557,4 +548,94 @@ fn view_refuses_folders_without_runs() {
     let o = common::moppa(&["view", tmp.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no run folder below it"));
+}
+
+// ---- Following a folder another process writes ----
+
+#[test]
+fn a_followed_folder_shows_each_new_record_copes_with_half_lines_and_says_how_it_ended() {
+    use moppa_studio::train::replay::{Liveness, RunFolderReader};
+    let tmp = tempdir("follow");
+    let micro = common::micro_backbone(&tmp);
+    let done = tmp.join("done");
+    let o = common::moppa(
+        &train_args(&micro, &done, 40, &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Replay the finished run into another folder, record by record, as a writer would.
+    let dir = tmp.join("growing");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(done.join("config.toml"), dir.join("config.toml")).unwrap();
+    let metrics = std::fs::read_to_string(done.join("metrics.jsonl")).unwrap();
+    let lines: Vec<&str> = metrics.lines().collect();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("metrics.jsonl"))
+        .unwrap();
+    file.write_all(format!("{}\n", lines[0]).as_bytes()).unwrap();
+    let mut reader = RunFolderReader::open(&dir).unwrap();
+    assert!(matches!(reader.poll().first(), Some(Event::Started(_))));
+    assert_eq!(reader.liveness(), Liveness::Running);
+    let mut progress = 0;
+    for line in &lines[1..] {
+        // Half a record first: nothing until the rest of the line is there.
+        let (a, b) = line.split_at(line.len() / 2);
+        file.write_all(a.as_bytes()).unwrap();
+        file.flush().unwrap();
+        let none = reader.poll();
+        assert!(
+            none.iter().all(|e| matches!(e, Event::Warning(_))),
+            "a half line is held back: {none:?}"
+        );
+        file.write_all(format!("{b}\n").as_bytes()).unwrap();
+        file.flush().unwrap();
+        let evs = reader.poll();
+        let kind = serde_json::from_str::<Value>(line).unwrap()["kind"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        match kind.as_str() {
+            "progress" => {
+                progress += 1;
+                assert!(
+                    matches!(evs.as_slice(), [Event::Progress(p)] if p.step == progress),
+                    "{evs:?}"
+                );
+            }
+            "eval" => assert!(matches!(evs.as_slice(), [Event::Eval(_)]), "{evs:?}"),
+            "finished" => assert!(matches!(evs.as_slice(), [Event::Finished(_)]), "{evs:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(progress, 40);
+    assert_eq!(reader.liveness(), Liveness::Finished(FinishReason::Done));
+    // A run that stopped writing without an end record: crashed after 30 s of silence.
+    let crashed = tmp.join("crashed");
+    std::fs::create_dir_all(&crashed).unwrap();
+    std::fs::write(crashed.join("metrics.jsonl"), lines[..10].join("\n") + "\n").unwrap();
+    let reader = RunFolderReader::open(&crashed).unwrap();
+    assert_eq!(reader.liveness(), Liveness::Running, "recent: still running");
+    let old = std::time::SystemTime::now() - Duration::from_secs(45);
+    std::fs::File::options()
+        .append(true)
+        .open(crashed.join("metrics.jsonl"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    assert_eq!(reader.liveness(), Liveness::Crashed);
+    // A resumed run: its second start is counted.
+    let o = common::moppa(&["train", "--resume", done.to_str().unwrap(), "--steps", "50"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut reader = RunFolderReader::open(&done).unwrap();
+    let evs = reader.poll();
+    assert_eq!(reader.starts(), 2);
+    let last = evs
+        .iter()
+        .rev()
+        .find_map(|e| if let Event::Progress(p) = e { Some(p.step) } else { None });
+    assert_eq!(last, Some(50));
 }

@@ -6,6 +6,7 @@
 pub mod backbone;
 pub mod batch;
 pub mod bench;
+pub mod coalesce;
 pub mod error;
 pub mod evaluate;
 pub mod optim;

@@ -5,11 +5,11 @@
 //! a bound, or that sends anything malformed, is dropped alone.
 
 use super::frame::{FrameError, Hello, read_frame, read_value, same_secret, write_frame};
+use crate::train::coalesce::Pending;
 use crate::train::protocol::{Command, Event, Notice, PROTOCOL_VERSION};
 use crate::train::replay::RunFolderReader;
 use crate::train::runfolder::{ADAPTER, CONFIG_TOML};
 use crossbeam_channel::{Receiver, Sender};
-use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -39,9 +39,7 @@ pub struct ServeOptions {
 /// One client's queue: what the hub has for it and its writer has not sent yet.
 #[derive(Default)]
 struct Queue {
-    backlog: VecDeque<Event>,
-    progress: Option<Event>,
-    snapshot: Option<Event>,
+    pending: Pending,
     /// The client is gone or dropped: stop queueing.
     closed: bool,
 }
@@ -51,24 +49,11 @@ impl Queue {
         if self.closed {
             return;
         }
-        match ev {
-            Event::Progress(_) => self.progress = Some(ev),
-            Event::Snapshot(_) => self.snapshot = Some(ev),
-            other => {
-                self.backlog.push_back(other);
-                if self.backlog.len() > BACKLOG_LIMIT {
-                    self.closed = true;
-                    self.backlog.clear();
-                }
-            }
+        self.pending.push(ev);
+        if self.pending.kept() > BACKLOG_LIMIT {
+            self.closed = true;
+            self.pending.clear();
         }
-    }
-
-    fn pop(&mut self) -> Option<Event> {
-        self.backlog
-            .pop_front()
-            .or_else(|| self.progress.take())
-            .or_else(|| self.snapshot.take())
     }
 }
 
@@ -271,16 +256,16 @@ fn serve_client(
             let Ok(mut q) = queue.0.lock() else { return };
             if q.closed {
                 // Why it is dropped, if it was (a notice queued just before).
-                last_words = q.backlog.drain(..).collect();
+                last_words = q.pending.take_kept();
                 break;
             }
-            if q.backlog.is_empty() && q.progress.is_none() && q.snapshot.is_none() {
+            if q.pending.is_empty() {
                 q = match queue.1.wait_timeout(q, Duration::from_millis(200)) {
                     Ok((q, _)) => q,
                     Err(_) => return,
                 };
             }
-            q.pop()
+            q.pending.pop()
         };
         let Some(ev) = next else { continue };
         // What the history already held is not sent twice.

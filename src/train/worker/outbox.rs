@@ -5,19 +5,17 @@
 //! backlog until there is room.
 
 use super::Waker;
+use crate::train::coalesce::Pending;
 use crate::train::protocol::{Event, Notice, Snapshot};
 use crate::train::runlog::RunLog;
 use crate::train::snapfile::SnapshotLog;
 use crossbeam_channel::{Sender, TrySendError};
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 /// One receiver's queue.
 struct Sink {
     tx: Sender<Event>,
-    backlog: VecDeque<Event>,
-    progress: Option<Event>,
-    snapshot: Option<Event>,
+    pending: Pending,
     /// Gone (its receiver was dropped): nothing more is queued for it.
     closed: bool,
 }
@@ -26,51 +24,35 @@ impl Sink {
     fn new(tx: Sender<Event>) -> Self {
         Self {
             tx,
-            backlog: VecDeque::new(),
-            progress: None,
-            snapshot: None,
+            pending: Pending::default(),
             closed: false,
         }
     }
 
     fn queue(&mut self, ev: Event) {
-        if self.closed {
-            return;
-        }
-        match ev {
-            Event::Progress(_) => self.progress = Some(ev),
-            Event::Snapshot(_) => self.snapshot = Some(ev),
-            other => self.backlog.push_back(other),
+        if !self.closed {
+            self.pending.push(ev);
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.closed || (self.backlog.is_empty() && self.progress.is_none() && self.snapshot.is_none())
+        self.closed || self.pending.is_empty()
     }
 
     /// Sends what fits; whether anything was sent.
     fn flush(&mut self) -> bool {
         let mut sent = false;
-        while let Some(ev) = self.backlog.pop_front() {
+        while let Some(ev) = self.pending.pop() {
             match self.tx.try_send(ev) {
                 Ok(()) => sent = true,
                 Err(TrySendError::Full(ev)) => {
-                    self.backlog.push_front(ev);
+                    self.pending.unpop(ev);
                     return sent;
                 }
                 Err(TrySendError::Disconnected(_)) => {
                     self.closed = true;
-                    self.backlog.clear();
+                    self.pending.clear();
                     return sent;
-                }
-            }
-        }
-        for slot in [&mut self.progress, &mut self.snapshot] {
-            if let Some(ev) = slot.take() {
-                match self.tx.try_send(ev) {
-                    Ok(()) => sent = true,
-                    Err(TrySendError::Full(ev)) => *slot = Some(ev),
-                    Err(TrySendError::Disconnected(_)) => self.closed = true,
                 }
             }
         }
