@@ -377,17 +377,7 @@ impl CustomOp3 for AttnHalfOp {
                     let has_ls = lay.present(LS);
                     let mut dw = if self.train_weights { zeros(lay.len) } else { Vec::new() };
                     // Through the layer scale (no copy without one).
-                    let scaled: Option<Vec<f32>> = has_ls.then(|| {
-                        let ls = p(LS);
-                        let mut v = take(dy.len());
-                        v.copy_from_slice(dy);
-                        rows_mut(&mut v, d, |_, row| {
-                            for (a, g) in row.iter_mut().zip(ls) {
-                                *a *= g;
-                            }
-                        });
-                        v
-                    });
+                    let scaled = has_ls.then(|| through_layer_scale(dy, p(LS), d));
                     let d_proj: &[f32] = scaled.as_deref().unwrap_or(dy);
                     if self.train_weights {
                         let mut pw = zeros(d * d);
@@ -585,17 +575,7 @@ impl CustomOp2 for MlpHalfOp {
                     let p = |i: usize| &w[lay.range(i)];
                     let has_ls = lay.present(LS);
                     let mut dw = if self.train_weights { zeros(lay.len) } else { Vec::new() };
-                    let scaled: Option<Vec<f32>> = has_ls.then(|| {
-                        let ls = p(LS);
-                        let mut v = take(dy.len());
-                        v.copy_from_slice(dy);
-                        rows_mut(&mut v, d, |_, row| {
-                            for (a, g) in row.iter_mut().zip(ls) {
-                                *a *= g;
-                            }
-                        });
-                        v
-                    });
+                    let scaled = has_ls.then(|| through_layer_scale(dy, p(LS), d));
                     let d_fc2: &[f32] = scaled.as_deref().unwrap_or(dy);
                     if self.train_weights
                         && let Some(g) = &cache.g
@@ -683,4 +663,17 @@ impl CustomOp1 for GeluOp {
         })??;
         Ok(Some(tensor(v, x.shape())?))
     }
+}
+
+/// `dy` times the layer scale `ls` per channel (rows of `d`), in a pooled buffer: the gradient
+/// that reaches the projection of a half-block with layer scale.
+fn through_layer_scale(dy: &[f32], ls: &[f32], d: usize) -> Vec<f32> {
+    let mut v = take(dy.len());
+    v.copy_from_slice(dy);
+    rows_mut(&mut v, d, |_, row| {
+        for (a, g) in row.iter_mut().zip(ls) {
+            *a *= g;
+        }
+    });
+    v
 }
