@@ -193,8 +193,10 @@ fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
     }
     let steps = base.steps.map_or_else(|| "default".to_owned(), |s| s.to_string());
     let footer = format!(
-        "{} seeds each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
-        args.seeds, steps, base.batch, base.data, base.backbone
+        "{} seed{} each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
+        args.seeds,
+        if args.seeds == 1 { "" } else { "s" },
+        steps, base.batch, base.data, base.backbone
     );
     Ok((base, methods, footer))
 }
