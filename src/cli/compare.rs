@@ -196,7 +196,10 @@ fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
         "{} seed{} each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
         args.seeds,
         if args.seeds == 1 { "" } else { "s" },
-        steps, base.batch, base.data, base.backbone
+        steps,
+        base.batch,
+        base.data,
+        base.backbone
     );
     Ok((base, methods, footer))
 }
