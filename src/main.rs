@@ -60,6 +60,19 @@ fn app_options(
         }
         None => None,
     };
+    let lesson = match &cli.lesson {
+        Some(name) => Some(moppa_studio::app::lessons::resolve(name).map_err(|e| {
+            if moppa_studio::app::lessons::names_a_file(name) {
+                CliError::Failure(anyhow::anyhow!("{e}"))
+            } else {
+                usage(format!("--lesson: {e}"))
+            }
+        })?),
+        None => None,
+    };
+    if cli.lesson_step == Some(0) {
+        return Err(usage("--lesson-step counts from 1"));
+    }
     if cli.frame_stats.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err(usage("--frame-stats must be > 0 seconds"));
     }
@@ -85,6 +98,9 @@ fn app_options(
         stable_display: false,
         open,
         runs_dir: None,
+        lesson,
+        lesson_step: cli.lesson_step,
+        lessons_dir: None,
     })
 }
 

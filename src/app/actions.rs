@@ -23,6 +23,14 @@ impl StudioApp {
                         }
                     }
                     RunStatus::Running if control => {}
+                    // Still setting up: it starts as soon as it is ready (a lesson's Start can
+                    // come before the Start button is enabled).
+                    RunStatus::None if control && !changed => {
+                        self.send(Command::Start);
+                        if let Some(r) = self.sel_mut() {
+                            r.autostart = true;
+                        }
+                    }
                     _ => self.launch(true),
                 }
             }
@@ -47,6 +55,16 @@ impl StudioApp {
                 if let Some(dir) = rfd::FileDialog::new().pick_folder() {
                     self.fetch_to = Some(dir);
                     self.send(Command::FetchRunFiles);
+                }
+            }
+            Action::OpenLesson => {
+                if let Some(path) = rfd::FileDialog::new().add_filter("lesson", &["toml"]).pick_file() {
+                    if let Some(i) = self.lessons.add_file(&path) {
+                        let lesson = self.lessons.lessons[i].clone();
+                        self.start_lesson(lesson);
+                    } else if let Some(e) = self.lessons.errors.last().cloned() {
+                        self.show_error(e);
+                    }
                 }
             }
             Action::Pause => self.send(Command::Pause),

@@ -14,7 +14,12 @@ impl StudioApp {
         if let Some(path) = self.opts.screenshot.clone() {
             let step = self.sel().map_or(0, |r| r.history.step);
             let done = matches!(self.status(), RunStatus::Finished | RunStatus::Failed);
-            if !self.screenshot_requested && (step >= self.opts.after_steps || done) {
+            // A lesson's picture: once autoplay has reached its step and that step's check holds.
+            let ready = match &self.lesson {
+                Some(p) if p.autoplay.is_some() => p.arrived(self.lesson_step_done()) && !self.playground.busy(),
+                _ => step >= self.opts.after_steps || done,
+            };
+            if !self.screenshot_requested && ready {
                 self.screenshot_requested = true;
                 if self.status() == RunStatus::Running {
                     self.send(Command::Pause);

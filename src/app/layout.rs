@@ -88,9 +88,12 @@ impl StudioApp {
                     actions.push(Action::FetchRunFiles);
                 }
             });
+            ui.menu_button("Lessons", |ui| actions.extend(self.lessons_menu(ui)));
             ui.separator();
+            self.view_rects.tabs.clear();
             for t in Tab::ALL {
-                ui.selectable_value(&mut self.settings.tab, t, t.label());
+                let r = ui.selectable_value(&mut self.settings.tab, t, t.label());
+                self.view_rects.tabs.push((t, r.rect));
             }
             ui.separator();
             if self.runs.len() > 1 {
@@ -327,6 +330,11 @@ impl StudioApp {
             let frames = (!self.opts.stable_display).then_some(&self.frames);
             panels::status::ui(ui, &state, &device, step, total, thr, frames);
         });
+        if self.lesson.is_some() {
+            egui::Panel::bottom("lesson")
+                .frame(egui::Frame::side_top_panel(ui.style()).inner_margin(10.0))
+                .show(ui, |ui| actions.extend(self.lesson_panel(ui)));
+        }
         egui::Panel::left("launch")
             .resizable(true)
             .default_size(270.0)
@@ -351,8 +359,9 @@ impl StudioApp {
                 });
             });
         let moppa = self.info().is_some_and(|i| !i.priors.is_empty());
+        self.view_rects.live = None;
         if moppa && control && !matches!(self.settings.tab, Tab::Playground | Tab::Runs) {
-            egui::Panel::right("live")
+            let r = egui::Panel::right("live")
                 .resizable(true)
                 .default_size(290.0)
                 .show(ui, |ui| {
@@ -365,8 +374,9 @@ impl StudioApp {
                         running,
                     ));
                 });
+            self.view_rects.live = Some(r.response.rect);
         }
-        egui::CentralPanel::default().show(ui, |ui| {
+        let central = egui::CentralPanel::default().show(ui, |ui| {
             egui::ScrollArea::vertical()
                 .auto_shrink([false, false])
                 .show(ui, |ui| match self.settings.tab {
@@ -430,8 +440,38 @@ impl StudioApp {
                     }
                 });
         });
+        self.view_rects.central = Some(central.response.rect);
+        self.lesson_highlight(ui.ctx());
         actions.extend(self.connect_dialog(ui));
         self.error_modal(ui);
+        actions
+    }
+
+    /// The Lessons menu: every lesson found (with its summary), the files that could not be read,
+    /// and a teacher's file.
+    fn lessons_menu(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
+        let mut start = None;
+        for (i, l) in self.lessons.lessons.iter().enumerate() {
+            if ui.button(&l.title).on_hover_text(&l.summary).clicked() {
+                start = Some(i);
+            }
+        }
+        for e in &self.lessons.errors {
+            ui.colored_label(egui::Color32::from_rgb(230, 90, 90), e);
+        }
+        ui.separator();
+        let mut actions = Vec::new();
+        if ui
+            .button("Open a lesson file…")
+            .on_hover_text("A lesson written as TOML (README: Lessons)")
+            .clicked()
+        {
+            actions.push(Action::OpenLesson);
+        }
+        if let Some(i) = start {
+            let lesson = self.lessons.lessons[i].clone();
+            self.start_lesson(lesson);
+        }
         actions
     }
 }

@@ -8,6 +8,7 @@ mod actions;
 mod capture;
 pub mod history;
 mod layout;
+pub mod lessons;
 pub mod link;
 pub mod panels;
 mod runs;
@@ -54,6 +55,12 @@ pub struct AppOptions {
     /// Where the app's own runs write their run folders (`run` sets `runs/` in the app's data
     /// folder); `None`: they write none.
     pub runs_dir: Option<PathBuf>,
+    /// A lesson to play from the start (`moppa --lesson`); no run starts by itself then.
+    pub lesson: Option<lessons::Lesson>,
+    /// With `lesson`: walk it by itself to this step (1-based), e.g. for `--screenshot`.
+    pub lesson_step: Option<usize>,
+    /// Teachers' lessons (`run` sets `lessons/` in the app's data folder).
+    pub lessons_dir: Option<PathBuf>,
 }
 
 /// A message shown to the user.
@@ -101,6 +108,14 @@ pub struct StudioApp {
     fetch_to: Option<PathBuf>,
     /// The Connect… dialog.
     pub connect: ConnectForm,
+    /// The lessons found (built-in and the teacher's), and the files that could not be read.
+    pub lessons: lessons::Catalogue,
+    /// The lesson being played.
+    pub lesson: Option<lessons::player::Player>,
+    /// Errors shown so far (a lesson's `alert = "error"` check counts new ones).
+    errors_raised: usize,
+    /// Where the views are drawn (a lesson highlights them).
+    view_rects: lessons::player::ViewRects,
 }
 
 impl StudioApp {
@@ -151,9 +166,22 @@ impl StudioApp {
             capture_errors: capture::CaptureErrors::default(),
             fetch_to: None,
             connect: ConnectForm::default(),
+            lessons: lessons::Catalogue::default(),
+            lesson: None,
+            errors_raised: 0,
+            view_rects: lessons::player::ViewRects::default(),
         };
+        app.lessons = lessons::Catalogue::load(app.opts.lessons_dir.as_deref());
         let open = std::mem::take(&mut app.opts.open);
-        if open.is_empty() {
+        if let Some(lesson) = app.opts.lesson.take() {
+            // The lesson says when to train.
+            app.launch(false);
+            let last = lesson.steps.len();
+            app.start_lesson(lesson);
+            if let (Some(p), Some(n)) = (&mut app.lesson, app.opts.lesson_step) {
+                p.autoplay = Some(n.clamp(1, last) - 1);
+            }
+        } else if open.is_empty() {
             let autostart = app.opts.autostart || app.opts.screenshot.is_some() || app.opts.frame_stats.is_some();
             app.launch(autostart);
         } else {
@@ -189,6 +217,7 @@ impl StudioApp {
     }
 
     fn show_error(&mut self, message: String) {
+        self.errors_raised += 1;
         self.shown.push(Shown {
             error: true,
             notice: Notice {
@@ -215,14 +244,13 @@ impl StudioApp {
 
     /// Handles one event of run `i`.
     pub fn on_event(&mut self, i: usize, ev: Event) {
-        let quick = self.opts.autostart || self.opts.screenshot.is_some() || self.opts.frame_stats.is_some();
         let selected = i == self.selected;
         let Some(run) = self.runs.get_mut(i) else { return };
         match ev {
             Event::Started(info) => {
                 let resumed = run.history.info.is_some();
                 run.status = match (&run.source, resumed) {
-                    (Source::Local, _) if quick => RunStatus::Running,
+                    (Source::Local, _) if run.autostart => RunStatus::Running,
                     (Source::Local, _) => RunStatus::Ready,
                     _ => RunStatus::Running,
                 };
@@ -262,6 +290,7 @@ impl StudioApp {
             Event::Error(n) | Event::Diverged(n) => {
                 // A recorded run's old errors are part of its history, not news for a dialog.
                 let news = !matches!(run.source, Source::Folder(_));
+                self.errors_raised += usize::from(news);
                 self.shown.push(Shown { error: news, notice: n });
             }
             Event::Finished(f) => {
@@ -328,6 +357,9 @@ impl eframe::App for StudioApp {
             self.open_folders(&dropped);
         }
         self.drain(ctx, Duration::from_millis(4));
+        for a in self.lesson_frame() {
+            self.apply(a, ctx);
+        }
         let failed: Vec<String> = self
             .capture_errors
             .lock()
@@ -354,8 +386,12 @@ impl eframe::App for StudioApp {
 
 /// Opens the app window.
 pub fn run(mut opts: AppOptions, renderer: eframe::Renderer) -> anyhow::Result<()> {
+    let data = eframe::storage_dir("moppa-studio");
     if opts.runs_dir.is_none() {
-        opts.runs_dir = eframe::storage_dir("moppa-studio").map(|d| d.join("runs"));
+        opts.runs_dir = data.as_ref().map(|d| d.join("runs"));
+    }
+    if opts.lessons_dir.is_none() {
+        opts.lessons_dir = data.map(|d| d.join("lessons"));
     }
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()

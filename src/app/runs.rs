@@ -45,6 +45,8 @@ pub struct OpenRun {
     /// Whether its controls (Start, Pause, the live sliders) act on it.
     pub control: bool,
     pub(super) link: Option<Box<dyn Link>>,
+    /// Launched here with autostart (it trains as soon as it is ready).
+    pub(super) autostart: bool,
 }
 
 impl OpenRun {
@@ -55,6 +57,7 @@ impl OpenRun {
             status: RunStatus::None,
             control,
             link,
+            autostart: false,
         }
     }
 
@@ -114,7 +117,9 @@ impl StudioApp {
                 if let Some(dir) = &run_cfg.out {
                     self.settings.remember(dir);
                 }
-                self.runs.push(OpenRun::new(label, Source::Local, Some(link), true));
+                let mut run = OpenRun::new(label, Source::Local, Some(link), true);
+                run.autostart = autostart;
+                self.runs.push(run);
                 self.launched = Some(cfg);
             }
             Err(e) => {

@@ -93,6 +93,13 @@ pub struct Cli {
     /// App: start from this run config (TOML) instead of the saved settings.
     #[arg(long, value_name = "FILE", help_heading = "App (no subcommand)")]
     pub config: Option<std::path::PathBuf>,
+    /// App: play a lesson: a built-in by name (heat-low-pass, waves-ring, poisson-global,
+    /// inside-a-network, the-router, breaking-it) or a lesson file.
+    #[arg(long, value_name = "NAME|FILE", help_heading = "App (no subcommand)")]
+    pub lesson: Option<String>,
+    /// App: with --lesson, walk it by itself to step N (e.g. for --screenshot).
+    #[arg(long, value_name = "N", requires = "lesson", help_heading = "App (no subcommand)")]
+    pub lesson_step: Option<usize>,
 }
 
 /// The subcommands.

@@ -55,6 +55,8 @@ pub enum Action {
     Connect,
     /// Ask a served run for its adapter and config (into a folder picked then).
     FetchRunFiles,
+    /// Pick a lesson file and play it.
+    OpenLesson,
 }
 
 /// Where a run is.
