@@ -58,6 +58,28 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux: 0 normal … 19 lowest), so that
+/// a display's thread on the same cores runs first whenever it has a frame to draw and the thread
+/// takes every cycle the display leaves. Only this thread changes (Linux keeps a nice value per
+/// thread); threads it starts later inherit it. Best effort: where the call is refused or the
+/// platform has no per-thread nice value the priority stays as it was, and `false` says so.
+#[must_use]
+pub fn lower_thread_priority(nice: i32) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: `gettid` has no preconditions; `setpriority` on this thread's own id changes only
+    // its nice value, and raising a nice value needs no privilege.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = nice;
+        false
+    }
+}
+
 /// A file written to a temporary name next to its destination and synced, waiting to be put in
 /// place by [`StagedFile::commit`]; dropped uncommitted, the temporary file is removed. Staging
 /// several files before committing any lets a group of files (a checkpoint's adapter and state)

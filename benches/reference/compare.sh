@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Times `moppa bench` (candle) against benches/reference/pytorch_bench.py (eager PyTorch) on this
-# machine, method by method, alternating the two so both see the same machine noise, and prints a
-# markdown table. Never a CI dependency.
+# Times `moppa bench` (candle) against benches/reference/pytorch_bench.py (eager PyTorch, and the
+# same models under torch.compile) on this machine, method by method, rotating the order of the
+# three so all see the same machine noise, and prints a markdown table. Never a CI dependency.
 #
 # Usage: benches/reference/compare.sh [preset] [batch] [steps] [device]
 #   preset  tiny (default) | vit-b16     batch  64     steps  10     device  cpu (default) | cuda
@@ -12,11 +12,12 @@
 #   THREADS  CPU threads for both  (default: unset = every usable core, each side's default)
 #   DTYPE    f32 (default) | bf16  (bf16 only has an effect on cuda, on both sides)
 #   OMP_WAIT_POLICY  passed through to PyTorch's OpenMP (PASSIVE helps it on a busy machine; see README)
+#   COMPILE  1 (default): also time torch.compile (compile time excluded, reported apart); 0: eager only
 set -euo pipefail
 
 # the exact command, with the environment variables that were set
 cmd=""
-for v in MOPPA PYTHON METHODS THREADS DTYPE OMP_WAIT_POLICY; do
+for v in MOPPA PYTHON METHODS THREADS DTYPE OMP_WAIT_POLICY COMPILE; do
     if [ -n "${!v:-}" ]; then cmd+="$v='${!v}' "; fi
 done
 cmd+="benches/reference/compare.sh${*:+ $*}"
@@ -32,6 +33,7 @@ PYTHON="${PYTHON:-python3}"
 METHODS="${METHODS:-full moppa lora adaptformer linear}"
 DTYPE="${DTYPE:-f32}"
 THREADS="${THREADS:-}"
+COMPILE="${COMPILE:-1}"
 
 if [ ! -x "$MOPPA" ]; then
     echo "error: moppa binary not found at $MOPPA (build it with cargo build --release, or set MOPPA)" >&2
@@ -54,14 +56,14 @@ get() {
     fi
 }
 
-# run_one candle|pytorch METHOD: prints the JSON line, or nothing on failure
+# run_one candle|pytorch|compiled METHOD: prints the JSON line, or nothing on failure
 run_one() {
     local out
-    if [ "$1" = candle ]; then
-        out="$("$MOPPA" bench --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  candle: /' "$tmp/err" >&2; return 0; }
-    else
-        out="$("$PYTHON" "$here/pytorch_bench.py" --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  pytorch: /' "$tmp/err" >&2; return 0; }
-    fi
+    case "$1" in
+    candle) out="$("$MOPPA" bench --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  candle: /' "$tmp/err" >&2; return 0; } ;;
+    pytorch) out="$("$PYTHON" "$here/pytorch_bench.py" --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  pytorch: /' "$tmp/err" >&2; return 0; } ;;
+    compiled) out="$("$PYTHON" "$here/pytorch_bench.py" --compile --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  compiled: /' "$tmp/err" >&2; return 0; } ;;
+    esac
     printf '%s\n' "$out" | grep '^{' | tail -n 1
 }
 
@@ -75,28 +77,40 @@ raw=()
 i=0
 for m in $METHODS; do
     echo "timing $m ..." >&2
-    # alternate which side goes first, so neither always runs on the warmer (or busier) machine
-    if [ $((i % 2)) -eq 0 ]; then
-        c="$(run_one candle "$m")"; p="$(run_one pytorch "$m")"
-    else
-        p="$(run_one pytorch "$m")"; c="$(run_one candle "$m")"
-    fi
+    # rotate which side goes first, so none always runs on the warmer (or busier) machine
+    sides=(candle pytorch)
+    if [ "$COMPILE" = 1 ]; then sides+=(compiled); fi
+    n=${#sides[@]}
+    c=""; p=""; q=""
+    for k in $(seq 0 $((n - 1))); do
+        side="${sides[$(((i + k) % n))]}"
+        out="$(run_one "$side" "$m")"
+        case "$side" in candle) c="$out" ;; pytorch) p="$out" ;; compiled) q="$out" ;; esac
+    done
     i=$((i + 1))
-    label="$m"; cs="failed"; ps="failed"; ci="-"; pi="-"; ratio="-"
+    label="$m"; cs="failed"; ps="failed"; qs="failed"; qc="-"; ratio="-"; qratio="-"
+    if [ "$COMPILE" != 1 ]; then qs="-"; fi
     if [ -n "$c" ]; then
-        raw+=("candle:  $c")
+        raw+=("candle:   $c")
         label="$(get method "$c")"
-        cs="$(get step_ms "$c")"; ci="$(get img_per_s "$c")"
+        cs="$(get step_ms "$c")"
     fi
     if [ -n "$p" ]; then
-        raw+=("pytorch: $p")
+        raw+=("pytorch:  $p")
         label="$(get method "$p")"
-        ps="$(get step_ms "$p")"; pi="$(get img_per_s "$p")"
+        ps="$(get step_ms "$p")"
+    fi
+    if [ -n "$q" ]; then
+        raw+=("compiled: $q")
+        qs="$(get step_ms "$q")"; qc="$(get compile_s "$q")"
     fi
     if [ "$cs" != failed ] && [ "$ps" != failed ]; then
         ratio="$(awk -v a="$cs" -v b="$ps" 'BEGIN { printf "%.2f", a / b }')"
     fi
-    rows+=("| $label | $(fmt "$cs") | $(fmt "$ps") | $ratio | $(fmt "$ci") | $(fmt "$pi") |")
+    if [ "$cs" != failed ] && [ "$qs" != failed ] && [ "$qs" != - ]; then
+        qratio="$(awk -v a="$cs" -v b="$qs" 'BEGIN { printf "%.2f", a / b }')"
+    fi
+    rows+=("| $label | $(fmt "$cs") | $(fmt "$ps") | $(fmt "$qs") | $ratio | $qratio | $(fmt "$qc") |")
 done
 
 cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')"
@@ -113,15 +127,15 @@ threads_used="$(if [ -n "${c:-}" ]; then get threads "$c"; elif [ -n "${p:-}" ];
 echo
 echo "### moppa bench vs PyTorch: $preset, batch $batch, $steps timed steps, $device, $DTYPE, $threads_used threads"
 echo
-echo "| method | candle step ms | PyTorch step ms | ratio (candle/PyTorch) | candle img/s | PyTorch img/s |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| method | candle step ms | eager step ms | compiled step ms | candle/eager | candle/compiled | compile s |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "- machine: $machine"
 echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "- command: \`$cmd\`"
-echo "- candle: \`$MOPPA\` (git $rev); PyTorch: $torchv, eager, \`$PYTHON\`"
-echo "- medians over the timed steps after 3 warm-up steps; ratio < 1 means candle is faster"
+echo "- candle: \`$MOPPA\` (git $rev); PyTorch: $torchv, eager and torch.compile (inductor, default mode), \`$PYTHON\`"
+echo "- medians over the timed steps after 3 warm-up steps; ratio < 1 means candle is faster; compile s: the first, compiling step of torch.compile (forward and backward), not in its step time"
 echo
 echo "<details><summary>raw JSON</summary>"
 echo

@@ -8,7 +8,9 @@ fixed random images and labels, 3 warm-up steps, then --steps timed steps; per s
         loss.backward() (+ cuda sync); t2
         optimizer.step(); optimizer.zero_grad(set_to_none=True) (+ cuda sync); t3
 
-and reports medians (the upper median v[n // 2], as the Rust side does).
+and reports medians (the upper median v[n // 2], as the Rust side does). With --compile the
+forward + loss goes through `torch.compile` (inductor; AOTAutograd compiles its backward too) and
+the first step, which compiles, is timed apart (`compile_s`) before the 3 warm-up steps.
 
 Models are timm `VisionTransformer`s with random weights; the backbone math is timm's own modules
 (norm1, attn, mlp, ...), with timm's default attention path (`Attention.fused_attn` is True unless
@@ -298,6 +300,9 @@ def main():
                     help="CUDA: f32 matrix products on TF32 tensor cores (set_float32_matmul_precision('high')); "
                          "like moppa bench --tf32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile (inductor) over the forward and loss; the first step, which "
+                         "compiles the forward and (AOTAutograd) the backward, is timed apart as compile_s")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.batch < 1 or a.steps < 1 or (a.threads is not None and a.threads < 1):
@@ -326,14 +331,28 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    fwd, bwd, upd, tot = [], [], [], []
-    for i in range(a.steps + 3):
-        t0 = time.perf_counter()
+    def forward_loss(images, labels):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
             logits, route = model(images)
             loss = F.cross_entropy(logits.float(), labels)
             if route is not None:
                 loss = loss + route.float()
+        return loss
+
+    step_fn = torch.compile(forward_loss) if a.compile else forward_loss
+    compile_s = None
+    if a.compile:
+        # The first call compiles the forward, its backward the backward: timed apart.
+        t0 = time.perf_counter()
+        step_fn(images, labels).backward()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        compile_s = time.perf_counter() - t0
+
+    fwd, bwd, upd, tot = [], [], [], []
+    for i in range(a.steps + 3):
+        t0 = time.perf_counter()
+        loss = step_fn(images, labels)
         loss.item()
         t1 = time.perf_counter()
         loss.backward()
@@ -367,13 +386,16 @@ def main():
         "fused_attn": fused_attn,
         "dct": model.moppa[0].dct if a.method == "moppa" else None,
         "adamw": a.adamw,
+        "compiled": bool(a.compile),
+        "compile_s": compile_s,
         "torch": torch.__version__,
     }
     if a.json:
         print(json.dumps(res))
     else:
         print(f"{res['preset']} {res['method']} batch {a.batch} on {res['device']} ({res['threads']} threads, "
-              f"{res['dtype']}, torch {torch.__version__}, sdpa {fused_attn}, DCT {res.get('dct', '-')}, AdamW {a.adamw})")
+              f"{res['dtype']}, torch {torch.__version__}, sdpa {fused_attn}, DCT {res.get('dct', '-')}, AdamW {a.adamw}"
+              f"{', compiled in %.1f s' % compile_s if compile_s is not None else ', eager'})")
         print(f"  forward+loss {res['fwd_ms']:.2f} ms  backward {res['bwd_ms']:.2f} ms  "
               f"optimizer {res['opt_ms']:.2f} ms")
         print(f"  step {res['step_ms']:.2f} ms  {res['img_per_s']:.1f} img/s  trainable {res['trainable']:,}")

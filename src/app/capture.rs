@@ -60,7 +60,8 @@ impl StudioApp {
                 }
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
             }
-            ctx.request_repaint_after(Duration::from_millis(15));
+            // The cadence the app keeps while training: the figures are what a user gets.
+            ctx.request_repaint_after(super::layout::TRAINING_FRAME_INTERVAL);
         }
     }
 }

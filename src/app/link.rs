@@ -37,7 +37,8 @@ impl Link for WorkerHandle {
 /// Starts runs: the real one spawns a training worker; tests substitute their own.
 pub type Launcher = Box<dyn FnMut(&RunConfig, Waker, bool) -> anyhow::Result<Box<dyn Link>>>;
 
-/// The launcher of real runs (all cores but one for training, so the UI stays smooth).
+/// The launcher of real runs (every core for training, at a lower priority than the UI thread so
+/// frames stay smooth).
 #[must_use]
 pub fn worker_launcher() -> Launcher {
     Box::new(|cfg: &RunConfig, waker: Waker, autostart: bool| {

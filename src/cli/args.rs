@@ -86,22 +86,22 @@ pub struct RunArgs {
     /// LoRA α (scale α/r; default r).
     #[arg(long, help_heading = "Method")]
     pub lora_alpha: Option<f64>,
-    /// Optimizer steps (default 600 unless --epochs).
+    /// Optimizer steps (default 300 unless --epochs).
     #[arg(long, help_heading = "Optimisation", conflicts_with = "epochs")]
     pub steps: Option<u64>,
     /// Epochs (used when --steps is not given).
     #[arg(long, help_heading = "Optimisation")]
     pub epochs: Option<u64>,
-    /// Images per batch (default 64).
+    /// Images per batch (default 48).
     #[arg(long, help_heading = "Optimisation")]
     pub batch: Option<usize>,
-    /// Peak learning rate (default: 1e-2 adapters, 3e-2 linear, 1e-3 full).
+    /// Peak learning rate (default: 3e-2 adapters and linear, 1e-3 full).
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
     pub lr: Option<f64>,
     /// AdamW weight decay on matrices (default 0.01).
     #[arg(long, allow_negative_numbers = true, help_heading = "Optimisation")]
     pub weight_decay: Option<f64>,
-    /// Linear warm-up steps before the cosine decay (default 50).
+    /// Linear warm-up steps before the cosine decay (default 30).
     #[arg(long, help_heading = "Optimisation")]
     pub warmup: Option<u64>,
     /// Evaluate and checkpoint every N steps (default 100; 0: only at the end).

@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 /// Called after events were sent (e.g. `egui::Context::request_repaint`).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// Nice value of training threads under a display: low enough a weight (110 against the
+/// display's 1024 in Linux's scheduler) that a frame waits at most for a time slice, high enough
+/// that training still outranks background jobs niced to 19.
+pub const UI_COMPUTE_NICE: i32 = 10;
+
 /// How a worker runs.
 #[derive(Clone)]
 pub struct WorkerOptions {
@@ -29,6 +34,9 @@ pub struct WorkerOptions {
     pub autostart: bool,
     /// Threads of the training pool when the config does not say (`None`: every core).
     pub default_threads: Option<usize>,
+    /// Nice value of the training threads (0: as the process; higher: they yield to a display
+    /// thread on the same cores, see [`crate::util::lower_thread_priority`]).
+    pub compute_nice: i32,
     /// Capacity of the event channel.
     pub event_capacity: usize,
     /// At most this many snapshots per second.
@@ -49,6 +57,7 @@ impl Default for WorkerOptions {
             waker: None,
             autostart: true,
             default_threads: None,
+            compute_nice: 0,
             event_capacity: 256,
             max_snapshots_per_s: 10.0,
             stop_on_divergence: false,
@@ -59,14 +68,17 @@ impl Default for WorkerOptions {
 }
 
 impl WorkerOptions {
-    /// Defaults for a display that shares the machine: all cores but one for training.
+    /// Defaults for a display that shares the machine: training on every core, as headless, but
+    /// at a lower priority, so the display thread runs first whenever it has a frame to draw
+    /// (a few milliseconds per frame) and training takes every other cycle. Leaving a core to the
+    /// display instead halves training on 2 cores (and idles most of that core between frames).
     #[must_use]
     pub fn with_ui(waker: Waker) -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         Self {
             waker: Some(waker),
             autostart: false,
-            default_threads: Some((cores - 1).max(1)),
+            default_threads: None,
+            compute_nice: UI_COMPUTE_NICE,
             ..Self::default()
         }
     }

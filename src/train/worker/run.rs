@@ -62,9 +62,16 @@ pub(super) fn run(
     stop: &StopFlag,
 ) {
     let (threads, lowered) = crate::util::clamp_threads(cfg.threads.or(opts.default_threads));
+    let nice = opts.compute_nice;
     let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("moppa-compute-{i}"))
+        .start_handler(move |_| {
+            if nice != 0 {
+                // Best effort: refused, training runs at normal priority and the display shares.
+                let _ = crate::util::lower_thread_priority(nice);
+            }
+        })
         .build()
     {
         Ok(p) => p,
