@@ -210,9 +210,9 @@ impl RunConfig {
         match method {
             // Tuned on the built-in pair by validation accuracy. Linear and full at 600 steps of 64
             // (previous backbone): linear 1e-2 → 74.1%, 3e-2 → 77.4%; full 3e-4 → 90.0%, 1e-3 →
-            // 93.1%. Adapters r8 at 300 steps of 64 (30 warm-up), mean best validation of seeds 0-2:
-            // MoPPA 1e-2 → 94.8%, 2e-2 → 95.7%, 3e-2 → 96.2%, 5e-2 → 95.7%; LoRA 1e-2 → 95.0%,
-            // 3e-2 → 95.2%; AdaptFormer 1e-2 → 89.2%, 3e-2 → 93.3%.
+            // 93.1%. Adapters r8 at 300 steps of 64, mean best validation of seeds 0-2: MoPPA
+            // 1e-2 → 94.8%, 2e-2 → 95.7% (50 warm-up steps), 3e-2 → 96.2%, 5e-2 → 95.7% (30);
+            // LoRA 1e-2 → 95.0%, 3e-2 → 95.2%; AdaptFormer 1e-2 → 89.2%, 3e-2 → 93.3% (30).
             MethodKind::Linear | MethodKind::Moppa | MethodKind::Lora | MethodKind::Adaptformer => 3e-2,
             MethodKind::Full => 1e-3,
         }
