@@ -1,4 +1,5 @@
-//! `moppa params` and `moppa infer` end to end, against the timm fixtures.
+//! `moppa params` and `moppa infer` end to end, against the timm fixtures; `moppa predict` against
+//! `moppa eval`.
 
 // Tests: unwrap is the assertion; pedantic style lints are for the library.
 #![allow(clippy::unwrap_used, clippy::pedantic)]
@@ -7,6 +8,7 @@ use candle_core::Device;
 use moppa_studio::config::MethodConfig;
 use moppa_studio::model::tensor_file::TensorFile;
 use moppa_studio::model::{BackboneOptions, PeftModel, Vit};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
@@ -190,4 +192,140 @@ fn train_rejects_out_of_range_rotations_and_zooms() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
+}
+
+/// A small ImageFolder (`train/`, `val/`, `test/` × classes a, b, c) of plain colours drawn at
+/// random, each class leaning to one channel: separable only in part, so a short run gets some
+/// test images right and some wrong.
+fn colour_folder(root: &Path) {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 33) as u32
+    };
+    for (split, n) in [("train", 16u32), ("val", 4), ("test", 8)] {
+        for (c, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let d = root.join(split).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let mut px = [0u8; 3];
+                for (k, v) in px.iter_mut().enumerate() {
+                    let lean = if k == c { 50 } else { 0 };
+                    *v = (40 + next() % 150 + lean) as u8;
+                }
+                image::RgbImage::from_fn(10 + i % 5, 9, |x, y| {
+                    image::Rgb([px[0] ^ ((x * y) as u8 & 3), px[1], px[2]])
+                })
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+            }
+        }
+    }
+}
+
+/// `moppa predict` classifies exactly as `moppa eval` does (same preprocessing, same model): its
+/// top-1 classes over the test folder give eval's accuracy; a corrupt and a zero-byte file among
+/// the good ones are named on stderr and counted, the others predicted, exit 0; `--top K` gives K
+/// ranked rows whose probabilities sum to 1 over all classes; nothing readable is exit 1.
+#[test]
+fn predict_agrees_with_eval_and_names_the_files_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    colour_folder(&data);
+    let run = dir.path().join("run");
+    let out = moppa(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--batch",
+        "8",
+        "--eval-every",
+        "0",
+        "--threads",
+        "2",
+        "--plain",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = moppa(&["eval", "--run", run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let eval_acc: f64 = stdout.split_whitespace().nth(2).unwrap().parse().unwrap();
+    // Some right, some wrong: a difference in preprocessing would move the count.
+    assert!(eval_acc > 0.4 && eval_acc < 0.99, "eval accuracy {eval_acc}");
+
+    // Predict the test folder, with a corrupt file and an empty one among the images.
+    let test = data.join("test");
+    std::fs::write(test.join("a/corrupt.png"), b"\x89PNG\r\n\x1a\n not really").unwrap();
+    std::fs::write(test.join("b/empty.jpg"), b"").unwrap();
+    let out = moppa(&["predict", "--run", run.to_str().unwrap(), test.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("corrupt.png") && stderr.contains("empty.jpg"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("predicted 24 image(s); 2 could not be read"),
+        "{stderr}"
+    );
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("path,class,prob"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 24, "{csv}");
+    let correct = rows
+        .iter()
+        .filter(|r| Path::new(r[0]).parent().unwrap().file_name().unwrap().to_str() == Some(r[1]))
+        .count();
+    assert!(
+        (correct as f64 / 24.0 - eval_acc).abs() < 1e-4, // eval prints 4 decimals
+        "predict's accuracy {correct}/24 differs from eval's {eval_acc}"
+    );
+    for r in &rows {
+        let p: f64 = r[2].parse().unwrap();
+        assert!(p > 1.0 / 3.0 - 1e-6 && p <= 1.0, "top-1 probability {p}");
+    }
+
+    // --top 3 over three classes: ranked rows, probabilities summing to 1, the top row = top-1.
+    let img = test.join("c/0.png");
+    let out = moppa(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--top",
+        "3",
+        img.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<String>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_owned).collect())
+        .collect();
+    assert_eq!(csv.lines().next(), Some("path,rank,class,prob"));
+    assert_eq!(rows.iter().map(|r| r[1].as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
+    let probs: Vec<f64> = rows.iter().map(|r| r[3].parse().unwrap()).collect();
+    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{probs:?}");
+    assert!(probs.windows(2).all(|w| w[0] >= w[1]), "{probs:?}");
+
+    // Nothing readable: exit 1 naming the file.
+    let out = moppa(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        test.join("a/corrupt.png").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("corrupt.png") && stderr.contains("no image could be read"),
+        "{stderr}"
+    );
 }

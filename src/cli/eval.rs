@@ -1,6 +1,7 @@
 //! `moppa eval`: a saved adapter's accuracy on a dataset split, with per-class results.
 
 use super::{CliError, usage};
+use crate::config::RunConfig;
 use crate::data::Split;
 use crate::train::evaluate::{evaluate_adapter, run_config};
 use clap::Args;
@@ -13,7 +14,27 @@ use std::path::PathBuf;
     after_help = "Examples:\n  moppa eval --run runs/digits\n  moppa eval --adapter a.safetensors --backbone builtin --data builtin:digits --split val"
 )]
 pub struct EvalArgs {
-    /// A run folder (its config.toml names backbone and data; its adapter.safetensors is evaluated).
+    /// The adapter and its backbone.
+    #[command(flatten)]
+    pub source: AdapterSource,
+    /// Data spec (default: the run's, or builtin:digits).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// test (default) or val.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Per-class results CSV (default: RUN/eval-SPLIT.csv, or next to the adapter).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+}
+
+/// Which trained adapter, on which backbone (`moppa eval`, `moppa predict`).
+#[derive(Debug, Clone, Args)]
+pub struct AdapterSource {
+    /// A run folder (its config.toml names backbone and data; its adapter.safetensors is used).
     #[arg(long, conflicts_with = "adapter")]
     pub run: Option<PathBuf>,
     /// An adapter checkpoint.
@@ -25,21 +46,47 @@ pub struct EvalArgs {
     /// Heads of a timm backbone file.
     #[arg(long)]
     pub heads: Option<usize>,
-    /// Data spec (default: the run's, or builtin:digits).
-    #[arg(long)]
-    pub data: Option<String>,
-    /// test (default) or val.
-    #[arg(long, default_value = "test")]
-    pub split: String,
     /// Load onto a backbone file other than the one trained on (same shapes).
     #[arg(long)]
     pub force: bool,
-    /// Per-class results CSV (default: RUN/eval-SPLIT.csv, or next to the adapter).
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 128)]
-    pub batch: usize,
+}
+
+/// An [`AdapterSource`] with its defaults filled in.
+pub struct Resolved {
+    /// The adapter file.
+    pub adapter: PathBuf,
+    /// The backbone spec.
+    pub backbone: String,
+    /// Heads of a timm backbone file.
+    pub heads: Option<usize>,
+    /// The run's config, for `--run`.
+    pub base: Option<RunConfig>,
+}
+
+impl AdapterSource {
+    /// The adapter file, backbone and heads: from the run folder, or the flags (default builtin).
+    pub fn resolve(&self) -> Result<Resolved, CliError> {
+        let (adapter, base) = match (&self.run, &self.adapter) {
+            (Some(dir), _) => (
+                dir.join("adapter.safetensors"),
+                Some(run_config(dir).map_err(|e| CliError::Failure(e.into()))?),
+            ),
+            (None, Some(a)) => (a.clone(), None),
+            (None, None) => return Err(usage("give --run DIR or --adapter FILE")),
+        };
+        let backbone = self
+            .backbone
+            .clone()
+            .or_else(|| base.as_ref().map(|c| c.backbone.clone()))
+            .unwrap_or_else(|| "builtin".into());
+        let heads = self.heads.or_else(|| base.as_ref().and_then(|c| c.heads));
+        Ok(Resolved {
+            adapter,
+            backbone,
+            heads,
+            base,
+        })
+    }
 }
 
 /// Runs `moppa eval`.
@@ -49,26 +96,18 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
         "val" => Split::Val,
         other => return Err(usage(format!("--split must be val or test (got {other})"))),
     };
-    let (adapter, base) = match (&args.run, &args.adapter) {
-        (Some(dir), _) => (
-            dir.join("adapter.safetensors"),
-            Some(run_config(dir).map_err(|e| CliError::Failure(e.into()))?),
-        ),
-        (None, Some(a)) => (a.clone(), None),
-        (None, None) => return Err(usage("give --run DIR or --adapter FILE")),
-    };
-    let backbone = args
-        .backbone
-        .clone()
-        .or_else(|| base.as_ref().map(|c| c.backbone.clone()))
-        .unwrap_or_else(|| "builtin".into());
+    let Resolved {
+        adapter,
+        backbone,
+        heads,
+        base,
+    } = args.source.resolve()?;
     let data = args
         .data
         .clone()
         .or_else(|| base.as_ref().map(|c| c.data.clone()))
         .unwrap_or_else(|| "builtin:digits".into());
-    let heads = args.heads.or_else(|| base.as_ref().and_then(|c| c.heads));
-    let eval = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.force, args.batch)
+    let eval = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.source.force, args.batch)
         .map_err(|e| CliError::Failure(e.into()))?;
     for w in &eval.warnings {
         eprintln!("warning: {w}");
@@ -84,7 +123,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
     for (i, (name, acc)) in classes.iter().zip(&result.per_class_acc).enumerate() {
         let _ = writeln!(csv, "{i},{name},{acc:.6}");
     }
-    let out = args.output.clone().unwrap_or_else(|| match &args.run {
+    let out = args.output.clone().unwrap_or_else(|| match &args.source.run {
         Some(dir) => dir.join(format!("eval-{}.csv", split.name())),
         None => adapter.with_extension(format!("eval-{}.csv", split.name())),
     });

@@ -8,6 +8,7 @@ pub mod compare;
 pub mod eval;
 pub mod model_cmds;
 mod physics_cmds;
+pub mod predict;
 pub mod pretrain;
 pub mod reporter;
 pub mod train;
@@ -117,6 +118,8 @@ pub enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a saved adapter on a dataset split; print accuracy and write per-class results.
     Eval(eval::EvalArgs),
+    /// Classify your own images (files or folders) with a trained adapter; CSV of classes and probabilities.
+    Predict(predict::PredictArgs),
     /// Time forward, backward and optimizer of a training step (medians), with GFLOP/s.
     Bench(bench::BenchArgs),
     /// Train a ViT from scratch (supervised or masked autoencoder) and write it as a backbone file.
@@ -177,6 +180,7 @@ pub fn run(command: Command) -> Result<i32, CliError> {
     match command {
         Command::Train(_) | Command::Pretrain(_) | Command::Compare(_) | Command::View(_) => Ok(()),
         Command::Eval(args) => eval::eval(&args),
+        Command::Predict(args) => predict::predict(&args),
         Command::Bench(args) => bench::bench(&args),
         Command::Filters(args) => physics_cmds::filters(&args),
         Command::Apply(args) => physics_cmds::apply(&args),

@@ -28,6 +28,51 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(v)
 }
 
+/// The image files named by `paths` for prediction: a file is taken as it is (decoded by its
+/// content, whatever its extension), a folder gives its PNG/JPEG files recursively (each directory
+/// walked once, sorted by path). Missing paths and zero-byte files come back apart with the reason.
+#[must_use]
+pub fn image_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let mut walked = Walked::default();
+    for p in paths {
+        if p.is_dir() {
+            if !walked.enter(p) {
+                continue;
+            }
+            let mut found = Vec::new();
+            let mut stack = vec![p.clone()];
+            while let Some(d) = stack.pop() {
+                match list_dir(&d) {
+                    Ok(entries) => {
+                        for e in entries {
+                            if e.is_dir() {
+                                if walked.enter(&e) {
+                                    stack.push(e);
+                                }
+                            } else if is_image(&e) {
+                                found.push(e);
+                            }
+                        }
+                    }
+                    Err(e) => skipped.push((d.clone(), e.to_string())),
+                }
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let (files, empty): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(|f| match std::fs::metadata(f) {
+        Ok(m) => m.len() > 0,
+        Err(_) => true, // reported by the decoder with the OS's reason
+    });
+    skipped.extend(empty.into_iter().map(|f| (f, "zero bytes".to_owned())));
+    (files, skipped)
+}
+
 /// Class subfolders of `dir`, sorted by name.
 fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(list_dir(dir)?.into_iter().filter(|p| p.is_dir()).collect())

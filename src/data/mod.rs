@@ -9,6 +9,7 @@ pub mod loader;
 pub mod transform;
 
 pub use builtin::{DIGITS_PNG, digits};
+pub use folder::image_files;
 pub use idx::parse as parse_idx;
 pub use loader::{Batch, EvalSet, Loader, LoaderConfig, LoaderMsg};
 pub use transform::Normalize;

@@ -139,6 +139,49 @@ pub struct AdapterEval {
     pub warnings: Vec<String>,
 }
 
+/// A saved adapter on its backbone, with the input preparation evaluation uses (the backbone's
+/// size, mean and std): what `moppa eval` and `moppa predict` share.
+struct LoadedAdapter {
+    model: PeftModel,
+    device: Device,
+    normalize: Normalize,
+    /// Said when the adapter was forced onto another backbone file.
+    forced: Option<String>,
+}
+
+impl LoadedAdapter {
+    fn load(adapter: &Path, backbone_spec: &str, heads: Option<usize>, force: bool) -> Result<Self> {
+        let device = select_device(DeviceChoice::Auto)?;
+        let backbone = load_backbone(backbone_spec, heads, 0, &device)?;
+        let (model, forced) = load_adapter_noting(adapter, backbone, force)?;
+        let cfg = &model.backbone.cfg;
+        let normalize = Normalize {
+            mean: cfg.mean,
+            std: cfg.std,
+        };
+        Ok(Self {
+            model,
+            device,
+            normalize,
+            forced,
+        })
+    }
+
+    fn eval_set(&self, samples: Vec<data::Sample>) -> EvalSet {
+        EvalSet::new(samples, self.model.backbone.cfg.img_size as u32, 512 << 20)
+    }
+
+    fn input(&self, batch: usize) -> EvalInput<'_> {
+        EvalInput {
+            batch: batch.max(1),
+            normalize: &self.normalize,
+            size: self.model.backbone.cfg.img_size,
+            device: &self.device,
+            dtype: self.model.backbone.dtype(),
+        }
+    }
+}
+
 /// Loads `adapter` onto the backbone `backbone_spec` and evaluates it on `split` of `data_spec`.
 pub fn evaluate_adapter(
     adapter: &Path,
@@ -149,10 +192,9 @@ pub fn evaluate_adapter(
     force: bool,
     batch: usize,
 ) -> Result<AdapterEval> {
-    let device = select_device(DeviceChoice::Auto)?;
-    let backbone = load_backbone(backbone_spec, heads, 0, &device)?;
-    let (model, forced) = load_adapter_noting(adapter, backbone, force)?;
-    let mut warnings: Vec<String> = forced.into_iter().collect();
+    let loaded = LoadedAdapter::load(adapter, backbone_spec, heads, force)?;
+    let model = &loaded.model;
+    let mut warnings: Vec<String> = loaded.forced.iter().cloned().collect();
     let dataset = data::load(data_spec, false, 0)?;
     if dataset.classes.len() != model.classes.len() {
         return Err(TrainError::Config(format!(
@@ -162,21 +204,8 @@ pub fn evaluate_adapter(
             dataset.classes.len()
         )));
     }
-    let cfg = &model.backbone.cfg;
-    let normalize = Normalize {
-        mean: cfg.mean,
-        std: cfg.std,
-    };
-    let size = cfg.img_size;
-    let mut set = EvalSet::new(dataset.split(split).to_vec(), size as u32, 512 << 20);
-    let input = EvalInput {
-        batch: batch.max(1),
-        normalize: &normalize,
-        size,
-        device: &device,
-        dtype: model.backbone.dtype(),
-    };
-    let result = classify(&model, &mut set, &input, &|| false)?
+    let mut set = loaded.eval_set(dataset.split(split).to_vec());
+    let result = classify(model, &mut set, &loaded.input(batch), &|| false)?
         .result(0, split, 0.0)
         .ok_or_else(|| TrainError::Config(format!("the {} split of {data_spec} has no usable image", split.name())))?;
     if let Some((path, why)) = set.skipped.first() {
@@ -199,4 +228,70 @@ pub fn run_config(dir: &Path) -> Result<RunConfig> {
     let path = dir.join("config.toml");
     let text = std::fs::read_to_string(&path).map_err(|source| TrainError::io(&path, source))?;
     RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+}
+
+/// What `moppa predict` reports: each readable image's class probabilities, in the order given.
+pub struct Predictions {
+    /// Class names, index = class.
+    pub classes: Vec<String>,
+    /// `(file, probabilities)` of every image that could be read, in input order.
+    pub rows: Vec<(std::path::PathBuf, Vec<f32>)>,
+    /// Files that could not be read, and why.
+    pub skipped: Vec<(std::path::PathBuf, String)>,
+    /// Anything else the user should be told (a forced load onto another backbone).
+    pub warnings: Vec<String>,
+}
+
+/// Loads `adapter` onto `backbone_spec` and classifies `files`, resized and normalised as in
+/// evaluation (the backbone's input size, mean and std), `batch` images per forward pass.
+/// Unreadable files are returned apart, never an error.
+pub fn predict_files(
+    adapter: &Path,
+    backbone_spec: &str,
+    heads: Option<usize>,
+    force: bool,
+    files: &[std::path::PathBuf],
+    batch: usize,
+) -> Result<Predictions> {
+    let loaded = LoadedAdapter::load(adapter, backbone_spec, heads, force)?;
+    let model = &loaded.model;
+    // The label of each sample is its index in `files`: it survives the skips.
+    let samples = files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| data::Sample {
+            source: data::Source::File(p.clone()),
+            label: i as u32,
+        })
+        .collect();
+    let mut set = loaded.eval_set(samples);
+    let mut probs: Vec<Option<Vec<f32>>> = vec![None; files.len()];
+    for_each_batch(model, &mut set, &loaded.input(batch), &|| false, |images, index| {
+        let logits: Vec<Vec<f32>> = model.forward(&images, false)?.logits.to_dtype(DType::F32)?.to_vec2()?;
+        for (row, &i) in logits.into_iter().zip(index) {
+            if let Some(slot) = probs.get_mut(i as usize) {
+                *slot = Some(softmax(&row));
+            }
+        }
+        Ok(())
+    })?;
+    let rows = files
+        .iter()
+        .zip(probs)
+        .filter_map(|(f, p)| p.map(|p| (f.clone(), p)))
+        .collect();
+    Ok(Predictions {
+        classes: model.classes.clone(),
+        rows,
+        skipped: set.skipped,
+        warnings: loaded.forced.into_iter().collect(),
+    })
+}
+
+/// Softmax of one row of logits (in f64, so large logits neither overflow nor lose the small).
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|e| (e / sum) as f32).collect()
 }
