@@ -335,13 +335,13 @@ impl PlaygroundCoeff {
     /// All five.
     pub const ALL: [Self; 5] = [Self::Kappa, Self::C, Self::Eps, Self::Tau, Self::Gamma];
 
-    /// The name used in lesson files.
+    /// The name used in lesson files (κ, c and ε spelled as everywhere else, by [`Coeff::name`]).
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
-            Self::Kappa => "kappa",
-            Self::C => "c",
-            Self::Eps => "eps",
+            Self::Kappa => Coeff::Kappa.name(),
+            Self::C => Coeff::C.name(),
+            Self::Eps => Coeff::Eps.name(),
             Self::Tau => "tau",
             Self::Gamma => "gamma",
         }

@@ -135,20 +135,26 @@ fn lockable(word: &str) -> Result<Lockable, String> {
     one_of(word, "lockable tensor", &names)
 }
 
-fn action(raw: &RawAction) -> Result<Action, String> {
-    let given = [
-        raw.set.is_some(),
-        raw.lock.is_some(),
-        raw.press.is_some(),
-        raw.tab.is_some(),
-        raw.open_image.is_some(),
-    ]
-    .iter()
-    .filter(|g| **g)
-    .count();
-    if given != 1 {
-        return Err("an action is exactly one of set (with to), lock, press, tab, open_image".into());
+/// `Err(message)` unless exactly one of `given` holds.
+fn exactly_one(given: &[bool], message: &str) -> Result<(), String> {
+    if given.iter().filter(|g| **g).count() == 1 {
+        Ok(())
+    } else {
+        Err(message.into())
     }
+}
+
+fn action(raw: &RawAction) -> Result<Action, String> {
+    exactly_one(
+        &[
+            raw.set.is_some(),
+            raw.lock.is_some(),
+            raw.press.is_some(),
+            raw.tab.is_some(),
+            raw.open_image.is_some(),
+        ],
+        "an action is exactly one of set (with to), lock, press, tab, open_image",
+    )?;
     if raw.to.is_some() != raw.set.is_some() {
         return Err("`to` goes with `set` (and `set` needs `to`)".into());
     }
@@ -177,20 +183,17 @@ fn action(raw: &RawAction) -> Result<Action, String> {
 }
 
 fn check(raw: &RawCheck) -> Result<Check, String> {
-    let given = [
-        raw.value.is_some(),
-        raw.tab.is_some(),
-        raw.step.is_some(),
-        raw.status.is_some(),
-        raw.locked.is_some(),
-        raw.alert.is_some(),
-    ]
-    .iter()
-    .filter(|g| **g)
-    .count();
-    if given != 1 {
-        return Err("a check is exactly one of value (with min and/or max), tab, step, status, locked, alert".into());
-    }
+    exactly_one(
+        &[
+            raw.value.is_some(),
+            raw.tab.is_some(),
+            raw.step.is_some(),
+            raw.status.is_some(),
+            raw.locked.is_some(),
+            raw.alert.is_some(),
+        ],
+        "a check is exactly one of value (with min and/or max), tab, step, status, locked, alert",
+    )?;
     if raw.value.is_none() && (raw.min.is_some() || raw.max.is_some()) {
         return Err("`min` and `max` go with `value`".into());
     }
@@ -326,7 +329,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_lesson_parses_with_implied_checks() {
+    fn a_lesson_parses_with_implied_checks() -> Result<(), String> {
         let l = parse(
             "t",
             r#"title = "T"
@@ -347,8 +350,7 @@ check = { step = 20 }
 run = { steps = 30, route_weight = 0.0 }
 pause_at = 25
 "#,
-        )
-        .unwrap();
+        )?;
         assert_eq!(l.steps.len(), 3);
         assert_eq!(l.steps[0].look, Some(Look::Live));
         assert_eq!(l.steps[0].check, None);
@@ -363,10 +365,11 @@ pause_at = 25
                 .as_ref()
                 .is_some_and(|p| p.sample && p.prior == Some(Prior::Heat))
         );
-        let run = l.steps[2].setup.run.as_ref().unwrap();
+        let run = l.steps[2].setup.run.as_ref().ok_or("step 3 sets up a run")?;
         assert_eq!((run.steps, run.method.route_weight), (Some(30), 0.0));
         assert_eq!(l.steps[2].setup.pause_at, Some(25));
         assert_eq!(l.steps[2].check, Some(Check::Step(20)));
+        Ok(())
     }
 
     #[test]
