@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::pedantic)]
 
 use candle_core::{D, DType, Device, Tensor, Var};
+use moppa_studio::config::Activation;
 use moppa_studio::model::ops::{self, HalfLayout, Kernels, composite};
 use std::sync::Arc;
 
@@ -229,8 +230,8 @@ fn lean_half_blocks_match_composite() {
         let layout = Arc::new(HalfLayout::mlp(d, hidden, ls));
         let inputs = [randn(&[b, t, d], 1.0, 70), flat_weights(&layout, 71)];
         let l1 = layout.clone();
-        let lean = move |a: &[Tensor]| ops::mlp_half(Kernels::Lean, &a[0], &a[1], &l1, hidden, 1e-6);
-        let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6);
+        let lean = move |a: &[Tensor]| ops::mlp_half(Kernels::Lean, &a[0], &a[1], &l1, hidden, 1e-6, Activation::Gelu);
+        let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6, Activation::Gelu);
         compare(&lean, &reference, &inputs, &[true, train_w], 2e-5);
     }
 }
@@ -302,8 +303,8 @@ fn mlp_case(ls: bool, train_w: bool) {
     let layout = Arc::new(HalfLayout::mlp(d, hidden, ls));
     let inputs = [randn(&[b, t, d], 1.0, 30), flat_weights(&layout, 31)];
     let l1 = layout.clone();
-    let fused = move |a: &[Tensor]| ops::mlp_half(Kernels::Auto, &a[0], &a[1], &l1, hidden, 1e-6);
-    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6);
+    let fused = move |a: &[Tensor]| ops::mlp_half(Kernels::Auto, &a[0], &a[1], &l1, hidden, 1e-6, Activation::Gelu);
+    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6, Activation::Gelu);
     compare(&fused, &reference, &inputs, &[true, train_w], 2e-5);
 }
 
@@ -319,8 +320,52 @@ fn mlp_half_composite_matches_finite_differences() {
     let (d, hidden) = (6, 16);
     let layout = Arc::new(HalfLayout::mlp(d, hidden, true));
     let inputs = [randn(&[2, 4, d], 1.0, 40), flat_weights(&layout, 41)];
-    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6);
+    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &layout, 1e-6, Activation::Gelu);
     finite_difference(&reference, &inputs, &[true, true], 30);
+}
+
+#[test]
+fn quick_gelu_mlp_half_matches_its_formula_and_finite_differences() {
+    // QuickGELU (OpenAI CLIP) runs through the composite op on every kernel choice: its value is
+    // x·σ(1.702x) and its gradient is checked by finite differences.
+    let (d, hidden) = (6, 16);
+    let layout = Arc::new(HalfLayout::mlp(d, hidden, true));
+    let inputs = [randn(&[2, 4, d], 1.0, 42), flat_weights(&layout, 43)];
+    let l1 = layout.clone();
+    let reference = move |a: &[Tensor]| composite::mlp_half(&a[0], &a[1], &l1, 1e-6, Activation::QuickGelu);
+    finite_difference(&reference, &inputs, &[true, true], 30);
+    let x = Tensor::new(&[-3.0f32, -0.5, 0.0, 0.7, 4.0], &Device::Cpu).unwrap();
+    let y = ((&x * 1.702).unwrap().silu().unwrap() / 1.702).unwrap();
+    for (xv, yv) in x.to_vec1::<f32>().unwrap().iter().zip(y.to_vec1::<f32>().unwrap()) {
+        let want = xv / (1.0 + (-1.702 * xv).exp());
+        assert!((yv - want).abs() < 1e-6, "quick_gelu({xv}) = {yv}, want {want}");
+    }
+    let hidden_layout = layout.clone();
+    for k in [Kernels::Auto, Kernels::Lean] {
+        let got = ops::mlp_half(
+            k,
+            &inputs[0],
+            &inputs[1],
+            &hidden_layout,
+            hidden,
+            1e-6,
+            Activation::QuickGelu,
+        )
+        .unwrap();
+        let want = composite::mlp_half(&inputs[0], &inputs[1], &layout, 1e-6, Activation::QuickGelu).unwrap();
+        assert!(rel_err(&got, &want) < 1e-12, "{k:?}");
+        let gelu = ops::mlp_half(
+            k,
+            &inputs[0],
+            &inputs[1],
+            &hidden_layout,
+            hidden,
+            1e-6,
+            Activation::Gelu,
+        )
+        .unwrap();
+        assert!(rel_err(&gelu, &want) > 1e-4, "{k:?}: QuickGELU must differ from GELU");
+    }
 }
 
 #[test]
@@ -335,7 +380,7 @@ fn fused_ops_match_finite_differences_in_f32() {
     let wm = flat_weights(&ml, 52);
     let f = |x: &Tensor| -> Tensor {
         let y = ops::attn_half(Kernels::Auto, x, &wa, &al, None, heads, 1e-6).unwrap();
-        ops::mlp_half(Kernels::Auto, &y, &wm, &ml, hidden, 1e-6).unwrap()
+        ops::mlp_half(Kernels::Auto, &y, &wm, &ml, hidden, 1e-6, Activation::Gelu).unwrap()
     };
     let r = randn(&[b, t, d], 1.0, 53).to_dtype(DType::F64).unwrap();
     let loss = |x: &Tensor| {

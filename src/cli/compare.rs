@@ -172,7 +172,17 @@ fn emit(args: &CompareArgs, table: &str) -> Result<(), CliError> {
 type Sweep = (RunConfig, Vec<(String, MethodConfig)>, String);
 
 fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
-    let base = args.run.resolve()?;
+    let mut base = args.run.resolve()?;
+    // An hf: backbone is resolved once, up front: every run of the sweep (here or from a plan,
+    // later, elsewhere) uses the same commit.
+    if crate::train::hub::HubId::parse(&base.backbone).is_some() {
+        super::backbones::fetch(&base.backbone, None)?;
+        let found = crate::train::backbone::resolve_backbone(&base.backbone, None, &mut ())
+            .map_err(|e| CliError::Failure(e.into()))?;
+        if let Some(hub) = found.hub {
+            base.backbone = hub.pinned();
+        }
+    }
     if args.seeds == 0 {
         return Err(usage("--seeds must be ≥ 1"));
     }

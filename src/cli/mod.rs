@@ -3,6 +3,7 @@
 //! interrupted). A sibling of the app: it never names it (`main.rs` builds the app's options).
 
 pub mod args;
+pub mod backbones;
 pub mod bench;
 pub mod compare;
 pub mod eval;
@@ -110,6 +111,8 @@ pub enum Command {
     Filters(physics_cmds::FiltersArgs),
     /// Apply one prior to an image at full resolution, per colour channel.
     Apply(physics_cmds::ApplyArgs),
+    /// List the timm models in the Hugging Face cache: id, family, parameters, input size, size on disk, whether they load.
+    Backbones(backbones::BackbonesArgs),
     /// Print a table of trainable parameters per method for a backbone and class count.
     Params(model_cmds::ParamsArgs),
     /// Run a backbone (and adapter) on images stored in a safetensors file; write logits and router weights.
@@ -185,6 +188,7 @@ pub fn run(command: Command) -> Result<i32, CliError> {
         Command::Filters(args) => physics_cmds::filters(&args),
         Command::Apply(args) => physics_cmds::apply(&args),
         Command::Params(args) => model_cmds::params(&args),
+        Command::Backbones(args) => backbones::backbones(&args),
         Command::Infer(args) => model_cmds::infer(&args),
     }
     .map(|()| 0)

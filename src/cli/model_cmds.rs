@@ -6,7 +6,7 @@ use crate::model::checkpoint::load_adapter_noting;
 use crate::model::tensor_file::{HostTensor, StoreAs, TensorFile, write_atomic};
 use crate::model::{BackboneOptions, Vit};
 use crate::train::TrainError;
-use crate::train::backbone::load_backbone_with;
+use crate::train::backbone::{backbone_assumptions, backbone_config, load_backbone_with};
 use crate::util::group_digits;
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor};
@@ -49,6 +49,18 @@ pub fn load_backbone(path: &Path, args: &BackboneArgs, device: &Device) -> Resul
     Vit::from_file(path, &opts, device).map_err(|e| CliError::Failure(anyhow::anyhow!("cannot load backbone: {e}")))
 }
 
+/// Says on stderr what loading a backbone file assumed (no architecture recorded with it).
+pub fn warn_assumptions(spec: &str, heads: Option<usize>) {
+    if let Ok(a) = backbone_assumptions(spec, heads)
+        && !a.is_empty()
+    {
+        eprintln!(
+            "warning: {spec}: the file records no architecture (no config.json beside it); assumed {}",
+            a.join(", ")
+        );
+    }
+}
+
 /// Runs `moppa params`.
 pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     if args.rank == 0 || args.classes == 0 {
@@ -57,15 +69,19 @@ pub fn params(args: &ParamsArgs) -> Result<(), CliError> {
     let cfg = if let Some(c) = VitConfig::preset(&args.backbone) {
         c
     } else {
-        let path = PathBuf::from(&args.backbone);
-        if !path.exists() {
+        let hub = crate::train::hub::HubId::parse(&args.backbone).is_some();
+        if !hub && !Path::new(&args.backbone).exists() {
             return Err(usage(format!(
-                "--backbone '{}' is neither a file nor a preset ({})",
+                "--backbone '{}' is neither a file, an hf:ORG/NAME id nor a preset ({})",
                 args.backbone,
                 VitConfig::preset_names()
             )));
         }
-        load_backbone(&path, &args.backbone_args, &Device::Cpu)?.cfg
+        super::backbones::fetch(&args.backbone, None)?;
+        warn_assumptions(&args.backbone, args.backbone_args.heads);
+        let c = backbone_config(&args.backbone, args.backbone_args.heads)
+            .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot load backbone: {e}")))?;
+        VitConfig { num_classes: 0, ..c }
     };
     if args.rank > cfg.embed_dim {
         return Err(usage(format!(
@@ -139,6 +155,8 @@ pub fn infer(args: &InferArgs) -> Result<(), CliError> {
     if args.batch == 0 {
         return Err(usage("--batch must be ≥ 1"));
     }
+    super::backbones::fetch(&args.backbone, None)?;
+    warn_assumptions(&args.backbone, args.backbone_args.heads);
     infer_inner(args).map_err(CliError::Failure)
 }
 

@@ -83,6 +83,8 @@ pub fn claim_out(args: &RunArgs, cfg: RunConfig) -> Result<Option<RunConfig>, Cl
 /// machine (the backbone's architecture is read from its file's header only).
 pub fn preflight(cfg: &RunConfig) -> Result<(), CliError> {
     crate::data::check_spec(&cfg.data).map_err(usage)?;
+    let pinned = cfg.backbone_revision.as_deref().filter(|_| cfg.resume.is_some());
+    super::backbones::fetch(&cfg.backbone, pinned)?;
     let vit = backbone_config(&cfg.backbone, cfg.heads).map_err(|e| match e {
         crate::train::TrainError::Config(m) => usage(m),
         other => CliError::Failure(other.into()),

@@ -4,6 +4,7 @@
 //! layer (model, data, train, the CLI and the app) reads it, so the app can describe a run
 //! without depending on the model.
 
+mod arch;
 mod method;
 mod params;
 mod prior;
@@ -11,6 +12,7 @@ mod resources;
 mod run;
 mod vit;
 
+pub use arch::{Activation, ArchTraits, PretrainedCfg, TimmConfig, Unsupported, arch_base, arch_traits};
 pub use method::{
     COMPARE_DEFAULT, METHOD_CATALOGUE, MethodConfig, MethodKind, NamedMethod, Placement, RouterKind, method_names,
     named_method,

@@ -87,8 +87,14 @@ pub enum Precision {
 #[serde(default)]
 #[allow(clippy::struct_excessive_bools)] // the run flags of INTERFACES.md, one per switch
 pub struct RunConfig {
-    /// Backbone file, or `builtin`.
+    /// Backbone: `builtin`, `random:PRESET`, `hf:ORG/NAME[@REV]` or a safetensors file.
     pub backbone: String,
+    /// The commit an `hf:` backbone resolved to (written by the run; a resumed run loads that
+    /// commit when the id names no revision).
+    pub backbone_revision: Option<String>,
+    /// sha256 of the backbone file the run used (written by the run; resuming onto a different
+    /// file is refused).
+    pub backbone_sha256: Option<String>,
     /// Heads of a timm backbone file (which does not record them).
     pub heads: Option<usize>,
     /// Dataset spec: `builtin:digits`, `idx:DIR` or a folder.
@@ -158,6 +164,8 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             backbone: "builtin".into(),
+            backbone_revision: None,
+            backbone_sha256: None,
             heads: None,
             data: "builtin:digits".into(),
             few_shot: None,

@@ -1,6 +1,7 @@
 //! The backbone's architecture ([`VitConfig`], timm's `VisionTransformer` arguments) and the one
 //! catalogue of named presets that training, benchmarks, pretraining and `moppa params` share.
 
+use super::arch::Activation;
 use serde::{Deserialize, Serialize};
 
 /// How the backbone turns tokens into one feature vector.
@@ -60,6 +61,8 @@ pub struct VitConfig {
     pub num_classes: usize,
     /// LayerNorm epsilon.
     pub ln_eps: f64,
+    /// The MLP's activation.
+    pub act: Activation,
     /// Per-channel input mean (after scaling pixels to 0..1).
     pub mean: [f32; 3],
     /// Per-channel input std.
@@ -102,6 +105,7 @@ impl VitConfig {
             patch_bias: true,
             num_classes: classes,
             ln_eps: 1e-6,
+            act: Activation::Gelu,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             prefix_tokens: 0,

@@ -49,6 +49,16 @@ pub enum ModelError {
         /// Their names.
         names: Vec<String>,
     },
+    /// A checkpoint whose architecture needs something this crate does not implement.
+    #[error("{}: {feature} is not implemented (revealed by {revealed_by}); not loading it half-right", path.display())]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// The missing feature.
+        feature: String,
+        /// What showed it: a tensor, or config.json's architecture.
+        revealed_by: String,
+    },
     /// An adapter trained on a different backbone.
     #[error("{0}")]
     Incompatible(String),

@@ -2,9 +2,10 @@
 //! the CPU or a CUDA GPU.
 
 use super::error::{Result, TrainError};
+use super::hub::{Cached, DownloadProgress, Hub, HubId};
 use crate::config::{DeviceChoice, VitConfig};
 use crate::model::tensor_file::TensorFile;
-use crate::model::vit::timm::config_of;
+use crate::model::vit::timm::{assumptions, config_of};
 use crate::model::{BackboneOptions, Vit};
 use candle_core::Device;
 use std::path::Path;
@@ -12,8 +13,110 @@ use std::path::Path;
 /// The built-in backbone: a ViT pretrained on Fashion-MNIST (see assets/README.md).
 pub static BUILTIN_BACKBONE: &[u8] = include_bytes!("../../assets/backbone-tiny.safetensors");
 
+/// A backbone spec made loadable: `hf:` ids resolved through the Hugging Face cache.
+#[derive(Clone, Debug)]
+pub struct ResolvedSpec {
+    /// `builtin`, `random:PRESET` or a file path.
+    pub spec: String,
+    /// Where an `hf:` id was found (its commit), `None` for other specs.
+    pub hub: Option<Cached>,
+}
+
+/// Resolves `hf:ORG/NAME[@REV]` to its cached weights (downloading them when missing and the
+/// network is allowed, reporting to `progress`); `pinned` is a commit recorded by an earlier run
+/// (`config.toml`), used when the id names no revision. Other specs are returned unchanged.
+pub fn resolve_backbone(spec: &str, pinned: Option<&str>, progress: &mut dyn DownloadProgress) -> Result<ResolvedSpec> {
+    let Some(id) = HubId::parse(spec) else {
+        return Ok(ResolvedSpec {
+            spec: spec.to_owned(),
+            hub: None,
+        });
+    };
+    let mut id = id?;
+    if id.revision.is_none() {
+        id.revision = pinned.map(str::to_owned);
+    }
+    let found = Hub::from_env().resolve(&id, progress)?;
+    Ok(ResolvedSpec {
+        spec: found.weights.to_string_lossy().into_owned(),
+        hub: Some(found),
+    })
+}
+
+/// What loading `spec` assumed because the file records neither our metadata nor a timm
+/// `config.json` (for a warning; empty when nothing was assumed or the spec is not a file).
+pub fn backbone_assumptions(spec: &str, heads: Option<usize>) -> Result<Vec<String>> {
+    let spec = resolve_backbone(spec, None, &mut ())?.spec;
+    let path = Path::new(&spec);
+    if spec == "builtin" || spec.starts_with("random:") || !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let opts = BackboneOptions {
+        heads,
+        ..BackboneOptions::default()
+    };
+    Ok(assumptions(&TensorFile::read_header(path)?, &opts)?)
+}
+
+/// What a backbone is, for listings and the app's picker (from headers only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackboneSummary {
+    /// Family (`ViT`, `DINOv2`, `CLIP ViT`, …; `built-in`, `random`, or `unknown` without a
+    /// timm `config.json`).
+    pub family: String,
+    /// Its architecture as it will run.
+    pub cfg: VitConfig,
+    /// Backbone parameters (without a head).
+    pub params: usize,
+    /// Assumptions made for a bare file (see [`backbone_assumptions`]).
+    pub assumed: Vec<String>,
+}
+
+/// The family a weights file's timm `config.json` names (`unknown (no config.json)` without one).
+#[must_use]
+pub fn family_of(file: &Path) -> String {
+    match crate::model::vit::timm::sidecar_config(file).ok().flatten() {
+        None => "unknown (no config.json)".to_owned(),
+        Some(t) => match crate::config::arch_traits(&t.architecture) {
+            Ok(Some(tr)) => tr.family.to_owned(),
+            Ok(None) => t.architecture,
+            Err(_) => "not a plain ViT".to_owned(),
+        },
+    }
+}
+
+/// Describes a backbone spec without loading its weights and without the network: an `hf:` id
+/// that is not in the cache is an error saying so (nothing is downloaded).
+pub fn describe_backbone(spec: &str, heads: Option<usize>) -> Result<BackboneSummary> {
+    let (file, family) = if let Some(id) = HubId::parse(spec) {
+        let id = id?;
+        let hub = Hub::from_env();
+        let found = super::hub::find_cached(&hub.cache, &id).ok_or_else(|| {
+            TrainError::Config(format!(
+                "{spec}: not in the Hugging Face cache ({}); download it first",
+                hub.cache.join(id.folder()).display()
+            ))
+        })?;
+        (found.weights.to_string_lossy().into_owned(), None)
+    } else if spec == "builtin" {
+        (spec.to_owned(), Some("built-in"))
+    } else if spec.starts_with("random:") {
+        (spec.to_owned(), Some("random"))
+    } else {
+        (spec.to_owned(), None)
+    };
+    let family = family.map_or_else(|| family_of(Path::new(&file)), str::to_owned);
+    let cfg = backbone_config(&file, heads)?;
+    Ok(BackboneSummary {
+        family,
+        params: crate::config::backbone_params(&cfg),
+        assumed: backbone_assumptions(&file, heads)?,
+        cfg,
+    })
+}
+
 /// Resolves a backbone spec: `builtin`, `random:PRESET` (random weights, for tests and
-/// benchmarks; no head) or a safetensors file.
+/// benchmarks; no head), `hf:ORG/NAME[@REV]` or a safetensors file.
 pub fn load_backbone(spec: &str, heads: Option<usize>, seed: u64, device: &Device) -> Result<Vit> {
     let opts = BackboneOptions {
         heads,
@@ -24,6 +127,8 @@ pub fn load_backbone(spec: &str, heads: Option<usize>, seed: u64, device: &Devic
 
 /// [`load_backbone`] with every option (e.g. another image size: position embeddings resampled).
 pub fn load_backbone_with(spec: &str, opts: &BackboneOptions, seed: u64, device: &Device) -> Result<Vit> {
+    let resolved = resolve_backbone(spec, None, &mut ())?;
+    let spec = resolved.spec.as_str();
     if let Some(size) = opts.img_size {
         let cfg = backbone_config(spec, opts.heads)?;
         if size == 0 || !size.is_multiple_of(cfg.patch_size) {
@@ -59,6 +164,8 @@ pub fn load_backbone_with(spec: &str, opts: &BackboneOptions, seed: u64, device:
 /// before a run starts and for describing a backbone. An unknown `random:` preset is a
 /// [`TrainError::Config`].
 pub fn backbone_config(spec: &str, heads: Option<usize>) -> Result<VitConfig> {
+    let resolved = resolve_backbone(spec, None, &mut ())?;
+    let spec = resolved.spec.as_str();
     let opts = BackboneOptions {
         heads,
         ..BackboneOptions::default()
@@ -80,7 +187,7 @@ pub fn backbone_config(spec: &str, heads: Option<usize>) -> Result<VitConfig> {
     let path = Path::new(spec);
     if !path.exists() {
         return Err(TrainError::Config(format!(
-            "--backbone {spec}: no such file (expected builtin, random:PRESET or a .safetensors file)"
+            "--backbone {spec}: no such file (expected builtin, random:PRESET, hf:ORG/NAME or a .safetensors file)"
         )));
     }
     Ok(config_of(&TensorFile::read_header(path)?, &opts)?)

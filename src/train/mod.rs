@@ -9,6 +9,7 @@ pub mod bench;
 pub mod coalesce;
 pub mod error;
 pub mod evaluate;
+pub mod hub;
 pub mod optim;
 pub mod pretrain;
 pub mod protocol;

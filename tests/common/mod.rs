@@ -109,3 +109,34 @@ pub fn adapter_params(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
+
+/// A small ImageFolder (`train/`, `val/`, `test/` × classes a, b, c) of plain colours drawn at
+/// random, each class leaning to one channel: separable only in part, so a short run gets some
+/// test images right and some wrong.
+pub fn colour_folder(root: &Path) {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 33) as u32
+    };
+    for (split, n) in [("train", 16u32), ("val", 4), ("test", 8)] {
+        for (c, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let d = root.join(split).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let mut px = [0u8; 3];
+                for (k, v) in px.iter_mut().enumerate() {
+                    let lean = if k == c { 50 } else { 0 };
+                    *v = (40 + next() % 150 + lean) as u8;
+                }
+                image::RgbImage::from_fn(10 + i % 5, 9, |x, y| {
+                    image::Rgb([px[0] ^ ((x * y) as u8 & 3), px[1], px[2]])
+                })
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+            }
+        }
+    }
+}

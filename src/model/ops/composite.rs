@@ -3,6 +3,7 @@
 //! against. Never candle's fused LayerNorm/softmax, which have no backward pass.
 
 use super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
+use crate::config::Activation;
 use candle_core::{D, Result, Tensor};
 
 /// A slot of a flat weight buffer as a tensor of its timm shape (a differentiable view;
@@ -92,10 +93,18 @@ pub fn attn_half(
     x + y
 }
 
-/// The MLP half (see `fused::MlpHalfOp`), composite.
-pub fn mlp_half(x: &Tensor, w: &Tensor, layout: &HalfLayout, eps: f64) -> Result<Tensor> {
+/// QuickGELU's slope: `x·σ(1.702·x)`.
+const QUICK_GELU: f64 = 1.702;
+
+/// The MLP half (see `fused::MlpHalfOp`), composite; the one implementation of QuickGELU.
+pub fn mlp_half(x: &Tensor, w: &Tensor, layout: &HalfLayout, eps: f64, act: Activation) -> Result<Tensor> {
     let h = layer_norm(x, &slot(w, layout, NORM_W)?, &slot(w, layout, NORM_B)?, eps)?;
-    let a = linear(&h, &slot(w, layout, FC1_W)?, Some(&slot(w, layout, FC1_B)?))?.gelu_erf()?;
+    let a = linear(&h, &slot(w, layout, FC1_W)?, Some(&slot(w, layout, FC1_B)?))?;
+    let a = match act {
+        Activation::Gelu => a.gelu_erf()?,
+        // x·σ(1.702x) = silu(1.702x) / 1.702, through candle's differentiable silu.
+        Activation::QuickGelu => ((a * QUICK_GELU)?.silu()? / QUICK_GELU)?,
+    };
     let mut y = linear(&a, &slot(w, layout, FC2_W)?, Some(&slot(w, layout, FC2_B)?))?;
     if layout.present(LS) {
         y = y.broadcast_mul(&slot(w, layout, LS)?)?;

@@ -21,6 +21,7 @@ pub mod rowwise;
 pub mod spectral;
 pub mod verify;
 
+use crate::config::Activation;
 use candle_core::{DType, Result, Tensor};
 pub use cpu::attention::Dims;
 pub use layout::HalfLayout;
@@ -172,7 +173,8 @@ pub fn attn_half(
     x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
 }
 
-/// One MLP half of a timm block (`x + ls2 ⊙ mlp(norm2(x))`).
+/// One MLP half of a timm block (`x + ls2 ⊙ mlp(norm2(x))`). The fused and lean ops implement
+/// exact GELU; QuickGELU (OpenAI CLIP) runs through the composite ops on every device.
 pub fn mlp_half(
     k: Kernels,
     x: &Tensor,
@@ -180,12 +182,16 @@ pub fn mlp_half(
     layout: &Arc<HalfLayout>,
     hidden: usize,
     eps: f64,
+    act: Activation,
 ) -> Result<Tensor> {
+    if act != Activation::Gelu {
+        return composite::mlp_half(x, w, layout, eps, act);
+    }
     if !k.fused_for(x) {
         return if k.lean_for(x) {
             lean::mlp_half(x, w, layout, eps)
         } else {
-            composite::mlp_half(x, w, layout, eps)
+            composite::mlp_half(x, w, layout, eps, act)
         };
     }
     let d = x.dim(candle_core::D::Minus1)?;

@@ -329,6 +329,7 @@ impl Vit {
             &self.mlp_layout,
             self.cfg.mlp_hidden(),
             self.cfg.ln_eps,
+            self.cfg.act,
         )?)
     }
 

@@ -4,7 +4,7 @@
 //! Block tensors are named by the half-block layouts (`ops::layout`), everything else by [`Part`].
 
 use super::{BackboneOptions, BackboneSource, Vit};
-use crate::config::{Pool, VitConfig};
+use crate::config::{Activation, Pool, TimmConfig, VitConfig, arch_traits};
 use crate::model::error::{ModelError, Result};
 use crate::model::ops::{HalfLayout, Kernels, layout};
 use crate::model::resample::resample_grid;
@@ -187,9 +187,113 @@ fn is_square(n: usize) -> Option<usize> {
     (r * r == n).then_some(r)
 }
 
-/// Infers the architecture of a foreign timm file from its tensor shapes.
+/// Tensor names that reveal a feature this crate does not implement: a name part and the feature.
+const UNSUPPORTED_TENSORS: [(&str, &str); 8] = [
+    ("attn_pool.", "an attention-pool (map) head"),
+    ("relative_position_bias_table", "relative position bias"),
+    ("rel_pos", "relative position embeddings"),
+    ("rope", "RoPE position embeddings"),
+    ("attn.q_bias", "separate q and v biases (BEiT/EVA attention)"),
+    (".mlp.fc1_g.", "a SwiGLU MLP"),
+    (".mlp.norm.", "a normalised (SwiGLU) MLP"),
+    ("q_norm", "query/key normalisation"),
+];
+
+/// Refuses a file whose tensors show a feature this crate lacks, naming the feature and the
+/// first tensor that revealed it.
+fn refuse_unsupported(tf: &TensorFile) -> Result<()> {
+    let refuse = |feature: &str, revealed_by: String| ModelError::Unsupported {
+        path: tf.path.clone(),
+        feature: feature.to_owned(),
+        revealed_by,
+    };
+    for name in tf.tensors.keys() {
+        if let Some((_, feature)) = UNSUPPORTED_TENSORS.iter().find(|(part, _)| name.contains(part)) {
+            return Err(refuse(feature, format!("tensor '{name}'")));
+        }
+    }
+    // A packed SwiGLU MLP (DINOv2 giant, EVA-02): fc1 makes twice the features fc2 takes.
+    if let (Some(fc1), Some(fc2)) = (
+        tf.tensors.get("blocks.0.mlp.fc1.weight"),
+        tf.tensors.get("blocks.0.mlp.fc2.weight"),
+    ) && fc1.shape.first() == fc2.shape.get(1).map(|h| 2 * h).as_ref()
+    {
+        return Err(refuse(
+            "a SwiGLU MLP",
+            format!(
+                "tensor 'blocks.0.mlp.fc1.weight' {:?}: twice the {} features fc2 takes",
+                fc1.shape,
+                fc2.shape.get(1).copied().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The `config.json` next to a file (as the Hugging Face hub stores timm models), if there is
+/// one that is a timm config. A `config.json` that is not timm's (another library's) is ignored;
+/// one that is timm's but unreadable is an error.
+pub fn sidecar_config(path: &Path) -> Result<Option<TimmConfig>> {
+    let Some(json) = path.parent().map(|d| d.join("config.json")) else {
+        return Ok(None);
+    };
+    let Ok(text) = std::fs::read_to_string(&json) else {
+        return Ok(None);
+    };
+    let looks_timm = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .is_some_and(|v| v.get("architecture").is_some_and(serde_json::Value::is_string));
+    if !looks_timm {
+        return Ok(None);
+    }
+    TimmConfig::parse(&text).map(Some).map_err(|msg| err_cfg(&json, msg))
+}
+
+/// What the loader assumed about a file that records neither our metadata nor a timm
+/// `config.json` (empty when nothing was assumed); for a warning.
+pub fn assumptions(tf: &TensorFile, opts: &BackboneOptions) -> Result<Vec<String>> {
+    if tf.metadata.contains_key(BACKBONE_META_KEY) || sidecar_config(&tf.path)?.is_some() {
+        return Ok(Vec::new());
+    }
+    let cfg = config_of(tf, opts)?;
+    let mut out = Vec::new();
+    if opts.heads.is_none() {
+        out.push(format!("{} heads (D/64)", cfg.num_heads));
+    }
+    out.push("exact GELU".into());
+    out.push(format!("LayerNorm eps {:e}", cfg.ln_eps));
+    out.push("ImageNet mean/std".into());
+    Ok(out)
+}
+
+/// Infers the architecture of a foreign timm file from its tensor shapes, with what its
+/// `config.json` (if any) says about the rest.
 fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     let path = &tf.path;
+    refuse_unsupported(tf)?;
+    let timm = sidecar_config(path)?;
+    let traits = match &timm {
+        Some(t) => match arch_traits(&t.architecture) {
+            Ok(Some(traits)) => Some(traits),
+            Ok(None) => {
+                return Err(err_cfg(
+                    path,
+                    format!(
+                        "config.json names architecture '{}', which is not a ViT family MoPPA Studio knows (ViT, DeiT, DINOv2, CLIP ViT)",
+                        t.architecture
+                    ),
+                ));
+            }
+            Err(u) => {
+                return Err(ModelError::Unsupported {
+                    path: path.clone(),
+                    feature: u.feature.to_owned(),
+                    revealed_by: format!("config.json architecture '{}'", u.arch),
+                });
+            }
+        },
+        None => None,
+    };
     let has = |p: Part| tf.has(p.timm_name());
     let pw = tf.get(Part::PatchW.timm_name())?;
     let [d, c, p, p2] = pw.shape[..] else {
@@ -226,7 +330,11 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
             ));
         }
     };
-    let heads = match opts.heads {
+    let recorded_heads = timm
+        .as_ref()
+        .and_then(|t| t.arg_usize("num_heads"))
+        .or_else(|| traits.as_ref().and_then(|t| t.num_heads));
+    let heads = match opts.heads.or(recorded_heads) {
         Some(h) => h,
         None if d % 64 == 0 => d / 64,
         None => {
@@ -237,6 +345,36 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
         }
     };
     let fc_norm = has(Part::FcNormW);
+    let mut act = traits.as_ref().map_or(Activation::Gelu, |t| t.act);
+    let mut ln_eps = traits.as_ref().map_or(1e-6, |t| t.ln_eps);
+    let (mut mean, mut std) = (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD);
+    if let Some(t) = &timm {
+        if let Some(a) = t.act_override().map_err(|m| err_cfg(path, m))? {
+            act = a;
+        }
+        if let Some(e) = t.model_args.get("norm_eps").and_then(serde_json::Value::as_f64) {
+            ln_eps = e;
+        }
+        match t.pool() {
+            None | Some("token" | "avg" | "") => {}
+            Some(other) => {
+                return Err(ModelError::Unsupported {
+                    path: path.clone(),
+                    feature: format!("global_pool '{other}'"),
+                    revealed_by: "config.json".into(),
+                });
+            }
+        }
+        let three = |v: &Option<Vec<f32>>| v.as_deref().and_then(|v| <[f32; 3]>::try_from(v).ok());
+        mean = three(&t.pretrained_cfg.mean).unwrap_or(mean);
+        std = three(&t.pretrained_cfg.std).unwrap_or(std);
+    }
+    let pool = match timm.as_ref().and_then(TimmConfig::pool) {
+        Some("avg") => Pool::Avg,
+        Some("token") => Pool::Token,
+        _ if fc_norm || !class_token => Pool::Avg,
+        _ => Pool::Token,
+    };
     Ok(VitConfig {
         img_size: grid * p,
         patch_size: p,
@@ -250,7 +388,7 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
         reg_tokens,
         dist_token,
         no_embed_class,
-        pool: if fc_norm { Pool::Avg } else { Pool::Token },
+        pool,
         fc_norm,
         final_norm: has(Part::NormW),
         norm_pre: has(Part::NormPreW),
@@ -258,7 +396,10 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
         patch_bias: has(Part::PatchB),
         num_classes: tf.tensors.get(Part::HeadW.timm_name()).map_or(0, |t| t.shape[0]),
         prefix_tokens: prefix,
-        ..VitConfig::tiny()
+        act,
+        ln_eps,
+        mean,
+        std,
     })
 }
 

@@ -6,7 +6,7 @@ use crate::config::{MethodKind, Precision, RunConfig, check_resources};
 use crate::data::loader::{EvalSet, Loader};
 use crate::data::{self, LoaderConfig, Normalize};
 use crate::model::PeftModel;
-use crate::train::backbone::{device_name, load_backbone, select_device};
+use crate::train::backbone::{backbone_assumptions, device_name, load_backbone, resolve_backbone, select_device};
 use crate::train::error::{Result, TrainError};
 use crate::train::optim::{AdamW, timm_decay};
 use crate::train::protocol::{Notice, RunInfo};
@@ -55,8 +55,34 @@ impl Trainer {
         let lock = cfg.out.as_deref().map(RunLock::acquire).transpose()?;
         let mut notices = Vec::new();
         let device = select_device(cfg.device)?;
-        let mut backbone = load_backbone(&cfg.backbone, cfg.heads, cfg.seed, &device)?;
+        // A resumed run loads the commit and file it started with.
+        let resuming = cfg.resume.is_some();
+        let pinned = cfg.backbone_revision.as_deref().filter(|_| resuming);
+        let resolved = resolve_backbone(&cfg.backbone, pinned, &mut ())?;
+        let mut backbone = load_backbone(&resolved.spec, cfg.heads, cfg.seed, &device)?;
         check(&stop)?;
+        let sha = &backbone.source.sha256;
+        if let Some(want) = cfg
+            .backbone_sha256
+            .as_deref()
+            .filter(|w| resuming && !w.is_empty() && !sha.is_empty())
+            && want != sha
+        {
+            return Err(TrainError::Config(format!(
+                "backbone {} has sha256 {sha}, but the run being resumed was trained on {want}: resume it with the file it started with",
+                resolved.spec
+            )));
+        }
+        let assumed = backbone_assumptions(&resolved.spec, cfg.heads)?;
+        if !assumed.is_empty() {
+            notices.push(setup_notice(
+                format!(
+                    "the backbone file records no architecture (no config.json beside it); assumed {}",
+                    assumed.join(", ")
+                ),
+                Some(std::path::PathBuf::from(&resolved.spec)),
+            ));
+        }
         if let Some(m) = cfg.mean {
             backbone.cfg.mean = m;
         }
@@ -111,7 +137,9 @@ impl Trainer {
         };
         let size = backbone.cfg.img_size as u32;
         let total = cfg.total_steps(dataset.train.len());
-        let cfg = cfg.resolved(total);
+        let mut cfg = cfg.resolved(total);
+        cfg.backbone_revision = resolved.hub.as_ref().map(|h| h.commit.clone());
+        cfg.backbone_sha256 = Some(backbone.source.sha256.clone()).filter(|s| !s.is_empty());
         let model = PeftModel::new(backbone, cfg.method.clone(), dataset.classes.clone(), cfg.seed)?;
         let mut opt = AdamW::new(
             model.trainable(),
