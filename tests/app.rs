@@ -635,3 +635,111 @@ fn a_run_started_in_the_app_leaves_a_run_folder_and_an_unstarted_one_none() {
         "an unstarted run leaves nothing"
     );
 }
+
+/// The backbone picker: the Hugging Face cache's models are listed (one that does not load is
+/// greyed, its reason on hover); choosing one makes it the run's backbone and shows its family,
+/// token grid and each method's trainable parameters before Start; a hub id downloads through a
+/// (local) hub with a progress bar and becomes the backbone; Cancel stops a download and says the
+/// part downloaded is kept.
+#[test]
+fn the_backbone_picker_lists_the_cache_and_downloads_by_id() {
+    use common::hub_server::{NAME, hub_files, python_cache, serve, serve_slowly};
+    use moppa_studio::config::{MethodConfig, count_trainable};
+    use moppa_studio::train::backbone::describe_backbone;
+    use moppa_studio::train::hub::Hub;
+
+    let (mut h, _fake) = harness(Tab::Curves);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    python_cache(&cache, &format!("timm/{NAME}"), "augreg");
+    python_cache(&cache, "timm/vit_base_patch16_siglip_224.v2_webli", "siglip");
+    h.state_mut().picker.hub = Hub {
+        cache: cache.clone(),
+        endpoint: "http://127.0.0.1:9".into(),
+        offline: true,
+    };
+    h.get_by_label("From the cache").click();
+    h.run_steps(3);
+    assert!(
+        h.query_by_label_contains("does not load").is_some(),
+        "SigLIP listed as not loading"
+    );
+    h.get_by_label_contains(NAME).click();
+    h.run_steps(3);
+    let spec = format!("hf:timm/{NAME}");
+    assert_eq!(h.state().settings.config.backbone, spec);
+    let weights = cache
+        .join(format!("models--timm--{NAME}"))
+        .join("snapshots/0123456789abcdef0123456789abcdef01234567/model.safetensors");
+    let b = describe_backbone(weights.to_str().unwrap(), None).unwrap();
+    let params = moppa_studio::util::group_digits(b.params);
+    assert!(
+        h.query_by_label_contains(&format!("ViT · {params} parameters"))
+            .is_some()
+    );
+    assert!(h.query_by_label_contains("224 px, patch 16, 14×14 tokens").is_some());
+    let lora = count_trainable(&b.cfg, &MethodConfig::of(moppa_studio::config::MethodKind::Lora), 10);
+    let n = moppa_studio::util::group_digits(lora);
+    assert!(h.query_by_label(&n).is_some(), "LoRA's count {n} shown before Start");
+
+    // Download by id from a local hub into an empty cache.
+    let server = serve(hub_files().0, false);
+    let empty = dir.path().join("hub2");
+    h.state_mut().picker.hub = Hub {
+        cache: empty.clone(),
+        endpoint: format!("http://127.0.0.1:{}", server.port),
+        offline: false,
+    };
+    h.state_mut().settings.config.backbone = "builtin".into();
+    h.get_by_label("Hub id").click();
+    h.run_steps(2);
+    h.state_mut().picker.hub_id = spec.clone();
+    h.get_by_label("Download").click();
+    let t0 = std::time::Instant::now();
+    while h.state().settings.config.backbone != spec {
+        assert!(t0.elapsed().as_secs() < 20, "download did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    assert!(empty.join(format!("models--timm--{NAME}")).is_dir());
+
+    // A slow download, cancelled.
+    let slow = serve_slowly(hub_files().0);
+    let third = dir.path().join("hub3");
+    h.state_mut().picker.hub = Hub {
+        cache: third.clone(),
+        endpoint: format!("http://127.0.0.1:{}", slow.port),
+        offline: false,
+    };
+    h.get_by_label("Hub id").click();
+    h.run_steps(1);
+    h.get_by_label("Download").click();
+    let t0 = std::time::Instant::now();
+    while h
+        .state()
+        .picker
+        .download
+        .as_ref()
+        .is_none_or(|d| d.snapshot().done == 0)
+    {
+        assert!(t0.elapsed().as_secs() < 20, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    assert!(
+        h.query_by_label_contains("model.safetensors").is_some(),
+        "the progress bar names the file"
+    );
+    h.get_by_label("Cancel").click();
+    while h.state().picker.download.is_some() {
+        assert!(t0.elapsed().as_secs() < 20, "cancel did not stop the download");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    assert!(h.query_by_label_contains("download cancelled").is_some());
+    assert_eq!(
+        h.state().settings.config.backbone,
+        spec,
+        "the backbone chosen before stays"
+    );
+}

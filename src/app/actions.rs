@@ -80,6 +80,15 @@ impl StudioApp {
                     self.settings.config.backbone = p.display().to_string();
                 }
             }
+            Action::DownloadBackbone(spec) => {
+                let spec = if spec.starts_with("hf:") {
+                    spec
+                } else {
+                    format!("hf:{spec}")
+                };
+                self.picker.message = None;
+                self.picker.start_download(spec, ctx);
+            }
             Action::PickData => {
                 if let Some(p) = rfd::FileDialog::new().pick_folder() {
                     self.settings.config.data = p.display().to_string();

@@ -359,6 +359,7 @@ impl StudioApp {
                         &mut self.settings.config,
                         local_status,
                         backbone.as_ref(),
+                        &mut self.picker,
                         classes,
                         cuda_available(),
                     ));

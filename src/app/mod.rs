@@ -5,6 +5,7 @@
 //! ([`link::Link`]: `Command` out, `Event` in) and never touches a tensor.
 
 mod actions;
+pub mod backbones;
 mod capture;
 pub mod history;
 mod layout;
@@ -116,6 +117,8 @@ pub struct StudioApp {
     errors_raised: usize,
     /// Where the views are drawn (a lesson highlights them).
     view_rects: lessons::player::ViewRects,
+    /// The backbone picker (cached models, a download in flight).
+    pub picker: backbones::BackbonePicker,
 }
 
 impl StudioApp {
@@ -170,6 +173,7 @@ impl StudioApp {
             lesson: None,
             errors_raised: 0,
             view_rects: lessons::player::ViewRects::default(),
+            picker: backbones::BackbonePicker::default(),
         };
         app.lessons = lessons::Catalogue::load(app.opts.lessons_dir.as_deref());
         let open = std::mem::take(&mut app.opts.open);
@@ -372,6 +376,10 @@ impl eframe::App for StudioApp {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        if let Some(spec) = self.picker.take_finished() {
+            self.settings.config.backbone = spec;
+            self.picker.source = backbones::Source::Cache;
+        }
         let actions = self.layout(ui);
         let ctx = ui.ctx().clone();
         for a in actions {

@@ -2,12 +2,11 @@
 //! a progress bar before a command needs them.
 
 use super::{CliError, usage};
-use crate::train::backbone::{describe_backbone, family_of, resolve_backbone};
-use crate::train::hub::{DownloadProgress, HubId, cache_dir, list_cached};
+use crate::train::backbone::{CachedBackbone, list_backbones, resolve_backbone};
+use crate::train::hub::{DownloadProgress, Hub, HubId};
 use crate::util::group_digits;
 use clap::Args;
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// A download's progress as an indicatif bar on stderr (hidden when stderr is not a terminal).
 #[derive(Default)]
@@ -85,53 +84,42 @@ struct Row {
     status: String,
 }
 
-fn describe(spec: &str, weights: &Path) -> Row {
-    let disk = std::fs::metadata(weights).map_or(0, |m| m.len());
-    let mut row = Row {
-        id: spec.to_owned(),
-        family: String::new(),
-        params: String::new(),
-        input: String::new(),
-        disk: crate::config::human_bytes(disk as f64),
-        status: String::new(),
+fn row(b: CachedBackbone) -> Row {
+    let (params, input, status) = match &b.summary {
+        Ok(s) => (
+            group_digits(s.params),
+            format!("{} px, patch {}", s.cfg.img_size, s.cfg.patch_size),
+            "yes".to_owned(),
+        ),
+        Err(why) => (String::new(), String::new(), format!("no: {why}")),
     };
-    match describe_backbone(spec, None) {
-        Ok(b) => {
-            row.family = b.family;
-            row.params = group_digits(b.params);
-            row.input = format!("{} px, patch {}", b.cfg.img_size, b.cfg.patch_size);
-            row.status = "yes".into();
-        }
-        Err(e) => {
-            // One line, without the path the id already names.
-            let msg = e
-                .to_string()
-                .replace(&format!("{}: ", weights.display()), "")
-                .replace("invalid configuration: ", "");
-            row.family = family_of(weights);
-            row.status = format!("no: {msg}");
-        }
+    Row {
+        id: b.spec,
+        family: b.family,
+        params,
+        input,
+        disk: crate::config::human_bytes(b.bytes as f64),
+        status,
     }
-    row
 }
 
 /// Runs `moppa backbones`.
 pub fn backbones(args: &BackbonesArgs) -> Result<(), CliError> {
-    let cache = cache_dir();
-    let models: Vec<_> = list_cached(&cache)
+    let hub = Hub::from_env();
+    let rows: Vec<Row> = list_backbones(&hub)
         .into_iter()
         .filter(|m| args.filter.as_ref().is_none_or(|f| m.spec.contains(f.as_str())))
+        .map(row)
         .collect();
-    if models.is_empty() {
+    if rows.is_empty() {
         return Err(usage(format!(
             "no model with a model.safetensors in the Hugging Face cache {}{} (download one with --backbone hf:timm/NAME, or set HF_HUB_CACHE / HF_HOME)",
-            cache.display(),
+            hub.cache.display(),
             args.filter
                 .as_ref()
                 .map_or_else(String::new, |f| format!(" matching '{f}'"))
         )));
     }
-    let rows: Vec<Row> = models.iter().map(|m| describe(&m.spec, &m.weights)).collect();
     let header = ["backbone", "family", "parameters", "input", "on disk", "loads"];
     let cells = |r: &Row| {
         [
@@ -164,6 +152,6 @@ pub fn backbones(args: &BackbonesArgs) -> Result<(), CliError> {
     for r in &rows {
         println!("{}", line(cells(r)));
     }
-    println!("cache: {}", cache.display());
+    println!("cache: {}", hub.cache.display());
     Ok(())
 }

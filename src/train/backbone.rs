@@ -115,6 +115,43 @@ pub fn describe_backbone(spec: &str, heads: Option<usize>) -> Result<BackboneSum
     })
 }
 
+/// One model of the Hugging Face cache, described (or why it does not load).
+#[derive(Clone, Debug)]
+pub struct CachedBackbone {
+    /// `hf:ORG/NAME`.
+    pub spec: String,
+    /// Family from its `config.json`.
+    pub family: String,
+    /// Size of its weights on disk, bytes.
+    pub bytes: u64,
+    /// What it is, or the one-line reason it does not load.
+    pub summary: std::result::Result<BackboneSummary, String>,
+}
+
+/// Every model in `hub`'s cache with a `model.safetensors`, described from headers (the CLI's
+/// `moppa backbones` and the app's picker).
+#[must_use]
+pub fn list_backbones(hub: &Hub) -> Vec<CachedBackbone> {
+    super::hub::list_cached(&hub.cache)
+        .into_iter()
+        .map(|m| {
+            let file = m.weights.to_string_lossy().into_owned();
+            let summary = describe_backbone(&file, None).map_err(|e| {
+                // One line, without the path the id already names.
+                e.to_string()
+                    .replace(&format!("{file}: "), "")
+                    .replace("invalid configuration: ", "")
+            });
+            CachedBackbone {
+                spec: m.spec,
+                family: family_of(&m.weights),
+                bytes: m.bytes,
+                summary,
+            }
+        })
+        .collect()
+}
+
 /// Resolves a backbone spec: `builtin`, `random:PRESET` (random weights, for tests and
 /// benchmarks; no head), `hf:ORG/NAME[@REV]` or a safetensors file.
 pub fn load_backbone(spec: &str, heads: Option<usize>, seed: u64, device: &Device) -> Result<Vit> {

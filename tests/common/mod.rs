@@ -10,6 +10,8 @@ use moppa_studio::model::tensor_file::StoreAs;
 use moppa_studio::model::vit::{BackboneFileMeta, write_backbone};
 use std::path::{Path, PathBuf};
 
+pub mod hub_server;
+
 /// A committed fixture under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

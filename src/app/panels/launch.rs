@@ -1,6 +1,7 @@
 //! The launch panel: backbone, data, method and optimisation settings, and the parameter count.
 
 use super::{Action, RunStatus};
+use crate::app::backbones::{BackbonePicker, Source};
 use crate::config::{
     DEFAULT_STEPS, DeviceChoice, MethodKind, Placement, Prior, RouterKind, RunConfig, VitConfig, count_trainable,
 };
@@ -11,6 +12,7 @@ pub fn ui(
     cfg: &mut RunConfig,
     status: RunStatus,
     backbone: Option<&VitConfig>,
+    picker: &mut BackbonePicker,
     classes: usize,
     cuda: bool,
 ) -> Vec<Action> {
@@ -25,39 +27,7 @@ pub fn ui(
     }
     egui::CollapsingHeader::new("Backbone")
         .default_open(true)
-        .show(ui, |ui| {
-            let builtin = cfg.backbone == "builtin";
-            ui.horizontal(|ui| {
-                if ui
-                    .selectable_label(builtin, "Built-in")
-                    .on_hover_text("ViT-tiny (32 px, D 96, 4 blocks) pretrained on Fashion-MNIST")
-                    .clicked()
-                {
-                    cfg.backbone = "builtin".into();
-                }
-                if ui
-                    .button("File…")
-                    .on_hover_text("A timm ViT checkpoint (.safetensors)")
-                    .clicked()
-                {
-                    actions.push(Action::PickBackbone);
-                }
-            });
-            if !builtin {
-                ui.label(egui::RichText::new(&cfg.backbone).monospace().small());
-                let mut heads = cfg.heads.unwrap_or(0);
-                ui.horizontal(|ui| {
-                    ui.label("heads");
-                    if ui
-                        .add(egui::DragValue::new(&mut heads).range(0..=64).prefix("heads "))
-                        .on_hover_text("0: D/64 (timm files do not record it)")
-                        .changed()
-                    {
-                        cfg.heads = (heads > 0).then_some(heads);
-                    }
-                });
-            }
-        });
+        .show(ui, |ui| backbone_ui(ui, cfg, picker, classes, &mut actions));
     egui::CollapsingHeader::new("Data").default_open(true).show(ui, |ui| {
         let builtin = cfg.data == "builtin:digits";
         ui.horizontal(|ui| {
@@ -199,7 +169,13 @@ pub fn ui(
                 });
             }
         });
-    if let Some(b) = backbone {
+    // Before a run: the chosen backbone's count; during one: the running backbone's.
+    let chosen = picker
+        .summary(&cfg.backbone, cfg.heads)
+        .as_ref()
+        .ok()
+        .map(|s| s.cfg.clone());
+    if let Some(b) = backbone.cloned().or(chosen).as_ref() {
         let n = count_trainable(b, &cfg.method, classes.max(1));
         ui.label(format!("{} trainable parameters", crate::util::group_digits(n)))
             .on_hover_text(format!(
@@ -219,4 +195,228 @@ pub fn ui(
         }
     });
     actions
+}
+
+/// The backbone picker: Built-in / From the cache (searchable list) / Hub id (Download, progress,
+/// Cancel) / File…, then what the chosen backbone is and each method's trainable parameters.
+fn backbone_ui(
+    ui: &mut egui::Ui,
+    cfg: &mut RunConfig,
+    picker: &mut BackbonePicker,
+    classes: usize,
+    actions: &mut Vec<Action>,
+) {
+    if picker.source == Source::Builtin && cfg.backbone != "builtin" {
+        picker.source = Source::of(&cfg.backbone);
+    }
+    ui.horizontal_wrapped(|ui| {
+        for (source, label, hover) in [
+            (
+                Source::Builtin,
+                "Built-in",
+                "ViT-tiny (32 px, D 96, 4 blocks) pretrained on Fashion-MNIST",
+            ),
+            (
+                Source::Cache,
+                "From the cache",
+                "timm models already in the Hugging Face cache",
+            ),
+            (Source::Hub, "Hub id", "Download a timm model by its Hugging Face id"),
+        ] {
+            if ui
+                .selectable_label(picker.source == source, label)
+                .on_hover_text(hover)
+                .clicked()
+            {
+                picker.source = source;
+                if source == Source::Builtin {
+                    cfg.backbone = "builtin".into();
+                }
+            }
+        }
+        if ui
+            .selectable_label(picker.source == Source::File, "File…")
+            .on_hover_text("A timm ViT checkpoint (.safetensors; its config.json beside it is read)")
+            .clicked()
+        {
+            picker.source = Source::File;
+            actions.push(Action::PickBackbone);
+        }
+    });
+    match picker.source {
+        Source::Builtin => {}
+        Source::Cache => cache_list(ui, cfg, picker),
+        Source::Hub => hub_field(ui, picker, actions),
+        Source::File => {
+            ui.label(egui::RichText::new(&cfg.backbone).monospace().small());
+        }
+    }
+    if cfg.backbone != "builtin" {
+        let mut heads = cfg.heads.unwrap_or(0);
+        ui.horizontal(|ui| {
+            ui.label("heads");
+            if ui
+                .add(egui::DragValue::new(&mut heads).range(0..=64).prefix("heads "))
+                .on_hover_text("0: from config.json, else D/64 (safetensors files do not record it)")
+                .changed()
+            {
+                cfg.heads = (heads > 0).then_some(heads);
+            }
+        });
+    }
+    summary_ui(ui, cfg, picker, classes);
+}
+
+fn cache_list(ui: &mut egui::Ui, cfg: &mut RunConfig, picker: &mut BackbonePicker) {
+    ui.horizontal(|ui| {
+        ui.add(
+            egui::TextEdit::singleline(&mut picker.search)
+                .hint_text("search")
+                .desired_width(150.0),
+        );
+        if ui
+            .small_button("Refresh")
+            .on_hover_text("List the cache again")
+            .clicked()
+        {
+            picker.refresh();
+        }
+    });
+    let search = picker.search.to_lowercase();
+    let cache = picker.hub.cache.clone();
+    let models = picker.cached().to_vec();
+    let shown: Vec<_> = models
+        .iter()
+        .filter(|m| {
+            search.is_empty() || m.spec.to_lowercase().contains(&search) || m.family.to_lowercase().contains(&search)
+        })
+        .collect();
+    if models.is_empty() {
+        ui.label(
+            egui::RichText::new(format!(
+                "No model in {} yet: use Hub id to download one.",
+                cache.display()
+            ))
+            .small(),
+        );
+        return;
+    }
+    egui::ScrollArea::vertical()
+        .max_height(180.0)
+        .id_salt("cached backbones")
+        .show(ui, |ui| {
+            for m in shown {
+                let name = m.spec.trim_start_matches("hf:");
+                let size = crate::config::human_bytes(m.bytes as f64);
+                match &m.summary {
+                    Ok(s) => {
+                        let line = format!(
+                            "{} · {} · {} px/{} · {}",
+                            m.family,
+                            crate::util::group_digits(s.params),
+                            s.cfg.img_size,
+                            s.cfg.patch_size,
+                            size
+                        );
+                        let selected = cfg.backbone == m.spec;
+                        let r = ui.selectable_label(selected, egui::RichText::new(format!("{name}\n{line}")).small());
+                        if r.clicked() {
+                            cfg.backbone.clone_from(&m.spec);
+                        }
+                    }
+                    Err(why) => {
+                        ui.label(
+                            egui::RichText::new(format!("{name}\n{} · {size} · does not load", m.family))
+                                .small()
+                                .weak(),
+                        )
+                        .on_hover_text(why);
+                    }
+                }
+            }
+        });
+}
+
+fn hub_field(ui: &mut egui::Ui, picker: &mut BackbonePicker, actions: &mut Vec<Action>) {
+    ui.add(
+        egui::TextEdit::singleline(&mut picker.hub_id)
+            .hint_text("hf:timm/vit_base_patch16_224.mae")
+            .desired_width(f32::INFINITY),
+    );
+    if let Some(d) = &picker.download {
+        let s = d.snapshot();
+        let frac = if s.total > 0 {
+            s.done as f32 / s.total as f32
+        } else {
+            0.0
+        };
+        ui.add(egui::ProgressBar::new(frac).text(format!(
+            "{} {} / {}",
+            s.file,
+            crate::config::human_bytes(s.done as f64),
+            crate::config::human_bytes(s.total as f64)
+        )));
+        if ui
+            .button("Cancel")
+            .on_hover_text("Stop; the part downloaded is kept and resumes next time")
+            .clicked()
+        {
+            d.cancel();
+        }
+    } else if ui
+        .button("Download")
+        .on_hover_text("Into the Hugging Face cache (model.safetensors and config.json), then use it")
+        .clicked()
+    {
+        actions.push(Action::DownloadBackbone(picker.hub_id.trim().to_owned()));
+    }
+    if let Some(m) = &picker.message {
+        ui.colored_label(ui.visuals().error_fg_color, egui::RichText::new(m).small());
+    }
+}
+
+/// What the chosen backbone is, what loading it assumes, and each method's trainable parameters.
+fn summary_ui(ui: &mut egui::Ui, cfg: &RunConfig, picker: &mut BackbonePicker, classes: usize) {
+    if cfg.backbone == "builtin" && picker.source == Source::Builtin {
+        return;
+    }
+    match picker.summary(&cfg.backbone, cfg.heads) {
+        Ok(s) => {
+            let g = s.cfg.grid();
+            ui.label(
+                egui::RichText::new(format!(
+                    "{} · {} parameters · {} px, patch {}, {g}×{g} tokens · D {}, depth {}, {} heads",
+                    s.family,
+                    crate::util::group_digits(s.params),
+                    s.cfg.img_size,
+                    s.cfg.patch_size,
+                    s.cfg.embed_dim,
+                    s.cfg.depth,
+                    s.cfg.num_heads
+                ))
+                .small(),
+            );
+            if !s.assumed.is_empty() {
+                ui.colored_label(
+                    ui.visuals().warn_fg_color,
+                    egui::RichText::new(format!("No config.json: assumed {}", s.assumed.join(", "))).small(),
+                );
+            }
+            let cfg_b = s.cfg.clone();
+            egui::Grid::new("trainable per method").num_columns(2).show(ui, |ui| {
+                for m in crate::config::METHOD_CATALOGUE.iter().map(|m| m.config(&cfg.method)) {
+                    ui.label(egui::RichText::new(m.label()).small());
+                    ui.label(
+                        egui::RichText::new(crate::util::group_digits(count_trainable(&cfg_b, &m, classes.max(1))))
+                            .small()
+                            .monospace(),
+                    );
+                    ui.end_row();
+                }
+            });
+        }
+        Err(e) => {
+            ui.colored_label(ui.visuals().error_fg_color, egui::RichText::new(e.clone()).small());
+        }
+    }
 }

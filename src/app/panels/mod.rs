@@ -29,6 +29,8 @@ pub enum Action {
     Send(Command),
     /// Pick a backbone file.
     PickBackbone,
+    /// Download a backbone by hub id (`hf:ORG/NAME[@REV]`) into the cache, then use it.
+    DownloadBackbone(String),
     /// Pick a dataset folder.
     PickData,
     /// Load run settings from TOML.
