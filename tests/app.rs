@@ -107,14 +107,13 @@ fn snapshot(step: u64, kappa: f64) -> Snapshot {
         route_weight: 0.01,
         temperature: 1.0,
         blocks: vec![block(0, [0.5, 0.3, 0.2]), block(1, [0.2, 0.2, 0.6])],
-        probe: Some((
-            Rgb {
+        probe: Some(Probe {
+            image: Rgb {
                 size: 32,
                 pixels: (0..32 * 32 * 3).map(|i| (i % 251) as u8).collect(),
             },
-            3,
-            7,
-        )),
+            origin: ProbeOrigin::Val { index: 3, label: 7 },
+        }),
         probe_prediction: Some(7),
     }
 }
@@ -741,5 +740,61 @@ fn the_backbone_picker_lists_the_cache_and_downloads_by_id() {
         h.state().settings.config.backbone,
         spec,
         "the backbone chosen before stays"
+    );
+}
+
+/// The Router view probed with the user's image: an image file becomes a `SetProbeImage` at the
+/// run's input size (what Your image… and a drop on the window send); the snapshot that comes
+/// back shows the file's name, its prediction and every block's token map; a file that is not an
+/// image is a visible error naming it.
+#[test]
+fn the_router_view_probes_with_your_image_and_shows_every_blocks_map() {
+    let (mut h, fake) = harness(Tab::Router);
+    h.get_by_label("Start").click();
+    h.run_steps(2);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    fake.events.send(Event::Snapshot(Box::new(snapshot(10, 0.1)))).unwrap();
+    h.run_steps(3);
+    assert!(h.query_by_label("Your image…").is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("cat.png");
+    image::RgbImage::from_fn(50, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 128]))
+        .save(&png)
+        .unwrap();
+    h.state_mut().probe_with(&png);
+    let sent = fake.sent.lock().unwrap().clone();
+    let Some(Command::SetProbeImage { name, image }) = sent.last() else {
+        panic!("sent {sent:?}");
+    };
+    assert_eq!(name, "cat.png");
+    let size = info().backbone.img_size;
+    assert_eq!((image.size, image.pixels.len()), (size, size * size * 3));
+
+    let mut snap = snapshot(11, 0.1);
+    snap.probe = Some(Probe {
+        image: image.clone(),
+        origin: ProbeOrigin::File { name: "cat.png".into() },
+    });
+    snap.probe_prediction = Some(4);
+    fake.events.send(Event::Snapshot(Box::new(snap))).unwrap();
+    h.run_steps(3);
+    assert!(h.query_by_label("cat.png: predicted 4 (4)").is_some());
+    // The every-block row: one labelled map per block (the entropy plot's legend names them too).
+    assert!(h.query_by_label("every block").is_some());
+    assert!(h.query_all_by_label("block 1").count() >= 2);
+    assert!(h.query_by_label("back to val #0").is_some());
+
+    let bad = dir.path().join("notes.txt");
+    std::fs::write(&bad, "not an image").unwrap();
+    h.state_mut().probe_with(&bad);
+    h.run_steps(2);
+    assert!(
+        h.query_all_by_label_contains("notes.txt").count() >= 1,
+        "the error names the file"
+    );
+    assert!(
+        h.query_all_by_label_contains("cannot decode").count() >= 1,
+        "and says why"
     );
 }

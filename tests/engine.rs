@@ -577,3 +577,99 @@ fn training_on_digits_learns_and_the_checkpoint_reproduces_the_accuracy() {
     );
     assert!(out.join("eval-test.csv").exists());
 }
+
+/// The user's own image as the router probe, through the real worker (protocol 2's
+/// `SetProbeImage`): the next snapshot carries it, its prediction, and every MoPPA block's
+/// per-token router weights over it (H·W·k, rows summing to 1); a probe of the wrong size is
+/// refused with a warning naming the size; `SetProbe` returns to the validation image.
+#[test]
+fn a_probe_image_sent_by_a_display_comes_back_with_every_blocks_token_maps() {
+    use moppa_studio::train::probe::probe_rgb;
+    use moppa_studio::train::protocol::{ProbeOrigin, Rgb};
+    let dir = tempfile::tempdir().unwrap();
+    let h = spawn(config(dir.path()), false);
+    let info = match collect(&h, |e| matches!(e, Event::Started(_)))
+        .into_iter()
+        .find_map(|e| if let Event::Started(i) = e { Some(i) } else { None })
+    {
+        Some(i) => i,
+        None => unreachable!("collect returned on Started"),
+    };
+    let size = info.backbone.img_size;
+    // A PNG made here: left half red, right half blue.
+    let png = dir.path().join("mine.png");
+    image::RgbImage::from_fn(40, 30, |x, _| {
+        if x < 20 {
+            image::Rgb([220, 20, 20])
+        } else {
+            image::Rgb([20, 20, 220])
+        }
+    })
+    .save(&png)
+    .unwrap();
+    let image = probe_rgb(&png, &std::fs::read(&png).unwrap(), size).unwrap();
+    assert_eq!((image.size, image.pixels.len()), (size, size * size * 3));
+    h.send(Command::SetProbeImage {
+        name: "mine.png".into(),
+        image: image.clone(),
+    })
+    .unwrap();
+    let events = collect(
+        &h,
+        |e| matches!(e, Event::Snapshot(s) if s.probe.as_ref().is_some_and(|p| matches!(p.origin, ProbeOrigin::File { .. }))),
+    );
+    let Some(Event::Snapshot(s)) = events.last() else {
+        unreachable!("collect stops on it")
+    };
+    let probe = s.probe.as_ref().unwrap();
+    assert_eq!(
+        probe.origin,
+        ProbeOrigin::File {
+            name: "mine.png".into()
+        }
+    );
+    assert_eq!(probe.image, image);
+    assert!(s.probe_prediction.is_some_and(|p| (p as usize) < info.classes.len()));
+    let (gh, gw) = s.grid;
+    let k = s.priors.len();
+    assert_eq!(s.blocks.len(), info.blocks);
+    for b in &s.blocks {
+        assert_eq!(b.probe_alpha.len(), gh * gw * k, "block {}", b.block);
+        for row in b.probe_alpha.chunks_exact(k) {
+            assert!(
+                (row.iter().sum::<f32>() - 1.0).abs() < 1e-4,
+                "block {}: {row:?}",
+                b.block
+            );
+        }
+    }
+    // The two halves of the image route differently somewhere (the map depends on the image).
+    let b0 = &s.blocks[0].probe_alpha;
+    assert!(
+        b0[..k] != b0[b0.len() - k..],
+        "left and right tokens get the same weights"
+    );
+
+    // Wrong size: refused, named.
+    h.send(Command::SetProbeImage {
+        name: "tiny.png".into(),
+        image: Rgb {
+            size: 3,
+            pixels: vec![0; 27],
+        },
+    })
+    .unwrap();
+    let events = collect(&h, |e| matches!(e, Event::Warning(n) if n.message.contains("tiny.png")));
+    let Some(Event::Warning(n)) = events.last() else {
+        unreachable!("collect stops on it")
+    };
+    assert!(n.message.contains(&format!("{size}×{size}")), "{}", n.message);
+
+    // Back to the validation image.
+    h.send(Command::SetProbe { index: 1 }).unwrap();
+    collect(
+        &h,
+        |e| matches!(e, Event::Snapshot(s) if s.probe.as_ref().is_some_and(|p| p.origin != ProbeOrigin::File { name: "mine.png".into() })),
+    );
+    h.send(Command::Stop).unwrap();
+}

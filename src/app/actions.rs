@@ -89,6 +89,15 @@ impl StudioApp {
                 self.picker.message = None;
                 self.picker.start_download(spec, ctx);
             }
+            Action::PickProbeImage => {
+                if let Some(p) = rfd::FileDialog::new()
+                    .add_filter("images", &["png", "jpg", "jpeg"])
+                    .pick_file()
+                {
+                    self.probe_with(&p);
+                }
+            }
+            Action::ProbeWith(p) => self.probe_with(&p),
             Action::PickData => {
                 if let Some(p) = rfd::FileDialog::new().pick_folder() {
                     self.settings.config.data = p.display().to_string();

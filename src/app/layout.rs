@@ -423,6 +423,7 @@ impl StudioApp {
                                 &r.history,
                                 snap,
                                 if r.control { probes } else { 0 },
+                                r.history.info.as_ref().map_or(&[][..], |i| i.classes.as_slice()),
                                 &mut self.textures,
                             ));
                         }

@@ -235,6 +235,25 @@ impl StudioApp {
     }
 
     /// Sends a command to the selected run.
+    /// Sends the image file `path` as the router's probe of the selected run (resized to its
+    /// backbone's input as evaluation would); an unreadable file or a run without a backbone
+    /// is a visible message.
+    pub fn probe_with(&mut self, path: &std::path::Path) {
+        let Some(size) = self.info().map(|i| i.backbone.img_size) else {
+            self.show_error("probe images need a run that has started (its backbone sets the image size)".into());
+            return;
+        };
+        match crate::train::probe::probe_rgb_file(path, size) {
+            Ok(image) => {
+                let name = path
+                    .file_name()
+                    .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+                self.send(Command::SetProbeImage { name, image });
+            }
+            Err(e) => self.show_error(e),
+        }
+    }
+
     fn send(&mut self, c: Command) {
         let ok = self
             .sel_mut()
@@ -356,9 +375,15 @@ impl eframe::App for StudioApp {
         self.last_frame = Some(now);
         // A run folder dropped on the window opens like File → Open run….
         let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
-        let dropped: Vec<PathBuf> = dropped.into_iter().filter(|p| p.is_dir()).collect();
-        if !dropped.is_empty() {
-            self.open_folders(&dropped);
+        // An image dropped while the Router view is shown becomes its probe.
+        let (folders, files): (Vec<PathBuf>, Vec<PathBuf>) = dropped.into_iter().partition(|p| p.is_dir());
+        if !folders.is_empty() {
+            self.open_folders(&folders);
+        }
+        if let Some(f) = files.first()
+            && self.settings.tab == Tab::Router
+        {
+            self.apply(panels::Action::ProbeWith(f.clone()), ctx);
         }
         self.drain(ctx, Duration::from_millis(4));
         for a in self.lesson_frame() {

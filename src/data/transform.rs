@@ -5,6 +5,7 @@
 use super::{DataError, RawImage, Sample, Source};
 use crate::config::Augment;
 use image::imageops::FilterType;
+use std::path::Path;
 
 /// Per-channel normalisation (pixels scaled to 0..1 first).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,33 +44,39 @@ pub fn decode(sample: &Sample) -> Result<RawImage, DataError> {
         Source::Memory(img) => Ok((**img).clone()),
         Source::File(path) => {
             let bytes = std::fs::read(path).map_err(|e| DataError::file(path, e.to_string()))?;
-            let format = image::guess_format(&bytes)
-                .map_err(|e| DataError::file(path, format!("cannot decode: {}", printable(&e.to_string()))))?;
-            if format == image::ImageFormat::Jpeg && !jpeg_complete(&bytes) {
-                return Err(DataError::file(path, "truncated JPEG (no end-of-image marker)"));
-            }
-            let img = image::load_from_memory_with_format(&bytes, format)
-                .map_err(|e| DataError::file(path, format!("cannot decode: {}", printable(&e.to_string()))))?;
-            let grey = !img.color().has_color();
-            Ok(if grey {
-                let g = img.to_luma8();
-                RawImage {
-                    width: g.width(),
-                    height: g.height(),
-                    channels: 1,
-                    pixels: g.into_raw(),
-                }
-            } else {
-                let c = img.to_rgb8();
-                RawImage {
-                    width: c.width(),
-                    height: c.height(),
-                    channels: 3,
-                    pixels: c.into_raw(),
-                }
-            })
+            decode_bytes(path, &bytes)
         }
     }
+}
+
+/// Decodes an image file's contents (`path` names it in errors): PNG or JPEG, grey kept as one
+/// channel; a truncated JPEG is an error.
+pub fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<RawImage, DataError> {
+    let format = image::guess_format(bytes)
+        .map_err(|e| DataError::file(path, format!("cannot decode: {}", printable(&e.to_string()))))?;
+    if format == image::ImageFormat::Jpeg && !jpeg_complete(bytes) {
+        return Err(DataError::file(path, "truncated JPEG (no end-of-image marker)"));
+    }
+    let img = image::load_from_memory_with_format(bytes, format)
+        .map_err(|e| DataError::file(path, format!("cannot decode: {}", printable(&e.to_string()))))?;
+    let grey = !img.color().has_color();
+    Ok(if grey {
+        let g = img.to_luma8();
+        RawImage {
+            width: g.width(),
+            height: g.height(),
+            channels: 1,
+            pixels: g.into_raw(),
+        }
+    } else {
+        let c = img.to_rgb8();
+        RawImage {
+            width: c.width(),
+            height: c.height(),
+            channels: 3,
+            pixels: c.into_raw(),
+        }
+    })
 }
 
 /// Resizes to `size × size` RGB (bilinear); grey is replicated to three channels.

@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod hub;
 pub mod optim;
 pub mod pretrain;
+pub mod probe;
 pub mod protocol;
 pub mod replay;
 pub mod runfolder;

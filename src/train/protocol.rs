@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// The version of this protocol's serde form (a network client and server must agree).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Which blocks a coefficient command addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +119,15 @@ pub enum Command {
         /// Index into the validation split.
         index: usize,
     },
+    /// Use the user's own image as the probe (opened or dropped on the Router view): already
+    /// resized to the backbone's input size ([`crate::train::probe::probe_rgb`]); the snapshots
+    /// then carry its prediction and every block's per-token router weights. Protocol 2.
+    SetProbeImage {
+        /// The file's name, for display.
+        name: String,
+        /// The pixels, square at the backbone's input size.
+        image: Rgb,
+    },
     /// Which channel the per-channel filter view shows (`None`: only the channel mean).
     SetChannel {
         /// Channel index `< rank`.
@@ -203,6 +212,33 @@ pub struct Rgb {
     pub pixels: Vec<u8>,
 }
 
+/// The image the router maps are drawn over.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Its pixels at the backbone's input size.
+    pub image: Rgb,
+    /// Where it came from.
+    pub origin: ProbeOrigin,
+}
+
+/// Where a probe image came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeOrigin {
+    /// A validation image.
+    Val {
+        /// Its index in the validation split.
+        index: usize,
+        /// Its label.
+        label: u32,
+    },
+    /// The user's image ([`Command::SetProbeImage`]).
+    File {
+        /// Its file name.
+        name: String,
+    },
+}
+
 /// Router statistics of one block (patch tokens).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RouterStats {
@@ -261,8 +297,8 @@ pub struct Snapshot {
     pub temperature: f64,
     /// MoPPA blocks.
     pub blocks: Vec<BlockSnapshot>,
-    /// The probe image, its index in the validation split and its label.
-    pub probe: Option<(Rgb, usize, u32)>,
+    /// The probe image and where it came from.
+    pub probe: Option<Probe>,
     /// Predicted class of the probe.
     pub probe_prediction: Option<u32>,
 }

@@ -4,7 +4,9 @@
 //! returns what was appended; a half-written last line waits for its end), and the history a
 //! late network viewer receives. The same seam as a live run, another transport.
 
-use super::protocol::{Applied, EvalResult, Event, FinishReason, Finished, Notice, Progress, Rgb, RunInfo};
+use super::protocol::{
+    Applied, EvalResult, Event, FinishReason, Finished, Notice, Probe, ProbeOrigin, Progress, Rgb, RunInfo,
+};
 use super::runfolder::{CONFIG_TOML, METRICS_JSONL, is_run_folder};
 use super::snapfile::{Header, SNAPSHOTS_JSONL, parse_header, record_to_snapshot};
 use crate::config::RunConfig;
@@ -217,7 +219,13 @@ impl RunFolderReader {
                 if let Some(index) = v["probe"]["index"].as_u64() {
                     let label = u(&v["probe"], "label") as u32;
                     if let Some(rgb) = self.probe_image(index as usize) {
-                        s.probe = Some((rgb, index as usize, label));
+                        s.probe = Some(Probe {
+                            image: rgb,
+                            origin: ProbeOrigin::Val {
+                                index: index as usize,
+                                label,
+                            },
+                        });
                     }
                 }
                 out.push(Event::Snapshot(Box::new(s)));

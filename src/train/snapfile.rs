@@ -8,7 +8,7 @@
 //! run grows), at every evaluation and at the end. Values carry 5 significant digits. A
 //! 10,000-step MoPPA r8 run of the tiny preset writes ~750 records of ~8 kB (README).
 
-use super::protocol::{BlockSnapshot, RouterStats, Snapshot};
+use super::protocol::{BlockSnapshot, ProbeOrigin, RouterStats, Snapshot};
 use crate::config::{Coeff, Lockable, PerCoeff, Prior};
 use crate::physics::{channel_gain, laplacian_eigenvalues};
 use serde_json::{Value, json};
@@ -71,9 +71,14 @@ pub fn snapshot_record(s: &Snapshot, time_s: f64) -> Value {
             })
             .collect(),
     );
-    if let Some((_, index, label)) = &s.probe {
-        v["probe"] = json!({"index": index, "label": label, "prediction": s.probe_prediction,
-            "alpha": s.blocks.iter().map(|b| list(&b.probe_alpha)).collect::<Vec<_>>()});
+    if let Some(p) = &s.probe {
+        let alpha = s.blocks.iter().map(|b| list(&b.probe_alpha)).collect::<Vec<_>>();
+        v["probe"] = match &p.origin {
+            ProbeOrigin::Val { index, label } => {
+                json!({"index": index, "label": label, "prediction": s.probe_prediction, "alpha": alpha})
+            }
+            ProbeOrigin::File { name } => json!({"file": name, "prediction": s.probe_prediction, "alpha": alpha}),
+        };
     }
     v
 }

@@ -29,6 +29,10 @@ pub enum Action {
     Send(Command),
     /// Pick a backbone file.
     PickBackbone,
+    /// Pick an image to probe the router with.
+    PickProbeImage,
+    /// Probe the router with this image file.
+    ProbeWith(std::path::PathBuf),
     /// Download a backbone by hub id (`hf:ORG/NAME[@REV]`) into the cache, then use it.
     DownloadBackbone(String),
     /// Pick a dataset folder.

@@ -7,7 +7,7 @@ use crate::app::state::RouterSettings;
 use crate::app::widgets::colormap::{prior_color, prior_rgb};
 use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
 use crate::physics::Prior;
-use crate::train::protocol::{Command, Snapshot};
+use crate::train::protocol::{BlockSnapshot, Command, ProbeOrigin, Snapshot};
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
 /// An alert about the router.
@@ -91,6 +91,7 @@ pub fn ui(
     history: &RunHistory,
     snap: Option<&Snapshot>,
     probes: usize,
+    classes: &[String],
     textures: &mut Textures,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
@@ -179,15 +180,44 @@ pub fn ui(
                     settings.probe = p;
                     actions.push(Action::Send(Command::SetProbe { index: p }));
                 }
-                if let Some((_, idx, label)) = &snap.probe {
-                    ui.label(format!(
-                        "val #{idx}, label {label}, predicted {}",
-                        snap.probe_prediction.map_or("-".into(), |p| p.to_string())
-                    ));
+                if probes > 0
+                    && ui
+                        .button("Your image…")
+                        .on_hover_text("Probe with your own image (or drop one on the window)")
+                        .clicked()
+                {
+                    actions.push(Action::PickProbeImage);
                 }
             });
+            let predicted = snap.probe_prediction.map_or_else(
+                || "-".to_owned(),
+                |p| {
+                    classes
+                        .get(p as usize)
+                        .map_or_else(|| p.to_string(), |c| format!("{c} ({p})"))
+                },
+            );
+            match snap.probe.as_ref().map(|p| &p.origin) {
+                Some(ProbeOrigin::Val { index, label }) => {
+                    let label = classes
+                        .get(*label as usize)
+                        .cloned()
+                        .unwrap_or_else(|| label.to_string());
+                    ui.label(format!("val #{index}, label {label}, predicted {predicted}"));
+                }
+                Some(ProbeOrigin::File { name }) => {
+                    ui.horizontal(|ui| {
+                        ui.label(format!("{name}: predicted {predicted}"));
+                        if ui.small_button(format!("back to val #{}", settings.probe)).clicked() {
+                            actions.push(Action::Send(Command::SetProbe { index: settings.probe }));
+                        }
+                    });
+                }
+                None => {}
+            }
             ui.horizontal(|ui| {
-                if let Some((rgb, _, _)) = &snap.probe {
+                if let Some(p) = &snap.probe {
+                    let rgb = &p.image;
                     let rgba: Vec<u8> = rgb
                         .pixels
                         .chunks_exact(3)
@@ -197,23 +227,7 @@ pub fn ui(
                     ui.image((id, egui::vec2(160.0, 160.0)));
                 }
                 if let Some(b) = snap.blocks.iter().find(|b| b.block == settings.block) {
-                    let (h, w) = snap.grid;
-                    if b.probe_alpha.len() == h * w * k {
-                        let rgba: Vec<u8> = b
-                            .probe_alpha
-                            .chunks_exact(k)
-                            .flat_map(|a| {
-                                let (best, &top) = a
-                                    .iter()
-                                    .enumerate()
-                                    .fold((0, &0.0f32), |m, (i, v)| if v > m.1 { (i, v) } else { m });
-                                let [r, g, bl] = prior_rgb(snap.priors[best]);
-                                let t = ((top - 1.0 / k as f32) / (1.0 - 1.0 / k as f32)).clamp(0.15, 1.0);
-                                let mix = |c: u8| (f32::from(c) * t + 255.0 * (1.0 - t)) as u8;
-                                [mix(r), mix(g), mix(bl), 255]
-                            })
-                            .collect();
-                        let id = textures.get(ui.ctx(), "probe-map", rgba, (w, h));
+                    if let Some(id) = argmax_map(ui.ctx(), textures, snap, b, "probe-map") {
                         ui.image((id, egui::vec2(160.0, 160.0)))
                             .on_hover_text("colour = argmax prior, paler = less certain");
                     } else if !b.probe_alpha.is_empty() {
@@ -221,6 +235,25 @@ pub fn ui(
                     }
                 }
             });
+            // Every block's map of the probe, side by side.
+            let maps: Vec<_> = snap
+                .blocks
+                .iter()
+                .filter_map(|b| {
+                    argmax_map(ui.ctx(), textures, snap, b, &format!("probe-map-{}", b.block)).map(|id| (b.block, id))
+                })
+                .collect();
+            if maps.len() > 1 {
+                ui.label(egui::RichText::new("every block").small());
+                ui.horizontal_wrapped(|ui| {
+                    for (block, id) in maps {
+                        ui.vertical(|ui| {
+                            ui.label(egui::RichText::new(format!("block {block}")).small());
+                            ui.image((id, egui::vec2(64.0, 64.0)));
+                        });
+                    }
+                });
+            }
         });
     });
     ui.columns(2, |cols| {
@@ -260,4 +293,35 @@ pub fn ui(
             });
     });
     actions
+}
+
+/// The per-token argmax prior map of the probe in block `b` (colour = prior, paler = less
+/// certain) as a texture; `None` without per-token weights.
+fn argmax_map(
+    ctx: &egui::Context,
+    textures: &mut Textures,
+    snap: &Snapshot,
+    b: &BlockSnapshot,
+    key: &str,
+) -> Option<egui::TextureId> {
+    let k = snap.priors.len();
+    let (h, w) = snap.grid;
+    if k < 2 || b.probe_alpha.len() != h * w * k {
+        return None;
+    }
+    let rgba: Vec<u8> = b
+        .probe_alpha
+        .chunks_exact(k)
+        .flat_map(|a| {
+            let (best, &top) = a
+                .iter()
+                .enumerate()
+                .fold((0, &0.0f32), |m, (i, v)| if v > m.1 { (i, v) } else { m });
+            let [r, g, bl] = prior_rgb(snap.priors[best]);
+            let t = ((top - 1.0 / k as f32) / (1.0 - 1.0 / k as f32)).clamp(0.15, 1.0);
+            let mix = |c: u8| (f32::from(c) * t + 255.0 * (1.0 - t)) as u8;
+            [mix(r), mix(g), mix(bl), 255]
+        })
+        .collect();
+    Some(textures.get(ctx, key, rgba, (w, h)))
 }

@@ -4,7 +4,7 @@
 
 use super::Trainer;
 use crate::config::{Coeff, Lockable, MethodKind};
-use crate::train::protocol::{Applied, Hyper, SetMode, Target};
+use crate::train::protocol::{Applied, Hyper, Rgb, SetMode, Target};
 
 type Outcome<T> = std::result::Result<T, String>;
 
@@ -142,6 +142,23 @@ impl Trainer {
             ));
         }
         self.probe = index;
+        self.probe_image = None;
+        Ok(())
+    }
+
+    /// Makes the user's image the probe (it replaces the validation image until another
+    /// `set_probe`); it must be square at the backbone's input size.
+    pub fn set_probe_image(&mut self, name: String, image: Rgb) -> Outcome<()> {
+        let size = self.model.backbone.cfg.img_size;
+        if image.size != size || image.pixels.len() != size * size * 3 {
+            return Err(format!(
+                "{name}: the probe must be {size}×{size} RGB (the backbone's input), got {}×{} with {} bytes",
+                image.size,
+                image.size,
+                image.pixels.len()
+            ));
+        }
+        self.probe_image = Some((name, image));
         Ok(())
     }
 

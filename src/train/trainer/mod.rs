@@ -56,6 +56,8 @@ pub struct Trainer {
     position: (u64, u64),
     epoch: f64,
     probe: usize,
+    /// The user's image as the probe (name, pixels), in place of the validation image.
+    probe_image: Option<(String, crate::train::protocol::Rgb)>,
     channel: Option<usize>,
     last_routing: Vec<BlockRouting>,
     /// Best validation accuracy so far.

@@ -202,6 +202,7 @@ impl Trainer {
             position,
             epoch: 0.0,
             probe: 0,
+            probe_image: None,
             channel: None,
             last_routing: Vec::new(),
             best_val: None,

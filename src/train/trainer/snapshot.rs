@@ -8,7 +8,7 @@ use crate::data::loader::assemble;
 use crate::model::NoGrad;
 use crate::train::batch::images_tensor;
 use crate::train::error::Result;
-use crate::train::protocol::{BlockSnapshot, Rgb, RouterStats, Snapshot};
+use crate::train::protocol::{BlockSnapshot, Probe, ProbeOrigin, Rgb, RouterStats, Snapshot};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
@@ -20,11 +20,23 @@ impl Trainer {
         let k = priors.len();
         let _no_grad = NoGrad::new(&self.model);
         let size = self.model.backbone.cfg.img_size;
-        let probe = self.val.rgb(self.probe);
+        let probe = match &self.probe_image {
+            Some((name, rgb)) => Some(Probe {
+                image: rgb.clone(),
+                origin: ProbeOrigin::File { name: name.clone() },
+            }),
+            None => self.val.rgb(self.probe).map(|(pixels, label)| Probe {
+                image: Rgb { size, pixels },
+                origin: ProbeOrigin::Val {
+                    index: self.probe,
+                    label,
+                },
+            }),
+        };
         let mut probe_alpha: HashMap<usize, Vec<f32>> = HashMap::new();
         let mut probe_prediction = None;
-        if let Some((rgb, _)) = &probe {
-            let x = assemble(&[rgb.as_slice()], size as u32, &self.normalize, None);
+        if let Some(p) = &probe {
+            let x = assemble(&[p.image.pixels.as_slice()], size as u32, &self.normalize, None);
             let x = images_tensor(x, 1, size, &self.device, self.model.backbone.dtype())?;
             let fwd = self.model.forward(&x, true)?;
             probe_prediction = fwd.logits.argmax(1)?.to_vec1::<u32>()?.first().copied();
@@ -87,7 +99,7 @@ impl Trainer {
             route_weight: live.route_weight,
             temperature: live.temperature,
             blocks,
-            probe: probe.map(|(pixels, label)| (Rgb { size, pixels }, self.probe, label)),
+            probe,
             probe_prediction,
         })
     }
