@@ -404,12 +404,17 @@ fn summary_ui(ui: &mut egui::Ui, cfg: &RunConfig, picker: &mut BackbonePicker, c
             }
             let cfg_b = s.cfg.clone();
             egui::Grid::new("trainable per method").num_columns(2).show(ui, |ui| {
+                // One row per method (the catalogue's first entry of each kind, at this rank).
+                let mut seen = Vec::new();
                 for m in crate::config::METHOD_CATALOGUE.iter().map(|m| m.config(&cfg.method)) {
+                    if seen.contains(&m.method) {
+                        continue;
+                    }
+                    seen.push(m.method);
                     ui.label(egui::RichText::new(m.label()).small());
                     ui.label(
                         egui::RichText::new(crate::util::group_digits(count_trainable(&cfg_b, &m, classes.max(1))))
-                            .small()
-                            .monospace(),
+                            .small(),
                     );
                     ui.end_row();
                 }
