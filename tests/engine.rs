@@ -607,7 +607,7 @@ fn a_probe_image_sent_by_a_display_comes_back_with_every_blocks_token_maps() {
     })
     .save(&png)
     .unwrap();
-    let image = probe_rgb(&png, &std::fs::read(&png).unwrap(), size).unwrap();
+    let image = probe_rgb(&png, &std::fs::read(&png).unwrap(), &info.backbone).unwrap();
     assert_eq!((image.size, image.pixels.len()), (size, size * size * 3));
     h.send(Command::SetProbeImage {
         name: "mine.png".into(),

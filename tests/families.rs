@@ -268,3 +268,63 @@ fn moppa_trains_a_few_steps_on_every_family() {
         assert!(Path::new(&out_dir.join("adapter.safetensors")).exists(), "{name}");
     }
 }
+
+/// timm's evaluation transform (Resize of the shorter side to floor(size / crop_pct), then the
+/// centre crop) on a non-square image, against timm/torchvision's own output
+/// (tests/fixtures/make_eval_crop.py). The filters differ slightly (PIL's antialiased bicubic vs
+/// the image crate's Catmull-Rom), so the check is a mean difference under half a level (0.05-0.06 measured); stretching
+/// the image instead (what our own backbones do) is far off.
+#[test]
+fn timm_eval_resize_matches_timms_transform() {
+    use moppa_studio::config::{EvalCrop, Interpolation};
+    use moppa_studio::data::transform::{Resize, decode_bytes, to_rgb, to_rgb_square};
+    let dir = fixture("eval_crop");
+    let input = dir.join("input.png");
+    let raw = decode_bytes(&input, &std::fs::read(&input).unwrap()).unwrap();
+    for (size, crop_pct, interp, name) in [
+        (32, 0.875, Interpolation::Bicubic, "32_0.875_bicubic.png"),
+        (40, 1.0, Interpolation::Bilinear, "40_1.0_bilinear.png"),
+        (24, 0.9, Interpolation::Bicubic, "24_0.9_bicubic.png"),
+    ] {
+        let want = image::open(dir.join(name)).unwrap().to_rgb8().into_raw();
+        let r = Resize {
+            size,
+            crop: Some(EvalCrop {
+                crop_pct,
+                interpolation: interp,
+            }),
+        };
+        let got = to_rgb(&raw, &r);
+        assert_eq!(got.len(), want.len(), "{name}");
+        let mad = |a: &[u8]| {
+            a.iter()
+                .zip(&want)
+                .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
+                .sum::<f64>()
+                / want.len() as f64
+        };
+        let ours = mad(&got);
+        let stretched = mad(&to_rgb_square(&raw, size));
+        eprintln!("{name}: mean |difference| {ours:.2} levels against timm (stretched: {stretched:.2})");
+        assert!(ours < 0.5, "{name}: mean |difference| {ours:.2} levels against timm");
+        assert!(
+            stretched > 3.0 * ours,
+            "{name}: stretching ({stretched:.2}) should be far worse than ours ({ours:.2})"
+        );
+    }
+    // And a timm checkpoint's config.json sets it (augreg: crop_pct 0.9, bicubic).
+    let cfg = Vit::from_file(
+        &family("augreg").join("model.safetensors"),
+        &BackboneOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .cfg;
+    assert_eq!(
+        cfg.eval_crop,
+        Some(EvalCrop {
+            crop_pct: 0.9,
+            interpolation: Interpolation::Bicubic
+        })
+    );
+}

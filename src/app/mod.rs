@@ -239,11 +239,11 @@ impl StudioApp {
     /// backbone's input as evaluation would); an unreadable file or a run without a backbone
     /// is a visible message.
     pub fn probe_with(&mut self, path: &std::path::Path) {
-        let Some(size) = self.info().map(|i| i.backbone.img_size) else {
+        let Some(backbone) = self.info().map(|i| i.backbone.clone()) else {
             self.show_error("probe images need a run that has started (its backbone sets the image size)".into());
             return;
         };
-        match crate::train::probe::probe_rgb_file(path, size) {
+        match crate::train::probe::probe_rgb_file(path, &backbone) {
             Ok(image) => {
                 let name = path
                     .file_name()

@@ -21,4 +21,4 @@ pub use params::{backbone_params, count_trainable};
 pub use prior::{Coeff, Lockable, PerCoeff, Prior, UnknownPrior};
 pub use resources::{MemoryEstimate, check_resources, estimate_memory, human_bytes};
 pub use run::{Augment, DEFAULT_STEPS, DeviceChoice, Precision, RunConfig};
-pub use vit::{IMAGENET_MEAN, IMAGENET_STD, Pool, VIT_PRESETS, VitConfig, VitPreset};
+pub use vit::{EvalCrop, IMAGENET_MEAN, IMAGENET_STD, Interpolation, Pool, VIT_PRESETS, VitConfig, VitPreset};

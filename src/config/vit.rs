@@ -63,12 +63,53 @@ pub struct VitConfig {
     pub ln_eps: f64,
     /// The MLP's activation.
     pub act: Activation,
+    /// How evaluation resizes images for a timm checkpoint (its `pretrained_cfg`); `None`:
+    /// stretched to the square input (our backbones).
+    pub eval_crop: Option<EvalCrop>,
     /// Per-channel input mean (after scaling pixels to 0..1).
     pub mean: [f32; 3],
     /// Per-channel input std.
     pub std: [f32; 3],
     /// Prefix tokens (class + register + distillation); derived, stored for readers.
     pub prefix_tokens: usize,
+}
+
+/// timm's evaluation resize: the shorter side to `floor(size / crop_pct)`, then the centre
+/// `size × size`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalCrop {
+    /// Fraction of the resized image the centre crop keeps.
+    pub crop_pct: f64,
+    /// Resampling filter.
+    pub interpolation: Interpolation,
+}
+
+/// A resampling filter, by timm's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// `nearest`.
+    Nearest,
+    /// `bilinear`.
+    Bilinear,
+    /// `bicubic` (Catmull-Rom, a = −0.5, as PIL).
+    Bicubic,
+    /// `lanczos`.
+    Lanczos,
+}
+
+impl Interpolation {
+    /// From timm's name (`bicubic`, …); unknown names are `None`.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "nearest" => Some(Self::Nearest),
+            "bilinear" => Some(Self::Bilinear),
+            "bicubic" => Some(Self::Bicubic),
+            "lanczos" => Some(Self::Lanczos),
+            _ => None,
+        }
+    }
 }
 
 /// ImageNet normalisation, timm's default.
@@ -106,6 +147,7 @@ impl VitConfig {
             num_classes: classes,
             ln_eps: 1e-6,
             act: Activation::Gelu,
+            eval_crop: None,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             prefix_tokens: 0,

@@ -3,7 +3,7 @@
 //! channel, so the trainer never waits on disk. Shuffling is seeded per epoch, so any position
 //! (epoch, batch) can be resumed exactly.
 
-use super::transform::{Normalize, batch_rng, decode, to_rgb_square, write_chw};
+use super::transform::{Normalize, Resize, batch_rng, decode, to_rgb, write_chw};
 use super::{DataError, Sample};
 use crate::config::Augment;
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, bounded};
@@ -68,11 +68,11 @@ pub type Skipped = (PathBuf, String);
 
 /// Decodes and resizes samples in parallel; failures are returned apart.
 #[must_use]
-pub fn prepare_all(samples: &[Sample], size: u32) -> (Vec<Prepared>, Vec<Skipped>) {
+pub fn prepare_all(samples: &[Sample], resize: &Resize) -> (Vec<Prepared>, Vec<Skipped>) {
     let results: Vec<Result<Prepared, Skipped>> = samples
         .par_iter()
         .map(|s| match decode(s) {
-            Ok(img) => Ok((to_rgb_square(&img, size), s.label)),
+            Ok(img) => Ok((to_rgb(&img, resize), s.label)),
             Err(DataError::File { path, message, .. }) => Err((path, message)),
             Err(e) => Err((PathBuf::new(), e.to_string())),
         })
@@ -137,7 +137,7 @@ impl Loader {
                     }
                 }
             };
-            let (prepared, skipped) = prepare_all(&samples, cfg.size);
+            let (prepared, skipped) = prepare_all(&samples, &Resize::square(cfg.size));
             if prepared.is_empty() {
                 let msg = format!("no usable training image ({} could not be decoded)", skipped.len());
                 send(LoaderMsg::Failed(match skipped.first() {
@@ -213,7 +213,7 @@ impl Drop for Loader {
 /// `budget_bytes`, else decoded again per pass.
 pub struct EvalSet {
     samples: Vec<Sample>,
-    size: u32,
+    resize: Resize,
     cache: Option<Vec<(Vec<u8>, u32)>>,
     /// Files that could not be decoded (reported once).
     pub skipped: Vec<(PathBuf, String)>,
@@ -222,17 +222,18 @@ pub struct EvalSet {
 impl EvalSet {
     /// Prepares `samples` (decoding them now if they fit the budget).
     #[must_use]
-    pub fn new(samples: Vec<Sample>, size: u32, budget_bytes: usize) -> Self {
-        let fits = samples.len() * (size as usize) * (size as usize) * 3 <= budget_bytes;
+    pub fn new(samples: Vec<Sample>, resize: Resize, budget_bytes: usize) -> Self {
+        let size = resize.size as usize;
+        let fits = samples.len() * size * size * 3 <= budget_bytes;
         let (cache, skipped) = if fits {
-            let (ok, bad) = prepare_all(&samples, size);
+            let (ok, bad) = prepare_all(&samples, &resize);
             (Some(ok), bad)
         } else {
             (None, Vec::new())
         };
         Self {
             samples,
-            size,
+            resize,
             cache,
             skipped,
         }
@@ -257,7 +258,7 @@ impl EvalSet {
             c.get(i).cloned()
         } else {
             let s = self.samples.get(i)?;
-            decode(s).ok().map(|img| (to_rgb_square(&img, self.size), s.label))
+            decode(s).ok().map(|img| (to_rgb(&img, &self.resize), s.label))
         }
     }
 
@@ -273,7 +274,7 @@ impl EvalSet {
             for chunk in cache.chunks(batch) {
                 let imgs: Vec<&[u8]> = chunk.iter().map(|(p, _)| p.as_slice()).collect();
                 f(
-                    assemble(&imgs, self.size, norm, None),
+                    assemble(&imgs, self.resize.size, norm, None),
                     chunk.iter().map(|(_, l)| *l).collect(),
                 )?;
             }
@@ -281,14 +282,14 @@ impl EvalSet {
         }
         let mut skipped = Vec::new();
         for chunk in self.samples.chunks(batch) {
-            let (ok, bad) = prepare_all(chunk, self.size);
+            let (ok, bad) = prepare_all(chunk, &self.resize);
             skipped.extend(bad);
             if ok.is_empty() {
                 continue;
             }
             let imgs: Vec<&[u8]> = ok.iter().map(|(p, _)| p.as_slice()).collect();
             f(
-                assemble(&imgs, self.size, norm, None),
+                assemble(&imgs, self.resize.size, norm, None),
                 ok.iter().map(|(_, l)| *l).collect(),
             )?;
         }

@@ -3,7 +3,7 @@
 //! scalings), normalisation with the backbone's mean/std, CHW `f32`.
 
 use super::{DataError, RawImage, Sample, Source};
-use crate::config::Augment;
+use crate::config::{Augment, EvalCrop, Interpolation};
 use image::imageops::FilterType;
 use std::path::Path;
 
@@ -79,16 +79,80 @@ pub fn decode_bytes(path: &Path, bytes: &[u8]) -> Result<RawImage, DataError> {
     })
 }
 
-/// Resizes to `size × size` RGB (bilinear); grey is replicated to three channels.
+/// How an image is brought to the backbone's square input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Resize {
+    /// The input side.
+    pub size: u32,
+    /// timm's evaluation resize and centre crop; `None`: stretched to the square
+    /// ([`to_rgb_square`]).
+    pub crop: Option<EvalCrop>,
+}
+
+impl Resize {
+    /// Stretched to `size × size`.
+    #[must_use]
+    pub fn square(size: u32) -> Self {
+        Self { size, crop: None }
+    }
+}
+
+fn filter(i: Interpolation) -> FilterType {
+    match i {
+        Interpolation::Nearest => FilterType::Nearest,
+        Interpolation::Bilinear => FilterType::Triangle,
+        Interpolation::Bicubic => FilterType::CatmullRom,
+        Interpolation::Lanczos => FilterType::Lanczos3,
+    }
+}
+
+/// The image as `size × size` RGB, as `r` says: stretched, or (timm's evaluation transform) the
+/// shorter side resized to `floor(size / crop_pct)` keeping the aspect ratio, then the centre
+/// `size × size` cropped.
 #[must_use]
-pub fn to_rgb_square(img: &RawImage, size: u32) -> Vec<u8> {
-    let rgb: image::RgbImage = if img.channels == 1 {
+pub fn to_rgb(img: &RawImage, r: &Resize) -> Vec<u8> {
+    let Some(crop) = r.crop else {
+        return to_rgb_square(img, r.size);
+    };
+    let rgb = rgb_image(img);
+    let (w, h) = rgb.dimensions();
+    if w == 0 || h == 0 {
+        return vec![0; (r.size * r.size * 3) as usize];
+    }
+    let scale = ((f64::from(r.size) / crop.crop_pct).floor() as u32).max(r.size);
+    // timm/torchvision: the shorter side to `scale`, the longer side int(scale · long / short).
+    let (nw, nh) = if w <= h {
+        (scale, (f64::from(scale) * f64::from(h) / f64::from(w)) as u32)
+    } else {
+        ((f64::from(scale) * f64::from(w) / f64::from(h)) as u32, scale)
+    };
+    let resized = if (nw, nh) == (w, h) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, nw, nh, filter(crop.interpolation))
+    };
+    // torchvision's CenterCrop: offsets int(round((n - size) / 2)), Python's round (ties to even).
+    let left = (f64::from(nw - r.size.min(nw)) / 2.0).round_ties_even() as u32;
+    let top = (f64::from(nh - r.size.min(nh)) / 2.0).round_ties_even() as u32;
+    image::imageops::crop_imm(&resized, left, top, r.size, r.size)
+        .to_image()
+        .into_raw()
+}
+
+fn rgb_image(img: &RawImage) -> image::RgbImage {
+    if img.channels == 1 {
         image::GrayImage::from_raw(img.width, img.height, img.pixels.clone())
             .map(|g| image::DynamicImage::ImageLuma8(g).to_rgb8())
             .unwrap_or_default()
     } else {
         image::RgbImage::from_raw(img.width, img.height, img.pixels.clone()).unwrap_or_default()
-    };
+    }
+}
+
+/// Resizes to `size × size` RGB (bilinear); grey is replicated to three channels.
+#[must_use]
+pub fn to_rgb_square(img: &RawImage, size: u32) -> Vec<u8> {
+    let rgb = rgb_image(img);
     if rgb.dimensions() == (size, size) {
         return rgb.into_raw();
     }

@@ -168,7 +168,12 @@ impl LoadedAdapter {
     }
 
     fn eval_set(&self, samples: Vec<data::Sample>) -> EvalSet {
-        EvalSet::new(samples, self.model.backbone.cfg.img_size as u32, 512 << 20)
+        let cfg = &self.model.backbone.cfg;
+        let resize = crate::data::transform::Resize {
+            size: cfg.img_size as u32,
+            crop: cfg.eval_crop,
+        };
+        EvalSet::new(samples, resize, 512 << 20)
     }
 
     fn input(&self, batch: usize) -> EvalInput<'_> {

@@ -3,21 +3,27 @@
 //! image ([`crate::train::protocol::Command::SetProbeImage`]).
 
 use super::protocol::Rgb;
-use crate::data::transform::{decode_bytes, to_rgb_square};
+use crate::config::VitConfig;
+use crate::data::transform::{Resize, decode_bytes, to_rgb};
 use std::path::Path;
 
 /// The image file `path` (its contents in `bytes`, e.g. a file dropped on the window) as a probe
-/// at the backbone's input size `size`; the error names the file and the problem.
-pub fn probe_rgb(path: &Path, bytes: &[u8], size: usize) -> Result<Rgb, String> {
+/// for `backbone` (its input size, and a timm checkpoint's evaluation resize); the error names the
+/// file and the problem.
+pub fn probe_rgb(path: &Path, bytes: &[u8], backbone: &VitConfig) -> Result<Rgb, String> {
     let raw = decode_bytes(path, bytes).map_err(|e| e.to_string())?;
+    let resize = Resize {
+        size: backbone.img_size as u32,
+        crop: backbone.eval_crop,
+    };
     Ok(Rgb {
-        size,
-        pixels: to_rgb_square(&raw, size as u32),
+        size: backbone.img_size,
+        pixels: to_rgb(&raw, &resize),
     })
 }
 
 /// [`probe_rgb`] of a file on disk.
-pub fn probe_rgb_file(path: &Path, size: usize) -> Result<Rgb, String> {
+pub fn probe_rgb_file(path: &Path, backbone: &VitConfig) -> Result<Rgb, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    probe_rgb(path, &bytes, size)
+    probe_rgb(path, &bytes, backbone)
 }

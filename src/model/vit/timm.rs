@@ -348,6 +348,7 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
     let mut act = traits.as_ref().map_or(Activation::Gelu, |t| t.act);
     let mut ln_eps = traits.as_ref().map_or(1e-6, |t| t.ln_eps);
     let (mut mean, mut std) = (crate::config::IMAGENET_MEAN, crate::config::IMAGENET_STD);
+    let mut eval_crop = None;
     if let Some(t) = &timm {
         if let Some(a) = t.act_override().map_err(|m| err_cfg(path, m))? {
             act = a;
@@ -365,6 +366,28 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
                 });
             }
         }
+        let pc = &t.pretrained_cfg;
+        let interpolation = match pc.interpolation.as_deref() {
+            None => crate::config::Interpolation::Bicubic,
+            Some(name) => crate::config::Interpolation::parse(name).ok_or_else(|| {
+                err_cfg(
+                    path,
+                    format!("config.json: unknown interpolation '{name}' (nearest, bilinear, bicubic, lanczos)"),
+                )
+            })?,
+        };
+        // timm's DEFAULT_CROP_PCT when the config does not say.
+        let crop_pct = pc.crop_pct.unwrap_or(0.875);
+        if !(crop_pct > 0.0 && crop_pct <= 1.0) {
+            return Err(err_cfg(
+                path,
+                format!("config.json: crop_pct {crop_pct} must be in (0, 1]"),
+            ));
+        }
+        eval_crop = Some(crate::config::EvalCrop {
+            crop_pct,
+            interpolation,
+        });
         let three = |v: &Option<Vec<f32>>| v.as_deref().and_then(|v| <[f32; 3]>::try_from(v).ok());
         mean = three(&t.pretrained_cfg.mean).unwrap_or(mean);
         std = three(&t.pretrained_cfg.std).unwrap_or(std);
@@ -398,6 +421,7 @@ fn infer_config(tf: &TensorFile, opts: &BackboneOptions) -> Result<VitConfig> {
         prefix_tokens: prefix,
         act,
         ln_eps,
+        eval_crop,
         mean,
         std,
     })

@@ -343,7 +343,11 @@ fn evaluate(
     if samples.is_empty() {
         return Ok((None, None));
     }
-    let mut set = EvalSet::new(samples.to_vec(), size as u32, 256 << 20);
+    let mut set = EvalSet::new(
+        samples.to_vec(),
+        crate::data::transform::Resize::square(size as u32),
+        256 << 20,
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x0056_414c);
     let (mut loss_sum, mut right, mut count) = (0f64, 0usize, 0usize);
     let mut has_head = false;

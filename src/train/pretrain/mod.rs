@@ -18,7 +18,7 @@ use std::path::Path;
 pub fn dataset_stats(spec: &str, limit: usize) -> Result<([f32; 3], [f32; 3])> {
     let ds = data::load(spec, false, 0)?;
     let samples: Vec<_> = ds.split(Split::Train).iter().take(limit).cloned().collect();
-    let (prepared, _) = data::loader::prepare_all(&samples, 32);
+    let (prepared, _) = data::loader::prepare_all(&samples, &data::transform::Resize::square(32));
     if prepared.is_empty() {
         return Err(TrainError::Config(format!("{spec}: no usable training image")));
     }

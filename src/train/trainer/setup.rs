@@ -4,6 +4,7 @@ use super::Trainer;
 use super::checkpoint::read_state;
 use crate::config::{MethodKind, Precision, RunConfig, check_resources};
 use crate::data::loader::{EvalSet, Loader};
+use crate::data::transform::Resize;
 use crate::data::{self, LoaderConfig, Normalize};
 use crate::model::PeftModel;
 use crate::train::backbone::{backbone_assumptions, device_name, load_backbone, resolve_backbone, select_device};
@@ -146,8 +147,12 @@ impl Trainer {
             |n, v| timm_decay(n, v, model.backbone.layouts()),
             cfg.weight_decay,
         )?;
-        let val = EvalSet::new(dataset.val.clone(), size, EVAL_CACHE_BYTES);
-        let test = EvalSet::new(dataset.test.clone(), size, EVAL_CACHE_BYTES);
+        let resize = Resize {
+            size,
+            crop: model.backbone.cfg.eval_crop,
+        };
+        let val = EvalSet::new(dataset.val.clone(), resize, EVAL_CACHE_BYTES);
+        let test = EvalSet::new(dataset.test.clone(), resize, EVAL_CACHE_BYTES);
         check(&stop)?;
         for (path, reason) in val.skipped.iter().chain(&test.skipped) {
             notices.push(setup_notice(format!("skipped: {reason}"), Some(path.clone())));
