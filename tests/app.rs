@@ -798,3 +798,40 @@ fn the_router_view_probes_with_your_image_and_shows_every_blocks_map() {
         "and says why"
     );
 }
+
+/// A run opened from its folder is probed through its saved adapter: Your image… is offered,
+/// the answer (computed off the UI thread) shows the file's name, prediction and every block's
+/// map, and "back to val" returns to the recorded probe.
+#[test]
+fn a_run_opened_from_its_folder_is_probed_through_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = real_run(dir.path(), "moppa", &[]);
+    let mut h = viewer(Tab::Router, vec![run]);
+    let t0 = std::time::Instant::now();
+    while h.state().info().is_none() || h.state().sel().is_none_or(|r| r.history.snapshots.is_empty()) {
+        assert!(t0.elapsed().as_secs() < 30, "the folder did not load");
+        h.run_steps(1);
+    }
+    h.run_steps(2);
+    assert!(
+        h.query_by_label("Your image…").is_some(),
+        "offered for a folder with an adapter"
+    );
+    let png = dir.path().join("dog.png");
+    image::RgbImage::from_fn(30, 30, |x, y| image::Rgb([(x * 8) as u8, 90, (y * 8) as u8]))
+        .save(&png)
+        .unwrap();
+    h.state_mut().probe_with(&png);
+    while h.state().sel().is_none_or(|r| r.probed.is_none()) {
+        assert!(t0.elapsed().as_secs() < 60, "no answer from the adapter");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    h.run_steps(2);
+    assert!(h.query_by_label_contains("dog.png: predicted").is_some());
+    assert!(h.query_by_label("every block").is_some());
+    h.get_by_label("back to val #0").click();
+    h.run_steps(2);
+    assert!(h.state().sel().unwrap().probed.is_none());
+    assert!(h.query_by_label_contains("dog.png").is_none());
+}

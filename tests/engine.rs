@@ -673,3 +673,99 @@ fn a_probe_image_sent_by_a_display_comes_back_with_every_blocks_token_maps() {
     );
     h.send(Command::Stop).unwrap();
 }
+
+/// A run opened from its folder is probed through its saved adapter (`AdapterProbe`, on its
+/// own thread): the answer carries the image, a prediction and every MoPPA block's H·W·k router
+/// weights, and it matches what the live run computes for the same image at the same weights
+/// (the final snapshot of a run that ends with the image as its probe).
+#[test]
+fn a_saved_adapter_answers_probe_images_like_the_live_run() {
+    use moppa_studio::train::probe::{AdapterProbe, probe_rgb};
+    use moppa_studio::train::protocol::ProbeOrigin;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let cfg = RunConfig {
+        steps: Some(6),
+        out: Some(run.clone()),
+        ..config(dir.path())
+    };
+    // The live run: paused at start, given the image, then run to its end.
+    let h = spawn(cfg, false);
+    let info = match collect(&h, |e| matches!(e, Event::Started(_)))
+        .into_iter()
+        .find_map(|e| if let Event::Started(i) = e { Some(i) } else { None })
+    {
+        Some(i) => i,
+        None => unreachable!("collect returned on Started"),
+    };
+    let png = dir.path().join("stripes.png");
+    image::RgbImage::from_fn(24, 24, |x, y| {
+        image::Rgb([(x * 10) as u8, (y * 10) as u8, if x % 4 < 2 { 0 } else { 255 }])
+    })
+    .save(&png)
+    .unwrap();
+    let image = probe_rgb(&png, &std::fs::read(&png).unwrap(), &info.backbone).unwrap();
+    h.send(Command::SetProbeImage {
+        name: "stripes.png".into(),
+        image: image.clone(),
+    })
+    .unwrap();
+    h.send(Command::Start).unwrap();
+    let events = collect(&h, |e| matches!(e, Event::Finished(_)));
+    let live = events
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::Snapshot(s) if s.step == 6 => Some(s.clone()),
+            _ => None,
+        })
+        .expect("a snapshot at the last step");
+
+    let probe = AdapterProbe::spawn(&run, std::sync::Arc::new(|| {}));
+    assert!(probe.request("stripes.png".into(), image.clone()));
+    let t0 = Instant::now();
+    let answer = loop {
+        if let Some(a) = probe.try_answer() {
+            break a.unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no answer");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        answer.probe.as_ref().unwrap().origin,
+        ProbeOrigin::File {
+            name: "stripes.png".into()
+        }
+    );
+    assert_eq!(answer.probe_prediction, live.probe_prediction);
+    assert_eq!(answer.blocks.len(), live.blocks.len());
+    for (a, l) in answer.blocks.iter().zip(&live.blocks) {
+        assert_eq!(a.block, l.block);
+        assert_eq!(a.probe_alpha.len(), l.probe_alpha.len());
+        let diff = a
+            .probe_alpha
+            .iter()
+            .zip(&l.probe_alpha)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "block {}: saved adapter vs live run differ by {diff}",
+            a.block
+        );
+    }
+    // A folder without an adapter says so.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let none = AdapterProbe::spawn(&empty, std::sync::Arc::new(|| {}));
+    assert!(none.request("x".into(), image));
+    let t0 = Instant::now();
+    let err = loop {
+        if let Some(a) = none.try_answer() {
+            break a.unwrap_err();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no answer");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(err.contains("adapter.safetensors"), "{err}");
+}

@@ -71,6 +71,12 @@ impl StudioApp {
             Action::Step => self.send(Command::Step),
             Action::Stop => self.send(Command::Stop),
             Action::Reset => self.launch(false),
+            // A run opened from its folder: back to its recorded probe.
+            Action::Send(Command::SetProbe { .. }) if self.sel().is_some_and(|r| !r.control) => {
+                if let Some(r) = self.runs.get_mut(self.selected) {
+                    r.probed = None;
+                }
+            }
             Action::Send(c) => self.send(c),
             Action::PickBackbone => {
                 if let Some(p) = rfd::FileDialog::new()

@@ -416,14 +416,22 @@ impl StudioApp {
                         }
                         if let Some(r) = self.runs.get(self.selected) {
                             let idx = self.scrub.unwrap_or(usize::MAX);
-                            let snap = r.history.snapshots.get(idx).or_else(|| r.history.snapshots.last());
+                            let snap = match (&r.probed, self.scrub) {
+                                (Some(p), None) => Some(p.as_ref()),
+                                _ => r.history.snapshots.get(idx).or_else(|| r.history.snapshots.last()),
+                            };
+                            let can_probe = r.control
+                                || matches!(&r.source, Source::Folder(d) if d.join("adapter.safetensors").is_file());
                             actions.extend(panels::router::ui(
                                 ui,
                                 &mut self.settings.router,
                                 &r.history,
                                 snap,
-                                if r.control { probes } else { 0 },
-                                r.history.info.as_ref().map_or(&[][..], |i| i.classes.as_slice()),
+                                &panels::router::Probing {
+                                    probes: if r.control { probes } else { 0 },
+                                    can_probe,
+                                    classes: r.history.info.as_ref().map_or(&[][..], |i| i.classes.as_slice()),
+                                },
                                 &mut self.textures,
                             ));
                         }

@@ -238,19 +238,65 @@ impl StudioApp {
     /// Sends the image file `path` as the router's probe of the selected run (resized to its
     /// backbone's input as evaluation would); an unreadable file or a run without a backbone
     /// is a visible message.
+    /// A run opened from its folder is probed through its saved adapter on a background thread.
     pub fn probe_with(&mut self, path: &std::path::Path) {
         let Some(backbone) = self.info().map(|i| i.backbone.clone()) else {
             self.show_error("probe images need a run that has started (its backbone sets the image size)".into());
             return;
         };
-        match crate::train::probe::probe_rgb_file(path, &backbone) {
-            Ok(image) => {
-                let name = path
-                    .file_name()
-                    .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-                self.send(Command::SetProbeImage { name, image });
+        let image = match crate::train::probe::probe_rgb_file(path, &backbone) {
+            Ok(image) => image,
+            Err(e) => return self.show_error(e),
+        };
+        let name = path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let waker = self.waker.clone();
+        let Some(run) = self.runs.get_mut(self.selected) else {
+            return;
+        };
+        if run.control {
+            return self.send(Command::SetProbeImage { name, image });
+        }
+        let runs::Source::Folder(dir) = &run.source else {
+            return self.show_error("this run cannot be probed from here (it is watched over the network)".into());
+        };
+        let probe = run
+            .adapter_probe
+            .get_or_insert_with(|| crate::train::probe::AdapterProbe::spawn(dir, waker));
+        if !probe.request(name, image) {
+            self.show_error("the run's adapter is still busy with earlier images".into());
+        }
+    }
+
+    /// Answers of the adapter probes of runs opened from their folders.
+    fn drain_probes(&mut self) {
+        let mut errors = Vec::new();
+        for run in &mut self.runs {
+            let Some(probe) = &run.adapter_probe else { continue };
+            while let Some(answer) = probe.try_answer() {
+                match answer {
+                    Ok(p) => {
+                        // The recorded snapshot with the probe's fields replaced.
+                        let mut snap = run.history.snapshots.last().cloned().unwrap_or_else(|| p.clone());
+                        snap.probe = p.probe;
+                        snap.probe_prediction = p.probe_prediction;
+                        for b in &mut snap.blocks {
+                            b.probe_alpha = p
+                                .blocks
+                                .iter()
+                                .find(|q| q.block == b.block)
+                                .map(|q| q.probe_alpha.clone())
+                                .unwrap_or_default();
+                        }
+                        run.probed = Some(Box::new(snap));
+                    }
+                    Err(e) => errors.push(e),
+                }
             }
-            Err(e) => self.show_error(e),
+        }
+        for e in errors {
+            self.show_error(e);
         }
     }
 
@@ -386,6 +432,7 @@ impl eframe::App for StudioApp {
             self.apply(panels::Action::ProbeWith(f.clone()), ctx);
         }
         self.drain(ctx, Duration::from_millis(4));
+        self.drain_probes();
         for a in self.lesson_frame() {
             self.apply(a, ctx);
         }

@@ -47,6 +47,11 @@ pub struct OpenRun {
     pub(super) link: Option<Box<dyn Link>>,
     /// Launched here with autostart (it trains as soon as it is ready).
     pub(super) autostart: bool,
+    /// For a run opened from its folder: its adapter, answering probe images.
+    pub(super) adapter_probe: Option<crate::train::probe::AdapterProbe>,
+    /// The probe answered for a run opened from its folder (shown instead of the recorded
+    /// probe until the validation image is chosen again).
+    pub probed: Option<Box<crate::train::protocol::Snapshot>>,
 }
 
 impl OpenRun {
@@ -58,6 +63,8 @@ impl OpenRun {
             control,
             link,
             autostart: false,
+            adapter_probe: None,
+            probed: None,
         }
     }
 

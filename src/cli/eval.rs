@@ -75,12 +75,7 @@ impl AdapterSource {
             (None, None) => return Err(usage("give --run DIR or --adapter FILE")),
         };
         // A run's hf: backbone is loaded at the commit it trained on.
-        let from_run = base
-            .as_ref()
-            .map(|c| match (&c.backbone_revision, c.backbone.contains('@')) {
-                (Some(rev), false) if c.backbone.starts_with("hf:") => format!("{}@{rev}", c.backbone),
-                _ => c.backbone.clone(),
-            });
+        let from_run = base.as_ref().map(crate::train::evaluate::run_backbone_spec);
         let backbone = self.backbone.clone().or(from_run).unwrap_or_else(|| "builtin".into());
         let heads = self.heads.or_else(|| base.as_ref().and_then(|c| c.heads));
         super::backbones::fetch(&backbone, None)?;

@@ -5,7 +5,7 @@
 use super::backbone::{load_backbone, select_device};
 use super::batch::{images_tensor, labels_tensor};
 use super::error::{Result, TrainError};
-use super::protocol::EvalResult;
+use super::protocol::{BlockSnapshot, EvalResult, Probe, ProbeOrigin, Rgb, Snapshot};
 use crate::config::{DeviceChoice, RunConfig};
 use crate::data::loader::EvalSet;
 use crate::data::{self, Normalize, Split};
@@ -141,7 +141,7 @@ pub struct AdapterEval {
 
 /// A saved adapter on its backbone, with the input preparation evaluation uses (the backbone's
 /// size, mean and std): what `moppa eval` and `moppa predict` share.
-struct LoadedAdapter {
+pub(crate) struct LoadedAdapter {
     model: PeftModel,
     device: Device,
     normalize: Normalize,
@@ -150,7 +150,7 @@ struct LoadedAdapter {
 }
 
 impl LoadedAdapter {
-    fn load(adapter: &Path, backbone_spec: &str, heads: Option<usize>, force: bool) -> Result<Self> {
+    pub(crate) fn load(adapter: &Path, backbone_spec: &str, heads: Option<usize>, force: bool) -> Result<Self> {
         let device = select_device(DeviceChoice::Auto)?;
         let backbone = load_backbone(backbone_spec, heads, 0, &device)?;
         let (model, forced) = load_adapter_noting(adapter, backbone, force)?;
@@ -233,6 +233,67 @@ pub fn run_config(dir: &Path) -> Result<RunConfig> {
     let path = dir.join("config.toml");
     let text = std::fs::read_to_string(&path).map_err(|source| TrainError::io(&path, source))?;
     RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+}
+
+/// The backbone a run trained on, as a spec to load again: an `hf:` id pinned to the commit the
+/// run recorded.
+#[must_use]
+pub fn run_backbone_spec(cfg: &RunConfig) -> String {
+    match &cfg.backbone_revision {
+        Some(rev) if cfg.backbone.starts_with("hf:") && !cfg.backbone.contains('@') => {
+            format!("{}@{rev}", cfg.backbone)
+        }
+        _ => cfg.backbone.clone(),
+    }
+}
+
+/// The probe fields of a snapshot for `image` (named `name`) on a saved adapter: its prediction
+/// and each MoPPA block's router weights over its patch tokens; every other field is empty.
+pub(crate) fn probe_snapshot(loaded: &LoadedAdapter, name: &str, image: &Rgb) -> Result<Snapshot> {
+    let model = &loaded.model;
+    let size = model.backbone.cfg.img_size;
+    if image.size != size || image.pixels.len() != size * size * 3 {
+        return Err(TrainError::Config(format!(
+            "{name}: the probe must be {size}×{size} RGB (the backbone's input), got {} bytes",
+            image.pixels.len()
+        )));
+    }
+    let _no_grad = NoGrad::new(model);
+    let x = crate::data::loader::assemble(&[image.pixels.as_slice()], size as u32, &loaded.normalize, None);
+    let x = images_tensor(x, 1, size, &loaded.device, model.backbone.dtype())?;
+    let fwd = model.forward(&x, true)?;
+    let prediction = fwd.logits.argmax(1)?.to_vec1::<u32>()?.first().copied();
+    let mut blocks = Vec::new();
+    for r in fwd.routing {
+        blocks.push(BlockSnapshot {
+            block: r.block,
+            filters_mean: Vec::new(),
+            filters_channel: Vec::new(),
+            mix: Vec::new(),
+            coeffs: crate::config::PerCoeff::default(),
+            source: Vec::new(),
+            router: None,
+            probe_alpha: r.alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            locked: Vec::new(),
+        });
+    }
+    let method = &model.method;
+    Ok(Snapshot {
+        step: 0,
+        grid: (model.grid.h, model.grid.w),
+        priors: method.active_priors(),
+        channel: None,
+        tau: 0.0,
+        gamma: 0.0,
+        route_weight: 0.0,
+        temperature: 1.0,
+        blocks,
+        probe: Some(Probe {
+            image: image.clone(),
+            origin: ProbeOrigin::File { name: name.to_owned() },
+        }),
+        probe_prediction: prediction,
+    })
 }
 
 /// What `moppa predict` reports: each readable image's class probabilities, in the order given.

@@ -2,7 +2,9 @@
 //! images (`data::transform`), so the app sends pixels the run reads as it would a validation
 //! image ([`crate::train::protocol::Command::SetProbeImage`]).
 
-use super::protocol::Rgb;
+use super::evaluate::{LoadedAdapter, probe_snapshot, run_backbone_spec, run_config};
+use super::protocol::{Rgb, Snapshot};
+use super::worker::Waker;
 use crate::config::VitConfig;
 use crate::data::transform::{Resize, decode_bytes, to_rgb};
 use std::path::Path;
@@ -26,4 +28,74 @@ pub fn probe_rgb(path: &Path, bytes: &[u8], backbone: &VitConfig) -> Result<Rgb,
 pub fn probe_rgb_file(path: &Path, backbone: &VitConfig) -> Result<Rgb, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     probe_rgb(path, &bytes, backbone)
+}
+
+/// A saved run's adapter answering probe images on its own thread: what lets a display probe the
+/// router of a run opened from its folder (no training worker behind it). Requests are the same
+/// pixels a live run takes ([`probe_rgb`]); each answer is a [`Snapshot`] whose probe fields
+/// (image, prediction, every MoPPA block's `probe_alpha`) are filled and everything else empty.
+/// The model loads on the thread at the first request.
+pub struct AdapterProbe {
+    requests: crossbeam_channel::Sender<(String, Rgb)>,
+    answers: crossbeam_channel::Receiver<Result<Snapshot, String>>,
+}
+
+impl AdapterProbe {
+    /// For run folder `dir` (its `config.toml`: backbone at the recorded commit, heads; its
+    /// `adapter.safetensors`); `wake` is called when an answer is ready.
+    #[must_use]
+    pub fn spawn(dir: &Path, wake: Waker) -> Self {
+        let (requests, rx) = crossbeam_channel::bounded::<(String, Rgb)>(4);
+        let (tx, answers) = crossbeam_channel::bounded(4);
+        let dir = dir.to_owned();
+        let spawned = std::thread::Builder::new().name("adapter-probe".into()).spawn(move || {
+            let mut loaded = None;
+            for (name, image) in rx {
+                if loaded.is_none() {
+                    match load(&dir) {
+                        Ok(l) => loaded = Some(l),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            wake();
+                            continue;
+                        }
+                    }
+                }
+                let Some(l) = &loaded else { continue };
+                let answer = probe_snapshot(l, &name, &image).map_err(|e| e.to_string());
+                if tx.send(answer).is_err() {
+                    break;
+                }
+                wake();
+            }
+        });
+        if let Err(e) = spawned {
+            let (tx, answers) = crossbeam_channel::bounded(1);
+            let _ = tx.send(Err(format!("cannot start the probe thread: {e}")));
+            let (requests, _) = crossbeam_channel::bounded(1);
+            return Self { requests, answers };
+        }
+        Self { requests, answers }
+    }
+
+    /// Asks for `image`'s maps; false when too many requests are waiting.
+    #[must_use]
+    pub fn request(&self, name: String, image: Rgb) -> bool {
+        self.requests.try_send((name, image)).is_ok()
+    }
+
+    /// The next answer, if one is ready (never blocks).
+    #[must_use]
+    pub fn try_answer(&self) -> Option<Result<Snapshot, String>> {
+        self.answers.try_recv().ok()
+    }
+}
+
+fn load(dir: &Path) -> Result<LoadedAdapter, String> {
+    let adapter = dir.join("adapter.safetensors");
+    if !adapter.is_file() {
+        return Err(format!("{}: no adapter.safetensors to probe", dir.display()));
+    }
+    let cfg = run_config(dir).map_err(|e| e.to_string())?;
+    LoadedAdapter::load(&adapter, &run_backbone_spec(&cfg), cfg.heads, false).map_err(|e| e.to_string())
 }

@@ -84,16 +84,31 @@ pub fn alerts(snapshots: &[Snapshot], settings: &RouterSettings, window: usize) 
     out
 }
 
+/// What the probe controls may offer for the run shown.
+#[derive(Clone, Copy)]
+pub struct Probing<'a> {
+    /// Validation images to choose from (0: none, e.g. a run watched from its folder).
+    pub probes: usize,
+    /// Whether the user's own image can be probed (a steerable run, or a folder with an adapter).
+    pub can_probe: bool,
+    /// Class names, index = label.
+    pub classes: &'a [String],
+}
+
 /// Draws the view.
 pub fn ui(
     ui: &mut egui::Ui,
     settings: &mut RouterSettings,
     history: &RunHistory,
     snap: Option<&Snapshot>,
-    probes: usize,
-    classes: &[String],
+    probing: &Probing<'_>,
     textures: &mut Textures,
 ) -> Vec<Action> {
+    let Probing {
+        probes,
+        can_probe,
+        classes,
+    } = *probing;
     let mut actions = Vec::new();
     let Some(snap) = snap else {
         ui.label("Router statistics appear here during a MoPPA run with two or more priors.");
@@ -180,7 +195,7 @@ pub fn ui(
                     settings.probe = p;
                     actions.push(Action::Send(Command::SetProbe { index: p }));
                 }
-                if probes > 0
+                if can_probe
                     && ui
                         .button("Your image…")
                         .on_hover_text("Probe with your own image (or drop one on the window)")
