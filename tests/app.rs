@@ -835,3 +835,54 @@ fn a_run_opened_from_its_folder_is_probed_through_its_adapter() {
     assert!(h.state().sel().unwrap().probed.is_none());
     assert!(h.query_by_label_contains("dog.png").is_none());
 }
+
+/// Start with an `hf:` backbone that is not in the cache downloads it first (the picker's
+/// progress bar), then launches the run; nothing is launched before the file is there.
+#[test]
+fn start_with_a_backbone_not_in_the_cache_downloads_it_first() {
+    use common::hub_server::{NAME, hub_files, serve};
+    use moppa_studio::train::hub::{Hub, HubId, find_cached};
+    let (mut h, fake) = harness(Tab::Curves);
+    // The app's first run is ready (on the built-in backbone); the backbone setting then changes.
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    h.run_steps(2);
+    let server = serve(hub_files().0, false);
+    let dir = tempfile::tempdir().unwrap();
+    h.state_mut().picker.hub = Hub {
+        cache: dir.path().to_owned(),
+        endpoint: format!("http://127.0.0.1:{}", server.port),
+        offline: false,
+    };
+    let spec = format!("hf:timm/{NAME}");
+    h.state_mut().settings.config.backbone = spec.clone();
+    let before = h.state().runs.len();
+    h.get_by_label("Start").click();
+    h.run_steps(1);
+
+    assert_eq!(
+        h.state().runs.len(),
+        before,
+        "nothing is launched before the backbone is there"
+    );
+    assert!(h.state().picker.download.is_some(), "Start began the download");
+    let t0 = std::time::Instant::now();
+    while h.state().runs.len() == before {
+        assert!(
+            h.state().picker.message.is_none(),
+            "download failed: {:?}",
+            h.state().picker.message
+        );
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the run was not launched after the download"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    let id = HubId::parse(&spec).unwrap().unwrap();
+    assert!(
+        find_cached(dir.path(), &id).is_some(),
+        "the backbone is in the cache before the run"
+    );
+    assert_eq!(h.state().settings.config.backbone, spec);
+}

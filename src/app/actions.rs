@@ -93,7 +93,7 @@ impl StudioApp {
                     format!("hf:{spec}")
                 };
                 self.picker.message = None;
-                self.picker.start_download(spec, ctx);
+                self.picker.start_download(spec, self.waker.clone());
             }
             Action::PickProbeImage => {
                 if let Some(p) = rfd::FileDialog::new()

@@ -5,6 +5,7 @@
 
 use crate::train::backbone::{BackboneSummary, CachedBackbone, describe_backbone, list_backbones};
 use crate::train::hub::{DownloadProgress, Hub, HubId};
+use crate::train::worker::Waker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -58,7 +59,7 @@ struct Cancelled;
 struct Progress {
     status: Arc<Mutex<DownloadStatus>>,
     cancel: Arc<AtomicBool>,
-    ctx: egui::Context,
+    wake: Waker,
 }
 
 impl Progress {
@@ -66,7 +67,7 @@ impl Progress {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
-        self.ctx.request_repaint();
+        (self.wake)();
     }
 }
 
@@ -179,7 +180,7 @@ impl BackbonePicker {
     }
 
     /// Starts downloading `spec` on its own thread (nothing if one is running).
-    pub fn start_download(&mut self, spec: String, ctx: &egui::Context) {
+    pub fn start_download(&mut self, spec: String, wake: Waker) {
         if self.downloading() {
             return;
         }
@@ -191,7 +192,7 @@ impl BackbonePicker {
         let mut progress = Progress {
             status: status.clone(),
             cancel: cancel.clone(),
-            ctx: ctx.clone(),
+            wake,
         };
         let hub = Hub {
             offline: false,
@@ -221,6 +222,13 @@ impl BackbonePicker {
             s.result = Some(Err(format!("cannot start the download: {e}")));
         }
         self.download = Some(Download { status, cancel });
+    }
+
+    /// Whether `spec` is an `hf:` id that must be downloaded before a run can use it (not in the
+    /// cache, and the network allowed).
+    #[must_use]
+    pub fn needs_download(&self, spec: &str) -> bool {
+        matches!(HubId::parse(spec), Some(Ok(id)) if !self.hub.offline && crate::train::hub::find_cached(&self.hub.cache, &id).is_none())
     }
 
     /// Whether a download is running.

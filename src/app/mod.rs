@@ -119,6 +119,8 @@ pub struct StudioApp {
     view_rects: lessons::player::ViewRects,
     /// The backbone picker (cached models, a download in flight).
     pub picker: backbones::BackbonePicker,
+    /// A launch waiting for its backbone's download (its autostart).
+    pending_launch: Option<bool>,
 }
 
 impl StudioApp {
@@ -174,6 +176,7 @@ impl StudioApp {
             errors_raised: 0,
             view_rects: lessons::player::ViewRects::default(),
             picker: backbones::BackbonePicker::default(),
+            pending_launch: None,
         };
         app.lessons = lessons::Catalogue::load(app.opts.lessons_dir.as_deref());
         let open = std::mem::take(&mut app.opts.open);
@@ -451,6 +454,12 @@ impl eframe::App for StudioApp {
         if let Some(spec) = self.picker.take_finished() {
             self.settings.config.backbone = spec;
             self.picker.source = backbones::Source::Cache;
+            if let Some(autostart) = self.pending_launch.take() {
+                self.launch(autostart);
+            }
+        } else if self.pending_launch.is_some() && !self.picker.downloading() {
+            // The download failed or was cancelled: its message is in the picker; no launch.
+            self.pending_launch = None;
         }
         let actions = self.layout(ui);
         let ctx = ui.ctx().clone();

@@ -96,6 +96,17 @@ impl StudioApp {
     /// Starts a new run of this app's (idle unless `autostart`) with the current settings, and
     /// selects it.
     pub(super) fn launch(&mut self, autostart: bool) {
+        // An hf: backbone not in the cache yet: download it first (with the picker's progress
+        // bar and Cancel), then launch.
+        let spec = self.settings.config.backbone.clone();
+        if self.picker.needs_download(&spec) {
+            self.picker.source = super::backbones::Source::Hub;
+            self.picker.hub_id.clone_from(&spec);
+            self.picker.message = None;
+            self.picker.start_download(spec, self.waker.clone());
+            self.pending_launch = Some(autostart);
+            return;
+        }
         // The previous local run stops (it stays in the list with its history).
         for r in self.runs.iter_mut().filter(|r| r.source == Source::Local) {
             r.link = None;

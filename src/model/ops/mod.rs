@@ -173,8 +173,9 @@ pub fn attn_half(
     x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
 }
 
-/// One MLP half of a timm block (`x + ls2 ⊙ mlp(norm2(x))`). The fused and lean ops implement
-/// exact GELU; QuickGELU (OpenAI CLIP) runs through the composite ops on every device.
+/// One MLP half of a timm block (`x + ls2 ⊙ mlp(norm2(x))`). The fused op implements exact GELU
+/// and QuickGELU; the lean (CUDA) op exact GELU only, so QuickGELU (OpenAI CLIP) off the CPU runs
+/// through the composite ops.
 pub fn mlp_half(
     k: Kernels,
     x: &Tensor,
@@ -184,7 +185,7 @@ pub fn mlp_half(
     eps: f64,
     act: Activation,
 ) -> Result<Tensor> {
-    if act != Activation::Gelu {
+    if act != Activation::Gelu && !k.fused_for(x) {
         return composite::mlp_half(x, w, layout, eps, act);
     }
     if !k.fused_for(x) {
@@ -196,7 +197,7 @@ pub fn mlp_half(
     }
     let d = x.dim(candle_core::D::Minus1)?;
     let save = x.track_op() || w.track_op();
-    let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op());
+    let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op()).with_act(act);
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 

@@ -236,6 +236,58 @@ pub fn gelu_bwd(d: &mut [f32], a: &[f32], cdf: &[f32], row_len: usize) {
         .for_each(|((d, a), c)| gelu_bwd_rows_mv(d, a, c));
 }
 
+/// QuickGELU's slope: `x·σ(1.702·x)`.
+pub const QUICK_GELU: f32 = 1.702;
+
+#[inline(always)]
+fn bias_quick_gelu_rows(a: &mut [f32], g: &mut [f32], sig: &mut [f32], bias: &[f32]) {
+    let n = bias.len();
+    for ((ar, gr), sr) in a
+        .chunks_exact_mut(n)
+        .zip(g.chunks_exact_mut(n))
+        .zip(sig.chunks_exact_mut(n))
+    {
+        for (((av, gv), sv), b) in ar.iter_mut().zip(gr.iter_mut()).zip(sr.iter_mut()).zip(bias) {
+            let v = *av + b;
+            let s = 1.0 / (1.0 + exp(-QUICK_GELU * v));
+            *av = v;
+            *sv = s;
+            *gv = v * s;
+        }
+    }
+}
+
+multiversion!(fn bias_quick_gelu_rows_mv(a: &mut [f32], g: &mut [f32], sig: &mut [f32], bias: &[f32]) => bias_quick_gelu_rows);
+
+/// In place `a += bias` (per row); then `g = a·σ(1.702a)` (QuickGELU) and `sig = σ(1.702a)` (kept
+/// for the backward pass); rows of length `bias.len()`, in parallel.
+pub fn bias_quick_gelu(a: &mut [f32], g: &mut [f32], sig: &mut [f32], bias: &[f32]) {
+    let n = bias.len();
+    a.par_chunks_mut(n * ROW_CHUNK)
+        .zip(g.par_chunks_mut(n * ROW_CHUNK))
+        .zip(sig.par_chunks_mut(n * ROW_CHUNK))
+        .for_each(|((a, g), s)| bias_quick_gelu_rows_mv(a, g, s, bias));
+}
+
+#[inline(always)]
+fn quick_gelu_bwd_rows(d: &mut [f32], a: &[f32], sig: &[f32]) {
+    for ((dv, av), sv) in d.iter_mut().zip(a).zip(sig) {
+        *dv *= sv + QUICK_GELU * av * sv * (1.0 - sv);
+    }
+}
+
+multiversion!(fn quick_gelu_bwd_rows_mv(d: &mut [f32], a: &[f32], sig: &[f32]) => quick_gelu_bwd_rows);
+
+/// In place `d ← d·QuickGELU'(a)` with `QuickGELU'(a) = s + 1.702·a·s·(1 − s)`, `s = σ(1.702a)`
+/// saved by [`bias_quick_gelu`]; parallel.
+pub fn quick_gelu_bwd(d: &mut [f32], a: &[f32], sig: &[f32], row_len: usize) {
+    let chunk = row_len * ROW_CHUNK;
+    d.par_chunks_mut(chunk)
+        .zip(a.par_chunks(chunk))
+        .zip(sig.par_chunks(chunk))
+        .for_each(|((d, a), s)| quick_gelu_bwd_rows_mv(d, a, s));
+}
+
 #[inline(always)]
 fn gelu_grad_rows(d: &mut [f32], a: &[f32]) {
     for (dv, av) in d.iter_mut().zip(a) {

@@ -8,6 +8,7 @@ use super::super::cpu::pool::{give, give_all, take};
 use super::super::cpu::{col_dot, col_sums, layer_norm, math, rows_mut, zeros};
 use super::super::layout::{FC1_B, FC1_W, FC2_B, FC2_W, HalfLayout, LS, NORM_B, NORM_W, PROJ_B, PROJ_W, QKV_B, QKV_W};
 use super::{lock, residual_epilogue, slice, tensor, through_layer_scale, with_data};
+use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use std::sync::{Arc, Mutex};
 
@@ -299,6 +300,8 @@ pub struct MlpHalfOp {
     pub save: bool,
     /// Form weight gradients (full fine-tuning).
     pub train_weights: bool,
+    /// The activation (exact GELU unless [`Self::with_act`]).
+    pub act: Activation,
     cache: Mutex<Option<MlpCache>>,
 }
 
@@ -313,8 +316,15 @@ impl MlpHalfOp {
             layout,
             save,
             train_weights,
+            act: Activation::Gelu,
             cache: Mutex::new(None),
         }
+    }
+
+    /// The same op with another activation.
+    #[must_use]
+    pub fn with_act(self, act: Activation) -> Self {
+        Self { act, ..self }
     }
 }
 
@@ -343,7 +353,11 @@ impl CustomOp2 for MlpHalfOp {
         linear_fwd(n, hd, d, &ln, d, p(FC1_W), &mut a, hd, false, Par::Pool);
         let mut g = take(n * hd);
         let mut cdf = take(n * hd);
-        math::bias_gelu(&mut a, &mut g, &mut cdf, p(FC1_B));
+        // `cdf` keeps Φ(a) for GELU, σ(1.702a) for QuickGELU: what each backward needs.
+        match self.act {
+            Activation::Gelu => math::bias_gelu(&mut a, &mut g, &mut cdf, p(FC1_B)),
+            Activation::QuickGelu => math::bias_quick_gelu(&mut a, &mut g, &mut cdf, p(FC1_B)),
+        }
         let mut out = take(n * d);
         linear_fwd(n, d, hd, &g, hd, p(FC2_W), &mut out, d, false, Par::Pool);
         let has_ls = lay.present(LS);
@@ -408,7 +422,10 @@ impl CustomOp2 for MlpHalfOp {
                     if let Some(v) = scaled {
                         give(v);
                     }
-                    math::gelu_bwd(&mut da, &cache.a, &cache.cdf, hd);
+                    match self.act {
+                        Activation::Gelu => math::gelu_bwd(&mut da, &cache.a, &cache.cdf, hd),
+                        Activation::QuickGelu => math::quick_gelu_bwd(&mut da, &cache.a, &cache.cdf, hd),
+                    }
                     if self.train_weights
                         && let Some(ln) = &cache.ln
                     {
