@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::{adapter_params, colour_folder, fixture, moppa, rel_err_slices};
+use common::{adapter_params, colour_folder, fixture, moppa, rel_err_slices, short_train};
 
 #[test]
 fn params_table_lists_every_method_with_method_md_counts() {
@@ -206,22 +206,8 @@ fn predict_agrees_with_eval_and_names_the_files_it_cannot_read() {
     let data = dir.path().join("data");
     colour_folder(&data);
     let run = dir.path().join("run");
-    let out = moppa(&[
-        "train",
-        "--data",
-        data.to_str().unwrap(),
-        "--steps",
-        "20",
-        "--batch",
-        "8",
-        "--eval-every",
-        "0",
-        "--threads",
-        "2",
-        "--plain",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let args = short_train("", &data, 20, 8, &run);
+    let out = moppa(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = moppa(&["eval", "--run", run.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

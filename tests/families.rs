@@ -16,7 +16,7 @@ use moppa_studio::model::{BackboneOptions, ModelError, Vit};
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{colour_folder, fixture, moppa, rel_err};
+use common::{colour_folder, fixture, moppa, rel_err, short_train};
 
 fn family(name: &str) -> PathBuf {
     fixture("families").join(name)
@@ -235,24 +235,8 @@ fn moppa_trains_a_few_steps_on_every_family() {
     ] {
         let out_dir = dir.path().join(name);
         let backbone = family(name).join("model.safetensors");
-        let out = moppa(&[
-            "train",
-            "--backbone",
-            backbone.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--steps",
-            "3",
-            "--batch",
-            "4",
-            "--eval-every",
-            "0",
-            "--threads",
-            "2",
-            "--plain",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ]);
+        let args = short_train(backbone.to_str().unwrap(), &data, 3, 4, &out_dir);
+        let out = moppa(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{name}: {stderr}");
         let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();

@@ -54,27 +54,8 @@ fn a_python_cache_resolves_by_name_with_the_network_off() {
     let run = home.path().join("run");
     let data = home.path().join("data");
     common::colour_folder(&data);
-    let out = moppa_env(
-        &[
-            "train",
-            "--backbone",
-            &spec,
-            "--data",
-            data.to_str().unwrap(),
-            "--steps",
-            "2",
-            "--batch",
-            "4",
-            "--eval-every",
-            "0",
-            "--threads",
-            "2",
-            "--plain",
-            "--out",
-            run.to_str().unwrap(),
-        ],
-        &env,
-    );
+    let args = common::short_train(&spec, &data, 2, 4, &run);
+    let out = moppa_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     let sha = sha256_file(&family_file("augreg", "model.safetensors")).unwrap();

@@ -231,18 +231,6 @@ impl TimmConfig {
             )),
         }
     }
-
-    /// The input image side (`pretrained_cfg.input_size`, else `model_args.img_size`).
-    #[must_use]
-    pub fn img_size(&self) -> Option<usize> {
-        if let Some(s) = self.pretrained_cfg.input_size.as_ref().and_then(|s| s.get(1)) {
-            return Some(*s);
-        }
-        match self.model_args.get("img_size")? {
-            serde_json::Value::Array(a) => a.first()?.as_u64().map(|v| v as usize),
-            v => v.as_u64().map(|v| v as usize),
-        }
-    }
 }
 
 #[cfg(test)]

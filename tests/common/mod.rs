@@ -19,6 +19,34 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `moppa train` arguments for a short quiet run: `backbone` on the folder `data`, `steps` steps of
+/// `batch`, no evaluation until the end, two threads, into `out`.
+pub fn short_train(backbone: &str, data: &Path, steps: u32, batch: u32, out: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec!["train".into()];
+    if !backbone.is_empty() {
+        args.extend(["--backbone".into(), backbone.to_owned()]);
+    }
+    args.extend(
+        [
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            &steps.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--eval-every",
+            "0",
+            "--threads",
+            "2",
+            "--plain",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(str::to_owned),
+    );
+    args
+}
+
 /// Runs the `moppa` binary with `args`.
 pub fn moppa(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
