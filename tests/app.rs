@@ -681,6 +681,15 @@ fn the_backbone_picker_lists_the_cache_and_downloads_by_id() {
     let n = moppa_studio::util::group_digits(lora);
     assert!(h.query_by_label(&n).is_some(), "LoRA's count {n} shown before Start");
 
+    // Offline (HF_HUB_OFFLINE): Download says so and downloads nothing.
+    h.get_by_label("Hub id").click();
+    h.run_steps(1);
+    h.state_mut().picker.hub_id = "hf:timm/elsewhere".into();
+    h.get_by_label("Download").click();
+    h.run_steps(2);
+    assert!(h.state().picker.download.is_none());
+    assert!(h.query_by_label_contains("HF_HUB_OFFLINE is set").is_some());
+
     // Download by id from a local hub into an empty cache.
     let server = serve(hub_files().0, false);
     let empty = dir.path().join("hub2");

@@ -179,9 +179,14 @@ impl BackbonePicker {
         summary
     }
 
-    /// Starts downloading `spec` on its own thread (nothing if one is running).
+    /// Starts downloading `spec` on its own thread (nothing if one is running; a message instead
+    /// when `HF_HUB_OFFLINE` forbids the network).
     pub fn start_download(&mut self, spec: String, wake: Waker) {
         if self.downloading() {
+            return;
+        }
+        if self.hub.offline {
+            self.message = Some(format!("{spec}: HF_HUB_OFFLINE is set, so nothing is downloaded"));
             return;
         }
         let status = Arc::new(Mutex::new(DownloadStatus {
@@ -194,10 +199,7 @@ impl BackbonePicker {
             cancel: cancel.clone(),
             wake,
         };
-        let hub = Hub {
-            offline: false,
-            ..self.hub.clone()
-        };
+        let hub = self.hub.clone();
         let spawned = std::thread::Builder::new().name("hub-download".into()).spawn(move || {
             let result = match HubId::parse(&spec) {
                 None => Err(format!("'{spec}' is not a hub id (hf:ORG/NAME[@REV])")),
