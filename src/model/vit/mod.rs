@@ -6,6 +6,7 @@
 //! Each block's weights live in two flat buffers (attention half, MLP half; see
 //! `ops::layout`), run by fused ops on the CPU and by lean or composite candle ops elsewhere.
 
+mod infer;
 mod init;
 pub mod timm;
 
