@@ -529,3 +529,180 @@ fn rowwise_head_split_and_merge_match_reshapes() {
     assert!(rel_err(&merged, &want) < 1e-7, "merge: {:.2e}", rel_err(&merged, &want));
     assert!(rel_err(&rowwise::merge_heads(&[&k], 1.0).unwrap(), &unheads(&k)) < 1e-7);
 }
+
+/// LoRA's four matrices (random, B non-zero so every gradient is) and AdaptFormer's bottleneck,
+/// as test inputs.
+fn lora_inputs(d: usize, r: usize, seed: u64) -> [Tensor; 4] {
+    [
+        randn(&[r, d], 0.4, seed),
+        randn(&[d, r], 0.4, seed + 1),
+        randn(&[r, d], 0.4, seed + 2),
+        randn(&[d, r], 0.4, seed + 3),
+    ]
+}
+
+fn lora_of(a: &[Tensor]) -> ops::LoraWeights {
+    ops::LoraWeights {
+        q_a: a[0].clone(),
+        q_b: a[1].clone(),
+        v_a: a[2].clone(),
+        v_b: a[3].clone(),
+        scale: 2.0,
+    }
+}
+
+fn adaptformer_of(a: &[Tensor]) -> ops::AdaptFormerWeights {
+    ops::AdaptFormerWeights {
+        down_w: a[0].clone(),
+        down_b: a[1].clone(),
+        up_w: a[2].clone(),
+        up_b: a[3].clone(),
+        scale: 0.1,
+    }
+}
+
+fn adaptformer_inputs(d: usize, r: usize, seed: u64) -> [Tensor; 4] {
+    [
+        randn(&[r, d], 0.5, seed),
+        randn(&[r], 0.5, seed + 1),
+        randn(&[d, r], 0.5, seed + 2),
+        randn(&[d], 0.5, seed + 3),
+    ]
+}
+
+/// Central differences of `Σ f(inputs) ⊙ r` in f32 (loss summed in f64) against the backward of
+/// `f` for input `i`, at every 5th coordinate; a step and tolerance suited to single precision.
+fn fused_finite_difference_f32(f: &dyn Fn(&[Tensor]) -> Tensor, inputs: &[Tensor], i: usize, h: f32) {
+    let probe = f(inputs);
+    let r = randn(probe.dims(), 1.0, 77).to_dtype(DType::F64).unwrap();
+    let loss = |args: &[Tensor]| {
+        (f(args).to_dtype(DType::F64).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let v = Var::from_tensor(&inputs[i]).unwrap();
+    let mut args = inputs.to_vec();
+    args[i] = v.as_tensor().clone();
+    let g = (f(&args).to_dtype(DType::F64).unwrap() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g: Vec<f32> = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let base: Vec<f32> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+    for j in (0..base.len()).step_by(5) {
+        let mut p = base.clone();
+        p[j] += h;
+        let mut m = base.clone();
+        m[j] -= h;
+        args[i] = Tensor::from_vec(p, inputs[i].shape(), &Device::Cpu).unwrap();
+        let lp = loss(&args);
+        args[i] = Tensor::from_vec(m, inputs[i].shape(), &Device::Cpu).unwrap();
+        let lm = loss(&args);
+        let fd = (lp - lm) / (2.0 * f64::from(h));
+        let tol = 2e-3 * (1.0 + fd.abs());
+        assert!(
+            (fd - f64::from(g[j])).abs() < tol,
+            "input {i}[{j}]: backward {} vs finite difference {fd}",
+            g[j]
+        );
+    }
+}
+
+#[test]
+fn lora_inside_the_fused_attention_half_matches_composite_and_finite_differences() {
+    // The fused op computes LoRA from its own norm1(x) and adds it into the qkv rows; the
+    // reference is the composite path: composite LayerNorm, the (Δq, Δv) update by candle matmuls,
+    // the composite attention half.
+    let (b, t, d, heads, r) = (2, 6, 12, 3, 3);
+    for (qkv_bias, ls, train_x, train_w) in [
+        (true, false, true, false),
+        // The first block of a frozen backbone: no input gradient wanted.
+        (true, false, false, false),
+        (false, true, true, true),
+    ] {
+        let layout = Arc::new(HalfLayout::attn(d, qkv_bias, ls));
+        let [qa, qb, va, vb] = lora_inputs(d, r, 80);
+        let inputs = [randn(&[b, t, d], 1.0, 81), flat_weights(&layout, 82), qa, qb, va, vb];
+        let (l1, l2) = (layout.clone(), layout.clone());
+        let fused =
+            move |a: &[Tensor]| ops::attn_half_lora(Kernels::Auto, &a[0], &a[1], &l1, &lora_of(&a[2..]), heads, 1e-6);
+        let reference = move |a: &[Tensor]| {
+            ops::attn_half_lora(Kernels::Composite, &a[0], &a[1], &l2, &lora_of(&a[2..]), heads, 1e-6)
+        };
+        compare(
+            &fused,
+            &reference,
+            &inputs,
+            &[train_x, train_w, true, true, true, true],
+            2e-5,
+        );
+        if train_x && !train_w {
+            finite_difference(&reference, &inputs, &[true, false, true, true, true, true], 12);
+            let f = |a: &[Tensor]| fused(a).unwrap();
+            for i in [0, 2, 3, 4, 5] {
+                fused_finite_difference_f32(&f, &inputs, i, 1e-2);
+            }
+        }
+    }
+}
+
+#[test]
+fn adaptformer_inside_the_fused_mlp_half_matches_composite_and_finite_differences() {
+    // The fused op runs AdaptFormer's bottleneck from its own norm2(x) and adds s·up(ReLU(down(h)))
+    // outside the layer scale; the reference: composite LayerNorm, candle linears + ReLU, the
+    // composite MLP half.
+    let (b, t, d, hidden, r) = (2, 5, 12, 32, 4);
+    for (ls, train_x, train_w, act) in [
+        (false, true, false, Activation::Gelu),
+        (false, false, false, Activation::Gelu),
+        (true, true, true, Activation::QuickGelu),
+    ] {
+        let layout = Arc::new(HalfLayout::mlp(d, hidden, ls));
+        let [dw, db, uw, ub] = adaptformer_inputs(d, r, 90);
+        let inputs = [randn(&[b, t, d], 1.0, 91), flat_weights(&layout, 92), dw, db, uw, ub];
+        let (l1, l2) = (layout.clone(), layout.clone());
+        let fused = move |a: &[Tensor]| {
+            ops::mlp_half_adaptformer(
+                Kernels::Auto,
+                &a[0],
+                &a[1],
+                &l1,
+                hidden,
+                1e-6,
+                act,
+                &adaptformer_of(&a[2..]),
+            )
+        };
+        let reference = move |a: &[Tensor]| {
+            ops::mlp_half_adaptformer(
+                Kernels::Composite,
+                &a[0],
+                &a[1],
+                &l2,
+                hidden,
+                1e-6,
+                act,
+                &adaptformer_of(&a[2..]),
+            )
+        };
+        compare(
+            &fused,
+            &reference,
+            &inputs,
+            &[train_x, train_w, true, true, true, true],
+            2e-5,
+        );
+        if train_x && !train_w {
+            finite_difference(&reference, &inputs, &[true, false, true, true, true, true], 12);
+            let f = |a: &[Tensor]| fused(a).unwrap();
+            for i in [0, 2, 3, 4, 5] {
+                fused_finite_difference_f32(&f, &inputs, i, 1e-2);
+            }
+        }
+    }
+}

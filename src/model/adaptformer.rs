@@ -2,9 +2,9 @@
 //! the MLP, `s = 0.1`, down kaiming-uniform with zero bias, up zero.
 
 use super::init::Init;
-use super::ops::{self, Kernels};
+use super::ops::AdaptFormerWeights;
 use super::param;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Var};
 
 /// AdaptFormer's fixed output scale.
 pub const ADAPTFORMER_SCALE: f64 = 0.1;
@@ -44,14 +44,16 @@ impl AdaptFormerUnit {
         ]
     }
 
-    /// The update for `h = norm2(x_mid)`.
-    pub fn forward(&self, h: &Tensor, kernels: Kernels, grad: bool) -> Result<Tensor> {
-        let dtype = h.dtype();
+    /// The bottleneck as the forward pass uses it (detached when gradients are off, in `dtype`),
+    /// with the fixed output scale.
+    pub fn weights(&self, grad: bool, dtype: DType) -> Result<AdaptFormerWeights> {
         let p = |v: &Var| param(v, grad, dtype);
-        let a = ops::linear(kernels, h, &p(&self.down_w)?, &p(&self.down_b)?)?.relu()?;
-        // The 0.1 goes on the small up-projection, not on the (B, T, D) output.
-        let up_w = (p(&self.up_w)? * ADAPTFORMER_SCALE)?;
-        let up_b = (p(&self.up_b)? * ADAPTFORMER_SCALE)?;
-        ops::linear(kernels, &a, &up_w, &up_b)
+        Ok(AdaptFormerWeights {
+            down_w: p(&self.down_w)?,
+            down_b: p(&self.down_b)?,
+            up_w: p(&self.up_w)?,
+            up_b: p(&self.up_b)?,
+            scale: ADAPTFORMER_SCALE,
+        })
     }
 }

@@ -2,9 +2,9 @@
 //! `Δq = (α/r)·B_q A_q h`, `Δv = (α/r)·B_v A_v h`, A kaiming-uniform, B zero.
 
 use super::init::Init;
-use super::ops::{self, Kernels};
+use super::ops::LoraWeights;
 use super::param;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Var};
 
 /// One block's LoRA parameters.
 #[derive(Debug)]
@@ -44,19 +44,15 @@ impl LoraUnit {
         ]
     }
 
-    /// `(Δq, Δv)` side by side, `(B, T, 2D)`, from `h = norm1(x)`: two matrix products (the two
-    /// A's stacked, then a block-diagonal B).
-    pub fn forward(&self, h: &Tensor, kernels: Kernels, grad: bool) -> Result<Tensor> {
-        let dtype = h.dtype();
+    /// The matrices as the forward pass uses them (detached when gradients are off, in `dtype`).
+    pub fn weights(&self, grad: bool, dtype: DType) -> Result<LoraWeights> {
         let p = |v: &Var| param(v, grad, dtype);
-        let (d, r) = self.q_b.dims2()?;
-        let a = Tensor::cat(&[p(&self.q_a)?, p(&self.v_a)?], 0)?;
-        let z = ops::linear_no_bias(kernels, h, &a)?;
-        let zeros = Tensor::zeros((d, r), dtype, self.q_b.device())?;
-        let top = Tensor::cat(&[&p(&self.q_b)?, &zeros], 1)?;
-        let bottom = Tensor::cat(&[&zeros, &p(&self.v_b)?], 1)?;
-        // The α/r scale goes on the small block-diagonal B, not on the (B, T, 2D) output.
-        let b = (Tensor::cat(&[&top, &bottom], 0)? * self.scale)?;
-        ops::linear_no_bias(kernels, &z, &b)
+        Ok(LoraWeights {
+            q_a: p(&self.q_a)?,
+            q_b: p(&self.q_b)?,
+            v_a: p(&self.v_a)?,
+            v_b: p(&self.v_b)?,
+            scale: self.scale,
+        })
     }
 }

@@ -194,7 +194,7 @@ impl Mae {
         let mut x = self.encoder.embed_visible(images, keep, self.keep)?;
         for i in 0..self.encoder.depth() {
             x = self.encoder.attn(i, &x, None)?;
-            x = self.encoder.mlp(i, &x)?;
+            x = self.encoder.mlp(i, &x, None)?;
         }
         let x = self.encoder.final_norm(&x)?;
         let logits = match &self.head {
@@ -220,7 +220,7 @@ impl Mae {
         let mut z = self.decoder.add_pos_embed(&Tensor::cat(&[&cls, &full], 1)?)?;
         for i in 0..self.decoder.depth() {
             z = self.decoder.attn(i, &z, None)?;
-            z = self.decoder.mlp(i, &z)?;
+            z = self.decoder.mlp(i, &z, None)?;
         }
         let z = self.decoder.final_norm(&z)?.narrow(1, 1, n)?.contiguous()?;
         let pred = ops::linear(k, &z, &self.w(&self.pred_w), &self.w(&self.pred_b))?; // (B, N, p²C)
@@ -242,7 +242,7 @@ impl Mae {
         let mut x = self.encoder.embed_visible(images, &all, n)?;
         for i in 0..self.encoder.depth() {
             x = self.encoder.attn(i, &x, None)?;
-            x = self.encoder.mlp(i, &x)?;
+            x = self.encoder.mlp(i, &x, None)?;
         }
         let pooled = self.encoder.final_norm(&x)?.narrow(1, 1, n)?.mean(1)?;
         Ok(Some(ops::linear(

@@ -219,18 +219,15 @@ impl PeftModel {
             match adapter {
                 BlockAdapter::None => {
                     x = vit.attn(i, &x, None)?;
-                    x = vit.mlp(i, &x)?;
+                    x = vit.mlp(i, &x, None)?;
                 }
                 BlockAdapter::Lora(u) => {
-                    let h = vit.norm1(i, &x)?;
-                    let delta = section("lora fwd", h.device(), || u.forward(&h, k, grad))?;
-                    x = vit.attn(i, &x, Some(&delta))?;
-                    x = vit.mlp(i, &x)?;
+                    x = vit.attn(i, &x, Some(&u.weights(grad, x.dtype())?))?;
+                    x = vit.mlp(i, &x, None)?;
                 }
                 BlockAdapter::AdaptFormer(u) => {
                     x = vit.attn(i, &x, None)?;
-                    let out = u.forward(&vit.norm2(i, &x)?, k, grad)?;
-                    x = (vit.mlp(i, &x)? + out)?;
+                    x = vit.mlp(i, &x, Some(&u.weights(grad, x.dtype())?))?;
                 }
                 BlockAdapter::Moppa(u) => {
                     let run = |h: &Tensor| {
@@ -243,13 +240,13 @@ impl PeftModel {
                             let res = run(&vit.norm1(i, &x)?)?;
                             x = (&x + &res.out)?;
                             x = vit.attn(i, &x, None)?;
-                            x = vit.mlp(i, &x)?;
+                            x = vit.mlp(i, &x, None)?;
                             res
                         }
                         Placement::ParallelMlp => {
                             x = vit.attn(i, &x, None)?;
                             let res = run(&vit.norm2(i, &x)?)?;
-                            x = (vit.mlp(i, &x)? + &res.out)?;
+                            x = (vit.mlp(i, &x, None)? + &res.out)?;
                             res
                         }
                     };

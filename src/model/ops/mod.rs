@@ -157,20 +157,95 @@ pub fn attn_half(
     }
     let (b, t, d) = x.dims3()?;
     let save = x.track_op() || w.track_op() || delta.is_some_and(Tensor::track_op);
+    let (side, third) = match delta {
+        Some(dl) => (fused::AttnSide::Delta, dl.contiguous()?),
+        None => (fused::AttnSide::None, Tensor::zeros(1, DType::F32, x.device())?),
+    };
     let op = fused::AttnHalfOp::new(
         Dims { b, t, d, heads },
         eps as f32,
         layout.clone(),
-        delta.is_some(),
+        side,
         save,
         w.track_op(),
+        third.track_op(),
     );
-    let third = if let Some(dl) = delta {
-        dl.contiguous()?
-    } else {
-        Tensor::zeros(1, DType::F32, x.device())?
-    };
     x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
+}
+
+/// LoRA's matrices on q and v (`A (r, D)`, `B (D, r)`) and its scale `α / r`.
+#[derive(Clone, Debug)]
+pub struct LoraWeights {
+    /// `A_q (r, D)`.
+    pub q_a: Tensor,
+    /// `B_q (D, r)`.
+    pub q_b: Tensor,
+    /// `A_v (r, D)`.
+    pub v_a: Tensor,
+    /// `B_v (D, r)`.
+    pub v_b: Tensor,
+    /// `α / r`.
+    pub scale: f64,
+}
+
+impl LoraWeights {
+    /// `(Δq, Δv)` side by side, `(B, T, 2D)`, from `h = norm1(x)`: two matrix products (the two
+    /// A's stacked, then a block-diagonal B carrying the scale).
+    pub fn delta(&self, k: Kernels, h: &Tensor) -> Result<Tensor> {
+        let (d, r) = self.q_b.dims2()?;
+        let a = Tensor::cat(&[&self.q_a, &self.v_a], 0)?;
+        let z = linear_no_bias(k, h, &a)?;
+        let zeros = Tensor::zeros((d, r), self.q_b.dtype(), self.q_b.device())?;
+        let top = Tensor::cat(&[&self.q_b, &zeros], 1)?;
+        let bottom = Tensor::cat(&[&zeros, &self.v_b], 1)?;
+        let b = (Tensor::cat(&[&top, &bottom], 0)? * self.scale)?;
+        linear_no_bias(k, &z, &b)
+    }
+}
+
+/// The attention half with LoRA on q and v (`Δq = (α/r)·B_q A_q norm1(x)`, Δv alike). On the CPU
+/// the low-rank path runs inside the fused op (no separate LayerNorm, no `(B, T, 2D)` update);
+/// elsewhere it is computed beside the half and passed in as an update.
+pub fn attn_half_lora(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    layout: &Arc<HalfLayout>,
+    lora: &LoraWeights,
+    heads: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    if !k.fused_for(x) {
+        let g = composite::slot(w, layout, layout::NORM_W)?;
+        let b = composite::slot(w, layout, layout::NORM_B)?;
+        let delta = lora.delta(k, &layer_norm(k, x, &g, &b, eps)?)?;
+        return attn_half(k, x, w, layout, Some(&delta), heads, eps);
+    }
+    let (b, t, d) = x.dims3()?;
+    let rank = lora.q_a.dim(0)?;
+    let packed = Tensor::cat(
+        &[
+            lora.q_a.flatten_all()?,
+            lora.v_a.flatten_all()?,
+            lora.q_b.flatten_all()?,
+            lora.v_b.flatten_all()?,
+        ],
+        0,
+    )?;
+    let save = x.track_op() || w.track_op() || packed.track_op();
+    let op = fused::AttnHalfOp::new(
+        Dims { b, t, d, heads },
+        eps as f32,
+        layout.clone(),
+        fused::AttnSide::Lora {
+            rank,
+            scale: lora.scale as f32,
+        },
+        save,
+        w.track_op(),
+        packed.track_op(),
+    );
+    x.contiguous()?.apply_op3(&w.contiguous()?, &packed, op)
 }
 
 /// One MLP half of a timm block (`x + ls2 ⊙ mlp(norm2(x))`). The fused op implements exact GELU
@@ -198,7 +273,69 @@ pub fn mlp_half(
     let d = x.dim(candle_core::D::Minus1)?;
     let save = x.track_op() || w.track_op();
     let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op()).with_act(act);
-    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    let placeholder = Tensor::zeros(1, DType::F32, x.device())?;
+    x.contiguous()?.apply_op3(&w.contiguous()?, &placeholder, op)
+}
+
+/// AdaptFormer's bottleneck (`down (r, D)`, `(r)`; `up (D, r)`, `(D)`) and its output scale.
+#[derive(Clone, Debug)]
+pub struct AdaptFormerWeights {
+    /// `(r, D)`.
+    pub down_w: Tensor,
+    /// `(r)`.
+    pub down_b: Tensor,
+    /// `(D, r)`.
+    pub up_w: Tensor,
+    /// `(D)`.
+    pub up_b: Tensor,
+    /// The output scale.
+    pub scale: f64,
+}
+
+/// The MLP half with AdaptFormer beside it: `x + ls2 ⊙ mlp(h) + s · up(ReLU(down(h)))`,
+/// `h = norm2(x)`. On the CPU the bottleneck runs inside the fused op; elsewhere beside it.
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_half_adaptformer(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    layout: &Arc<HalfLayout>,
+    hidden: usize,
+    eps: f64,
+    act: Activation,
+    ad: &AdaptFormerWeights,
+) -> Result<Tensor> {
+    if !k.fused_for(x) {
+        let g = composite::slot(w, layout, layout::NORM_W)?;
+        let b = composite::slot(w, layout, layout::NORM_B)?;
+        let h = layer_norm(k, x, &g, &b, eps)?;
+        let a = linear(k, &h, &ad.down_w, &ad.down_b)?.relu()?;
+        // The scale goes on the small up-projection, not on the (B, T, D) output.
+        let out = linear(k, &a, &(&ad.up_w * ad.scale)?, &(&ad.up_b * ad.scale)?)?;
+        return mlp_half(k, x, w, layout, hidden, eps, act)? + out;
+    }
+    let d = x.dim(candle_core::D::Minus1)?;
+    let rank = ad.down_w.dim(0)?;
+    let packed = Tensor::cat(
+        &[
+            ad.down_w.flatten_all()?,
+            ad.down_b.flatten_all()?,
+            ad.up_w.flatten_all()?,
+            ad.up_b.flatten_all()?,
+        ],
+        0,
+    )?;
+    let save = x.track_op() || w.track_op() || packed.track_op();
+    let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op())
+        .with_act(act)
+        .with_side(
+            fused::MlpSide::AdaptFormer {
+                rank,
+                scale: ad.scale as f32,
+            },
+            packed.track_op(),
+        );
+    x.contiguous()?.apply_op3(&w.contiguous()?, &packed, op)
 }
 
 /// The MoPPA spectral mixing `Σ_p α_p ⊙ IDCT2(G_p ⊙ DCT2(Z))` on `Z (B, HW, r)` with gains

@@ -308,30 +308,24 @@ impl Vit {
         Ok(ops::layer_norm(self.kernels, x, &g, &b, self.cfg.ln_eps)?)
     }
 
-    /// The attention half of block `i`, with an optional LoRA update `(B, T, 2D)` for q and v.
-    pub fn attn(&self, i: usize, x: &Tensor, delta: Option<&Tensor>) -> Result<Tensor> {
-        Ok(ops::attn_half(
-            self.kernels,
-            x,
-            &self.p(&self.blocks[i].attn)?,
-            &self.attn_layout,
-            delta,
-            self.cfg.num_heads,
-            self.cfg.ln_eps,
-        )?)
+    /// The attention half of block `i`, with LoRA on q and v when given.
+    pub fn attn(&self, i: usize, x: &Tensor, lora: Option<&ops::LoraWeights>) -> Result<Tensor> {
+        let w = self.p(&self.blocks[i].attn)?;
+        let (lay, heads, eps) = (&self.attn_layout, self.cfg.num_heads, self.cfg.ln_eps);
+        Ok(match lora {
+            Some(l) => ops::attn_half_lora(self.kernels, x, &w, lay, l, heads, eps)?,
+            None => ops::attn_half(self.kernels, x, &w, lay, None, heads, eps)?,
+        })
     }
 
-    /// The MLP half of block `i`.
-    pub fn mlp(&self, i: usize, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::mlp_half(
-            self.kernels,
-            x,
-            &self.p(&self.blocks[i].mlp)?,
-            &self.mlp_layout,
-            self.cfg.mlp_hidden(),
-            self.cfg.ln_eps,
-            self.cfg.act,
-        )?)
+    /// The MLP half of block `i`, with AdaptFormer beside it when given.
+    pub fn mlp(&self, i: usize, x: &Tensor, adapter: Option<&ops::AdaptFormerWeights>) -> Result<Tensor> {
+        let w = self.p(&self.blocks[i].mlp)?;
+        let (lay, hidden, eps, act) = (&self.mlp_layout, self.cfg.mlp_hidden(), self.cfg.ln_eps, self.cfg.act);
+        Ok(match adapter {
+            Some(a) => ops::mlp_half_adaptformer(self.kernels, x, &w, lay, hidden, eps, act, a)?,
+            None => ops::mlp_half(self.kernels, x, &w, lay, hidden, eps, act)?,
+        })
     }
 
     /// Final norm, pooling and `fc_norm`: `(B, T, D)` → `(B, D)`; for distilled backbones also
@@ -375,7 +369,7 @@ impl Vit {
         let mut x = self.embed(images)?;
         for i in 0..self.depth() {
             x = self.attn(i, &x, None)?;
-            x = self.mlp(i, &x)?;
+            x = self.mlp(i, &x, None)?;
         }
         let (pooled, dist) = self.pool(&x)?;
         self.own_logits(&pooled, dist.as_ref())?

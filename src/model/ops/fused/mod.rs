@@ -21,8 +21,9 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 }
 
 /// A half-block's residual epilogue, row by row: `out ← x + ls ⊙ (out + bias)`, or
-/// `x + out + bias` without layer scale.
-fn residual_epilogue(out: &mut [f32], x: &[f32], bias: &[f32], ls: Option<&[f32]>, d: usize) {
+/// `x + out + bias` without layer scale; `extra` (a side path's bias) is added outside the
+/// layer scale.
+fn residual_epilogue(out: &mut [f32], x: &[f32], bias: &[f32], ls: Option<&[f32]>, extra: Option<&[f32]>, d: usize) {
     rows_mut(out, d, |r, row| {
         let xr = &x[r * d..(r + 1) * d];
         if let Some(ls) = ls {
@@ -34,7 +35,17 @@ fn residual_epilogue(out: &mut [f32], x: &[f32], bias: &[f32], ls: Option<&[f32]
                 *v = xv + *v + b;
             }
         }
+        if let Some(e) = extra {
+            for (v, b) in row.iter_mut().zip(e) {
+                *v += b;
+            }
+        }
     });
+}
+
+/// `v · s`, element by element, in a new (small) buffer: a side path's scaled weight.
+fn scaled(v: &[f32], s: f32) -> Vec<f32> {
+    v.iter().map(|a| a * s).collect()
 }
 
 /// Runs `f` on the contiguous `f32` data of a CPU tensor.
@@ -246,4 +257,4 @@ fn through_layer_scale(dy: &[f32], ls: &[f32], d: usize) -> Vec<f32> {
 }
 
 mod halves;
-pub use halves::{AttnHalfOp, MlpHalfOp};
+pub use halves::{AttnHalfOp, AttnSide, MlpHalfOp, MlpSide};
