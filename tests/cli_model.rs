@@ -286,3 +286,40 @@ fn predict_agrees_with_eval_and_names_the_files_it_cannot_read() {
         "{stderr}"
     );
 }
+
+/// The augmentation a run gets: the built-in digits default to ±10° rotations, any other data to
+/// none; flags change fields of that default (`--rotate 0` turns it off, `--zoom` adds to it);
+/// `config.toml` names what ran.
+#[test]
+fn default_augmentation_follows_the_data_and_flags_change_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    colour_folder(&data);
+    let augment_of = |name: &str, data: &str, extra: &[&str]| -> toml::Value {
+        let run = dir.path().join(name);
+        let mut args = short_train("", Path::new(data), 1, 8, &run);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let out = moppa(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        let cfg: toml::Value = toml::from_str(&text).unwrap();
+        cfg["augment"].clone()
+    };
+    let rotate = |v: &toml::Value| v["rotate_deg"].as_integer().unwrap();
+    let builtin = augment_of("builtin", "builtin:digits", &[]);
+    assert_eq!(rotate(&builtin), 10, "{builtin}");
+    assert_eq!(builtin["scale_pct"].as_integer(), Some(0), "{builtin}");
+    let folder = augment_of("folder", data.to_str().unwrap(), &[]);
+    assert_eq!(rotate(&folder), 0, "{folder}");
+    assert_eq!(folder["flip"].as_bool(), Some(false), "{folder}");
+    let off = augment_of("off", "builtin:digits", &["--rotate", "0"]);
+    assert_eq!(rotate(&off), 0, "{off}");
+    let zoom = augment_of("zoom", "builtin:digits", &["--zoom", "10"]);
+    assert_eq!(
+        (rotate(&zoom), zoom["scale_pct"].as_integer()),
+        (10, Some(10)),
+        "{zoom}"
+    );
+    let flip = augment_of("flip", data.to_str().unwrap(), &["--flip"]);
+    assert_eq!((rotate(&flip), flip["flip"].as_bool()), (0, Some(true)), "{flip}");
+}

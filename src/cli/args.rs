@@ -213,8 +213,7 @@ impl RunArgs {
              route_weight => c.method.route_weight, tau => c.method.tau, gamma => c.method.gamma,
              temperature => c.method.temperature, scale => c.method.scale, batch => c.batch,
              weight_decay => c.weight_decay, warmup => c.warmup, eval_every => c.eval_every,
-             grad_clip => c.grad_clip, seed => c.seed, device => c.device, dtype => c.dtype,
-             crop_pad => c.augment.crop_pad, rotate => c.augment.rotate_deg, zoom => c.augment.scale_pct);
+             grad_clip => c.grad_clip, seed => c.seed, device => c.device, dtype => c.dtype);
         set!(heads => c.heads, few_shot => c.few_shot, lora_alpha => c.method.lora_alpha, steps => c.steps,
              epochs => c.epochs, lr => c.lr, threads => c.threads, out => c.out);
         if self.epochs.is_some() && self.steps.is_none() {
@@ -223,8 +222,15 @@ impl RunArgs {
         if self.final_split {
             c.final_split = true;
         }
-        if self.flip {
-            c.augment.flip = true;
+        // Augmentation flags change fields of the augmentation in force (the data's default
+        // unless a config file named one): `--rotate 0` turns the built-in task's rotations off.
+        if self.flip || self.crop_pad.is_some() || self.rotate.is_some() || self.zoom.is_some() {
+            let mut a = c.augment();
+            a.flip |= self.flip;
+            a.crop_pad = self.crop_pad.unwrap_or(a.crop_pad);
+            a.rotate_deg = self.rotate.unwrap_or(a.rotate_deg);
+            a.scale_pct = self.zoom.unwrap_or(a.scale_pct);
+            c.augment = Some(a);
         }
         if self.overwrite {
             c.overwrite = true;

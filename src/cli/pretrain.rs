@@ -311,12 +311,12 @@ pub fn pretrain(args: &PretrainArgs) -> Result<i32, CliError> {
             eval_every: 0,
             seed: args.seed,
             threads: args.threads,
-            augment: Augment {
+            augment: Some(Augment {
                 flip: true,
                 crop_pad: 2,
                 rotate_deg: args.rotate,
                 scale_pct: args.zoom,
-            },
+            }),
             out: Some(run.clone()),
             mean: Some(mean),
             std: Some(std),

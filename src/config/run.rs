@@ -19,6 +19,34 @@ pub struct Augment {
     pub scale_pct: u32,
 }
 
+/// Rotations of the built-in task's default recipe, in degrees. Chosen on validation accuracy
+/// (mean best of seeds 0-2, the default run otherwise): none 96.0%, ±10° 96.3% (2026-12-01 and
+/// again 2026-12-02: 96.9 / 95.8 / 96.3); crops after 2 px of padding 95.2%.
+pub const BUILTIN_ROTATE_DEG: u32 = 10;
+
+impl Augment {
+    /// The augmentation a run on `data` gets when none is asked for: small rotations for the
+    /// built-in digits (handwriting is written at slight angles), nothing for any other data (a
+    /// rotation can change the label, e.g. orientation tasks, and flips change text).
+    #[must_use]
+    pub fn default_for(data: &str) -> Self {
+        if data == "builtin:digits" {
+            Self {
+                rotate_deg: BUILTIN_ROTATE_DEG,
+                ..Self::default()
+            }
+        } else {
+            Self::default()
+        }
+    }
+
+    /// Whether any augmentation is on.
+    #[must_use]
+    pub fn is_on(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
 /// Where training runs: `auto`, `cpu`, `cuda` (the first GPU) or `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
@@ -131,8 +159,10 @@ pub struct RunConfig {
     pub threads: Option<usize>,
     /// Precision.
     pub dtype: Precision,
-    /// Training augmentation.
-    pub augment: Augment,
+    /// Training augmentation (`None`: the data's own default, [`Augment::default_for`]; the
+    /// resolved config always names it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment: Option<Augment>,
     /// Run folder (config, metrics, checkpoints).
     pub out: Option<PathBuf>,
     /// Continue the run in this folder.
@@ -183,7 +213,7 @@ impl Default for RunConfig {
             device: DeviceChoice::Auto,
             threads: None,
             dtype: Precision::F32,
-            augment: Augment::default(),
+            augment: None,
             out: None,
             resume: None,
             overwrite: false,
@@ -224,6 +254,12 @@ impl RunConfig {
             MethodKind::Linear | MethodKind::Moppa | MethodKind::Lora | MethodKind::Adaptformer => 3e-2,
             MethodKind::Full => 1e-3,
         }
+    }
+
+    /// The augmentation in force: the one asked for, else the data's default.
+    #[must_use]
+    pub fn augment(&self) -> Augment {
+        self.augment.unwrap_or_else(|| Augment::default_for(&self.data))
     }
 
     /// The learning rate in force.
@@ -268,14 +304,12 @@ impl RunConfig {
         if self.few_shot == Some(0) {
             return Err("--few-shot must be ≥ 1".into());
         }
-        if self.augment.rotate_deg > 90 {
-            return Err(format!(
-                "--rotate must be ≤ 90 degrees (got {})",
-                self.augment.rotate_deg
-            ));
+        let augment = self.augment();
+        if augment.rotate_deg > 90 {
+            return Err(format!("--rotate must be ≤ 90 degrees (got {})", augment.rotate_deg));
         }
-        if self.augment.scale_pct > 50 {
-            return Err(format!("--zoom must be ≤ 50 percent (got {})", self.augment.scale_pct));
+        if augment.scale_pct > 50 {
+            return Err(format!("--zoom must be ≤ 50 percent (got {})", augment.scale_pct));
         }
         Ok(())
     }
@@ -288,6 +322,7 @@ impl RunConfig {
         (c.overwrite, c.auto_resume, c.serve_public) = (false, false, false);
         (c.serve, c.token) = (None, None);
         c.lr = Some(self.lr());
+        c.augment = Some(self.augment());
         c.steps = Some(total_steps);
         c.epochs = None;
         if c.method.lora_alpha.is_none() && c.method.method == MethodKind::Lora {

@@ -163,7 +163,7 @@ impl Loader {
                     let lo = index as usize * cfg.batch;
                     let ids = &order[lo..(lo + cfg.batch).min(n)];
                     let imgs: Vec<&[u8]> = ids.iter().map(|&i| prepared[i].0.as_slice()).collect();
-                    let aug = (cfg.augment != Augment::default()).then_some((&cfg.augment, cfg.seed, epoch, index));
+                    let aug = cfg.augment.is_on().then_some((&cfg.augment, cfg.seed, epoch, index));
                     let batch = Batch {
                         images: assemble(&imgs, cfg.size, &cfg.normalize, aug),
                         labels: ids.iter().map(|&i| prepared[i].1).collect(),

@@ -188,7 +188,7 @@ impl Trainer {
             size,
             batch: cfg.batch,
             normalize,
-            augment: cfg.augment,
+            augment: cfg.augment(),
             seed: cfg.seed,
         };
         let loader =
