@@ -339,7 +339,12 @@ impl RunConfig {
     /// From TOML text (unknown keys are an error naming them).
     pub fn from_toml(text: &str) -> Result<Self, String> {
         let value: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
-        let known = serde_json::to_value(Self::default()).map_err(|e| e.to_string())?;
+        // Every key a config can hold: the default's, with the optional tables filled in.
+        let full = Self {
+            augment: Some(Augment::default()),
+            ..Self::default()
+        };
+        let known = serde_json::to_value(full).map_err(|e| e.to_string())?;
         let known: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
         let unknown: Vec<&String> = value
             .keys()

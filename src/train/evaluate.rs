@@ -259,24 +259,22 @@ pub(crate) fn probe_snapshot(loaded: &LoadedAdapter, name: &str, image: &Rgb) ->
         )));
     }
     let _no_grad = NoGrad::new(model);
-    let x = crate::data::loader::assemble(&[image.pixels.as_slice()], size as u32, &loaded.normalize, None);
-    let x = images_tensor(x, 1, size, &loaded.device, model.backbone.dtype())?;
-    let fwd = model.forward(&x, true)?;
-    let prediction = fwd.logits.argmax(1)?.to_vec1::<u32>()?.first().copied();
-    let mut blocks = Vec::new();
-    for r in fwd.routing {
-        blocks.push(BlockSnapshot {
-            block: r.block,
+    let fwd = super::probe::probe_forward(model, image, &loaded.normalize, &loaded.device)?;
+    let blocks = fwd
+        .alpha
+        .into_iter()
+        .map(|(block, probe_alpha)| BlockSnapshot {
+            block,
             filters_mean: Vec::new(),
             filters_channel: Vec::new(),
             mix: Vec::new(),
             coeffs: crate::config::PerCoeff::default(),
             source: Vec::new(),
             router: None,
-            probe_alpha: r.alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            probe_alpha,
             locked: Vec::new(),
-        });
-    }
+        })
+        .collect();
     let method = &model.method;
     Ok(Snapshot {
         step: 0,
@@ -292,7 +290,7 @@ pub(crate) fn probe_snapshot(loaded: &LoadedAdapter, name: &str, image: &Rgb) ->
             image: image.clone(),
             origin: ProbeOrigin::File { name: name.to_owned() },
         }),
-        probe_prediction: prediction,
+        probe_prediction: fwd.prediction,
     })
 }
 

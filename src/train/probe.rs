@@ -6,8 +6,42 @@ use super::evaluate::{LoadedAdapter, probe_snapshot, run_backbone_spec, run_conf
 use super::protocol::{Rgb, Snapshot};
 use super::worker::Waker;
 use crate::config::VitConfig;
+use crate::data::Normalize;
+use crate::data::loader::assemble;
 use crate::data::transform::{Resize, decode_bytes, to_rgb};
+use crate::model::PeftModel;
+use crate::train::batch::images_tensor;
+use crate::train::error::Result as TrainResult;
+use candle_core::{DType, Device};
 use std::path::Path;
+
+/// What one probe image gives: the predicted class and each MoPPA block's per-token router
+/// weights (`H·W·k`, row-major), in block order.
+pub(crate) struct ProbeForward {
+    pub prediction: Option<u32>,
+    pub alpha: Vec<(usize, Vec<f32>)>,
+}
+
+/// One probe image through `model`, normalised as evaluation does (the caller turns gradients
+/// off): shared by a live run's snapshots and a saved adapter's probe, so both read the same.
+pub(crate) fn probe_forward(
+    model: &PeftModel,
+    image: &Rgb,
+    normalize: &Normalize,
+    device: &Device,
+) -> TrainResult<ProbeForward> {
+    let size = model.backbone.cfg.img_size;
+    let x = assemble(&[image.pixels.as_slice()], size as u32, normalize, None);
+    let x = images_tensor(x, 1, size, device, model.backbone.dtype())?;
+    let fwd = model.forward(&x, true)?;
+    let prediction = fwd.logits.argmax(1)?.to_vec1::<u32>()?.first().copied();
+    let alpha = fwd
+        .routing
+        .into_iter()
+        .map(|r| Ok((r.block, r.alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(ProbeForward { prediction, alpha })
+}
 
 /// The image file `path` (its contents in `bytes`, e.g. a file dropped on the window) as a probe
 /// for `backbone` (its input size, and a timm checkpoint's evaluation resize); the error names the

@@ -4,10 +4,9 @@
 
 use super::Trainer;
 use crate::config::PerCoeff;
-use crate::data::loader::assemble;
 use crate::model::NoGrad;
-use crate::train::batch::images_tensor;
 use crate::train::error::Result;
+use crate::train::probe::probe_forward;
 use crate::train::protocol::{BlockSnapshot, Probe, ProbeOrigin, Rgb, RouterStats, Snapshot};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -36,13 +35,9 @@ impl Trainer {
         let mut probe_alpha: HashMap<usize, Vec<f32>> = HashMap::new();
         let mut probe_prediction = None;
         if let Some(p) = &probe {
-            let x = assemble(&[p.image.pixels.as_slice()], size as u32, &self.normalize, None);
-            let x = images_tensor(x, 1, size, &self.device, self.model.backbone.dtype())?;
-            let fwd = self.model.forward(&x, true)?;
-            probe_prediction = fwd.logits.argmax(1)?.to_vec1::<u32>()?.first().copied();
-            for r in fwd.routing {
-                probe_alpha.insert(r.block, r.alpha.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?);
-            }
+            let fwd = probe_forward(&self.model, &p.image, &self.normalize, &self.device)?;
+            probe_prediction = fwd.prediction;
+            probe_alpha.extend(fwd.alpha);
         }
         let mut blocks = Vec::new();
         for b in self.model.moppa_blocks() {
