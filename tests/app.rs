@@ -618,6 +618,10 @@ fn a_run_started_in_the_app_leaves_a_run_folder_and_an_unstarted_one_none() {
     assert_eq!(count(&metrics, "progress"), 30);
     assert_eq!(metrics.last().unwrap()["kind"], "finished");
     assert!(count(&records(&folders[0].join("snapshots.jsonl")), "snapshot") >= 3);
+    // Start with the defaults trains the built-in digits with their default rotations, named in
+    // the run's config.toml as the CLI's runs are.
+    let cfg: toml::Value = toml::from_str(&std::fs::read_to_string(folders[0].join("config.toml")).unwrap()).unwrap();
+    assert_eq!(cfg["augment"]["rotate_deg"].as_integer(), Some(10), "{cfg}");
     // Prepared but never started (the app opened and closed): nothing is left behind.
     let idle = tmp.join("idle");
     let mut h = real_app(micro_settings(&tmp), idle.clone(), false);
