@@ -613,6 +613,33 @@ fn fused_finite_difference_f32(f: &dyn Fn(&[Tensor]) -> Tensor, inputs: &[Tensor
     }
 }
 
+/// A low-rank side path inside a fused half (inputs: x, the flat weights, four parameters)
+/// against the composite path, values and gradients; where x trains and the weights do not, also
+/// finite differences of the composite path (f64) and of the fused op (f32) for x and every
+/// parameter.
+fn check_side_path(
+    fused: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    inputs: &[Tensor],
+    train_x: bool,
+    train_w: bool,
+) {
+    compare(
+        fused,
+        reference,
+        inputs,
+        &[train_x, train_w, true, true, true, true],
+        2e-5,
+    );
+    if train_x && !train_w {
+        finite_difference(reference, inputs, &[true, false, true, true, true, true], 12);
+        let f = |a: &[Tensor]| fused(a).unwrap();
+        for i in [0, 2, 3, 4, 5] {
+            fused_finite_difference_f32(&f, inputs, i, 1e-2);
+        }
+    }
+}
+
 #[test]
 fn lora_inside_the_fused_attention_half_matches_composite_and_finite_differences() {
     // The fused op computes LoRA from its own norm1(x) and adds it into the qkv rows; the
@@ -634,20 +661,7 @@ fn lora_inside_the_fused_attention_half_matches_composite_and_finite_differences
         let reference = move |a: &[Tensor]| {
             ops::attn_half_lora(Kernels::Composite, &a[0], &a[1], &l2, &lora_of(&a[2..]), heads, 1e-6)
         };
-        compare(
-            &fused,
-            &reference,
-            &inputs,
-            &[train_x, train_w, true, true, true, true],
-            2e-5,
-        );
-        if train_x && !train_w {
-            finite_difference(&reference, &inputs, &[true, false, true, true, true, true], 12);
-            let f = |a: &[Tensor]| fused(a).unwrap();
-            for i in [0, 2, 3, 4, 5] {
-                fused_finite_difference_f32(&f, &inputs, i, 1e-2);
-            }
-        }
+        check_side_path(&fused, &reference, &inputs, train_x, train_w);
     }
 }
 
@@ -690,19 +704,6 @@ fn adaptformer_inside_the_fused_mlp_half_matches_composite_and_finite_difference
                 &adaptformer_of(&a[2..]),
             )
         };
-        compare(
-            &fused,
-            &reference,
-            &inputs,
-            &[train_x, train_w, true, true, true, true],
-            2e-5,
-        );
-        if train_x && !train_w {
-            finite_difference(&reference, &inputs, &[true, false, true, true, true, true], 12);
-            let f = |a: &[Tensor]| fused(a).unwrap();
-            for i in [0, 2, 3, 4, 5] {
-                fused_finite_difference_f32(&f, &inputs, i, 1e-2);
-            }
-        }
+        check_side_path(&fused, &reference, &inputs, train_x, train_w);
     }
 }

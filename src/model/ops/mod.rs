@@ -173,6 +173,13 @@ pub fn attn_half(
     x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
 }
 
+/// A side path's parameters as one flat tensor, in order (differentiable: the gradient of the
+/// packed tensor flows back to each part).
+fn pack(parts: &[&Tensor]) -> Result<Tensor> {
+    let flat = parts.iter().map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&flat, 0)
+}
+
 /// LoRA's matrices on q and v (`A (r, D)`, `B (D, r)`) and its scale `α / r`.
 #[derive(Clone, Debug)]
 pub struct LoraWeights {
@@ -223,15 +230,7 @@ pub fn attn_half_lora(
     }
     let (b, t, d) = x.dims3()?;
     let rank = lora.q_a.dim(0)?;
-    let packed = Tensor::cat(
-        &[
-            lora.q_a.flatten_all()?,
-            lora.v_a.flatten_all()?,
-            lora.q_b.flatten_all()?,
-            lora.v_b.flatten_all()?,
-        ],
-        0,
-    )?;
+    let packed = pack(&[&lora.q_a, &lora.v_a, &lora.q_b, &lora.v_b])?;
     let save = x.track_op() || w.track_op() || packed.track_op();
     let op = fused::AttnHalfOp::new(
         Dims { b, t, d, heads },
@@ -316,15 +315,7 @@ pub fn mlp_half_adaptformer(
     }
     let d = x.dim(candle_core::D::Minus1)?;
     let rank = ad.down_w.dim(0)?;
-    let packed = Tensor::cat(
-        &[
-            ad.down_w.flatten_all()?,
-            ad.down_b.flatten_all()?,
-            ad.up_w.flatten_all()?,
-            ad.up_b.flatten_all()?,
-        ],
-        0,
-    )?;
+    let packed = pack(&[&ad.down_w, &ad.down_b, &ad.up_w, &ad.up_b])?;
     let save = x.track_op() || w.track_op() || packed.track_op();
     let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op())
         .with_act(act)

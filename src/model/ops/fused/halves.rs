@@ -12,6 +12,58 @@ use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use std::sync::{Arc, Mutex};
 
+/// The gradients of a half's output layer `y = h·Wᵀ + b` (then `x + ls ⊙ y`), written straight
+/// into the flat gradient buffer `dw`: `dW` and `db` from `d_out` (`dy` through the layer scale),
+/// and with layer scale `dγ = Σ dy ⊙ y` (recomputing `y`). `(h, k)`: the layer's input and width.
+fn output_grads(
+    dw: &mut [f32],
+    lay: &HalfLayout,
+    w: &[f32],
+    (w_slot, b_slot): (usize, usize),
+    (h, k): (&[f32], usize),
+    dy: &[f32],
+    d_out: &[f32],
+) {
+    let d = lay.slots[b_slot].len();
+    let n = dy.len() / d.max(1);
+    linear_dw(n, d, k, d_out, d, h, k, &mut dw[lay.range(w_slot)], false, Par::Pool);
+    dw[lay.range(b_slot)].copy_from_slice(&col_sums(d_out, d));
+    if lay.present(LS) {
+        let mut y = take(n * d);
+        linear_fwd(n, d, k, h, k, &w[lay.range(w_slot)], &mut y, d, false, Par::Pool);
+        let bias = &w[lay.range(b_slot)];
+        rows_mut(&mut y, d, |_, row| {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        });
+        dw[lay.range(LS)].copy_from_slice(&col_dot(dy, &y, d));
+        give(y);
+    }
+}
+
+/// A half's input side backward: `dx = dy` (the residual) `+` the LayerNorm's backward of `d_ln`
+/// (given back to the pool), and, when `dw` is given, the norm's `dγ`, `dβ` into it.
+fn through_input_norm(
+    x: &[f32],
+    dy: &[f32],
+    d_ln: Vec<f32>,
+    stats: &[f32],
+    w: &[f32],
+    lay: &HalfLayout,
+    dw: Option<&mut Vec<f32>>,
+) -> Vec<f32> {
+    let mut dx = take(dy.len());
+    dx.copy_from_slice(dy);
+    let (dg, db) = layer_norm::backward(x, &d_ln, stats, &w[lay.range(NORM_W)], &mut dx, true);
+    give(d_ln);
+    if let Some(dw) = dw {
+        dw[lay.range(NORM_W)].copy_from_slice(&dg);
+        dw[lay.range(NORM_B)].copy_from_slice(&db);
+    }
+    dx
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention half: x + ls1 ⊙ proj(attn(qkv(norm1(x)) [+ Δq, Δv]))
 
@@ -247,33 +299,7 @@ impl CustomOp3 for AttnHalfOp {
                         let scaled_dy = has_ls.then(|| through_layer_scale(dy, p(LS), d));
                         let d_proj: &[f32] = scaled_dy.as_deref().unwrap_or(dy);
                         if self.train_weights {
-                            // Weight gradients go straight into the flat gradient buffer.
-                            linear_dw(
-                                n,
-                                d,
-                                d,
-                                d_proj,
-                                d,
-                                &cache.o,
-                                d,
-                                &mut dw[lay.range(PROJ_W)],
-                                false,
-                                Par::Pool,
-                            );
-                            dw[lay.range(PROJ_B)].copy_from_slice(&col_sums(d_proj, d));
-                            if has_ls {
-                                // dγ = Σ dy ⊙ (o·Wᵀ + b): recompute the projection.
-                                let mut y = take(n * d);
-                                linear_fwd(n, d, d, &cache.o, d, p(PROJ_W), &mut y, d, false, Par::Pool);
-                                let pb = p(PROJ_B);
-                                rows_mut(&mut y, d, |_, row| {
-                                    for (v, bias) in row.iter_mut().zip(pb) {
-                                        *v += bias;
-                                    }
-                                });
-                                dw[lay.range(LS)].copy_from_slice(&col_dot(dy, &y, d));
-                                give(y);
-                            }
+                            output_grads(&mut dw, &lay, w, (PROJ_W, PROJ_B), (&cache.o, d), dy, d_proj);
                         }
                         let mut d_o = take(n * d);
                         linear_dx(n, d, d, d_proj, d, p(PROJ_W), &mut d_o, d, false, Par::Pool);
@@ -380,15 +406,15 @@ impl CustomOp3 for AttnHalfOp {
                                 let (a, _, _) = lora_parts(side, r, d);
                                 linear_dx(n, 2 * r, d, dz, 2 * r, a, &mut d_ln, d, true, Par::Pool);
                             }
-                            // dx = dy (residual) + LayerNorm backward.
-                            dx = take(dy.len());
-                            dx.copy_from_slice(dy);
-                            let (dg, db) = layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
-                            give(d_ln);
-                            if self.train_weights {
-                                dw[lay.range(NORM_W)].copy_from_slice(&dg);
-                                dw[lay.range(NORM_B)].copy_from_slice(&db);
-                            }
+                            dx = through_input_norm(
+                                x,
+                                dy,
+                                d_ln,
+                                &cache.stats,
+                                w,
+                                &lay,
+                                self.train_weights.then_some(&mut dw),
+                            );
                         }
                         if let Some(dz) = lora_dz {
                             give(dz);
@@ -695,21 +721,7 @@ impl CustomOp3 for MlpHalfOp {
                             if self.train_weights
                                 && let Some(g) = &cache.g
                             {
-                                // Weight gradients go straight into the flat gradient buffer.
-                                linear_dw(n, d, hd, d_fc2, d, g, hd, &mut dw[lay.range(FC2_W)], false, Par::Pool);
-                                dw[lay.range(FC2_B)].copy_from_slice(&col_sums(d_fc2, d));
-                                if has_ls {
-                                    let mut y = take(n * d);
-                                    linear_fwd(n, d, hd, g, hd, p(FC2_W), &mut y, d, false, Par::Pool);
-                                    let fb = p(FC2_B);
-                                    rows_mut(&mut y, d, |_, row| {
-                                        for (v, bias) in row.iter_mut().zip(fb) {
-                                            *v += bias;
-                                        }
-                                    });
-                                    dw[lay.range(LS)].copy_from_slice(&col_dot(dy, &y, d));
-                                    give(y);
-                                }
+                                output_grads(&mut dw, &lay, w, (FC2_W, FC2_B), (g, hd), dy, d_fc2);
                             }
                             let mut da = take(n * hd);
                             linear_dx(n, d, hd, d_fc2, d, p(FC2_W), &mut da, hd, false, Par::Pool);
@@ -733,14 +745,15 @@ impl CustomOp3 for MlpHalfOp {
                                 let (dwn, _, _, _) = adaptformer_parts(side, r, d);
                                 linear_dx(n, r, d, g, r, dwn, &mut d_ln, d, true, Par::Pool);
                             }
-                            dx = take(dy.len());
-                            dx.copy_from_slice(dy);
-                            let (dg, db) = layer_norm::backward(x, &d_ln, &cache.stats, p(NORM_W), &mut dx, true);
-                            give(d_ln);
-                            if self.train_weights {
-                                dw[lay.range(NORM_W)].copy_from_slice(&dg);
-                                dw[lay.range(NORM_B)].copy_from_slice(&db);
-                            }
+                            dx = through_input_norm(
+                                x,
+                                dy,
+                                d_ln,
+                                &cache.stats,
+                                w,
+                                &lay,
+                                self.train_weights.then_some(&mut dw),
+                            );
                         }
                         if let Some(g) = du {
                             give(g);
