@@ -119,7 +119,8 @@ pub struct RunArgs {
     /// Random crops after padding each side by N pixels while training.
     #[arg(long, help_heading = "Optimisation")]
     pub crop_pad: Option<u32>,
-    /// Random rotations by up to ± DEG degrees while training.
+    /// Random rotations by up to ± DEG degrees while training (default: 10 for builtin:digits, 0
+    /// for other data; 0 turns them off).
     #[arg(long, value_name = "DEG", help_heading = "Optimisation")]
     pub rotate: Option<u32>,
     /// Random zooms by up to ± PCT percent while training.
