@@ -47,21 +47,25 @@ impl StudioApp {
         if let Some(secs) = self.opts.frame_stats
             && !self.screenshot_requested
         {
-            if self.started_at.elapsed().as_secs_f64() >= secs {
+            let elapsed = self.started_at.elapsed().as_secs_f64();
+            if elapsed >= secs {
                 self.screenshot_requested = true;
                 if let (Some((med, p99)), Some((gap, gap99))) = (self.frames.stats(), self.frames.intervals()) {
                     let step = self.sel().map_or(0, |r| r.history.step);
                     let thr = self.sel().map_or(0.0, |r| r.history.throughput);
+                    let (lag, lag99) = self.frames.lags().unwrap_or((0.0, 0.0));
                     println!(
-                        "UI over the last {} frames while training (step {step}, {thr:.0} img/s): frame CPU time median {med:.2} ms, p99 {p99:.2} ms; frame interval median {gap:.1} ms ({:.0} fps), p99 {gap99:.1} ms",
+                        "UI while training (step {step}, {thr:.0} img/s): {} frames in {elapsed:.1} s ({:.1} a second); over the last {}: frame CPU time median {med:.2} ms, p99 {p99:.2} ms; frame interval median {gap:.1} ms, p99 {gap99:.1} ms; new data in a frame after median {lag:.1} ms, p99 {lag99:.1} ms",
+                        self.frames.count(),
+                        self.frames.count() as f64 / elapsed.max(1e-3),
                         self.frames.len(),
-                        1000.0 / gap.max(1e-3)
                     );
                 }
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
             }
-            // The cadence the app keeps while training: the figures are what a user gets.
-            ctx.request_repaint_after(super::layout::TRAINING_FRAME_INTERVAL);
+            // No frames of its own beyond the one that ends the measurement: the figures are what
+            // a user gets.
+            ctx.request_repaint_after(Duration::from_secs_f64((secs - elapsed).max(0.0)));
         }
     }
 }

@@ -8,7 +8,6 @@ use super::{OpenRun, Source, StudioApp};
 use crate::train::backbone::cuda_available;
 use crate::train::protocol::Snapshot;
 use crate::train::replay::Liveness;
-use std::time::Duration;
 
 /// A run's state in words, for the status bar and the runs table.
 #[must_use]
@@ -36,11 +35,6 @@ fn reason(f: crate::train::protocol::FinishReason) -> String {
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
 }
-
-/// Frame interval while a run trains (30 fps). Faster only costs training: on a machine that draws
-/// in software (no GPU, e.g. Mesa's llvmpipe) a frame of this window costs ~20 ms of CPU, and on 2
-/// cores 60 fps left training 40% of its headless speed (README, Performance).
-pub(super) const TRAINING_FRAME_INTERVAL: Duration = Duration::from_millis(33);
 
 impl StudioApp {
     pub(super) fn top_bar(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
@@ -303,11 +297,6 @@ impl StudioApp {
 
     /// Draws every panel; returns what they asked for.
     pub(super) fn layout(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
-        if self.status() == RunStatus::Running {
-            // 30 fps while training: the data changes ~20 times a second (progress every step,
-            // snapshots at most 10 a second) and each event batch repaints at once anyway.
-            ui.ctx().request_repaint_after(TRAINING_FRAME_INTERVAL);
-        }
         if self.runs.iter().any(OpenRun::following) {
             // Runs written elsewhere: look for their new records.
             ui.ctx().request_repaint_after(super::link::FOLLOW_EVERY);

@@ -11,6 +11,7 @@ pub mod history;
 mod layout;
 pub mod lessons;
 pub mod link;
+pub mod pacer;
 pub mod panels;
 mod runs;
 pub mod state;
@@ -99,6 +100,8 @@ pub struct StudioApp {
     frames: FrameTimes,
     last_frame: Option<Instant>,
     waker: Waker,
+    /// Paces the repaints runs' events ask for and measures their lag.
+    pacer: Arc<pacer::Pacer>,
     opts: AppOptions,
     started_at: Instant,
     plot_rects: Vec<(&'static str, egui::Rect)>,
@@ -131,6 +134,12 @@ impl StudioApp {
             .storage
             .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
             .unwrap_or_default();
+        // Panels leave their fill to the background, cleared to their colour (`clear_color`):
+        // one layer of the whole window less to draw each frame, half of a software renderer's work.
+        for theme in [egui::Theme::Dark, egui::Theme::Light] {
+            cc.egui_ctx
+                .style_mut_of(theme, |s| s.visuals.panel_fill = egui::Color32::TRANSPARENT);
+        }
         Self::with_launcher(&cc.egui_ctx, settings, worker_launcher(), opts)
     }
 
@@ -148,8 +157,8 @@ impl StudioApp {
         } else {
             egui::Theme::Light
         });
-        let repaint = ctx.clone();
-        let waker: Waker = Arc::new(move || repaint.request_repaint());
+        let pacer = Arc::new(pacer::Pacer::default());
+        let waker: Waker = pacer.waker(ctx.clone());
         let mut app = Self {
             settings,
             launcher,
@@ -163,6 +172,7 @@ impl StudioApp {
             frames: FrameTimes::default(),
             last_frame: None,
             waker,
+            pacer,
             opts,
             started_at: Instant::now(),
             plot_rects: Vec::new(),
@@ -414,6 +424,16 @@ impl StudioApp {
 }
 
 impl eframe::App for StudioApp {
+    /// The panels' colour: they do not fill themselves (`StudioApp::new`).
+    fn clear_color(&self, visuals: &egui::Visuals) -> [f32; 4] {
+        let theme = if visuals.dark_mode {
+            egui::Visuals::dark()
+        } else {
+            egui::Visuals::light()
+        };
+        theme.panel_fill.to_normalized_gamma_f32()
+    }
+
     fn logic(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
         let now = Instant::now();
         if let Some(prev) = self.last_frame {
@@ -422,6 +442,9 @@ impl eframe::App for StudioApp {
             self.frames.push(cpu, (now - prev).as_secs_f64() * 1e3);
         }
         self.last_frame = Some(now);
+        if let Some(lag) = self.pacer.frame_started() {
+            self.frames.push_lag(lag);
+        }
         // A run folder dropped on the window opens like File → Open run….
         let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
         // An image dropped while the Router view is shown becomes its probe.

@@ -6,6 +6,18 @@
 pub struct FrameTimes {
     cpu: std::collections::VecDeque<f64>,
     interval: std::collections::VecDeque<f64>,
+    lag: std::collections::VecDeque<f64>,
+    count: u64,
+}
+
+/// Frames (and lags) the statistics are over.
+const WINDOW: usize = 600;
+
+fn push_bounded(q: &mut std::collections::VecDeque<f64>, v: f64) {
+    q.push_back(v);
+    if q.len() > WINDOW {
+        q.pop_front();
+    }
 }
 
 fn percentiles(v: &std::collections::VecDeque<f64>) -> Option<(f64, f64)> {
@@ -21,12 +33,20 @@ fn percentiles(v: &std::collections::VecDeque<f64>) -> Option<(f64, f64)> {
 impl FrameTimes {
     /// Records one frame: its CPU time and the time since the previous frame, in ms.
     pub fn push(&mut self, cpu_ms: f64, interval_ms: f64) {
-        for (q, v) in [(&mut self.cpu, cpu_ms), (&mut self.interval, interval_ms)] {
-            q.push_back(v);
-            if q.len() > 600 {
-                q.pop_front();
-            }
-        }
+        self.count += 1;
+        push_bounded(&mut self.cpu, cpu_ms);
+        push_bounded(&mut self.interval, interval_ms);
+    }
+
+    /// Records the lag in ms from a run's new data to the start of the frame that shows it.
+    pub fn push_lag(&mut self, lag_ms: f64) {
+        push_bounded(&mut self.lag, lag_ms);
+    }
+
+    /// `(median, p99)` of the lag from new data to its frame in ms.
+    #[must_use]
+    pub fn lags(&self) -> Option<(f64, f64)> {
+        percentiles(&self.lag)
     }
 
     /// `(median, p99)` of the frame CPU time in ms.
@@ -41,7 +61,13 @@ impl FrameTimes {
         percentiles(&self.interval)
     }
 
-    /// Frames recorded.
+    /// Frames recorded since the start (the statistics are over the last 600).
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Frames the statistics are over.
     #[must_use]
     pub fn len(&self) -> usize {
         self.cpu.len()
@@ -76,11 +102,19 @@ pub fn ui(
         ui.separator();
         let Some(frames) = frames else { return };
         if let (Some((med, p99)), Some((gap, _))) = (frames.stats(), frames.intervals()) {
+            let lag = frames
+                .lags()
+                .map_or_else(String::new, |(l, _)| format!(" · data shown in {l:.0} ms"));
             ui.label(format!(
-                "UI {med:.1} ms/frame (p99 {p99:.1}) · {:.0} fps",
+                "UI {med:.1} ms/frame (p99 {p99:.1}) · {:.0} fps{lag}",
                 1000.0 / gap.max(1e-3)
             ))
-            .on_hover_text("CPU time of a UI frame (median, 99th percentile) and the frame rate");
+            .on_hover_text(
+                "CPU time of a UI frame (median, 99th percentile) and the frame rate. The window is \
+                 drawn when something changes, at most 30 times a second for training data: the \
+                 frame rate follows the data (a frame per step or two) and the delay (median) is \
+                 from new data to the frame that shows it",
+            );
             ui.separator();
         }
         if let Some(m) = crate::util::resident_mib() {
