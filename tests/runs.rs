@@ -190,11 +190,20 @@ fn a_watched_run_receives_history_then_live_progress_and_trains_as_without_serve
     ));
     // Connect mid-run: the history is on disk by then.
     wait_until("50 steps", || progress_lines(&served_dir) >= 50);
-    let link = RemoteLink::connect(&served.addr, Some("sekrit")).unwrap();
+    // The app's waker: called after every event, so the window draws a served run's data at once.
+    let wakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = wakes.clone();
+    let waker: moppa_studio::train::worker::Waker = std::sync::Arc::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let link = RemoteLink::connect_waking(&served.addr, Some("sekrit"), Some(waker)).unwrap();
     assert!(link.can_control());
     assert!(!link.run_id().is_empty());
     let mut events = Vec::new();
     let finished = next_event(&link, &mut events, |e| matches!(e, Event::Finished(_)));
+    // The reader wakes right after handing over each event: at most the last may still be on its way.
+    let woken = wakes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(woken + 1 >= events.len() && woken > 0, "{woken} wakes for {} events", events.len());
     let Event::Finished(f) = finished else { unreachable!() };
     assert_eq!(f.reason, FinishReason::Done);
     assert!(

@@ -80,15 +80,11 @@ impl OpenRun {
         self.link.as_ref().and_then(|l| l.liveness())
     }
 
-    /// Whether events may still arrive without the app asking (a followed folder still written,
-    /// a connected server).
+    /// Whether the app must look for this run's new events itself: a followed folder that may
+    /// still grow. Local and served runs wake it when their events arrive.
     #[must_use]
     pub fn following(&self) -> bool {
-        match &self.source {
-            Source::Local => false,
-            Source::Remote(_) => self.link.is_some(),
-            Source::Folder(_) => !matches!(self.liveness(), Some(Liveness::Finished(_))),
-        }
+        matches!(self.source, Source::Folder(_)) && !matches!(self.liveness(), Some(Liveness::Finished(_)))
     }
 }
 
@@ -211,7 +207,7 @@ impl StudioApp {
 
     /// Connects to a served run (`HOST:PORT`, token empty to watch only).
     pub fn connect_to(&mut self, addr: &str, token: &str) {
-        match RemoteLink::connect(addr, (!token.is_empty()).then_some(token)) {
+        match RemoteLink::connect_waking(addr, (!token.is_empty()).then_some(token), Some(self.waker.clone())) {
             Ok(link) => {
                 let control = link.can_control();
                 let label = format!("{addr}{}", if control { "" } else { " (watching)" });

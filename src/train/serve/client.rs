@@ -3,6 +3,7 @@
 
 use super::frame::{Hello, read_value, write_frame};
 use crate::train::protocol::{Command, Event, Notice, PROTOCOL_VERSION};
+use crate::train::worker::Waker;
 use crossbeam_channel::{Receiver, bounded};
 use std::net::{TcpStream, ToSocketAddrs as _};
 use std::sync::Mutex;
@@ -20,6 +21,12 @@ impl RemoteLink {
     /// Connects to `addr` (`HOST:PORT`) with an optional token; the error says why not in one line
     /// (unreachable, another protocol version, a wrong or missing token).
     pub fn connect(addr: &str, token: Option<&str>) -> Result<Self, String> {
+        Self::connect_waking(addr, token, None)
+    }
+
+    /// [`RemoteLink::connect`], calling `waker` after each event arrives (the app passes its
+    /// paced repaint, so a served run's data shows as soon as a local run's).
+    pub fn connect_waking(addr: &str, token: Option<&str>, waker: Option<Waker>) -> Result<Self, String> {
         let sock = addr
             .to_socket_addrs()
             .map_err(|e| format!("{addr}: {e}"))?
@@ -59,6 +66,9 @@ impl RemoteLink {
                             if tx.send(ev).is_err() {
                                 return;
                             }
+                            if let Some(w) = &waker {
+                                w();
+                            }
                         }
                         Err(e) => {
                             tx.send(Event::Warning(Notice {
@@ -69,6 +79,9 @@ impl RemoteLink {
                                 line: None,
                             }))
                             .ok();
+                            if let Some(w) = &waker {
+                                w();
+                            }
                             return;
                         }
                     }
