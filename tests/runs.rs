@@ -203,7 +203,11 @@ fn a_watched_run_receives_history_then_live_progress_and_trains_as_without_serve
     let finished = next_event(&link, &mut events, |e| matches!(e, Event::Finished(_)));
     // The reader wakes right after handing over each event: at most the last may still be on its way.
     let woken = wakes.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(woken + 1 >= events.len() && woken > 0, "{woken} wakes for {} events", events.len());
+    assert!(
+        woken + 1 >= events.len() && woken > 0,
+        "{woken} wakes for {} events",
+        events.len()
+    );
     let Event::Finished(f) = finished else { unreachable!() };
     assert_eq!(f.reason, FinishReason::Done);
     assert!(
