@@ -15,24 +15,36 @@ use moppa_studio::app::{AppOptions, StudioApp};
 use moppa_studio::config::{PerCoeff, Prior, RunConfig, VitConfig};
 use moppa_studio::physics::{PriorCoeffs, laplacian_eigenvalues};
 use moppa_studio::train::protocol::*;
+use moppa_studio::train::worker::Waker;
 use std::sync::{Arc, Mutex};
 
 struct Fake {
     sent: Arc<Mutex<Vec<Command>>>,
     events: Sender<Event>,
+    /// The waker the app handed to its latest run (what a real engine calls after events).
+    waker: Arc<Mutex<Option<Waker>>>,
 }
 
 fn launcher() -> (Launcher, Fake) {
     let sent = Arc::new(Mutex::new(Vec::new()));
+    let waker = Arc::new(Mutex::new(None));
     let (tx, rx) = bounded(10_000);
-    let s2 = sent.clone();
-    let launcher: Launcher = Box::new(move |_cfg: &RunConfig, _waker, _autostart| {
+    let (s2, w2) = (sent.clone(), waker.clone());
+    let launcher: Launcher = Box::new(move |_cfg: &RunConfig, waker, _autostart| {
+        *w2.lock().unwrap() = Some(waker);
         Ok(Box::new(FakeLink {
             sent: s2.clone(),
             events: rx.clone(),
         }) as Box<dyn Link>)
     });
-    (launcher, Fake { sent, events: tx })
+    (
+        launcher,
+        Fake {
+            sent,
+            events: tx,
+            waker,
+        },
+    )
 }
 
 fn info() -> RunInfo {
@@ -211,6 +223,29 @@ fn feed_run(fake: &Fake) {
                 .unwrap();
         }
     }
+}
+
+#[test]
+fn while_a_run_trains_the_window_is_drawn_only_when_its_data_changes() {
+    let (mut h, fake) = harness(Tab::Curves);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    fake.events.send(progress(1)).unwrap();
+    h.run_steps(8);
+    assert_eq!(h.state().status(), moppa_studio::app::panels::RunStatus::Running);
+    // Nothing new: no frame asked for (no steady cadence while training).
+    assert!(
+        !h.ctx.has_requested_repaint(),
+        "a frame asked for with nothing new to show"
+    );
+    // New data: the run's waker asks for one frame (at once, or when 33 ms have passed since the last).
+    let waker = fake
+        .waker
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the app handed its run a waker");
+    waker();
+    assert!(h.ctx.has_requested_repaint(), "new data must be drawn");
 }
 
 #[test]
