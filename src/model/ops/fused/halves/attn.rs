@@ -1,8 +1,8 @@
 //! The attention half of a timm block, `x + ls1 ⊙ proj(attn(qkv(norm1(x)) [+ Δq, Δv]))`, with
 //! LoRA on q and v computed inside it.
 
-use super::super::{lock, residual_epilogue, scaled, slice, tensor, through_layer_scale, with_data};
-use super::{output_grads, through_input_norm};
+use super::super::{lock, residual_epilogue, scaled, slice, through_layer_scale, with_data};
+use super::{grad_tensor, output_grads, through_input_norm};
 use crate::model::ops::cpu::attention::{self, Dims};
 use crate::model::ops::cpu::gemm::{Par, linear_dw, linear_dx, linear_fwd};
 use crate::model::ops::cpu::pool::{give, give_all, take};
@@ -369,22 +369,10 @@ impl CustomOp3 for AttnHalfOp {
                 })
             })
         })????;
-        let dx = if need_dx {
-            Some(tensor(dx, x.shape())?)
-        } else {
-            give(dx);
-            None
-        };
-        let dw = if self.train_weights {
-            Some(tensor(dw, w.shape())?)
-        } else {
-            None
-        };
-        let d_side = if side_grad {
-            Some(tensor(d_side, third.shape())?)
-        } else {
-            None
-        };
-        Ok((dx, dw, d_side))
+        Ok((
+            grad_tensor(dx, need_dx, x.shape())?,
+            grad_tensor(dw, self.train_weights, w.shape())?,
+            grad_tensor(d_side, side_grad, third.shape())?,
+        ))
     }
 }

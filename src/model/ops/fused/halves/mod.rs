@@ -11,10 +11,23 @@ mod mlp;
 pub use attn::{AttnHalfOp, AttnSide};
 pub use mlp::{MlpHalfOp, MlpSide};
 
+use super::tensor;
 use crate::model::ops::cpu::gemm::{Par, linear_dw, linear_fwd};
 use crate::model::ops::cpu::pool::{give, take};
 use crate::model::ops::cpu::{col_dot, col_sums, layer_norm, rows_mut};
 use crate::model::ops::layout::{HalfLayout, LS, NORM_B, NORM_W};
+use candle_core::{Result, Shape, Tensor};
+
+/// A gradient the backward pass formed in `buf`, as a tensor of `shape` when candle asked for it
+/// (`wanted`); otherwise `buf` goes back to the pool.
+fn grad_tensor(buf: Vec<f32>, wanted: bool, shape: &Shape) -> Result<Option<Tensor>> {
+    if wanted {
+        tensor(buf, shape).map(Some)
+    } else {
+        give(buf);
+        Ok(None)
+    }
+}
 
 /// The gradients of a half's output layer `y = h·Wᵀ + b` (then `x + ls ⊙ y`), written straight
 /// into the flat gradient buffer `dw`: `dW` and `db` from `d_out` (`dy` through the layer scale),
