@@ -132,7 +132,8 @@ pub struct RunArgs {
     /// CPU threads (default: every core).
     #[arg(long, help_heading = "Machine")]
     pub threads: Option<usize>,
-    /// f32 (default) or bf16 (GPU).
+    /// f32 (default) or bf16 (GPU: bf16 weights and activations; CPU: the transformer's products
+    /// with its weights from bf16 operands, f32 accumulation, like torch.autocast).
     #[arg(long, value_parser = parse_dtype, help_heading = "Machine")]
     pub dtype: Option<Precision>,
     /// Run folder: config.toml, metrics.jsonl/.csv, adapter.safetensors, state.safetensors.

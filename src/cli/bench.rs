@@ -37,7 +37,8 @@ pub struct BenchArgs {
     /// CPU threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// f32 or bf16 (GPU).
+    /// f32 or bf16 (GPU: bf16 weights and activations; CPU: the transformer's products with its
+    /// weights from bf16 operands, f32 accumulation, like torch.autocast).
     #[arg(long, value_parser = parse_dtype, default_value = "f32")]
     pub dtype: Precision,
     /// Op implementations: auto (fused on the CPU, lean on CUDA), lean, or composite (candle's

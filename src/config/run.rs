@@ -106,7 +106,8 @@ pub enum Precision {
     /// f32 everywhere.
     #[default]
     F32,
-    /// bf16 weights and activations (GPUs), f32 optimizer state.
+    /// On GPUs bf16 weights and activations, f32 optimizer state; on the CPU the transformer's
+    /// products with its weights from bf16 operands (f32 accumulation), everything else f32.
     Bf16,
 }
 

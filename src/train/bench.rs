@@ -110,7 +110,7 @@ pub struct BenchResult {
     pub threads: usize,
     /// `f32` or `bf16`.
     pub dtype: String,
-    /// `auto`, `lean` or `composite`.
+    /// `auto`, `lean`, `composite`, or `bf16` (on the CPU with `--dtype bf16`: fused, bf16 products).
     pub kernels: String,
     /// TF32 matrix products (CUDA f32).
     pub tf32: bool,
@@ -182,9 +182,8 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
     backbone.kernels = cfg.kernels;
     let tf32 = cfg.tf32 && !device.is_cpu();
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
-    if cfg.dtype == Precision::Bf16 && !device.is_cpu() {
-        backbone = backbone.to_dtype(DType::BF16)?;
-    }
+    backbone = backbone.with_precision(cfg.dtype)?;
+    let kernels = backbone.kernels;
     let vcfg = backbone.cfg.clone();
     let mut model = PeftModel::new(
         backbone,
@@ -266,13 +265,14 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         batch: cfg.batch,
         device: device_name(&device),
         threads: rayon::current_num_threads(),
-        dtype: if cfg.dtype == Precision::Bf16 && !device.is_cpu() {
+        // What ran: on the CPU bf16 means the fused halves' bf16 products (not with other kernels).
+        dtype: if cfg.dtype == Precision::Bf16 && (!device.is_cpu() || kernels.bf16_products()) {
             "bf16"
         } else {
             "f32"
         }
         .into(),
-        kernels: cfg.kernels.name().into(),
+        kernels: kernels.name().into(),
         tf32,
         fwd_ms: 1e3 * median(&mut fwd),
         bwd_ms: 1e3 * median(&mut bwd),

@@ -37,13 +37,16 @@ pub enum Kernels {
     Lean,
     /// Always the composite ops (the reference).
     Composite,
+    /// As `Auto`, with the fused transformer halves' products with weights formed from bf16
+    /// operands (f32 accumulation and weight gradients; `cpu::bf16`): `--dtype bf16` on the CPU.
+    Bf16,
 }
 
 impl Kernels {
     /// Whether to run the fused op for this tensor.
     #[must_use]
     pub fn fused_for(self, x: &Tensor) -> bool {
-        self == Self::Auto && x.device().is_cpu() && x.dtype() == DType::F32
+        matches!(self, Self::Auto | Self::Bf16) && x.device().is_cpu() && x.dtype() == DType::F32
     }
 
     /// Whether to run the lean op (where the fused one does not apply): CUDA by default, any
@@ -53,20 +56,27 @@ impl Kernels {
     pub fn lean_for(self, x: &Tensor) -> bool {
         let dtype_ok = matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
         match self {
-            Self::Auto => dtype_ok && !self.fused_for(x),
+            Self::Auto | Self::Bf16 => dtype_ok && !self.fused_for(x),
             Self::Lean => dtype_ok,
             Self::Composite => false,
         }
     }
 
-    /// Parses `auto`, `lean` or `composite`.
+    /// Parses `auto`, `lean`, `composite` or `bf16`.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         match s {
             "auto" => Ok(Self::Auto),
             "lean" => Ok(Self::Lean),
             "composite" => Ok(Self::Composite),
-            other => Err(format!("kernels must be auto, lean or composite (got {other})")),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(format!("kernels must be auto, lean, composite or bf16 (got {other})")),
         }
+    }
+
+    /// Whether the fused halves form their products with weights from bf16 operands.
+    #[must_use]
+    pub fn bf16_products(self) -> bool {
+        self == Self::Bf16
     }
 
     /// The name `parse` takes.
@@ -76,6 +86,7 @@ impl Kernels {
             Self::Auto => "auto",
             Self::Lean => "lean",
             Self::Composite => "composite",
+            Self::Bf16 => "bf16",
         }
     }
 }
@@ -169,7 +180,8 @@ pub fn attn_half(
         save,
         w.track_op(),
         third.track_op(),
-    );
+    )
+    .with_bf16(k.bf16_products());
     x.contiguous()?.apply_op3(&w.contiguous()?, &third, op)
 }
 
@@ -243,7 +255,8 @@ pub fn attn_half_lora(
         save,
         w.track_op(),
         packed.track_op(),
-    );
+    )
+    .with_bf16(k.bf16_products());
     x.contiguous()?.apply_op3(&w.contiguous()?, &packed, op)
 }
 
@@ -271,7 +284,9 @@ pub fn mlp_half(
     }
     let d = x.dim(candle_core::D::Minus1)?;
     let save = x.track_op() || w.track_op();
-    let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op()).with_act(act);
+    let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op())
+        .with_act(act)
+        .with_bf16(k.bf16_products());
     let placeholder = Tensor::zeros(1, DType::F32, x.device())?;
     x.contiguous()?.apply_op3(&w.contiguous()?, &placeholder, op)
 }
@@ -319,6 +334,7 @@ pub fn mlp_half_adaptformer(
     let save = x.track_op() || w.track_op() || packed.track_op();
     let op = fused::MlpHalfOp::new(d, hidden, eps as f32, layout.clone(), save, w.track_op())
         .with_act(act)
+        .with_bf16(k.bf16_products())
         .with_side(
             fused::MlpSide::AdaptFormer {
                 rank,

@@ -12,7 +12,7 @@ pub mod timm;
 
 use super::error::{ModelError, Result};
 use super::ops::{self, HalfLayout, Kernels, layout};
-use crate::config::{Pool, VitConfig};
+use crate::config::{Pool, Precision, VitConfig};
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,6 +77,25 @@ impl Vit {
     fn need(&self, p: Part) -> Result<&Tensor> {
         self.part(p)
             .ok_or_else(|| ModelError::Config(format!("the backbone has no {}", p.timm_name())))
+    }
+
+    /// The backbone for a run at `precision` on its device: bf16 weights and activations on a GPU;
+    /// on the CPU f32 weights and activations with the fused halves' products with weights
+    /// formed from bf16 operands ([`Kernels::Bf16`], when the kernels are `Auto`).
+    pub fn with_precision(self, precision: Precision) -> Result<Self> {
+        if precision != Precision::Bf16 {
+            return Ok(self);
+        }
+        let on_cpu = self.blocks.first().is_none_or(|b| b.attn.device().is_cpu());
+        if !on_cpu {
+            return self.to_dtype(DType::BF16);
+        }
+        let kernels = if self.kernels == Kernels::Auto {
+            Kernels::Bf16
+        } else {
+            self.kernels
+        };
+        Ok(Self { kernels, ..self })
     }
 
     /// The same backbone with every weight in `dtype` (f64 for gradient checks, bf16 on GPUs).

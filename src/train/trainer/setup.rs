@@ -13,7 +13,6 @@ use crate::train::optim::{AdamW, timm_decay};
 use crate::train::protocol::{Notice, RunInfo};
 use crate::train::runfolder::{CONFIG_TOML, RunLock};
 use crate::train::stop::StopFlag;
-use candle_core::DType;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -93,16 +92,13 @@ impl Trainer {
             }
             backbone.cfg.std = s;
         }
-        if cfg.dtype == Precision::Bf16 {
-            if device.is_cpu() {
-                notices.push(setup_notice(
-                    "--dtype bf16 needs a GPU; training in f32 on the CPU".into(),
-                    None,
-                ));
-            } else {
-                backbone = backbone.to_dtype(DType::BF16)?;
-            }
+        if cfg.dtype == Precision::Bf16 && device.is_cpu() && !crate::model::ops::cpu::bf16::native() {
+            notices.push(setup_notice(
+                "--dtype bf16: this CPU has no AVX512-BF16, so its bf16 products are emulated (slower than f32)".into(),
+                None,
+            ));
         }
+        backbone = backbone.with_precision(cfg.dtype)?;
         let mut dataset = data::load(&cfg.data, cfg.final_split, cfg.seed)?;
         check(&stop)?;
         if let Some(n) = cfg.few_shot {

@@ -3,17 +3,27 @@
 
 use gemm::Parallelism;
 
-/// How a GEMM may use threads: `Pool` splits it over the current rayon pool, `Serial` keeps it on
-/// the calling thread (for GEMMs issued from inside a parallel loop).
+/// How a GEMM runs: `Pool` splits it over the current rayon pool, `Serial` keeps it on the
+/// calling thread (for GEMMs issued from inside a parallel loop), `PoolBf16` is `Pool` with the
+/// operands of a layer's products with its weight rounded to bf16 (f32 accumulation; see
+/// [`super::bf16`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Par {
     /// Use every thread of the current rayon pool.
     Pool,
     /// Stay on this thread.
     Serial,
+    /// Use every thread of the pool, with bf16 operands in [`linear_fwd`] and [`linear_dx`].
+    PoolBf16,
 }
 
 impl Par {
+    /// `PoolBf16` when `bf16`, else `Pool`.
+    #[must_use]
+    pub fn pool(bf16: bool) -> Self {
+        if bf16 { Self::PoolBf16 } else { Self::Pool }
+    }
+
     fn get(self, flops: usize) -> Parallelism {
         let threads = rayon::current_num_threads();
         // Tiny products are not worth waking other threads for.
@@ -96,6 +106,10 @@ pub fn gemm(
         }
         return;
     }
+    if par == Par::PoolBf16 {
+        super::bf16::gemm(m, n, k, a, b, c, c_rs, accumulate);
+        return;
+    }
     // SAFETY: every index the kernel touches lies inside the slices: checked above for the
     // row/column extents implied by (m, n, k) and the strides; `c` is borrowed mutably and cannot
     // alias `a` or `b`, which are shared borrows.
@@ -166,7 +180,8 @@ pub fn linear_dx(
     );
 }
 
-/// `dW (= or +=) dYᵀ·X` for `dY: m×n`, `X: m×k`: a linear layer's weight gradient (`n×k`).
+/// `dW (= or +=) dYᵀ·X` for `dY: m×n`, `X: m×k`: a linear layer's weight gradient (`n×k`),
+/// always from f32 operands (`PoolBf16` runs as `Pool`: weight gradients keep full precision).
 pub fn linear_dw(
     m: usize,
     n: usize,
@@ -179,6 +194,7 @@ pub fn linear_dw(
     accumulate: bool,
     par: Par,
 ) {
+    let par = if par == Par::PoolBf16 { Par::Pool } else { par };
     gemm(
         n,
         k,

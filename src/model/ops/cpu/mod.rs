@@ -8,6 +8,7 @@
 #![allow(clippy::inline_always, clippy::too_many_arguments)]
 
 pub mod attention;
+pub mod bf16;
 pub mod gemm;
 pub mod layer_norm;
 pub mod math;

@@ -76,6 +76,8 @@ pub struct AttnHalfOp {
     pub train_weights: bool,
     /// The third argument is trainable (keep what its gradient needs).
     pub train_side: bool,
+    /// How its products with weights run: `Pool`, or `PoolBf16` (bf16 operands, f32 accumulation).
+    pub par: Par,
     cache: Mutex<Option<AttnCache>>,
 }
 
@@ -99,7 +101,17 @@ impl AttnHalfOp {
             save,
             train_weights,
             train_side,
+            par: Par::Pool,
             cache: Mutex::new(None),
+        }
+    }
+
+    /// The same op with its products with weights formed from bf16 operands, or not.
+    #[must_use]
+    pub fn with_bf16(self, bf16: bool) -> Self {
+        Self {
+            par: Par::pool(bf16),
+            ..self
         }
     }
 }
@@ -120,6 +132,7 @@ impl CustomOp3 for AttnHalfOp {
     ) -> Result<(CpuStorage, Shape)> {
         let Dims { b, t, d, heads } = self.dims;
         let (x, w) = (slice(s1, l1, "x")?, slice(s2, l2, "weights")?);
+        let par = self.par;
         let n = b * t;
         if x.len() != n * d || w.len() != self.layout.len || d % heads != 0 {
             bail!(
@@ -147,7 +160,7 @@ impl CustomOp3 for AttnHalfOp {
         let mut stats = take(2 * n);
         layer_norm::forward(x, &mut ln, &mut stats, p(NORM_W), p(NORM_B), self.eps);
         let mut qkv = take(n * 3 * d);
-        linear_fwd(n, 3 * d, d, &ln, d, p(QKV_W), &mut qkv, 3 * d, false, Par::Pool);
+        linear_fwd(n, 3 * d, d, &ln, d, p(QKV_W), &mut qkv, 3 * d, false, par);
         let qkv_b = p(QKV_B);
         rows_mut(&mut qkv, 3 * d, |r, row| {
             for (v, bias) in row.iter_mut().zip(qkv_b) {
@@ -168,8 +181,8 @@ impl CustomOp3 for AttnHalfOp {
         let z = if let AttnSide::Lora { rank: r, scale } = self.side {
             let (a, bq, bv) = lora_parts(third, r, d);
             let mut z = take(n * 2 * r);
-            linear_fwd(n, 2 * r, d, &ln, d, a, &mut z, 2 * r, false, Par::Pool);
-            linear_fwd(n, d, r, &z, 2 * r, &scaled(bq, scale), &mut qkv, 3 * d, true, Par::Pool);
+            linear_fwd(n, 2 * r, d, &ln, d, a, &mut z, 2 * r, false, par);
+            linear_fwd(n, d, r, &z, 2 * r, &scaled(bq, scale), &mut qkv, 3 * d, true, par);
             linear_fwd(
                 n,
                 d,
@@ -180,7 +193,7 @@ impl CustomOp3 for AttnHalfOp {
                 &mut qkv[2 * d..],
                 3 * d,
                 true,
-                Par::Pool,
+                par,
             );
             z
         } else {
@@ -192,7 +205,7 @@ impl CustomOp3 for AttnHalfOp {
         let mut probs = if self.save { take(b * heads * t * t) } else { Vec::new() };
         attention::forward(&qkv, &mut o, self.save.then_some(probs.as_mut_slice()), self.dims);
         let mut out = zeros(n * d);
-        linear_fwd(n, d, d, &o, d, p(PROJ_W), &mut out, d, false, Par::Pool);
+        linear_fwd(n, d, d, &o, d, p(PROJ_W), &mut out, d, false, par);
         residual_epilogue(&mut out, x, p(PROJ_B), lay.present(LS).then(|| p(LS)), None, d);
         if self.save {
             let keep_ln = self.train_weights || (self.train_side && matches!(self.side, AttnSide::Lora { .. }));
@@ -230,6 +243,7 @@ impl CustomOp3 for AttnHalfOp {
         let Dims { b, t, d, .. } = self.dims;
         let n = b * t;
         let lay = self.layout.clone();
+        let par = self.par;
         let need_dx = x.track_op();
         let side_grad = third.track_op() && self.side != AttnSide::None;
         let (dx, dw, d_side) = with_data(x, |x| {
@@ -243,10 +257,10 @@ impl CustomOp3 for AttnHalfOp {
                         let scaled_dy = has_ls.then(|| through_layer_scale(dy, p(LS), d));
                         let d_proj: &[f32] = scaled_dy.as_deref().unwrap_or(dy);
                         if self.train_weights {
-                            output_grads(&mut dw, &lay, w, (PROJ_W, PROJ_B), (&cache.o, d), dy, d_proj);
+                            output_grads(&mut dw, &lay, (w, par), (PROJ_W, PROJ_B), (&cache.o, d), dy, d_proj);
                         }
                         let mut d_o = take(n * d);
-                        linear_dx(n, d, d, d_proj, d, p(PROJ_W), &mut d_o, d, false, Par::Pool);
+                        linear_dx(n, d, d, d_proj, d, p(PROJ_W), &mut d_o, d, false, par);
                         if let Some(v) = scaled_dy {
                             give(v);
                         }
@@ -270,18 +284,7 @@ impl CustomOp3 for AttnHalfOp {
                             AttnSide::Lora { rank: r, scale } if side_grad || need_dx || self.train_weights => {
                                 let (_, bq, bv) = lora_parts(side, r, d);
                                 let mut dz = take(n * 2 * r);
-                                linear_dx(
-                                    n,
-                                    d,
-                                    r,
-                                    &d_qkv,
-                                    3 * d,
-                                    &scaled(bq, scale),
-                                    &mut dz,
-                                    2 * r,
-                                    false,
-                                    Par::Pool,
-                                );
+                                linear_dx(n, d, r, &d_qkv, 3 * d, &scaled(bq, scale), &mut dz, 2 * r, false, par);
                                 linear_dx(
                                     n,
                                     d,
@@ -292,27 +295,16 @@ impl CustomOp3 for AttnHalfOp {
                                     &mut dz[r..],
                                     2 * r,
                                     false,
-                                    Par::Pool,
+                                    par,
                                 );
                                 if side_grad && let Some(ln) = &cache.ln {
                                     // Packed like the parameters: dA (2r × D), dB_q, dB_v (D × r).
                                     d_side = zeros(4 * r * d);
                                     let (da, db) = d_side.split_at_mut(2 * r * d);
                                     let (dbq, dbv) = db.split_at_mut(d * r);
-                                    linear_dw(n, 2 * r, d, &dz, 2 * r, ln, d, da, false, Par::Pool);
-                                    linear_dw(n, d, r, &d_qkv, 3 * d, &cache.z, 2 * r, dbq, false, Par::Pool);
-                                    linear_dw(
-                                        n,
-                                        d,
-                                        r,
-                                        &d_qkv[2 * d..],
-                                        3 * d,
-                                        &cache.z[r..],
-                                        2 * r,
-                                        dbv,
-                                        false,
-                                        Par::Pool,
-                                    );
+                                    linear_dw(n, 2 * r, d, &dz, 2 * r, ln, d, da, false, par);
+                                    linear_dw(n, d, r, &d_qkv, 3 * d, &cache.z, 2 * r, dbq, false, par);
+                                    linear_dw(n, d, r, &d_qkv[2 * d..], 3 * d, &cache.z[r..], 2 * r, dbv, false, par);
                                     for v in db.iter_mut() {
                                         *v *= scale;
                                     }
@@ -324,18 +316,7 @@ impl CustomOp3 for AttnHalfOp {
                         if self.train_weights
                             && let Some(ln) = &cache.ln
                         {
-                            linear_dw(
-                                n,
-                                3 * d,
-                                d,
-                                &d_qkv,
-                                3 * d,
-                                ln,
-                                d,
-                                &mut dw[lay.range(QKV_W)],
-                                false,
-                                Par::Pool,
-                            );
+                            linear_dw(n, 3 * d, d, &d_qkv, 3 * d, ln, d, &mut dw[lay.range(QKV_W)], false, par);
                             if lay.present(QKV_B) {
                                 dw[lay.range(QKV_B)].copy_from_slice(&col_sums(&d_qkv, 3 * d));
                             }
@@ -345,10 +326,10 @@ impl CustomOp3 for AttnHalfOp {
                         let mut dx = Vec::new();
                         if need_dx || self.train_weights {
                             let mut d_ln = take(n * d);
-                            linear_dx(n, 3 * d, d, &d_qkv, 3 * d, p(QKV_W), &mut d_ln, d, false, Par::Pool);
+                            linear_dx(n, 3 * d, d, &d_qkv, 3 * d, p(QKV_W), &mut d_ln, d, false, par);
                             if let (AttnSide::Lora { rank: r, .. }, Some(dz)) = (self.side, &lora_dz) {
                                 let (a, _, _) = lora_parts(side, r, d);
-                                linear_dx(n, 2 * r, d, dz, 2 * r, a, &mut d_ln, d, true, Par::Pool);
+                                linear_dx(n, 2 * r, d, dz, 2 * r, a, &mut d_ln, d, true, par);
                             }
                             dx = through_input_norm(
                                 x,

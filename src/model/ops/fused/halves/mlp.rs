@@ -80,6 +80,8 @@ pub struct MlpHalfOp {
     pub side: MlpSide,
     /// The third argument is trainable.
     pub train_side: bool,
+    /// How its products with weights run: `Pool`, or `PoolBf16` (bf16 operands, f32 accumulation).
+    pub par: Par,
     cache: Mutex<Option<MlpCache>>,
 }
 
@@ -97,7 +99,17 @@ impl MlpHalfOp {
             act: Activation::Gelu,
             side: MlpSide::None,
             train_side: false,
+            par: Par::Pool,
             cache: Mutex::new(None),
+        }
+    }
+
+    /// The same op with its products with weights formed from bf16 operands, or not.
+    #[must_use]
+    pub fn with_bf16(self, bf16: bool) -> Self {
+        Self {
+            par: Par::pool(bf16),
+            ..self
         }
     }
 
@@ -134,6 +146,7 @@ impl CustomOp3 for MlpHalfOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (d, hd) = (self.d, self.hidden);
         let (x, w) = (slice(s1, l1, "x")?, slice(s2, l2, "weights")?);
+        let par = self.par;
         if x.len() % d != 0 || w.len() != self.layout.len {
             bail!(
                 "mlp half: x {:?} / weights {} do not match the block",
@@ -161,7 +174,7 @@ impl CustomOp3 for MlpHalfOp {
         let mut stats = take(2 * n);
         layer_norm::forward(x, &mut ln, &mut stats, p(NORM_W), p(NORM_B), self.eps);
         let mut a = take(n * hd);
-        linear_fwd(n, hd, d, &ln, d, p(FC1_W), &mut a, hd, false, Par::Pool);
+        linear_fwd(n, hd, d, &ln, d, p(FC1_W), &mut a, hd, false, par);
         let mut g = take(n * hd);
         let mut cdf = take(n * hd);
         // `cdf` keeps Φ(a) for GELU, σ(1.702a) for QuickGELU: what each backward needs.
@@ -170,20 +183,20 @@ impl CustomOp3 for MlpHalfOp {
             Activation::QuickGelu => math::bias_quick_gelu(&mut a, &mut g, &mut cdf, p(FC1_B)),
         }
         let mut out = take(n * d);
-        linear_fwd(n, d, hd, &g, hd, p(FC2_W), &mut out, d, false, Par::Pool);
+        linear_fwd(n, d, hd, &g, hd, p(FC2_W), &mut out, d, false, par);
         let has_ls = lay.present(LS);
         let up_b = adapter.map(|((_, _, _, ub), _, s)| scaled(ub, s));
         residual_epilogue(&mut out, x, p(FC2_B), has_ls.then(|| p(LS)), up_b.as_deref(), d);
         // AdaptFormer: u = ReLU(h·W_downᵀ + b_down), out += u·(s·W_up)ᵀ.
         let side = if let Some(((dw, db, uw, _), r, s)) = adapter {
             let mut u = take(n * r);
-            linear_fwd(n, r, d, &ln, d, dw, &mut u, r, false, Par::Pool);
+            linear_fwd(n, r, d, &ln, d, dw, &mut u, r, false, par);
             rows_mut(&mut u, r, |_, row| {
                 for (v, b) in row.iter_mut().zip(db) {
                     *v = (*v + b).max(0.0);
                 }
             });
-            linear_fwd(n, d, r, &u, r, &scaled(uw, s), &mut out, d, true, Par::Pool);
+            linear_fwd(n, d, r, &u, r, &scaled(uw, s), &mut out, d, true, par);
             u
         } else {
             Vec::new()
@@ -230,6 +243,7 @@ impl CustomOp3 for MlpHalfOp {
         };
         let (d, hd) = (self.d, self.hidden);
         let lay = self.layout.clone();
+        let par = self.par;
         let need_dx = x.track_op();
         let side_grad = third.track_op() && self.side != MlpSide::None;
         let (dx, dw, d_side) = with_data(x, |x| {
@@ -249,7 +263,7 @@ impl CustomOp3 for MlpHalfOp {
                         {
                             let (_, _, uw, _) = adaptformer_parts(side, r, d);
                             let mut g = take(n * r);
-                            linear_dx(n, d, r, dy, d, &scaled(uw, scale), &mut g, r, false, Par::Pool);
+                            linear_dx(n, d, r, dy, d, &scaled(uw, scale), &mut g, r, false, par);
                             rows_mut(&mut g, r, |i, row| {
                                 for (v, u) in row.iter_mut().zip(&cache.side[i * r..(i + 1) * r]) {
                                     if *u <= 0.0 {
@@ -262,9 +276,9 @@ impl CustomOp3 for MlpHalfOp {
                                 let (ddw, rest) = d_side.split_at_mut(r * d);
                                 let (ddb, rest) = rest.split_at_mut(r);
                                 let (duw, dub) = rest.split_at_mut(d * r);
-                                linear_dw(n, r, d, &g, r, ln, d, ddw, false, Par::Pool);
+                                linear_dw(n, r, d, &g, r, ln, d, ddw, false, par);
                                 ddb.copy_from_slice(&col_sums(&g, r));
-                                linear_dw(n, d, r, dy, d, &cache.side, r, duw, false, Par::Pool);
+                                linear_dw(n, d, r, dy, d, &cache.side, r, duw, false, par);
                                 for v in duw.iter_mut() {
                                     *v *= scale;
                                 }
@@ -284,10 +298,10 @@ impl CustomOp3 for MlpHalfOp {
                             if self.train_weights
                                 && let Some(g) = &cache.g
                             {
-                                output_grads(&mut dw, &lay, w, (FC2_W, FC2_B), (g, hd), dy, d_fc2);
+                                output_grads(&mut dw, &lay, (w, par), (FC2_W, FC2_B), (g, hd), dy, d_fc2);
                             }
                             let mut da = take(n * hd);
-                            linear_dx(n, d, hd, d_fc2, d, p(FC2_W), &mut da, hd, false, Par::Pool);
+                            linear_dx(n, d, hd, d_fc2, d, p(FC2_W), &mut da, hd, false, par);
                             if let Some(v) = scaled_dy {
                                 give(v);
                             }
@@ -298,15 +312,15 @@ impl CustomOp3 for MlpHalfOp {
                             if self.train_weights
                                 && let Some(ln) = &cache.ln
                             {
-                                linear_dw(n, hd, d, &da, hd, ln, d, &mut dw[lay.range(FC1_W)], false, Par::Pool);
+                                linear_dw(n, hd, d, &da, hd, ln, d, &mut dw[lay.range(FC1_W)], false, par);
                                 dw[lay.range(FC1_B)].copy_from_slice(&col_sums(&da, hd));
                             }
                             let mut d_ln = take(n * d);
-                            linear_dx(n, hd, d, &da, hd, p(FC1_W), &mut d_ln, d, false, Par::Pool);
+                            linear_dx(n, hd, d, &da, hd, p(FC1_W), &mut d_ln, d, false, par);
                             give(da);
                             if let (MlpSide::AdaptFormer { rank: r, .. }, Some(g)) = (self.side, &du) {
                                 let (dwn, _, _, _) = adaptformer_parts(side, r, d);
-                                linear_dx(n, r, d, g, r, dwn, &mut d_ln, d, true, Par::Pool);
+                                linear_dx(n, r, d, g, r, dwn, &mut d_ln, d, true, par);
                             }
                             dx = through_input_norm(
                                 x,

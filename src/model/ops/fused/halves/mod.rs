@@ -31,11 +31,12 @@ fn grad_tensor(buf: Vec<f32>, wanted: bool, shape: &Shape) -> Result<Option<Tens
 
 /// The gradients of a half's output layer `y = h·Wᵀ + b` (then `x + ls ⊙ y`), written straight
 /// into the flat gradient buffer `dw`: `dW` and `db` from `d_out` (`dy` through the layer scale),
-/// and with layer scale `dγ = Σ dy ⊙ y` (recomputing `y`). `(h, k)`: the layer's input and width.
+/// and with layer scale `dγ = Σ dy ⊙ y` (recomputing `y` from the weights `w` as the forward
+/// pass did, `par`). `(h, k)`: the layer's input and width.
 fn output_grads(
     dw: &mut [f32],
     lay: &HalfLayout,
-    w: &[f32],
+    (w, par): (&[f32], Par),
     (w_slot, b_slot): (usize, usize),
     (h, k): (&[f32], usize),
     dy: &[f32],
@@ -43,11 +44,11 @@ fn output_grads(
 ) {
     let d = lay.slots[b_slot].len();
     let n = dy.len() / d.max(1);
-    linear_dw(n, d, k, d_out, d, h, k, &mut dw[lay.range(w_slot)], false, Par::Pool);
+    linear_dw(n, d, k, d_out, d, h, k, &mut dw[lay.range(w_slot)], false, par);
     dw[lay.range(b_slot)].copy_from_slice(&col_sums(d_out, d));
     if lay.present(LS) {
         let mut y = take(n * d);
-        linear_fwd(n, d, k, h, k, &w[lay.range(w_slot)], &mut y, d, false, Par::Pool);
+        linear_fwd(n, d, k, h, k, &w[lay.range(w_slot)], &mut y, d, false, par);
         let bias = &w[lay.range(b_slot)];
         rows_mut(&mut y, d, |_, row| {
             for (v, b) in row.iter_mut().zip(bias) {
