@@ -10,14 +10,17 @@
 #   PYTHON   python with torch+timm (default: python3)
 #   METHODS  methods to time       (default: "full moppa lora adaptformer linear")
 #   THREADS  CPU threads for both  (default: unset = every usable core, each side's default)
-#   DTYPE    f32 (default) | bf16  (bf16 only has an effect on cuda, on both sides)
+#   DTYPE    f32 (default) | bf16  for both sides (bf16: moppa bench --dtype bf16; PyTorch under
+#            torch.autocast(bfloat16); on the CPU both form the linear layers' products in bf16)
+#   CANDLE_DTYPE, TORCH_DTYPE  one side's dtype (default: DTYPE), e.g. CANDLE_DTYPE=bf16 alone
+#            times candle's bf16 products against f32 PyTorch
 #   OMP_WAIT_POLICY  passed through to PyTorch's OpenMP (PASSIVE helps it on a busy machine; see README)
 #   COMPILE  1 (default): also time torch.compile (compile time excluded, reported apart); 0: eager only
 set -euo pipefail
 
 # the exact command, with the environment variables that were set
 cmd=""
-for v in MOPPA PYTHON METHODS THREADS DTYPE OMP_WAIT_POLICY COMPILE; do
+for v in MOPPA PYTHON METHODS THREADS DTYPE CANDLE_DTYPE TORCH_DTYPE OMP_WAIT_POLICY COMPILE; do
     if [ -n "${!v:-}" ]; then cmd+="$v='${!v}' "; fi
 done
 cmd+="benches/reference/compare.sh${*:+ $*}"
@@ -32,6 +35,8 @@ MOPPA="${MOPPA:-$root/target/release/moppa}"
 PYTHON="${PYTHON:-python3}"
 METHODS="${METHODS:-full moppa lora adaptformer linear}"
 DTYPE="${DTYPE:-f32}"
+CANDLE_DTYPE="${CANDLE_DTYPE:-$DTYPE}"
+TORCH_DTYPE="${TORCH_DTYPE:-$DTYPE}"
 THREADS="${THREADS:-}"
 COMPILE="${COMPILE:-1}"
 
@@ -44,7 +49,7 @@ if ! "$PYTHON" -c 'import torch, timm' 2>/dev/null; then
     exit 2
 fi
 
-common=(--preset "$preset" --batch "$batch" --steps "$steps" --device "$device" --dtype "$DTYPE" --json)
+common=(--preset "$preset" --batch "$batch" --steps "$steps" --device "$device" --json)
 if [ -n "$THREADS" ]; then common+=(--threads "$THREADS"); fi
 
 # get KEY JSON: one field of a JSON object
@@ -60,9 +65,9 @@ get() {
 run_one() {
     local out
     case "$1" in
-    candle) out="$("$MOPPA" bench --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  candle: /' "$tmp/err" >&2; return 0; } ;;
-    pytorch) out="$("$PYTHON" "$here/pytorch_bench.py" --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  pytorch: /' "$tmp/err" >&2; return 0; } ;;
-    compiled) out="$("$PYTHON" "$here/pytorch_bench.py" --compile --method "$2" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  compiled: /' "$tmp/err" >&2; return 0; } ;;
+    candle) out="$("$MOPPA" bench --method "$2" --dtype "$CANDLE_DTYPE" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  candle: /' "$tmp/err" >&2; return 0; } ;;
+    pytorch) out="$("$PYTHON" "$here/pytorch_bench.py" --method "$2" --dtype "$TORCH_DTYPE" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  pytorch: /' "$tmp/err" >&2; return 0; } ;;
+    compiled) out="$("$PYTHON" "$here/pytorch_bench.py" --compile --method "$2" --dtype "$TORCH_DTYPE" "${common[@]}" 2>"$tmp/err")" || { sed 's/^/  compiled: /' "$tmp/err" >&2; return 0; } ;;
     esac
     printf '%s\n' "$out" | grep '^{' | tail -n 1
 }
@@ -125,7 +130,8 @@ if [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" 
 threads_used="$(if [ -n "${c:-}" ]; then get threads "$c"; elif [ -n "${p:-}" ]; then get threads "$p"; else echo '?'; fi)"
 
 echo
-echo "### moppa bench vs PyTorch: $preset, batch $batch, $steps timed steps, $device, $DTYPE, $threads_used threads"
+if [ "$CANDLE_DTYPE" = "$TORCH_DTYPE" ]; then dtypes="$CANDLE_DTYPE"; else dtypes="candle $CANDLE_DTYPE, PyTorch $TORCH_DTYPE"; fi
+echo "### moppa bench vs PyTorch: $preset, batch $batch, $steps timed steps, $device, $dtypes, $threads_used threads"
 echo
 echo "| method | candle step ms | eager step ms | compiled step ms | candle/eager | candle/compiled | compile s |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
