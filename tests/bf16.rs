@@ -250,3 +250,42 @@ fn fused_halves_with_bf16_products_match_the_reference_within_bf16_rounding() {
     ]);
     check_half("mlp + AdaptFormer", &ad, &ad_ref, &inputs);
 }
+
+/// `--dtype bf16` on the CPU end to end: full fine-tuning of the (random) micro backbone on the
+/// digits learns with bf16 products (f32 weight gradients), and its run folder records the
+/// precision it ran at (the f32 twin is engine.rs's `training_on_digits_learns…`).
+#[test]
+fn a_cpu_run_with_bf16_products_learns_and_records_its_precision() {
+    use moppa_studio::config::{MethodConfig, MethodKind, Precision, RunConfig};
+    use moppa_studio::train::protocol::{Event, FinishReason};
+    use moppa_studio::train::{WorkerHandle, WorkerOptions};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cfg = RunConfig {
+        backbone: common::micro_backbone(dir.path()).display().to_string(),
+        steps: Some(200),
+        lr: Some(2e-3),
+        method: MethodConfig::of(MethodKind::Full),
+        batch: 32,
+        eval_every: 100,
+        threads: Some(2),
+        dtype: Precision::Bf16,
+        out: Some(out.clone()),
+        ..RunConfig::default()
+    };
+    let h = WorkerHandle::spawn(cfg, WorkerOptions::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let finished = loop {
+        assert!(Instant::now() < deadline, "the run did not finish");
+        if let Ok(Event::Finished(f)) = h.events().recv_timeout(Duration::from_millis(200)) {
+            break f;
+        }
+    };
+    assert_eq!(finished.reason, FinishReason::Done, "{:?}", finished.message);
+    let val = finished.best_val_acc.unwrap();
+    assert!(val > 0.5, "val accuracy {val} should be far above chance (0.1)");
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("dtype = \"bf16\""), "{config}");
+}

@@ -236,6 +236,13 @@ pub fn cuda_available() -> bool {
     cfg!(feature = "cuda") && candle_core::utils::cuda_is_available()
 }
 
+/// Whether this CPU forms `--dtype bf16` products natively (AVX512-BF16); elsewhere they are
+/// emulated, slower than f32 (the app says which beside its precision choice).
+#[must_use]
+pub fn cpu_bf16_native() -> bool {
+    crate::model::ops::cpu::bf16::native()
+}
+
 /// Picks the device for a run.
 pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     let device = match choice {
