@@ -26,7 +26,14 @@ const BLOCKS_PER_TASK: usize = 16;
 /// `x` rounded to the nearest bf16 (ties to even), as the bit pattern's top half.
 #[inline]
 fn to_bf16(x: f32) -> u32 {
-    u32::from(half::bf16::from_f32(x).to_bits())
+    let b = x.to_bits();
+    if x.is_nan() {
+        // Quiet NaN, sign kept (what `half::bf16::from_f32` and `vcvtne2ps2bf16` give).
+        (b >> 16) | 0x40
+    } else {
+        // Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate.
+        (b + 0x7fff + ((b >> 16) & 1)) >> 16
+    }
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), back in f32.
@@ -108,17 +115,38 @@ fn pack_rhs(k: usize, n: usize, b: View<'_>) -> Vec<u32> {
     let mut out = RHS.with(|s| std::mem::take(&mut *s.borrow_mut()));
     out.clear();
     out.resize(panels * kp * NR, 0);
-    let at = |kk: usize, j: usize| {
-        if kk < k {
-            to_bf16(b.data[kk * b.rs + j * b.cs])
-        } else {
-            0
-        }
-    };
-    for j in 0..n {
-        let base = (j / NR) * kp * NR + j % NR;
+    let word = |lo: f32, hi: f32| to_bf16(lo) | (to_bf16(hi) << 16);
+    if b.cs == 1 {
+        // Rows of B contiguous (a weight in `dX = dY·W`): each pair of rows fills a row of words
+        // in every panel, column by column (a loop the compiler vectorises).
         for p in 0..kp {
-            out[base + p * NR] = at(2 * p, j) | (at(2 * p + 1, j) << 16);
+            let row0 = &b.data[2 * p * b.rs..2 * p * b.rs + n];
+            let row1 = (2 * p + 1 < k).then(|| &b.data[(2 * p + 1) * b.rs..(2 * p + 1) * b.rs + n]);
+            for (panel, j0) in (0..n).step_by(NR).enumerate() {
+                let cols = (n - j0).min(NR);
+                let dst = &mut out[(panel * kp + p) * NR..(panel * kp + p) * NR + cols];
+                match row1 {
+                    Some(row1) => {
+                        for ((d, &lo), &hi) in dst.iter_mut().zip(&row0[j0..j0 + cols]).zip(&row1[j0..j0 + cols]) {
+                            *d = word(lo, hi);
+                        }
+                    }
+                    None => {
+                        for (d, &lo) in dst.iter_mut().zip(&row0[j0..j0 + cols]) {
+                            *d = to_bf16(lo);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        // Columns of B strided (rows contiguous when B = Wᵀ, `rs == 1`): column by column.
+        for j in 0..n {
+            let base = (j / NR) * kp * NR + j % NR;
+            for p in 0..kp {
+                let at = |kk: usize| if kk < k { b.data[kk * b.rs + j * b.cs] } else { 0.0 };
+                out[base + p * NR] = word(at(2 * p), at(2 * p + 1));
+            }
         }
     }
     out
