@@ -253,7 +253,8 @@ fn fused_halves_with_bf16_products_match_the_reference_within_bf16_rounding() {
 
 /// `--dtype bf16` on the CPU end to end: full fine-tuning of the (random) micro backbone on the
 /// digits learns with bf16 products (f32 weight gradients), and its run folder records the
-/// precision it ran at (the f32 twin is engine.rs's `training_on_digits_learns…`).
+/// precision it ran at, which `moppa eval` then uses (the f32 twin is engine.rs's
+/// `training_on_digits_learns…`).
 #[test]
 fn a_cpu_run_with_bf16_products_learns_and_records_its_precision() {
     use moppa_studio::config::{MethodConfig, MethodKind, Precision, RunConfig};
@@ -263,8 +264,9 @@ fn a_cpu_run_with_bf16_products_learns_and_records_its_precision() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
+    let cfg_backbone = common::micro_backbone(dir.path()).display().to_string();
     let cfg = RunConfig {
-        backbone: common::micro_backbone(dir.path()).display().to_string(),
+        backbone: cfg_backbone.clone(),
         steps: Some(200),
         lr: Some(2e-3),
         method: MethodConfig::of(MethodKind::Full),
@@ -288,4 +290,44 @@ fn a_cpu_run_with_bf16_products_learns_and_records_its_precision() {
     assert!(val > 0.5, "val accuracy {val} should be far above chance (0.1)");
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(config.contains("dtype = \"bf16\""), "{config}");
+    // `moppa eval` on the run folder computes at the run's precision: the same test accuracy and
+    // loss as the run's own test evaluation.
+    let test_acc = finished.test_acc.unwrap();
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let test_loss = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "eval" && v["split"] == "test")
+        .and_then(|v| v["loss"].as_f64())
+        .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args(["eval", "--run", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let expected = format!("test accuracy {test_acc:.4} (loss {test_loss:.4})");
+    assert!(text.contains(&expected), "{text} vs {expected}");
+    // The same through the library, to more digits than the CLI prints: the run's precision
+    // reproduces the run's test loss; f32 products give another one.
+    let loss_at = |precision| {
+        let on = moppa_studio::train::evaluate::OnBackbone {
+            spec: &cfg_backbone,
+            heads: None,
+            precision,
+        };
+        let adapter = out.join("adapter.safetensors");
+        let split = moppa_studio::data::Split::Test;
+        let e = moppa_studio::train::evaluate::evaluate_adapter(&adapter, on, "builtin:digits", split, false, 256);
+        e.unwrap().result.loss
+    };
+    let (bf16_loss, f32_loss) = (loss_at(Precision::Bf16), loss_at(Precision::F32));
+    assert!(
+        (bf16_loss - test_loss).abs() < 1e-6 * test_loss,
+        "{bf16_loss} vs the run's {test_loss}"
+    );
+    assert!(
+        (f32_loss - test_loss).abs() > 1e-6 * test_loss,
+        "f32 {f32_loss} = bf16 {test_loss}?"
+    );
 }

@@ -3,7 +3,7 @@
 use super::{CliError, usage};
 use crate::config::RunConfig;
 use crate::data::Split;
-use crate::train::evaluate::{evaluate_adapter, run_config};
+use crate::train::evaluate::{OnBackbone, evaluate_adapter, run_config};
 use clap::Args;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -63,6 +63,18 @@ pub struct Resolved {
     pub base: Option<RunConfig>,
 }
 
+impl Resolved {
+    /// The backbone, at the run's precision (f32 for a bare adapter file).
+    #[must_use]
+    pub fn on(&self) -> OnBackbone<'_> {
+        OnBackbone {
+            spec: &self.backbone,
+            heads: self.heads,
+            precision: self.base.as_ref().map(|c| c.dtype).unwrap_or_default(),
+        }
+    }
+}
+
 impl AdapterSource {
     /// The adapter file, backbone and heads: from the run folder, or the flags (default builtin).
     pub fn resolve(&self) -> Result<Resolved, CliError> {
@@ -95,19 +107,21 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
         "val" => Split::Val,
         other => return Err(usage(format!("--split must be val or test (got {other})"))),
     };
-    let Resolved {
-        adapter,
-        backbone,
-        heads,
-        base,
-    } = args.source.resolve()?;
+    let resolved = args.source.resolve()?;
     let data = args
         .data
         .clone()
-        .or_else(|| base.as_ref().map(|c| c.data.clone()))
+        .or_else(|| resolved.base.as_ref().map(|c| c.data.clone()))
         .unwrap_or_else(|| "builtin:digits".into());
-    let eval = evaluate_adapter(&adapter, &backbone, heads, &data, split, args.source.force, args.batch)
-        .map_err(|e| CliError::Failure(e.into()))?;
+    let eval = evaluate_adapter(
+        &resolved.adapter,
+        resolved.on(),
+        &data,
+        split,
+        args.source.force,
+        args.batch,
+    )
+    .map_err(|e| CliError::Failure(e.into()))?;
     for w in &eval.warnings {
         eprintln!("warning: {w}");
     }
@@ -124,7 +138,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
     }
     let out = args.output.clone().unwrap_or_else(|| match &args.source.run {
         Some(dir) => dir.join(format!("eval-{}.csv", split.name())),
-        None => adapter.with_extension(format!("eval-{}.csv", split.name())),
+        None => resolved.adapter.with_extension(format!("eval-{}.csv", split.name())),
     });
     std::fs::write(&out, csv)
         .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", out.display())))?;

@@ -1,6 +1,6 @@
 //! `moppa predict`: a trained adapter's classes for your own images, as CSV.
 
-use super::eval::{AdapterSource, Resolved};
+use super::eval::AdapterSource;
 use super::{CliError, usage};
 use crate::train::evaluate::predict_files;
 use clap::Args;
@@ -47,19 +47,14 @@ pub fn predict(args: &PredictArgs) -> Result<(), CliError> {
     if args.batch == 0 {
         return Err(usage("--batch must be ≥ 1"));
     }
-    let Resolved {
-        adapter,
-        backbone,
-        heads,
-        ..
-    } = args.source.resolve()?;
+    let resolved = args.source.resolve()?;
     let (files, mut skipped) = crate::data::image_files(&args.inputs);
     let named = files.len() + skipped.len();
     let pred = if files.is_empty() {
         None
     } else {
         Some(
-            predict_files(&adapter, &backbone, heads, args.source.force, &files, args.batch)
+            predict_files(&resolved.adapter, resolved.on(), args.source.force, &files, args.batch)
                 .map_err(|e| CliError::Failure(e.into()))?,
         )
     };

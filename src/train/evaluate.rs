@@ -6,7 +6,7 @@ use super::backbone::{load_backbone, select_device};
 use super::batch::{images_tensor, labels_tensor};
 use super::error::{Result, TrainError};
 use super::protocol::{BlockSnapshot, EvalResult, Probe, ProbeOrigin, Rgb, Snapshot};
-use crate::config::{DeviceChoice, RunConfig};
+use crate::config::{DeviceChoice, Precision, RunConfig};
 use crate::data::loader::EvalSet;
 use crate::data::{self, Normalize, Split};
 use crate::model::checkpoint::load_adapter_noting;
@@ -149,10 +149,22 @@ pub(crate) struct LoadedAdapter {
     forced: Option<String>,
 }
 
+/// The backbone an adapter goes on, and the precision it computes at (a run's own, so that
+/// evaluating a run folder reproduces the accuracy the run reported).
+#[derive(Clone, Copy, Debug)]
+pub struct OnBackbone<'a> {
+    /// `builtin`, a file, `hf:ORG/NAME[@REV]` or `random:PRESET`.
+    pub spec: &'a str,
+    /// Heads of a timm backbone file.
+    pub heads: Option<usize>,
+    /// The run's `--dtype` (f32 for a bare adapter file).
+    pub precision: Precision,
+}
+
 impl LoadedAdapter {
-    pub(crate) fn load(adapter: &Path, backbone_spec: &str, heads: Option<usize>, force: bool) -> Result<Self> {
+    pub(crate) fn load(adapter: &Path, on: OnBackbone<'_>, force: bool) -> Result<Self> {
         let device = select_device(DeviceChoice::Auto)?;
-        let backbone = load_backbone(backbone_spec, heads, 0, &device)?;
+        let backbone = load_backbone(on.spec, on.heads, 0, &device)?.with_precision(on.precision)?;
         let (model, forced) = load_adapter_noting(adapter, backbone, force)?;
         let cfg = &model.backbone.cfg;
         let normalize = Normalize {
@@ -190,14 +202,13 @@ impl LoadedAdapter {
 /// Loads `adapter` onto the backbone `backbone_spec` and evaluates it on `split` of `data_spec`.
 pub fn evaluate_adapter(
     adapter: &Path,
-    backbone_spec: &str,
-    heads: Option<usize>,
+    on: OnBackbone<'_>,
     data_spec: &str,
     split: Split,
     force: bool,
     batch: usize,
 ) -> Result<AdapterEval> {
-    let loaded = LoadedAdapter::load(adapter, backbone_spec, heads, force)?;
+    let loaded = LoadedAdapter::load(adapter, on, force)?;
     let model = &loaded.model;
     let mut warnings: Vec<String> = loaded.forced.iter().cloned().collect();
     let dataset = data::load(data_spec, false, 0)?;
@@ -311,13 +322,12 @@ pub struct Predictions {
 /// Unreadable files are returned apart, never an error.
 pub fn predict_files(
     adapter: &Path,
-    backbone_spec: &str,
-    heads: Option<usize>,
+    on: OnBackbone<'_>,
     force: bool,
     files: &[std::path::PathBuf],
     batch: usize,
 ) -> Result<Predictions> {
-    let loaded = LoadedAdapter::load(adapter, backbone_spec, heads, force)?;
+    let loaded = LoadedAdapter::load(adapter, on, force)?;
     let model = &loaded.model;
     // The label of each sample is its index in `files`: it survives the skips.
     let samples = files

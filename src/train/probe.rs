@@ -2,7 +2,7 @@
 //! images (`data::transform`), so the app sends pixels the run reads as it would a validation
 //! image ([`crate::train::protocol::Command::SetProbeImage`]).
 
-use super::evaluate::{LoadedAdapter, probe_snapshot, run_backbone_spec, run_config};
+use super::evaluate::{LoadedAdapter, OnBackbone, probe_snapshot, run_backbone_spec, run_config};
 use super::protocol::{Rgb, Snapshot};
 use super::worker::Waker;
 use crate::config::VitConfig;
@@ -131,5 +131,10 @@ fn load(dir: &Path) -> Result<LoadedAdapter, String> {
         return Err(format!("{}: no adapter.safetensors to probe", dir.display()));
     }
     let cfg = run_config(dir).map_err(|e| e.to_string())?;
-    LoadedAdapter::load(&adapter, &run_backbone_spec(&cfg), cfg.heads, false).map_err(|e| e.to_string())
+    let on = OnBackbone {
+        spec: &run_backbone_spec(&cfg),
+        heads: cfg.heads,
+        precision: cfg.dtype,
+    };
+    LoadedAdapter::load(&adapter, on, false).map_err(|e| e.to_string())
 }
