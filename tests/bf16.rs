@@ -300,10 +300,7 @@ fn a_cpu_run_with_bf16_products_learns_and_records_its_precision() {
         .find(|v| v["kind"] == "eval" && v["split"] == "test")
         .and_then(|v| v["loss"].as_f64())
         .unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
-        .args(["eval", "--run", out.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = common::moppa(&["eval", "--run", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
     let expected = format!("test accuracy {test_acc:.4} (loss {test_loss:.4})");

@@ -565,10 +565,7 @@ fn training_on_digits_learns_and_the_checkpoint_reproduces_the_accuracy() {
     assert_eq!(csv.lines().filter(|l| l.starts_with("progress,")).count(), 200);
     // `moppa eval` on the run folder reproduces the final test accuracy.
     let test_acc = f.test_acc.unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
-        .args(["eval", "--run", out.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = common::moppa(&["eval", "--run", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(

@@ -265,8 +265,9 @@ pub fn run(cfg: &BenchConfig) -> anyhow::Result<BenchResult> {
         batch: cfg.batch,
         device: device_name(&device),
         threads: rayon::current_num_threads(),
-        // What ran: on the CPU bf16 means the fused halves' bf16 products (not with other kernels).
-        dtype: if cfg.dtype == Precision::Bf16 && (!device.is_cpu() || kernels.bf16_products()) {
+        // What ran: on the CPU bf16 means the fused halves' bf16 products (`--dtype bf16` with the
+        // auto kernels, or `--kernels bf16`); with other kernels the CPU computes in f32.
+        dtype: if (cfg.dtype == Precision::Bf16 && !device.is_cpu()) || (device.is_cpu() && kernels.bf16_products()) {
             "bf16"
         } else {
             "f32"
