@@ -207,7 +207,10 @@ pub fn ui(
                     ui.selectable_value(&mut cfg.dtype, Precision::F32, "f32")
                         .on_hover_text("f32 everywhere (the reference numerics)");
                     ui.selectable_value(&mut cfg.dtype, Precision::Bf16, "bf16")
-                        .on_hover_text(bf16_hint(cuda && cfg.device != DeviceChoice::Cpu));
+                        .on_hover_ui(|ui| {
+                            // Built only while hovered, not every frame.
+                            ui.label(bf16_hint(cuda && cfg.device != DeviceChoice::Cpu));
+                        });
                 });
                 ui.end_row();
             });

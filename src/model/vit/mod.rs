@@ -86,8 +86,7 @@ impl Vit {
         if precision != Precision::Bf16 {
             return Ok(self);
         }
-        let on_cpu = self.blocks.first().is_none_or(|b| b.attn.device().is_cpu());
-        if !on_cpu {
+        if !self.device().is_cpu() {
             return self.to_dtype(DType::BF16);
         }
         let kernels = if self.kernels == Kernels::Auto {
