@@ -34,6 +34,7 @@ layer_rule 'crate::app\b' src/cli "the CLI names the app (the two faces are sibl
 layer_rule 'crate::model\b' src/app "the app names the model (it reads train and config only)"
 layer_rule 'candle_core|candle_nn' src/app "the app names candle (it never touches a tensor)"
 layer_rule 'pub use crate::model\b' src/train "train re-exports the model (displays see protocol and config types only)"
+layer_rule 'softplus' src/physics "physics names softplus (the model owns the coefficients' parameterisation)"
 layer_rule 'softplus' src/train "train names the softplus helpers (the model owns the coefficients' parameterisation)"
 layer_rule 'crate::(model|physics|data|train|cli|app)\b' src/config "config names a higher layer (it is plain data at the bottom)"
 [ "$fail" -eq 0 ] || exit 1

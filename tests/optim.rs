@@ -124,3 +124,19 @@ fn moments_round_trip_by_name() {
     }
     drop((w2, b2));
 }
+
+#[test]
+fn an_update_that_overflows_f32_changes_nothing() {
+    // Adam's first update is ±1 per weight; times lr 1e39 it is no longer an f32. The step must
+    // report that and keep the weights and moments, whatever checked the learning rate before.
+    let (w, b, mut opt) = setup();
+    let loss = (w.as_tensor().sum_all().unwrap() + b.as_tensor().sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let info = opt.step(&grads, 1e39, 0.0).unwrap();
+    assert!(!info.finite, "an overflowing update is refused");
+    assert_eq!(w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), W0);
+    assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), B0);
+    // The next sane step goes through from the same state.
+    let info = opt.step(&grads, 0.1, 0.0).unwrap();
+    assert!(info.finite);
+}

@@ -121,7 +121,7 @@ pub fn filters(args: &FiltersArgs) -> Result<(), CliError> {
     let h = args.grid as usize;
     let w = args.grid_w.unwrap_or(args.grid) as usize;
     let set = FilterSet::new(h, w, coeffs).map_err(|e| match e {
-        PhysicsError::BadCoefficient { .. } => usage(e),
+        PhysicsError::BadCoefficient(_) => usage(e),
         other => CliError::Failure(other.into()),
     })?;
     let text = match args.format {

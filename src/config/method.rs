@@ -129,29 +129,18 @@ impl MethodConfig {
         if self.rank == 0 {
             return Err("rank must be ≥ 1".into());
         }
-        let pos = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
-                Ok(())
-            } else {
-                Err(format!("{name} must be > 0 (got {})", crate::util::short_number(v)))
-            }
-        };
-        let nonneg = |name: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(())
-            } else {
-                Err(format!("{name} must be ≥ 0 (got {})", crate::util::short_number(v)))
-            }
-        };
-        pos("tau", self.tau)?;
-        pos("temperature", self.temperature)?;
-        nonneg("gamma", self.gamma)?;
-        nonneg("route-weight", self.route_weight)?;
+        let check = |r: super::ValueRange, v: f64| r.check(v).map(drop).map_err(|e| e.to_string());
+        check(super::range::TAU, self.tau)?;
+        check(super::range::TEMPERATURE, self.temperature)?;
+        check(super::range::GAMMA, self.gamma)?;
+        check(super::range::ROUTE_WEIGHT, self.route_weight)?;
         if !self.scale.is_finite() {
             return Err(format!("scale must be finite (got {})", self.scale));
         }
-        if let Some(a) = self.lora_alpha {
-            pos("lora-alpha", a)?;
+        if let Some(a) = self.lora_alpha
+            && !(a.is_finite() && a > 0.0)
+        {
+            return Err(format!("lora-alpha must be > 0 (got {})", crate::util::short_number(a)));
         }
         if self.method == MethodKind::Moppa {
             if self.priors.is_empty() {

@@ -8,6 +8,7 @@ mod arch;
 mod method;
 mod params;
 mod prior;
+pub mod range;
 mod resources;
 mod run;
 mod vit;
@@ -19,6 +20,7 @@ pub use method::{
 };
 pub use params::{backbone_params, count_trainable};
 pub use prior::{Coeff, Lockable, PerCoeff, Prior, UnknownPrior};
+pub use range::{OutOfRange, ValueRange};
 pub use resources::{MemoryEstimate, check_resources, estimate_memory, human_bytes};
 pub use run::{Augment, DEFAULT_STEPS, DeviceChoice, Precision, RunConfig};
 pub use vit::{EvalCrop, IMAGENET_MEAN, IMAGENET_STD, Interpolation, Pool, VIT_PRESETS, VitConfig, VitPreset};

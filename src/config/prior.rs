@@ -120,6 +120,16 @@ impl Coeff {
     pub fn prior(self) -> Prior {
         Prior::ALL[self as usize]
     }
+
+    /// The range of valid values (INTERFACES.md "General").
+    #[must_use]
+    pub fn range(self) -> super::ValueRange {
+        match self {
+            Self::Kappa => super::range::KAPPA,
+            Self::C => super::range::WAVE_SPEED,
+            Self::Eps => super::range::EPS,
+        }
+    }
 }
 
 /// Something that can be held out of the optimizer: a coefficient or the Poisson source map.

@@ -285,10 +285,8 @@ impl RunConfig {
         if self.batch == 0 {
             return Err("--batch must be ≥ 1".into());
         }
-        if let Some(lr) = self.lr
-            && !(lr.is_finite() && lr > 0.0)
-        {
-            return Err(format!("--lr must be > 0 (got {lr})"));
+        if let Some(lr) = self.lr {
+            super::range::LR.named("--lr").check(lr).map_err(|e| e.to_string())?;
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(format!("--weight-decay must be ≥ 0 (got {})", self.weight_decay));

@@ -111,13 +111,36 @@ impl PeftModel {
         }
         let unknown: Vec<String> = tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
         if unknown.is_empty() {
-            Ok(())
+            self.check_coeff_ranges(path)
         } else {
             Err(ModelError::Unknown {
                 path: path.to_owned(),
                 names: unknown,
             })
         }
+    }
+
+    /// Every MoPPA coefficient read from `path` is usable in f32 (finite and > 0): a damaged or
+    /// hand-edited file must not poison a resumed run or an evaluation with an inf, a NaN or an
+    /// ε of 0. (Training may carry a coefficient past the range a user may set, `config::range`:
+    /// such a checkpoint is still the run's own and loads.)
+    fn check_coeff_ranges(&self, path: &Path) -> Result<()> {
+        for b in self.moppa_blocks() {
+            let Some(unit) = self.moppa_unit(b) else { continue };
+            for (c, values) in unit.coeffs().iter() {
+                if let Some(v) = values.iter().find(|v| !(**v as f32 > 0.0 && (**v as f32).is_finite())) {
+                    return Err(ModelError::Format {
+                        path: path.to_owned(),
+                        msg: format!(
+                            "block {b}: {} = {} is not usable (it must be finite and > 0 in f32)",
+                            c.name(),
+                            crate::util::short_number(*v)
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The backbone description stored with an adapter: its config plus the file's sha256.

@@ -10,7 +10,7 @@ use super::init::Init;
 use super::ops::{self, Kernels};
 use super::param;
 use crate::config::{Coeff, Lockable, MethodConfig, PerCoeff, Prior, RouterKind};
-use crate::physics::tensor::{SpectralGrid, inv_softplus, softplus, softplus_f64};
+use crate::physics::tensor::SpectralGrid;
 use candle_core::{D, DType, Result, Tensor, Var};
 
 /// The router of one unit.
@@ -101,6 +101,28 @@ pub struct MoppaUnit {
     raw: PerCoeff<Option<Var>>,
     /// Poisson source map `S (H, W)`, initialised at 1.
     source: Option<Var>,
+}
+
+// The coefficients' parameterisation: κ, c and ε are trained as raw values through softplus;
+// only this module converts (ARCHITECTURE.md: each value has one owner).
+
+/// `softplus(x) = ln(1 + eˣ)` (β = 1), computed stably as `relu(x) + ln(1 + e^{−|x|})`, with
+/// gradient `sigmoid(x)` everywhere (candle's `abs`/`relu` backward agree at 0).
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    x.relu()? + tail
+}
+
+/// Host `softplus` with PyTorch's convention (linear above 20).
+#[must_use]
+pub fn softplus_f64(x: f64) -> f64 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+/// The inverse of softplus for `v > 0`: `v + ln(−expm1(−v))`.
+#[must_use]
+pub fn inv_softplus(v: f64) -> f64 {
+    v + (-(-v).exp_m1()).ln()
 }
 
 /// The checkpoint (and optimizer) name prefix of block `block`'s unit.
@@ -235,7 +257,7 @@ impl MoppaUnit {
         PerCoeff::from_fn(|c| self.coeff_values(c))
     }
 
-    /// Sets a coefficient's per-channel values in natural units (each finite and > 0, one per
+    /// Sets a coefficient's per-channel values in natural units (each in its range, one per
     /// channel); the raw values become their inverse softplus.
     pub fn set_coeff(&self, c: Coeff, values: &[f64]) -> Result<()> {
         let Some(var) = &self.raw[c] else {
@@ -244,8 +266,8 @@ impl MoppaUnit {
         if values.len() != self.rank {
             candle_core::bail!("{}: {} values for rank {}", c.name(), values.len(), self.rank);
         }
-        if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
-            candle_core::bail!("{} must be > 0 (got {v})", c.name());
+        for &v in values {
+            c.range().check(v).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
         let raw: Vec<f64> = values.iter().map(|&v| inv_softplus(v)).collect();
         var.set(&Tensor::from_vec(raw, var.dims(), var.device())?.to_dtype(var.dtype())?)

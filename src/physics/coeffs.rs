@@ -1,21 +1,16 @@
 //! Scalar coefficients of the three priors (one value for every channel: the playground, `moppa
 //! filters`, `moppa apply`) and their validation. The priors themselves are [`crate::config::Prior`].
 
+use crate::config::OutOfRange;
+use crate::config::range;
 use serde::{Deserialize, Serialize};
 
 /// Errors of the physics layer.
 #[derive(Debug, thiserror::Error)]
 pub enum PhysicsError {
-    /// A coefficient outside its domain (κ, c, ε, τ must be > 0; γ ≥ 0).
-    #[error("{name} must be {rule} (got {})", crate::util::short_number(*value))]
-    BadCoefficient {
-        /// Coefficient name as the user knows it.
-        name: &'static str,
-        /// The rule it broke.
-        rule: &'static str,
-        /// The offending value.
-        value: f64,
-    },
+    /// A coefficient outside its range (`config::range`).
+    #[error(transparent)]
+    BadCoefficient(#[from] OutOfRange),
     /// Buffer sizes that do not match the grid.
     #[error("shape mismatch: {0}")]
     Shape(String),
@@ -55,53 +50,12 @@ impl Default for PriorCoeffs {
 impl PriorCoeffs {
     /// Checks every coefficient's domain; the error names the first bad one and its value.
     pub fn validate(&self) -> Result<(), PhysicsError> {
-        positive("kappa", self.kappa)?;
-        positive("c", self.c)?;
-        positive("eps", self.eps)?;
-        positive("tau", self.tau)?;
-        non_negative("gamma", self.gamma)?;
-        // The filters' arguments grow with Λ < 8: they must stay finite, or the filter is NaN
-        // (cos of infinity) where the user sees an all-black image or null cells.
-        let sqrt_max = 8f64.sqrt();
-        for (name, value, product) in [
-            ("kappa", self.kappa, self.kappa * self.tau * 8.0),
-            ("c", self.c, self.c * self.tau * sqrt_max),
-            ("gamma", self.gamma, self.gamma * self.tau * sqrt_max),
-        ] {
-            if !product.is_finite() {
-                return Err(PhysicsError::BadCoefficient {
-                    name,
-                    rule: "small enough that its product with τ and Λ is finite",
-                    value,
-                });
-            }
-        }
+        // The ranges keep every filter finite in f32 at every corner (tests/physics.rs).
+        range::KAPPA.check(self.kappa)?;
+        range::WAVE_SPEED.check(self.c)?;
+        range::EPS.check(self.eps)?;
+        range::TAU.check(self.tau)?;
+        range::GAMMA.check(self.gamma)?;
         Ok(())
-    }
-}
-
-/// `value > 0` and finite, else a [`PhysicsError::BadCoefficient`] naming it.
-pub(crate) fn positive(name: &'static str, value: f64) -> Result<(), PhysicsError> {
-    if value.is_finite() && value > 0.0 {
-        Ok(())
-    } else {
-        Err(PhysicsError::BadCoefficient {
-            name,
-            rule: "a finite number > 0",
-            value,
-        })
-    }
-}
-
-/// `value >= 0` and finite, else a [`PhysicsError::BadCoefficient`] naming it.
-pub(crate) fn non_negative(name: &'static str, value: f64) -> Result<(), PhysicsError> {
-    if value.is_finite() && value >= 0.0 {
-        Ok(())
-    } else {
-        Err(PhysicsError::BadCoefficient {
-            name,
-            rule: "a finite number >= 0",
-            value,
-        })
     }
 }

@@ -1,7 +1,7 @@
 //! The grid Laplacian's eigenvalues `Λ` and the three spectral filters (host side, `f64`).
 
-use super::coeffs::{non_negative, positive};
 use super::{Dct2, PhysicsError, Prior, PriorCoeffs};
+use crate::config::range;
 use serde::Serialize;
 
 /// `Λ_nm = 4·sin²(π·n/(2H)) + 4·sin²(π·m/(2W))`, row-major `H×W`, values in `[0, 8)`.
@@ -196,18 +196,18 @@ pub fn channel_gain(
 pub fn prior_gain(prior: Prior, lambda: &[f64], coeffs: &PriorCoeffs) -> Result<Vec<f64>, PhysicsError> {
     match prior {
         Prior::Heat => {
-            positive("kappa", coeffs.kappa)?;
-            positive("tau", coeffs.tau)?;
+            range::KAPPA.check(coeffs.kappa)?;
+            range::TAU.check(coeffs.tau)?;
             Ok(heat_filter(lambda, coeffs.kappa, coeffs.tau))
         }
         Prior::Wave => {
-            positive("c", coeffs.c)?;
-            positive("tau", coeffs.tau)?;
-            non_negative("gamma", coeffs.gamma)?;
+            range::WAVE_SPEED.check(coeffs.c)?;
+            range::TAU.check(coeffs.tau)?;
+            range::GAMMA.check(coeffs.gamma)?;
             Ok(wave_filter(lambda, coeffs.c, coeffs.tau, coeffs.gamma))
         }
         Prior::Poisson => {
-            positive("eps", coeffs.eps)?;
+            range::EPS.check(coeffs.eps)?;
             poisson_filter(lambda, coeffs.eps, None)
         }
     }

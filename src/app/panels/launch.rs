@@ -6,19 +6,14 @@ use crate::config::{
     DEFAULT_STEPS, DeviceChoice, MethodKind, Placement, Precision, Prior, RouterKind, RunConfig, VitConfig,
     count_trainable,
 };
-use crate::train::backbone::cpu_bf16_native;
+use crate::train::backbone::cpu_bf16_capability;
 
 /// What bf16 means for the next run, on this machine.
 fn bf16_hint(gpu: bool) -> String {
     if gpu {
         return "On the GPU: bf16 weights and activations, f32 optimizer state".into();
     }
-    let speed = if cpu_bf16_native() {
-        "this CPU has AVX512-BF16: a tiny-ViT step takes ~0.7-0.8x its f32 time (the built-in run: \
-         ~16% less wall time, mean test accuracy 94.7% against 95.3% in f32 over seeds 0-4)"
-    } else {
-        "this CPU has no AVX512-BF16: emulated, slower than f32"
-    };
+    let speed = cpu_bf16_capability();
     format!(
         "On the CPU: the transformer's products with its weights from bf16 operands (f32 sums, \
          weight gradients and optimizer; like torch.autocast); {speed}"

@@ -4,11 +4,49 @@
 
 use super::Action;
 use crate::app::state::{ChangeMode, ControlSettings};
-use crate::config::{Coeff, Lockable, Prior};
+use crate::config::{Coeff, Lockable, Prior, ValueRange};
 use crate::train::protocol::{Command, Hyper, SetMode, Snapshot, Target};
 
 fn released(r: &egui::Response) -> bool {
     r.drag_stopped() || (r.changed() && !r.dragged())
+}
+
+/// `v` with 4 significant digits, in scientific notation outside [1e-3, 1e4) (a slider spanning
+/// 16 decades would otherwise show 0 as `0.00000000`).
+fn four_digits(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        format!("{v}")
+    } else if (1e-3..1e4).contains(&v.abs()) {
+        let decimals = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+        let s = format!("{v:.decimals$}");
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s
+        }
+    } else {
+        format!("{v:.3e}")
+    }
+}
+
+/// A slider over a value's whole valid range (`config::range`), logarithmic where it spans
+/// decades. Typed values are not clamped: one outside the range is sent and the run refuses it
+/// with the range in its message, so nothing changes silently.
+fn range_slider(value: &mut f64, range: ValueRange, text: String) -> egui::Slider<'_> {
+    let lo = if range.open_min {
+        range.smallest_positive()
+    } else {
+        range.min
+    };
+    let s = egui::Slider::new(value, lo..=range.max)
+        .text(text)
+        .clamping(egui::SliderClamping::Never)
+        .custom_formatter(|v, _| four_digits(v));
+    if range.is_log() {
+        s.logarithmic(true).smallest_positive(range.smallest_positive())
+    } else {
+        s
+    }
 }
 
 /// Draws the controls. `snapshot` gives the current values and locks; `blocks` the MoPPA blocks.
@@ -53,23 +91,14 @@ pub fn ui(ui: &mut egui::Ui, c: &mut ControlSettings, snapshot: Option<&Snapshot
     };
     // What each coefficient's slider says and spans, in prior order.
     let sliders = [
-        (
-            "κ heat",
-            "exp(−κ·τ·Λ): larger κ blurs more (local smoothing)",
-            1e-3..=10.0,
-        ),
-        (
-            "c wave",
-            "exp(−γ·τ·√Λ)·cos(c·τ·√Λ): larger c rings faster (long-range)",
-            1e-2..=5.0,
-        ),
+        ("κ heat", "exp(−κ·τ·Λ): larger κ blurs more (local smoothing)"),
+        ("c wave", "exp(−γ·τ·√Λ)·cos(c·τ·√Λ): larger c rings faster (long-range)"),
         (
             "ε Poisson",
             "S·ε/(Λ + ε): smaller ε spreads further (global equilibrium)",
-            1e-3..=100.0,
         ),
     ];
-    for (coeff, (label, eq, range)) in Coeff::ALL.into_iter().zip(sliders) {
+    for (coeff, (label, eq)) in Coeff::ALL.into_iter().zip(sliders) {
         if !has(coeff.prior()) {
             continue;
         }
@@ -77,7 +106,7 @@ pub fn ui(ui: &mut egui::Ui, c: &mut ControlSettings, snapshot: Option<&Snapshot
         let value = &mut c.coeffs[coeff];
         ui.horizontal(|ui| {
             let r = if c.mode == ChangeMode::Set {
-                ui.add(egui::Slider::new(value, range).logarithmic(true).text(label))
+                ui.add(range_slider(value, coeff.range(), label.to_owned()))
             } else {
                 ui.add(
                     egui::Slider::new(&mut c.factor, 0.1..=10.0)
@@ -122,49 +151,33 @@ pub fn ui(ui: &mut egui::Ui, c: &mut ControlSettings, snapshot: Option<&Snapshot
             Hyper::Tau,
             "τ time",
             "heat exp(−κ·τ·Λ) and wave cos(c·τ·√Λ)",
-            0.05..=10.0,
             &mut c.tau,
-            true,
         ),
-        (
-            Hyper::Gamma,
-            "γ damping",
-            "wave exp(−γ·τ·√Λ)",
-            0.0..=5.0,
-            &mut c.gamma,
-            false,
-        ),
+        (Hyper::Gamma, "γ damping", "wave exp(−γ·τ·√Λ)", &mut c.gamma),
         (
             Hyper::RouteWeight,
             "λ route",
             "L_route = λ · mean_l KL(mean α_l ‖ uniform)",
-            0.0..=1.0,
             &mut c.route_weight,
-            false,
         ),
         (
             Hyper::Temperature,
             "T router",
             "α = softmax(logits / T)",
-            0.05..=10.0,
             &mut c.temperature,
-            true,
         ),
         (
             Hyper::Lr,
             "lr",
             "peak learning rate (the warm-up + cosine schedule keeps its shape)",
-            1e-5..=1e-1,
             &mut c.lr,
-            true,
         ),
     ];
-    for (hyper, label, eq, range, value, log) in hypers {
-        let mut s = egui::Slider::new(value, range).text(label);
-        if log {
-            s = s.logarithmic(true);
-        }
-        let r = ui.add(s).on_hover_text(eq);
+    for (hyper, label, eq, value) in hypers {
+        let range = hyper.range();
+        let r = ui
+            .add(range_slider(value, range, label.to_owned()))
+            .on_hover_text(format!("{eq}\nvalid: {range}"));
         if released(&r) {
             actions.push(Action::Send(Command::SetHyper { hyper, value: *value }));
         }
@@ -193,5 +206,25 @@ fn lock_toggle(ui: &mut egui::Ui, actions: &mut Vec<Action>, what: Lockable, tar
             target,
             locked: l,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slider_values_keep_four_significant_digits() {
+        let cases = [
+            (0.0, "0"),
+            (0.03, "0.03"),
+            (0.125, "0.125"),
+            (12.5, "12.5"),
+            (50.0, "50"),
+            (1e-8, "1.000e-8"),
+            (2.5e7, "2.500e7"),
+            (0.000_5, "5.000e-4"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(super::four_digits(v), want, "{v}");
+        }
     }
 }

@@ -35,9 +35,14 @@ impl Trainer {
 
     /// Changes κ, c or ε; returns what changed (channel means), or a message why not.
     pub fn set_coeff(&mut self, coeff: Coeff, target: Target, mode: SetMode) -> Outcome<Applied> {
-        let (SetMode::Set(v) | SetMode::Scale(v)) = mode;
-        if !(v.is_finite() && v > 0.0) {
-            return Err(format!("{} must be > 0 (got {v})", coeff.name()));
+        match mode {
+            SetMode::Set(v) => {
+                coeff.range().check(v).map_err(|e| e.to_string())?;
+            }
+            SetMode::Scale(f) if !(f.is_finite() && f > 0.0) => {
+                return Err(format!("{} scale factor must be > 0 (got {f})", coeff.name()));
+            }
+            SetMode::Scale(_) => {}
         }
         if self.cfg.method.method != MethodKind::Moppa {
             return Err(format!(
@@ -53,16 +58,30 @@ impl Trainer {
                 coeff.prior()
             ));
         }
-        let mut old_all = Vec::new();
-        let mut new_all = Vec::new();
+        // Every block's new values are computed and checked before any block changes: a scale
+        // that takes one channel out of range changes nothing.
+        let mut plan = Vec::new();
         for b in self.blocks_of(target)? {
             let Some(unit) = self.model.moppa_unit(b) else { continue };
             let old = unit.coeff_values(coeff);
             let new: Vec<f64> = old
                 .iter()
-                .map(|o| if let SetMode::Scale(f) = mode { o * f } else { v })
+                .map(|o| match mode {
+                    SetMode::Scale(f) => o * f,
+                    SetMode::Set(v) => v,
+                })
                 .collect();
-            unit.set_coeff(coeff, &new).map_err(|e| e.to_string())?;
+            for v in &new {
+                coeff.range().check(*v).map_err(|e| e.to_string())?;
+            }
+            plan.push((b, old, new));
+        }
+        let mut old_all = Vec::new();
+        let mut new_all = Vec::new();
+        for (b, old, new) in plan {
+            if let Some(unit) = self.model.moppa_unit(b) {
+                unit.set_coeff(coeff, &new).map_err(|e| e.to_string())?;
+            }
             old_all.extend(old);
             new_all.extend(new);
         }
@@ -82,15 +101,7 @@ impl Trainer {
 
     /// Changes τ, γ, λ, T or the peak learning rate.
     pub fn set_hyper(&mut self, hyper: Hyper, value: f64) -> Outcome<Applied> {
-        let positive = matches!(hyper, Hyper::Tau | Hyper::Temperature | Hyper::Lr);
-        let ok = value.is_finite() && if positive { value > 0.0 } else { value >= 0.0 };
-        if !ok {
-            return Err(format!(
-                "{} must be {} (got {value})",
-                hyper.name(),
-                if positive { "> 0" } else { "≥ 0" }
-            ));
-        }
+        hyper.range().check(value).map_err(|e| e.to_string())?;
         let live = &mut self.model.live;
         let slot = match hyper {
             Hyper::Tau => &mut live.tau,

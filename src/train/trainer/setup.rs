@@ -92,7 +92,7 @@ impl Trainer {
             }
             backbone.cfg.std = s;
         }
-        if cfg.dtype == Precision::Bf16 && device.is_cpu() && !crate::train::backbone::cpu_bf16_native() {
+        if cfg.dtype == Precision::Bf16 && device.is_cpu() && !crate::model::ops::cpu::bf16::native() {
             notices.push(setup_notice(
                 "--dtype bf16: this CPU has no AVX512-BF16, so its bf16 products are emulated (slower than f32)".into(),
                 None,
