@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod model;
+pub mod panics;
 pub mod physics;
 pub mod train;
 pub mod util;

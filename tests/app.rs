@@ -934,3 +934,35 @@ fn start_with_a_backbone_not_in_the_cache_downloads_it_first() {
     );
     assert_eq!(h.state().settings.config.backbone, spec);
 }
+
+#[test]
+fn the_filter_view_computes_its_profiles_once_per_snapshot_not_per_frame() {
+    let (mut h, fake) = harness(Tab::Filters);
+    feed_run(&fake);
+    h.run_steps(4);
+    let computed = |h: &Harness<'static, StudioApp>| h.state().sel().unwrap().history.filter_cache.computed();
+    let first = computed(&h);
+    assert!(first >= 1, "the view of the newest snapshot was computed");
+    h.run_steps(12);
+    assert_eq!(computed(&h), first, "frames without a new snapshot compute nothing");
+    fake.events.send(Event::Snapshot(Box::new(snapshot(220, 0.7)))).unwrap();
+    h.run_steps(4);
+    assert_eq!(computed(&h), first + 1, "a new snapshot is computed once");
+    h.run_steps(8);
+    assert_eq!(computed(&h), first + 1);
+}
+
+#[test]
+fn the_live_panel_takes_every_value_in_range_without_clamping() {
+    // The breaking-it lesson asks for lr 50 typed in the live panel: the slider must keep it (it
+    // used to clamp to 0.1), and values from 1e-8 to 1e8 stay as typed.
+    let (mut h, fake) = harness(Tab::Filters);
+    feed_run(&fake);
+    h.run_steps(4);
+    h.state_mut().settings.controls.lr = 50.0;
+    h.state_mut().settings.controls.tau = 1e-8;
+    h.state_mut().settings.controls.temperature = 1e8;
+    h.run_steps(4);
+    let c = &h.state().settings.controls;
+    assert_eq!((c.lr, c.tau, c.temperature), (50.0, 1e-8, 1e8));
+}

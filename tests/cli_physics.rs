@@ -100,6 +100,10 @@ fn bad_coefficients_exit_2_with_one_line_naming_the_value() {
         ("--eps", "nan"),
         ("--tau", "-0.5"),
         ("--gamma", "-2"),
+        // Finite in f64, not in f32 (inf, and 0): refused, not passed on as a poisoned filter.
+        ("--kappa", "1e39"),
+        ("--eps", "1e-50"),
+        ("--tau", "1e300"),
     ] {
         let out = moppa(&["filters", "--grid", "4", flag, value]);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}");
@@ -109,6 +113,7 @@ fn bad_coefficients_exit_2_with_one_line_naming_the_value() {
             err.contains(flag) && err.to_lowercase().contains(&value.to_lowercase()),
             "{err}"
         );
+        assert!(err.contains(", 1e8]"), "the range is named: {err}");
     }
     let out = moppa(&["filters", "--grid", "0"]);
     assert_eq!(out.status.code(), Some(2), "grid 0 is a usage error");
@@ -163,4 +168,28 @@ fn apply_writes_filtered_images_and_reports_bad_paths() {
     // Non-positive coefficient: exit 2.
     let out = moppa(&["apply", "--prior", "heat", "--kappa", "0", inp, "/tmp/x.png"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_run_config_toml_with_values_outside_their_ranges_exits_2_naming_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    for (line, message) in [
+        ("tau = 1e39", "tau = 1e39 is outside its range [1e-8, 1e8]"),
+        (
+            "temperature = 1e-50",
+            "temperature = 1e-50 is outside its range [1e-8, 1e8]",
+        ),
+        (
+            "route_weight = 2e4",
+            "route_weight = 20000 is outside its range [0, 1e4]",
+        ),
+        ("lr = 5000.0", "--lr = 5000 is outside its range (0, 1e3]"),
+    ] {
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        let out = moppa(&["train", "--config", path.to_str().unwrap(), "--steps", "1"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{line}: {err}");
+        assert!(err.contains(message), "{line}: {err}");
+    }
 }

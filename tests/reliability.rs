@@ -431,7 +431,7 @@ fn train_refuses_bad_inputs_and_keeps_the_run_folder_rules() {
             "i3-overflowing-lr-refused",
             &["--lr", "1e308", "--out", &s(&r)],
             2,
-            "--lr = 1e308 is outside its range (0, 1000]",
+            "--lr = 1e308 is outside its range (0, 1e3]",
         )
         .with(absent(r.clone())),
     );

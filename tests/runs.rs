@@ -285,6 +285,22 @@ fn a_steered_run_applies_set_coeff_and_the_next_snapshot_shows_it() {
             );
         }
     }
+    // Values finite in f64 but not in f32 are refused, with the range; the run goes on.
+    for (coeff, value, message) in [
+        (Coeff::Kappa, 1e39, "kappa = 1e39 is outside its range [1e-8, 1e8]"),
+        (Coeff::Eps, 1e-50, "eps = 1e-50 is outside its range [1e-8, 1e8]"),
+    ] {
+        link.send(&Command::SetCoeff {
+            coeff,
+            target: Target::All,
+            mode: SetMode::Set(value),
+        })
+        .unwrap();
+        let Event::Warning(w) = next_event(&link, &mut seen, |e| matches!(e, Event::Warning(_))) else {
+            unreachable!()
+        };
+        assert_eq!(w.message, message);
+    }
     link.send(&Command::Stop).unwrap();
     let Event::Finished(f) = next_event(&link, &mut seen, |e| matches!(e, Event::Finished(_))) else {
         unreachable!()

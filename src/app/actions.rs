@@ -6,7 +6,8 @@ use super::panels::{Action, RunStatus};
 use super::{StudioApp, capture};
 use crate::config::RunConfig;
 use crate::train::protocol::Command;
-use crate::train::runlog::{CSV_HEADER, csv_eval_row, csv_progress_row};
+use crate::train::record::{CSV_HEADER, RecordReader};
+use crate::train::runfolder::METRICS_JSONL;
 
 impl StudioApp {
     pub(super) fn apply(&mut self, action: Action, ctx: &egui::Context) {
@@ -139,12 +140,19 @@ impl StudioApp {
             Action::ExportCsv => {
                 if let Some(p) = rfd::FileDialog::new()
                     .add_filter("CSV", &["csv"])
-                    .set_file_name("metrics.csv")
+                    .set_file_name(crate::train::runfolder::METRICS_CSV)
                     .save_file()
                 {
-                    let csv = self.sel().map(|r| metrics_csv(&r.history)).unwrap_or_default();
-                    if let Err(e) = std::fs::write(&p, csv) {
-                        self.show_error(format!("{}: {e}", p.display()));
+                    let csv = self
+                        .sel()
+                        .map_or_else(|| Err("no run is selected".to_owned()), |r| metrics_csv(&r.history));
+                    match csv {
+                        Ok(csv) => {
+                            if let Err(e) = std::fs::write(&p, csv) {
+                                self.show_error(format!("{}: {e}", p.display()));
+                            }
+                        }
+                        Err(e) => self.show_error(format!("Export CSV: {e}")),
                     }
                 }
             }
@@ -172,7 +180,7 @@ impl StudioApp {
             Action::SaveAdapter => {
                 if let Some(p) = rfd::FileDialog::new()
                     .add_filter("safetensors", &["safetensors"])
-                    .set_file_name("adapter.safetensors")
+                    .set_file_name(crate::train::runfolder::ADAPTER)
                     .save_file()
                 {
                     self.send(Command::SaveCheckpoint { path: p });
@@ -196,26 +204,32 @@ impl StudioApp {
     }
 }
 
-/// The current run's metrics in the run folder's CSV layout.
-#[must_use]
-pub fn metrics_csv(r: &RunHistory) -> String {
+/// A run's metrics in the run folder's CSV layout, from its records: every step of the run
+/// folder's `metrics.jsonl` when it is on this machine (the same rows as `metrics.csv`, coalesced
+/// display updates included), else every progress and evaluation this app received (a served
+/// run), else why there is nothing.
+pub fn metrics_csv(r: &RunHistory) -> Result<String, String> {
     use std::fmt::Write as _;
     let mut s = format!("{CSV_HEADER}\n");
-    for ((((l, rl), a), lr), ips) in r
-        .loss
-        .points
-        .iter()
-        .zip(&r.route_loss.points)
-        .zip(&r.train_acc.points)
-        .zip(&r.lr.points)
-        .zip(&r.img_per_s.points)
-    {
-        let _ = writeln!(s, "{}", csv_progress_row(l[0], l[1], l[2], rl[2], a[2], lr[2], ips[2]));
-    }
-    for (split, rows) in [("val", &r.val), ("test", &r.test)] {
-        for e in rows {
-            let _ = writeln!(s, "{}", csv_eval_row(e[0], e[1], split, e[3], e[2]));
+    let folder = r.info.as_ref().and_then(|i| i.out.clone());
+    let log = folder.as_ref().map(|d| d.join(METRICS_JSONL)).filter(|p| p.is_file());
+    if let Some(path) = log {
+        let reader = RecordReader::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for row in reader.filter_map(|rec| rec.csv_row()) {
+            let _ = writeln!(s, "{row}");
+        }
+    } else if r.csv_rows.is_empty() {
+        return Err(match folder {
+            Some(d) => format!(
+                "{}: not on this machine, and no step was received yet: nothing to export",
+                d.display()
+            ),
+            None => "this run has recorded no step yet: nothing to export".into(),
+        });
+    } else {
+        for row in &r.csv_rows {
+            let _ = writeln!(s, "{row}");
         }
     }
-    s
+    Ok(s)
 }

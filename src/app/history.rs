@@ -1,7 +1,8 @@
 //! What the app remembers of a run: decimated metric series (bounded memory however long the
 //! run), evaluations, applied commands, and a bounded list of snapshots for scrubbing.
 
-use crate::train::protocol::{Applied, EvalResult, FinishReason, Progress, RunInfo, Snapshot};
+use crate::train::protocol::{Applied, EvalResult, Event, FinishReason, Progress, RunInfo, Snapshot};
+use crate::train::record::Record;
 
 /// Points kept per series before halving its resolution.
 pub const MAX_POINTS: usize = 4096;
@@ -111,6 +112,11 @@ pub struct RunHistory {
     pub resumes: usize,
     /// How it ended, once it did.
     pub finished: Option<FinishReason>,
+    /// The filter view's radial profiles and impulse responses for what it shows.
+    pub filter_cache: crate::app::panels::filters::FilterCache,
+    /// Every progress and evaluation received, as `metrics.csv` rows (what a run whose folder
+    /// is not on this machine exports; the series above are thinned for drawing).
+    pub csv_rows: Vec<String>,
 }
 
 impl RunHistory {
@@ -131,6 +137,8 @@ impl RunHistory {
 
     /// Records a progress event.
     pub fn on_progress(&mut self, p: &Progress) {
+        self.csv_rows
+            .extend(Record::from_event(&Event::Progress(p.clone())).and_then(|r| r.csv_row()));
         let s = p.step as f64;
         self.loss.push(s, p.time_s, p.loss);
         self.route_loss.push(s, p.time_s, p.route_loss);
@@ -144,6 +152,8 @@ impl RunHistory {
 
     /// Records an evaluation.
     pub fn on_eval(&mut self, e: &EvalResult) {
+        self.csv_rows
+            .extend(Record::from_event(&Event::Eval(e.clone())).and_then(|r| r.csv_row()));
         let row = [e.step as f64, e.time_s, e.acc, e.loss];
         if e.split == "test" {
             self.test.push(row);
@@ -174,6 +184,7 @@ impl RunHistory {
         // Replace a snapshot of the same step (e.g. after a command while paused).
         if self.snapshots.last().is_some_and(|l| l.step == s.step) {
             self.snapshots.pop();
+            self.filter_cache.clear();
         }
         self.snapshots.push(s);
         if self.snapshots.len() > MAX_SNAPSHOTS {

@@ -378,10 +378,6 @@ impl StudioApp {
                 .show(ui, |ui| match self.settings.tab {
                     Tab::Filters => {
                         let rank = self.info().map_or(0, |i| i.rank);
-                        let snaps: &[Snapshot] = self
-                            .runs
-                            .get(self.selected)
-                            .map_or(&[], |r| r.history.snapshots.as_slice());
                         if !moppa && let Some(i) = self.info() {
                             ui.label(format!(
                                 "This run is {}: the spectral views are for MoPPA runs.",
@@ -389,10 +385,15 @@ impl StudioApp {
                             ));
                             actions.extend(self.moppa_run_buttons(ui));
                         }
+                        let mut no_cache = panels::filters::FilterCache::default();
+                        let shown = match self.runs.get_mut(self.selected) {
+                            Some(r) => (r.history.snapshots.as_slice(), &mut r.history.filter_cache),
+                            None => (&[][..], &mut no_cache),
+                        };
                         actions.extend(panels::filters::ui(
                             ui,
                             &mut self.settings.filters,
-                            snaps,
+                            shown,
                             &mut self.scrub,
                             rank,
                             &mut self.textures,
@@ -410,7 +411,7 @@ impl StudioApp {
                                 _ => r.history.snapshots.get(idx).or_else(|| r.history.snapshots.last()),
                             };
                             let can_probe = r.control
-                                || matches!(&r.source, Source::Folder(d) if d.join("adapter.safetensors").is_file());
+                                || matches!(&r.source, Source::Folder(d) if d.join(crate::train::runfolder::ADAPTER).is_file());
                             actions.extend(panels::router::ui(
                                 ui,
                                 &mut self.settings.router,

@@ -259,15 +259,14 @@ pub(super) fn discard_if_unstarted(r: &OpenRun) {
     let Some(dir) = r.info().and_then(|i| i.out.clone()) else {
         return;
     };
-    let metrics = std::fs::read_to_string(dir.join(crate::train::runfolder::METRICS_JSONL)).unwrap_or_default();
-    if metrics.contains("\"kind\":\"progress\"") {
+    if crate::train::runfolder::has_progress(&dir) {
         return;
     }
     for f in [
         crate::train::runfolder::METRICS_JSONL,
         crate::train::runfolder::METRICS_CSV,
         crate::train::runfolder::CONFIG_TOML,
-        crate::train::snapfile::SNAPSHOTS_JSONL,
+        crate::train::runfolder::SNAPSHOTS_JSONL,
     ] {
         std::fs::remove_file(dir.join(f)).ok();
     }

@@ -10,7 +10,7 @@ use crate::config::{
 };
 use crate::train::WorkerHandle;
 use crate::train::protocol::{Event, FinishReason};
-use crate::train::runfolder::{CONFIG_TOML, is_run_folder, last_record};
+use crate::train::runfolder::{CONFIG_TOML, is_run_folder, last_finished, last_started};
 use crate::util::{group_digits, write_atomic};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -138,22 +138,19 @@ fn result_of(dir: &Path) -> Result<RunResult, String> {
     if !is_run_folder(dir) {
         return Err("missing (no run folder yet)".into());
     }
-    let Some(rec) = last_record(dir, "finished") else {
+    let Some(rec) = last_finished(dir) else {
         return Err("unfinished (still running, or crashed: `moppa view` tells which)".into());
     };
-    let reason = rec["reason"].as_str().unwrap_or("?");
-    if reason != "done" {
-        let why = rec["message"].as_str().map_or(String::new(), |m| format!(": {m}"));
-        return Err(format!("ended {reason}{why}"));
+    if rec.reason != FinishReason::Done {
+        let why = rec.message.as_ref().map_or(String::new(), |m| format!(": {m}"));
+        return Err(format!("ended {}{why}", rec.reason.name()));
     }
-    let trainable = last_record(dir, "started")
-        .and_then(|s| s["trainable"].as_u64())
-        .unwrap_or(0);
+    let trainable = last_started(dir).map_or(0, |s| s.trainable);
     Ok(RunResult {
-        trainable: usize::try_from(trainable).unwrap_or(usize::MAX),
-        val: rec["best_val_acc"].as_f64().unwrap_or(f64::NAN),
-        test: rec["test_acc"].as_f64().unwrap_or(f64::NAN),
-        steps_per_s: rec["step"].as_f64().unwrap_or(0.0) / rec["time_s"].as_f64().unwrap_or(1.0).max(1e-9),
+        trainable,
+        val: rec.best_val_acc.unwrap_or(f64::NAN),
+        test: rec.test_acc.unwrap_or(f64::NAN),
+        steps_per_s: rec.step as f64 / rec.time_s.max(1e-9),
     })
 }
 

@@ -80,7 +80,7 @@ impl AdapterSource {
     pub fn resolve(&self) -> Result<Resolved, CliError> {
         let (adapter, base) = match (&self.run, &self.adapter) {
             (Some(dir), _) => (
-                dir.join("adapter.safetensors"),
+                dir.join(crate::train::runfolder::ADAPTER),
                 Some(run_config(dir).map_err(|e| CliError::Failure(e.into()))?),
             ),
             (None, Some(a)) => (a.clone(), None),

@@ -12,7 +12,8 @@ use crate::train::WorkerHandle;
 use crate::train::pretrain::mae::{MaeRun, pretrain as pretrain_mae_run};
 use crate::train::pretrain::{dataset_stats, export_backbone};
 use crate::train::protocol::{FinishReason, Finished};
-use crate::train::runfolder::{OutFlags, RunFolderError, plan_out};
+use crate::train::record::{Record, reader::last_of};
+use crate::train::runfolder::{METRICS_JSONL, OutFlags, RunFolderError, plan_out};
 use clap::Args;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -265,23 +266,24 @@ fn augment_label(args: &PretrainArgs) -> String {
     parts.join(" + ")
 }
 
-/// The `finished` line of a run folder's `metrics.jsonl`.
+/// The last `finished` record of a run folder that ended `done`.
 fn finished_from_log(dir: &std::path::Path) -> Result<Finished, CliError> {
-    let path = dir.join("metrics.jsonl");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
-    let v = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|v| v["kind"] == "finished" && v["reason"] == "done")
-        .ok_or_else(|| CliError::Failure(anyhow::anyhow!("{}: no finished run to export", path.display())))?;
+    let path = dir.join(METRICS_JSONL);
+    if !path.is_file() {
+        return Err(CliError::Failure(anyhow::anyhow!("{}: no such file", path.display())));
+    }
+    let f = last_of(&path, |r| match r {
+        Record::Finished(f) if f.reason == FinishReason::Done => Some(f),
+        _ => None,
+    })
+    .ok_or_else(|| CliError::Failure(anyhow::anyhow!("{}: no finished run to export", path.display())))?;
     Ok(Finished {
         reason: FinishReason::Done,
-        steps: v["step"].as_u64().unwrap_or(0),
-        best_val_acc: v["best_val_acc"].as_f64(),
-        test_acc: v["test_acc"].as_f64(),
+        steps: f.step,
+        best_val_acc: f.best_val_acc,
+        test_acc: f.test_acc,
         checkpoints: Vec::new(),
-        time_s: v["time_s"].as_f64().unwrap_or(0.0),
+        time_s: f.time_s,
         message: None,
         path: None,
     })

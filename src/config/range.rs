@@ -85,10 +85,19 @@ impl ValueRange {
     }
 }
 
+/// A bound as INTERFACES.md writes it: `0`, `1e-8`, `1e4`.
+fn bound(v: f64) -> String {
+    if v == 0.0 || (1e-3..1e3).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
 impl std::fmt::Display for ValueRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let open = if self.open_min { '(' } else { '[' };
-        write!(f, "{open}{}, {}]", short_number(self.min), short_number(self.max))
+        write!(f, "{open}{}, {}]", bound(self.min), bound(self.max))
     }
 }
 
@@ -142,7 +151,8 @@ mod tests {
         assert!(ROUTE_WEIGHT.check(1.0001e4).is_err());
         assert!(LR.check(0.0).is_err(), "lr's lower end is open");
         assert_eq!(LR.check(50.0), Ok(50.0), "the breaking-it lesson's lr");
-        assert_eq!(LR.to_string(), "(0, 1000]");
+        assert_eq!(LR.to_string(), "(0, 1e3]");
+        assert_eq!(ROUTE_WEIGHT.to_string(), "[0, 1e4]");
         assert!(LR.check(1e-320).is_err(), "a positive f64 that is 0 in f32");
     }
 }

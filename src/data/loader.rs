@@ -137,47 +137,61 @@ impl Loader {
                     }
                 }
             };
-            let (prepared, skipped) = prepare_all(&samples, &Resize::square(cfg.size));
-            if prepared.is_empty() {
-                let msg = format!("no usable training image ({} could not be decoded)", skipped.len());
-                send(LoaderMsg::Failed(match skipped.first() {
-                    Some((path, _)) => DataError::file(path, msg),
-                    None => DataError::Spec("the training split is empty".into()),
-                }));
-                return;
-            }
-            if !send(LoaderMsg::Ready {
-                usable: prepared.len(),
-                skipped,
-            }) {
-                return;
-            }
-            let n = prepared.len();
-            let per_epoch = n.div_ceil(cfg.batch) as u64;
-            let (mut epoch, mut index) = start;
-            loop {
-                let mut order: Vec<usize> = (0..n).collect();
-                let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ epoch.wrapping_mul(0x2545_F491_4F6C_DD1D));
-                order.shuffle(&mut rng);
-                while index < per_epoch {
-                    let lo = index as usize * cfg.batch;
-                    let ids = &order[lo..(lo + cfg.batch).min(n)];
-                    let imgs: Vec<&[u8]> = ids.iter().map(|&i| prepared[i].0.as_slice()).collect();
-                    let aug = cfg.augment.is_on().then_some((&cfg.augment, cfg.seed, epoch, index));
-                    let batch = Batch {
-                        images: assemble(&imgs, cfg.size, &cfg.normalize, aug),
-                        labels: ids.iter().map(|&i| prepared[i].1).collect(),
-                        epoch,
-                        index,
-                        per_epoch,
-                    };
-                    if !send(LoaderMsg::Batch(batch)) {
-                        return;
-                    }
-                    index += 1;
+            // A panic while preparing or assembling batches reaches the trainer as a failure
+            // with its message, not as a silent end of the batches.
+            let produced = crate::panics::catch(|| {
+                let (prepared, skipped) = prepare_all(&samples, &Resize::square(cfg.size));
+                if prepared.is_empty() {
+                    let msg = format!("no usable training image ({} could not be decoded)", skipped.len());
+                    send(LoaderMsg::Failed(match skipped.first() {
+                        Some((path, _)) => DataError::file(path, msg),
+                        None => DataError::Spec("the training split is empty".into()),
+                    }));
+                    return;
                 }
-                epoch += 1;
-                index = 0;
+                if !send(LoaderMsg::Ready {
+                    usable: prepared.len(),
+                    skipped,
+                }) {
+                    return;
+                }
+                let n = prepared.len();
+                let per_epoch = n.div_ceil(cfg.batch) as u64;
+                let (mut epoch, mut index) = start;
+                loop {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    let mut rng =
+                        rand::rngs::StdRng::seed_from_u64(cfg.seed ^ epoch.wrapping_mul(0x2545_F491_4F6C_DD1D));
+                    order.shuffle(&mut rng);
+                    while index < per_epoch {
+                        let lo = index as usize * cfg.batch;
+                        let ids = &order[lo..(lo + cfg.batch).min(n)];
+                        assert!(
+                            !crate::panics::fault("loader-panic", index),
+                            "fault injection: the data loader panics at batch {index}"
+                        );
+                        let imgs: Vec<&[u8]> = ids.iter().map(|&i| prepared[i].0.as_slice()).collect();
+                        let aug = cfg.augment.is_on().then_some((&cfg.augment, cfg.seed, epoch, index));
+                        let batch = Batch {
+                            images: assemble(&imgs, cfg.size, &cfg.normalize, aug),
+                            labels: ids.iter().map(|&i| prepared[i].1).collect(),
+                            epoch,
+                            index,
+                            per_epoch,
+                        };
+                        if !send(LoaderMsg::Batch(batch)) {
+                            return;
+                        }
+                        index += 1;
+                    }
+                    epoch += 1;
+                    index = 0;
+                }
+            });
+            if let Err(message) = produced {
+                send(LoaderMsg::Failed(DataError::Spec(format!(
+                    "the data loader panicked: {message}"
+                ))));
             }
         })?;
         Ok(Self {

@@ -241,7 +241,7 @@ pub fn evaluate_adapter(
 
 /// The run config saved in a run folder.
 pub fn run_config(dir: &Path) -> Result<RunConfig> {
-    let path = dir.join("config.toml");
+    let path = dir.join(crate::train::runfolder::CONFIG_TOML);
     let text = std::fs::read_to_string(&path).map_err(|source| TrainError::io(&path, source))?;
     RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
 }

@@ -14,6 +14,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod probe;
 pub mod protocol;
+pub mod record;
 pub mod replay;
 pub mod runfolder;
 pub mod runlog;

@@ -126,7 +126,7 @@ impl AdapterProbe {
 }
 
 fn load(dir: &Path) -> Result<LoadedAdapter, String> {
-    let adapter = dir.join("adapter.safetensors");
+    let adapter = dir.join(crate::train::runfolder::ADAPTER);
     if !adapter.is_file() {
         return Err(format!("{}: no adapter.safetensors to probe", dir.display()));
     }

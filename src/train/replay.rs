@@ -4,70 +4,17 @@
 //! returns what was appended; a half-written last line waits for its end), and the history a
 //! late network viewer receives. The same seam as a live run, another transport.
 
-use super::protocol::{
-    Applied, EvalResult, Event, FinishReason, Finished, Notice, Probe, ProbeOrigin, Progress, Rgb, RunInfo,
-};
-use super::runfolder::{CONFIG_TOML, METRICS_JSONL, is_run_folder};
-use super::snapfile::{Header, SNAPSHOTS_JSONL, parse_header, record_to_snapshot};
+use super::protocol::{Event, FinishReason, Notice, Probe, ProbeOrigin, Rgb, RunInfo};
+use super::record::{Record, RecordTail, SnapshotHeader, StartedRecord};
+use super::runfolder::{CONFIG_TOML, METRICS_JSONL, SNAPSHOTS_JSONL, is_run_folder};
+use super::snapfile::snapshot_view;
 use crate::config::RunConfig;
-use serde_json::Value;
 use std::collections::HashMap;
-use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// How long a run may write nothing (not even a heartbeat) before it is called crashed.
 pub const CRASHED_AFTER: Duration = Duration::from_secs(30);
-
-/// The new complete lines of a file that grows.
-#[derive(Debug)]
-struct Tail {
-    path: PathBuf,
-    offset: u64,
-    partial: Vec<u8>,
-}
-
-impl Tail {
-    fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            offset: 0,
-            partial: Vec::new(),
-        }
-    }
-
-    /// Complete lines appended since the last call (a line without its newline yet waits).
-    fn lines(&mut self) -> Vec<String> {
-        let Ok(mut f) = std::fs::File::open(&self.path) else {
-            return Vec::new();
-        };
-        let len = f.metadata().map_or(0, |m| m.len());
-        if len < self.offset {
-            // Replaced by a shorter file (an --overwrite): read it from the start.
-            self.offset = 0;
-            self.partial.clear();
-        }
-        if len == self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return Vec::new();
-        }
-        let mut buf = Vec::new();
-        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
-            return Vec::new();
-        }
-        self.offset += buf.len() as u64;
-        self.partial.extend(buf);
-        let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') else {
-            return Vec::new();
-        };
-        let rest = self.partial.split_off(end + 1);
-        let done = std::mem::replace(&mut self.partial, rest);
-        String::from_utf8_lossy(&done)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned)
-            .collect()
-    }
-}
 
 /// Where a followed run stands.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,9 +30,9 @@ pub enum Liveness {
 /// A run folder being read (and followed).
 pub struct RunFolderReader {
     dir: PathBuf,
-    metrics: Tail,
-    snapshots: Tail,
-    header: Option<Header>,
+    metrics: RecordTail,
+    snapshots: RecordTail,
+    header: Option<SnapshotHeader>,
     config: Option<RunConfig>,
     info: Option<RunInfo>,
     finished: Option<FinishReason>,
@@ -105,24 +52,6 @@ enum ValSplit {
     Read(Vec<crate::data::Sample>),
 }
 
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(f64::NAN)
-}
-
-fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or(0)
-}
-
-fn notice(v: &Value) -> Notice {
-    Notice {
-        step: u(v, "step"),
-        time_s: f(v, "time_s"),
-        message: v["message"].as_str().unwrap_or_default().to_owned(),
-        path: v["path"].as_str().map(PathBuf::from),
-        line: v["line"].as_u64().map(|l| l as usize),
-    }
-}
-
 impl RunFolderReader {
     /// Opens `dir`, which must be a run folder (it holds `metrics.jsonl`).
     pub fn open(dir: &Path) -> Result<Self, String> {
@@ -134,8 +63,8 @@ impl RunFolderReader {
             .and_then(|t| RunConfig::from_toml(&t).ok());
         Ok(Self {
             dir: dir.to_owned(),
-            metrics: Tail::new(dir.join(METRICS_JSONL)),
-            snapshots: Tail::new(dir.join(SNAPSHOTS_JSONL)),
+            metrics: RecordTail::new(dir.join(METRICS_JSONL)),
+            snapshots: RecordTail::new(dir.join(SNAPSHOTS_JSONL)),
             header: None,
             config,
             info: None,
@@ -182,19 +111,26 @@ impl RunFolderReader {
         }
     }
 
+    /// Lines skipped so far in the two files (unreadable, oversized, unknown kinds), and the
+    /// unknown fields read: one line per file, for a notice.
+    #[must_use]
+    pub fn skipped(&self) -> Vec<String> {
+        [&self.metrics, &self.snapshots]
+            .into_iter()
+            .filter_map(|t| t.stats().summary(t.path()))
+            .collect()
+    }
+
     /// Everything appended since the last poll, as events.
     pub fn poll(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
-        for line in self.metrics.lines() {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if let Some(ev) = self.metrics_event(&v) {
+        for record in self.metrics.poll() {
+            if let Some(ev) = self.metrics_event(record) {
                 out.push(ev);
             }
         }
-        let lines = self.snapshots.lines();
-        if self.header.is_none() && lines.is_empty() && !self.noted_no_snapshots && self.info.is_some() {
+        let records = self.snapshots.poll();
+        if self.header.is_none() && records.is_empty() && !self.noted_no_snapshots && self.info.is_some() {
             self.noted_no_snapshots = true;
             if !self.dir.join(SNAPSHOTS_JSONL).exists() && self.info.as_ref().is_some_and(|i| !i.priors.is_empty()) {
                 out.push(Event::Warning(Notice {
@@ -206,25 +142,23 @@ impl RunFolderReader {
                 }));
             }
         }
-        for line in lines {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
+        for record in records {
+            let rec = match record {
+                Record::Header(h) => {
+                    self.header = Some(h);
+                    continue;
+                }
+                Record::Snapshot(rec) => rec,
+                _ => continue,
             };
-            if v["kind"] == "header" {
-                self.header = parse_header(&v);
-                continue;
-            }
             let Some(h) = &self.header else { continue };
-            if let Some(mut s) = record_to_snapshot(&v, h) {
-                if let Some(index) = v["probe"]["index"].as_u64() {
-                    let label = u(&v["probe"], "label") as u32;
-                    if let Some(rgb) = self.probe_image(index as usize) {
+            if let Some(mut s) = snapshot_view(&rec, h, None) {
+                if let Some(index) = rec.probe.as_ref().and_then(|p| p.index) {
+                    let label = rec.probe.as_ref().and_then(|p| p.label).unwrap_or(0);
+                    if let Some(rgb) = self.probe_image(index) {
                         s.probe = Some(Probe {
                             image: rgb,
-                            origin: ProbeOrigin::Val {
-                                index: index as usize,
-                                label,
-                            },
+                            origin: ProbeOrigin::Val { index, label },
                         });
                     }
                 }
@@ -235,19 +169,23 @@ impl RunFolderReader {
     }
 
     /// The run's facts from its `started` record (or, for folders written before the record
-    /// carried them, from `config.toml`).
-    fn info_from(&self, v: &Value) -> RunInfo {
-        if let Ok(mut info) = serde_json::from_value::<RunInfo>(v["info"].clone()) {
+    /// carried them, from `config.toml` and the snapshot header).
+    fn info_from(&self, s: StartedRecord) -> RunInfo {
+        if let Some(mut info) = s.info {
             info.out = Some(self.dir.clone());
-            return info;
+            return *info;
         }
         let cfg = self.config.clone().unwrap_or_default();
         let h = self.header.clone();
         RunInfo {
-            method: v["method"].as_str().map_or_else(|| cfg.method.label(), str::to_owned),
-            trainable: u(v, "trainable") as usize,
-            device: v["device"].as_str().unwrap_or("?").to_owned(),
-            threads: u(v, "threads") as usize,
+            method: if s.method.is_empty() {
+                cfg.method.label()
+            } else {
+                s.method
+            },
+            trainable: s.trainable,
+            device: s.device,
+            threads: s.threads,
             classes: Vec::new(),
             blocks: h.as_ref().map_or(0, |h| h.blocks),
             grid: h.as_ref().map_or((0, 0), |h| h.grid),
@@ -257,70 +195,28 @@ impl RunFolderReader {
             split_sizes: [0; 3],
             config: serde_json::to_value(&cfg).unwrap_or_default(),
             out: Some(self.dir.clone()),
-            start_step: u(v, "step"),
+            start_step: s.step,
             backbone: crate::config::VitConfig::tiny(),
             probes: 0,
             run_id: String::new(),
         }
     }
 
-    fn metrics_event(&mut self, v: &Value) -> Option<Event> {
-        let step = u(v, "step");
-        let time_s = f(v, "time_s");
-        Some(match v["kind"].as_str()? {
-            "started" => {
-                let info = self.info_from(v);
+    fn metrics_event(&mut self, record: Record) -> Option<Event> {
+        match record {
+            Record::Started(s) => {
+                let info = self.info_from(*s);
                 self.starts += 1;
                 self.finished = None;
                 self.info = Some(info.clone());
-                Event::Started(Box::new(info))
+                Some(Event::Started(Box::new(info)))
             }
-            "progress" => Event::Progress(Progress {
-                step,
-                epoch: f(v, "epoch"),
-                loss: f(v, "loss"),
-                route_loss: v["route_loss"].as_f64().unwrap_or(0.0),
-                train_acc: f(v, "train_acc"),
-                lr: f(v, "lr"),
-                img_per_s: f(v, "img_per_s"),
-                time_s,
-                class_loss: v["class_loss"].as_f64(),
-            }),
-            "eval" => Event::Eval(EvalResult {
-                step,
-                split: v["split"].as_str().unwrap_or("val").to_owned(),
-                loss: f(v, "loss"),
-                acc: f(v, "acc"),
-                per_class_acc: serde_json::from_value(v["per_class_acc"].clone()).unwrap_or_default(),
-                time_s,
-            }),
-            "applied" => Event::Applied(Applied {
-                step,
-                command: v["command"].as_str().unwrap_or_default().to_owned(),
-                target: v["target"].as_str().unwrap_or_default().to_owned(),
-                old: f(v, "old"),
-                new: f(v, "new"),
-                time_s,
-            }),
-            "warning" => Event::Warning(notice(v)),
-            "error" if v["diverged"] == true => Event::Diverged(notice(v)),
-            "error" => Event::Error(notice(v)),
-            "finished" => {
-                let reason: FinishReason = serde_json::from_value(v["reason"].clone()).ok()?;
-                self.finished = Some(reason);
-                Event::Finished(Finished {
-                    reason,
-                    steps: step,
-                    best_val_acc: v["best_val_acc"].as_f64(),
-                    test_acc: v["test_acc"].as_f64(),
-                    checkpoints: serde_json::from_value(v["checkpoints"].clone()).unwrap_or_default(),
-                    time_s,
-                    message: v["message"].as_str().map(str::to_owned),
-                    path: v["path"].as_str().map(PathBuf::from),
-                })
+            Record::Finished(f) => {
+                self.finished = Some(f.reason);
+                Record::Finished(f).to_event()
             }
-            _ => return None,
-        })
+            other => other.to_event(),
+        }
     }
 
     /// The pixels of validation image `index` (the probe), from the run's own data, decoded

@@ -2,6 +2,9 @@
 //! with an existing one (`--resume`, `--overwrite`, `--auto-resume`), the one-writer lock, and the
 //! removal of temporary files that a killed writer left behind.
 
+use super::protocol::FinishReason;
+use super::record::reader::last_of;
+use super::record::{FinishedRecord, Record, RecordReader, StartedRecord};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +22,8 @@ pub const ADAPTER_BEST: &str = "adapter-best.safetensors";
 pub const STATE: &str = "state.safetensors";
 /// The one-writer lock (`host pid`).
 pub const LOCK: &str = ".lock";
+/// The live internals of a MoPPA run (a header, then one record per snapshot).
+pub const SNAPSHOTS_JSONL: &str = "snapshots.jsonl";
 
 /// Why a run folder cannot be used as asked.
 #[derive(Debug, thiserror::Error)]
@@ -52,20 +57,29 @@ pub fn is_run_folder(dir: &Path) -> bool {
     dir.join(METRICS_JSONL).is_file()
 }
 
-/// The last record of `kind` in a run folder's log, if it has one (a half-written last line is
-/// ignored).
+/// The last `finished` record of a run folder's log, if it has one (a half-written last line
+/// is ignored).
 #[must_use]
-pub fn last_record(dir: &Path, kind: &str) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join(METRICS_JSONL)).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|v| v["kind"] == kind)
+pub fn last_finished(dir: &Path) -> Option<FinishedRecord> {
+    last_of(&dir.join(METRICS_JSONL), |r| match r {
+        Record::Finished(f) => Some(f),
+        _ => None,
+    })
 }
 
-/// The reason of the last `finished` record in a run folder's log, if it has one.
+/// The last `started` record of a run folder's log, if it has one.
 #[must_use]
-pub fn finished_reason(dir: &Path) -> Option<String> {
-    last_record(dir, "finished").and_then(|v| v["reason"].as_str().map(str::to_owned))
+pub fn last_started(dir: &Path) -> Option<Box<StartedRecord>> {
+    last_of(&dir.join(METRICS_JSONL), |r| match r {
+        Record::Started(s) => Some(s),
+        _ => None,
+    })
+}
+
+/// Whether a run folder's log records at least one training step.
+#[must_use]
+pub fn has_progress(dir: &Path) -> bool {
+    RecordReader::open(&dir.join(METRICS_JSONL)).is_ok_and(|mut r| r.any(|r| matches!(r, Record::Progress(_))))
 }
 
 /// What `--out DIR` does with what is there.
@@ -111,8 +125,8 @@ pub fn plan_out(dir: &Path, flags: OutFlags) -> Result<OutPlan, RunFolderError> 
         return Ok(OutPlan::Fresh);
     }
     if flags.auto_resume {
-        if let Some(reason) = finished_reason(dir).filter(|r| r == "done" || r == "stopped") {
-            return Ok(OutPlan::AlreadyFinished(reason));
+        if let Some(f) = last_finished(dir).filter(|f| matches!(f.reason, FinishReason::Done | FinishReason::Stopped)) {
+            return Ok(OutPlan::AlreadyFinished(f.reason.name().into()));
         }
         if dir.join(STATE).is_file() && dir.join(CONFIG_TOML).is_file() {
             return Ok(OutPlan::Resume);

@@ -1,87 +1,29 @@
 //! `snapshots.jsonl` (INTERFACES.md): the live internals of a MoPPA run, one JSON object per line
 //! after a header, appended by the worker so every complete line survives a crash. Both
 //! directions live here: [`SnapshotLog`] writes records from the protocol's [`Snapshot`] (the
-//! filters are left out: they follow from the coefficients), and [`record_to_snapshot`] turns a
-//! record back into a `Snapshot` with the filters recomputed, for a run folder opened later.
+//! filters are left out: they follow from the coefficients), and [`snapshot_view`] turns a
+//! record into what the views draw, filters recomputed, for a live run and a reopened one alike.
 //!
 //! Cadence: a record every `10 · 2^⌊n/500⌋` steps after `n` records (dense early, thinning as the
-//! run grows), at every evaluation and at the end. Values carry 5 significant digits. A
+//! run grows), at every evaluation and at the end. Coefficients and the source map are written at
+//! f32 precision, router statistics and probe weights at 5 significant digits. A
 //! 10,000-step MoPPA r8 run of the tiny preset writes ~750 records of ~8 kB (README).
 
-use super::protocol::{BlockSnapshot, ProbeOrigin, RouterStats, Snapshot};
-use crate::config::{Coeff, Lockable, PerCoeff, Prior};
-use crate::physics::{channel_gain, laplacian_eigenvalues};
-use serde_json::{Value, json};
-use std::fs::{File, OpenOptions};
+use super::protocol::{BlockSnapshot, RouterStats, Snapshot};
+use super::record::{Record, RecordReader, SnapshotHeader, SnapshotRecord};
+use crate::config::{Lockable, PerCoeff};
+use crate::physics::{Dct2, channel_gain, impulse_response, laplacian_eigenvalues, radial_profile};
+use std::fs::File;
 use std::io::{BufWriter, Write as _};
 use std::path::Path;
 
-/// The file's name in a run folder.
-pub const SNAPSHOTS_JSONL: &str = "snapshots.jsonl";
-/// The format the header announces.
-pub const FORMAT: u64 = 1;
+pub use super::record::snapshot::FORMAT;
+pub use super::runfolder::SNAPSHOTS_JSONL;
+
 /// Steps between records at the start.
 const BASE_INTERVAL: u64 = 10;
 /// Records after which the interval doubles.
 const RECORDS_PER_DOUBLING: u64 = 500;
-
-/// `v` rounded to 5 significant digits (a shorter file, the same pictures).
-fn sig5(v: f32) -> Value {
-    let v = f64::from(v);
-    if v == 0.0 || !v.is_finite() {
-        return json!(if v.is_finite() { 0.0 } else { v });
-    }
-    let scale = 10f64.powi(4 - v.abs().log10().floor() as i32);
-    json!((v * scale).round() / scale)
-}
-
-fn list(v: &[f32]) -> Value {
-    Value::Array(v.iter().map(|x| sig5(*x)).collect())
-}
-
-/// The header line: what every record's arrays are shaped by.
-#[must_use]
-pub fn header(blocks: usize, rank: usize, grid: (usize, usize), priors: &[Prior]) -> Value {
-    json!({"kind": "header", "format": FORMAT, "blocks": blocks, "rank": rank,
-        "grid": [grid.0, grid.1], "priors": priors})
-}
-
-/// A snapshot as a record (without the filters, which follow from the coefficients).
-#[must_use]
-pub fn snapshot_record(s: &Snapshot, time_s: f64) -> Value {
-    let mut v = json!({"kind": "snapshot", "step": s.step, "time_s": time_s, "tau": s.tau, "gamma": s.gamma,
-        "route_weight": s.route_weight, "temperature": s.temperature});
-    for c in Coeff::ALL {
-        if s.priors.contains(&c.prior()) {
-            v[c.name()] = Value::Array(s.blocks.iter().map(|b| list(&b.coeffs[c])).collect());
-        }
-    }
-    if s.priors.contains(&Prior::Poisson) {
-        v["source"] = Value::Array(s.blocks.iter().map(|b| list(&b.source)).collect());
-    }
-    v["locks"] = Value::Array(s.blocks.iter().map(|b| json!(b.locked)).collect());
-    v["router"] = Value::Array(
-        s.blocks
-            .iter()
-            .map(|b| match &b.router {
-                Some(r) => {
-                    json!({"mean": list(&r.mean_alpha), "entropy": sig5(r.entropy), "share": list(&r.argmax_share)})
-                }
-                None => Value::Null,
-            })
-            .collect(),
-    );
-    if let Some(p) = &s.probe {
-        let alpha = s.blocks.iter().map(|b| list(&b.probe_alpha)).collect::<Vec<_>>();
-        v["probe"] = match &p.origin {
-            ProbeOrigin::Val { index, label } => {
-                json!({"index": index, "label": label, "prediction": s.probe_prediction, "alpha": alpha})
-            }
-            ProbeOrigin::File { name } => json!({"file": name, "prediction": s.probe_prediction, "alpha": alpha}),
-        };
-    }
-    v
-}
 
 /// Appends records to a run folder's `snapshots.jsonl` at the cadence above.
 pub struct SnapshotLog {
@@ -92,18 +34,21 @@ pub struct SnapshotLog {
 
 impl SnapshotLog {
     /// Opens (or appends to) `dir/snapshots.jsonl`; a new or empty file gets the header first.
-    pub fn open(dir: &Path, header: &Value) -> std::io::Result<Self> {
+    /// The records already there are counted by streaming them (the cadence goes on).
+    pub fn open(dir: &Path, header: &SnapshotHeader) -> std::io::Result<Self> {
         let path = dir.join(SNAPSHOTS_JSONL);
-        let existing = std::fs::read_to_string(&path).unwrap_or_default();
-        let records = existing.lines().filter(|l| l.contains("\"snapshot\"")).count() as u64;
-        let fresh = existing.trim().is_empty();
-        let mut file = BufWriter::new(OpenOptions::new().create(true).append(true).open(&path)?);
-        if !existing.is_empty() && !existing.ends_with('\n') {
+        let records = match RecordReader::open(&path) {
+            Ok(r) => r.filter(|r| matches!(r, Record::Snapshot(_))).count() as u64,
+            Err(_) => 0,
+        };
+        let (file, existed, cut) = super::runlog::open_append(&path)?;
+        let mut file = BufWriter::new(file);
+        if cut {
             // A line cut by a crash: end it, so the next record starts on its own line.
             writeln!(file)?;
         }
-        if fresh {
-            writeln!(file, "{header}")?;
+        if !existed {
+            writeln!(file, "{}", Record::Header(header.clone()).to_line())?;
             file.flush()?;
         }
         Ok(Self {
@@ -127,11 +72,12 @@ impl SnapshotLog {
 
     /// Appends one record (one per step at most) and flushes it: a crash never leaves half a
     /// line behind it.
-    pub fn write(&mut self, s: &Snapshot, time_s: f64) -> std::io::Result<()> {
+    pub fn write(&mut self, s: &SnapshotRecord) -> std::io::Result<()> {
         if self.last_step == Some(s.step) {
             return Ok(());
         }
-        writeln!(self.file, "{}", snapshot_record(s, time_s))?;
+        let record = Record::Snapshot(Box::new(s.clone()));
+        writeln!(self.file, "{}", record.to_line())?;
         self.file.flush()?;
         self.records += 1;
         self.last_step = Some(s.step);
@@ -139,62 +85,39 @@ impl SnapshotLog {
     }
 }
 
-/// The header's shape of a `snapshots.jsonl`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// MoPPA blocks.
-    pub blocks: usize,
-    /// Rank.
-    pub rank: usize,
-    /// Token grid.
-    pub grid: (usize, usize),
-    /// Active priors.
-    pub priors: Vec<Prior>,
+fn floats(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|x| *x as f32).collect()
 }
 
-/// Parses a header line.
+fn per_block(v: Option<&Vec<Vec<f64>>>, b: usize) -> Vec<f32> {
+    v.and_then(|v| v.get(b)).map(|v| floats(v)).unwrap_or_default()
+}
+
+/// The one snapshot view: what the views draw from a snapshot record, for a live run (computed
+/// from the record as it is written, the same rounding) and for a reopened one alike, so both
+/// show identical filters, mix, coefficients and router statistics. Coefficients, source, router
+/// and probe weights as recorded; each block's per-prior gains recomputed from the coefficients
+/// (channel mean, and channel `channel` when one is chosen) with their router-weighted mix. The
+/// probe's pixels are not in the record (`probe` is `None`: the caller attaches them). `None`
+/// for a record whose format the header does not announce.
 #[must_use]
-pub fn parse_header(v: &Value) -> Option<Header> {
-    if v["kind"] != "header" || v["format"].as_u64() != Some(FORMAT) {
-        return None;
-    }
-    let grid = v["grid"].as_array()?;
-    Some(Header {
-        blocks: v["blocks"].as_u64()? as usize,
-        rank: v["rank"].as_u64()? as usize,
-        grid: (grid.first()?.as_u64()? as usize, grid.get(1)?.as_u64()? as usize),
-        priors: serde_json::from_value(v["priors"].clone()).ok()?,
-    })
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN) as f32).collect())
-        .unwrap_or_default()
-}
-
-fn per_block(v: &Value, b: usize) -> Vec<f32> {
-    v.get(b).map(floats).unwrap_or_default()
-}
-
-/// A record back into a [`Snapshot`]: coefficients, source, router, probe weights as written,
-/// and each block's channel-mean filters and their router-weighted mix recomputed from the
-/// coefficients (the probe's pixels are not in the file: `probe` carries none).
-#[must_use]
-pub fn record_to_snapshot(v: &Value, h: &Header) -> Option<Snapshot> {
-    if v["kind"] != "snapshot" {
+pub fn snapshot_view(v: &SnapshotRecord, h: &SnapshotHeader, channel: Option<usize>) -> Option<Snapshot> {
+    if h.format != FORMAT {
         return None;
     }
     let (gh, gw) = h.grid;
     let lambda = laplacian_eigenvalues(gh, gw);
-    let tau = v["tau"].as_f64()?;
-    let gamma = v["gamma"].as_f64().unwrap_or(0.0);
+    let (tau, gamma) = (v.tau, v.gamma);
     let k = h.priors.len();
     let mut blocks = Vec::with_capacity(h.blocks);
     for b in 0..h.blocks {
-        let coeffs = PerCoeff::from_fn(|c| per_block(&v[c.name()], b));
-        let source = per_block(&v["source"], b);
+        let coeffs = PerCoeff::from_fn(|c| per_block(v.coeff(c), b));
+        let source = per_block(v.source.as_ref(), b);
         let source64: Vec<f64> = source.iter().map(|x| f64::from(*x)).collect();
+        let source_map = (!source64.is_empty()).then_some(source64.as_slice());
+        let gain = |p: crate::config::Prior, c: f32| {
+            channel_gain(p, &lambda, f64::from(c), tau, gamma, source_map).unwrap_or_else(|_| vec![f64::NAN; gh * gw])
+        };
         let filters_mean: Vec<Vec<f32>> = h
             .priors
             .iter()
@@ -202,16 +125,7 @@ pub fn record_to_snapshot(v: &Value, h: &Header) -> Option<Snapshot> {
                 let values = &coeffs[p.coeff()];
                 let mut mean = vec![0f64; gh * gw];
                 for &c in values {
-                    let g = channel_gain(
-                        *p,
-                        &lambda,
-                        f64::from(c),
-                        tau,
-                        gamma,
-                        (!source64.is_empty()).then_some(source64.as_slice()),
-                    )
-                    .unwrap_or_default();
-                    for (m, x) in mean.iter_mut().zip(g) {
+                    for (m, x) in mean.iter_mut().zip(gain(*p, c)) {
                         *m += x;
                     }
                 }
@@ -219,13 +133,23 @@ pub fn record_to_snapshot(v: &Value, h: &Header) -> Option<Snapshot> {
                 mean.into_iter().map(|m| (m / n) as f32).collect()
             })
             .collect();
-        let router = v["router"].get(b).filter(|r| !r.is_null()).map(|r| {
-            let entropy = r["entropy"].as_f64().unwrap_or(0.0) as f32;
+        let filters_channel: Vec<Vec<f32>> = channel.map_or_else(Vec::new, |ch| {
+            h.priors
+                .iter()
+                .filter_map(|p| {
+                    coeffs[p.coeff()]
+                        .get(ch)
+                        .map(|&c| gain(*p, c).into_iter().map(|x| x as f32).collect())
+                })
+                .collect()
+        });
+        let router = v.router.get(b).and_then(Option::as_ref).map(|r| {
+            let entropy = r.entropy as f32;
             RouterStats {
-                mean_alpha: floats(&r["mean"]),
+                mean_alpha: floats(&r.mean),
                 entropy,
                 entropy_norm: if k > 1 { entropy / (k as f32).ln() } else { 0.0 },
-                argmax_share: floats(&r["share"]),
+                argmax_share: floats(&r.share),
             }
         });
         let weights: Vec<f32> = router
@@ -240,30 +164,78 @@ pub fn record_to_snapshot(v: &Value, h: &Header) -> Option<Snapshot> {
                     .sum()
             })
             .collect();
-        let locked: Vec<Lockable> = serde_json::from_value(v["locks"][b].clone()).unwrap_or_default();
+        let locked: Vec<Lockable> = v.locks.get(b).cloned().unwrap_or_default();
         blocks.push(BlockSnapshot {
             block: b,
             filters_mean,
-            filters_channel: Vec::new(),
+            filters_channel,
             mix,
             coeffs,
             source,
             router,
-            probe_alpha: per_block(&v["probe"]["alpha"], b),
+            probe_alpha: per_block(v.probe.as_ref().map(|p| &p.alpha), b),
             locked,
         });
     }
     Some(Snapshot {
-        step: v["step"].as_u64()?,
+        step: v.step,
         grid: h.grid,
         priors: h.priors.clone(),
-        channel: None,
+        channel,
         tau,
         gamma,
-        route_weight: v["route_weight"].as_f64().unwrap_or(0.0),
-        temperature: v["temperature"].as_f64().unwrap_or(1.0),
+        route_weight: v.route_weight,
+        temperature: v.temperature,
         blocks,
         probe: None,
-        probe_prediction: v["probe"]["prediction"].as_u64().map(|p| p as u32),
+        probe_prediction: v.probe.as_ref().and_then(|p| p.prediction),
     })
+}
+
+/// What the filter view draws of one block's gains besides the heatmaps: each prior's radial
+/// profile against √Λ (then the mix's, last) and each prior's spatial impulse response. One
+/// function for live and reopened runs; the app computes it once per snapshot, block and channel.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GainView {
+    /// `(√Λ, mean gain)` points per prior, then the mix's.
+    pub radial: Vec<Vec<[f64; 2]>>,
+    /// `IDCT2(G ⊙ DCT2(δ))` per prior, `H·W` row-major, for a unit impulse at the centre cell.
+    pub impulses: Vec<Vec<f32>>,
+    /// The largest magnitude over the impulse responses (their colour scale).
+    pub impulse_limit: f32,
+}
+
+/// The radial profiles and impulse responses of `gains` (per prior) and `mix` on a grid.
+#[must_use]
+pub fn gain_view((h, w): (usize, usize), gains: &[Vec<f32>], mix: &[f32]) -> GainView {
+    let lambda = laplacian_eigenvalues(h, w);
+    let wide = |g: &[f32]| g.iter().map(|v| f64::from(*v)).collect::<Vec<f64>>();
+    let radial = gains
+        .iter()
+        .map(Vec::as_slice)
+        .chain(std::iter::once(mix))
+        .map(|g| {
+            radial_profile(&lambda, &wide(g))
+                .into_iter()
+                .map(|(k, v)| [k, v])
+                .collect()
+        })
+        .collect();
+    let dct = Dct2::new(h, w);
+    let impulses: Vec<Vec<f32>> = gains
+        .iter()
+        .map(|g| {
+            impulse_response(&dct, &wide(g))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v as f32)
+                .collect()
+        })
+        .collect();
+    let impulse_limit = impulses.iter().flatten().fold(1e-6f32, |m, v| m.max(v.abs()));
+    GainView {
+        radial,
+        impulses,
+        impulse_limit,
+    }
 }

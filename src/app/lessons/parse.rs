@@ -395,6 +395,14 @@ pause_at = 25
                 "5: setup.run:",
             ),
             ("title = \"T\"\n", "missing field `step`"),
+            (
+                "title = \"T\"\n[[step]]\ntext = \"a\"\naction = { set = \"run.kappa\", to = 1e39 }\n",
+                "4: set run.kappa: kappa = 1e39 is outside its range [1e-8, 1e8]",
+            ),
+            (
+                "title = \"T\"\n[[step]]\ntext = \"a\"\n[step.setup]\nplayground = { eps = 1e-50 }\n",
+                "eps = 1e-50 is outside its range [1e-8, 1e8]",
+            ),
         ];
         for (text, want) in cases {
             let e = parse("t", text).unwrap_err();

@@ -6,15 +6,48 @@ use super::Action;
 use crate::app::state::FilterSettings;
 use crate::app::widgets::colormap::prior_color;
 use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
-use crate::physics::{Dct2, impulse_response, laplacian_eigenvalues, radial_profile};
 use crate::train::protocol::{Command, Snapshot};
+use crate::train::snapfile::{GainView, gain_view};
 use egui_plot::{Legend, Line, Plot, PlotPoints};
+
+/// A run's radial profiles and impulse responses for the snapshot, block and channel shown,
+/// computed once ([`gain_view`]) and drawn from here every frame after.
+#[derive(Clone, Debug, Default)]
+pub struct FilterCache {
+    /// Step, block and channel (None: the mean) of `view`.
+    key: Option<(u64, usize, Option<usize>)>,
+    view: GainView,
+    computed: usize,
+}
+
+impl FilterCache {
+    /// The view for `key`, computed by `compute` only when it is not the one held.
+    fn get(&mut self, key: (u64, usize, Option<usize>), compute: impl FnOnce() -> GainView) -> &GainView {
+        if self.key != Some(key) {
+            self.view = compute();
+            self.key = Some(key);
+            self.computed += 1;
+        }
+        &self.view
+    }
+
+    /// Forgets the view (the snapshot of its step was replaced).
+    pub fn clear(&mut self) {
+        self.key = None;
+    }
+
+    /// How many times a view was computed (tests: not once per frame).
+    #[must_use]
+    pub fn computed(&self) -> usize {
+        self.computed
+    }
+}
 
 /// Draws the view. `snapshots` are the run's (oldest first); `scrub` the chosen index (None: live).
 pub fn ui(
     ui: &mut egui::Ui,
     settings: &mut FilterSettings,
-    snapshots: &[Snapshot],
+    (snapshots, cache): (&[Snapshot], &mut FilterCache),
     scrub: &mut Option<usize>,
     rank: usize,
     textures: &mut Textures,
@@ -115,7 +148,8 @@ pub fn ui(
         });
         colorbar(ui, scale, side);
     });
-    let lambda = laplacian_eigenvalues(h, w);
+    let key = (snap.step, block.block, settings.channel.filter(|_| use_channel));
+    let view = cache.get(key, || gain_view((h, w), gains, &block.mix));
     ui.columns(2, |cols| {
         cols[0].label(egui::RichText::new("Radial profile: gain against √Λ").strong());
         Plot::new("radial")
@@ -124,42 +158,28 @@ pub fn ui(
             .x_axis_label("√Λ")
             .y_axis_label("G")
             .show(&mut cols[0], |pu| {
-                for (p, g) in snap.priors.iter().zip(gains) {
-                    let g64: Vec<f64> = g.iter().map(|v| f64::from(*v)).collect();
-                    let pts: Vec<[f64; 2]> = radial_profile(&lambda, &g64).into_iter().map(|(k, v)| [k, v]).collect();
+                for (p, pts) in snap.priors.iter().zip(&view.radial) {
                     pu.line(
-                        Line::new(p.name(), PlotPoints::from(pts))
+                        Line::new(p.name(), PlotPoints::from(pts.clone()))
                             .color(prior_color(*p))
                             .width(2.0),
                     );
                 }
-                let mix: Vec<f64> = block.mix.iter().map(|v| f64::from(*v)).collect();
-                let pts: Vec<[f64; 2]> = radial_profile(&lambda, &mix).into_iter().map(|(k, v)| [k, v]).collect();
-                pu.line(
-                    Line::new("mix", PlotPoints::from(pts))
-                        .color(egui::Color32::GRAY)
-                        .style(egui_plot::LineStyle::dashed_dense()),
-                );
+                if let Some(pts) = view.radial.get(snap.priors.len()) {
+                    pu.line(
+                        Line::new("mix", PlotPoints::from(pts.clone()))
+                            .color(egui::Color32::GRAY)
+                            .style(egui_plot::LineStyle::dashed_dense()),
+                    );
+                }
             });
         let ui = &mut cols[1];
         ui.label(egui::RichText::new("Impulse response on the token grid").strong())
             .on_hover_text("IDCT2(G ⊙ DCT2(δ)) for a unit impulse at the centre cell");
-        let dct = Dct2::new(h, w);
-        let impulses: Vec<Vec<f32>> = gains
-            .iter()
-            .map(|g| {
-                let g64: Vec<f64> = g.iter().map(|v| f64::from(*v)).collect();
-                impulse_response(&dct, &g64)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|v| v as f32)
-                    .collect()
-            })
-            .collect();
-        let lim = impulses.iter().flatten().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let lim = view.impulse_limit;
         let side = ((ui.available_width() - 60.0) / snap.priors.len().max(1) as f32).clamp(60.0, 160.0);
         ui.horizontal(|ui| {
-            for (p, imp) in snap.priors.iter().zip(&impulses) {
+            for (p, imp) in snap.priors.iter().zip(&view.impulses) {
                 ui.vertical(|ui| {
                     ui.label(egui::RichText::new(p.name()).color(prior_color(*p)));
                     heatmap(

@@ -156,7 +156,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
             step: 0,
             time_s: 0.0,
             message: format!("cannot write the run log: {e}"),
-            path: Some(run.run.join("metrics.jsonl")),
+            path: Some(run.run.join(crate::train::runfolder::METRICS_JSONL)),
             line: None,
         })),
     }

@@ -43,7 +43,7 @@ pub fn dataset_stats(spec: &str, limit: usize) -> Result<([f32; 3], [f32; 3])> {
 /// Turns a full fine-tuning run's `adapter.safetensors` (timm names, with its head) into a
 /// backbone file. `provenance` (JSON) is stored as `moppa.pretrain`.
 pub fn export_backbone(run_dir: &Path, out: &Path, store: StoreAs, provenance: &serde_json::Value) -> Result<()> {
-    let adapter = run_dir.join("adapter.safetensors");
+    let adapter = run_dir.join(crate::train::runfolder::ADAPTER);
     let tf = TensorFile::read(&adapter)?;
     let info = adapter_info(&tf)?;
     if info.method.method != MethodKind::Full {

@@ -1,6 +1,7 @@
-//! The model's internals for the live views: each MoPPA block's filters (channel mean and one
-//! channel), their router-weighted mix, coefficients, source map, router statistics, locks, and
-//! the probe image's per-token router weights.
+//! The model's internals for the live views and `snapshots.jsonl`: each MoPPA block's
+//! coefficients, source map, router statistics and locks, and the probe image's per-token router
+//! weights. The filters and their mix are not taken here: the worker records this snapshot and
+//! the displays see the view of that record (`snapfile::snapshot_view`), as a reopened run does.
 
 use super::Trainer;
 use crate::config::PerCoeff;
@@ -12,7 +13,7 @@ use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
 impl Trainer {
-    /// The model's internals now (MoPPA blocks; empty for other methods).
+    /// The model's internals now (MoPPA blocks; empty for other methods), without filters.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let (h, w) = (self.model.grid.h, self.model.grid.w);
         let priors = self.info.priors.clone();
@@ -42,40 +43,18 @@ impl Trainer {
         let mut blocks = Vec::new();
         for b in self.model.moppa_blocks() {
             let Some(u) = self.model.moppa_unit(b) else { continue };
-            let gains: Vec<Vec<Vec<f32>>> = u
-                .filters(&self.model.grid, &self.model.live, false)?
-                .iter()
-                .map(|g| g.to_dtype(DType::F32)?.to_vec2::<f32>())
-                .collect::<candle_core::Result<_>>()?;
-            let mean_of = |g: &Vec<Vec<f32>>| -> Vec<f32> {
-                let r = g.len().max(1) as f32;
-                (0..h * w)
-                    .map(|i| g.iter().map(|row| row[i]).sum::<f32>() / r)
-                    .collect()
-            };
-            let filters_mean: Vec<Vec<f32>> = gains.iter().map(mean_of).collect();
-            let filters_channel = match self.channel {
-                Some(c) => gains.iter().filter_map(|g| g.get(c).cloned()).collect(),
-                None => Vec::new(),
-            };
             let router = self
                 .last_routing
                 .iter()
                 .find(|r| r.block == b)
                 .map(|r| router_stats(&r.alpha, k))
                 .transpose()?;
-            let weights: Vec<f32> = router
-                .as_ref()
-                .map_or_else(|| vec![1.0 / k as f32; k], |r| r.mean_alpha.clone());
-            let mix = (0..h * w)
-                .map(|i| filters_mean.iter().zip(&weights).map(|(f, a)| f[i] * a).sum())
-                .collect();
             let natural = u.coeffs();
             blocks.push(BlockSnapshot {
                 block: b,
-                filters_mean,
-                filters_channel,
-                mix,
+                filters_mean: Vec::new(),
+                filters_channel: Vec::new(),
+                mix: Vec::new(),
                 coeffs: PerCoeff::from_fn(|c| natural[c].iter().map(|&v| v as f32).collect()),
                 source: u.source_map()?,
                 router,

@@ -105,7 +105,10 @@ impl WorkerHandle {
             .name("moppa-trainer".into())
             .spawn(move || {
                 let mut out = Outbox::new(ev_tx, opts.observers.clone(), opts.waker.clone());
-                run::run(&cfg, &opts, &cmd_rx, &mut out, &stop2);
+                // A panic anywhere in the run is a failed run the displays and the log hear of.
+                if let Err(message) = crate::panics::catch(|| run::run(&cfg, &opts, &cmd_rx, &mut out, &stop2)) {
+                    run::panicked(&mut out, &message);
+                }
                 finished2.store(true, Ordering::Release);
                 // Deliver what is left without ever blocking for long.
                 let deadline = Instant::now() + Duration::from_secs(2);

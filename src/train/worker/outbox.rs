@@ -6,7 +6,8 @@
 
 use super::Waker;
 use crate::train::coalesce::Pending;
-use crate::train::protocol::{Event, Notice, Snapshot};
+use crate::train::protocol::{Event, Notice};
+use crate::train::record::SnapshotRecord;
 use crate::train::runlog::RunLog;
 use crate::train::snapfile::SnapshotLog;
 use crossbeam_channel::{Sender, TrySendError};
@@ -70,6 +71,8 @@ pub(super) struct Outbox {
     /// The run folder's snapshot records.
     pub(super) snapshots: Option<SnapshotLog>,
     log_error: bool,
+    /// The step and time of the last progress sent (where a panicked run ends).
+    last: (u64, f64),
 }
 
 impl Outbox {
@@ -81,6 +84,7 @@ impl Outbox {
             log: None,
             snapshots: None,
             log_error: false,
+            last: (0, 0.0),
         }
     }
 
@@ -105,10 +109,19 @@ impl Outbox {
         }
     }
 
-    /// Logs the event to the run folder, then queues it for every receiver.
+    /// The step and time of the last progress sent.
+    pub(super) fn last_step(&self) -> (u64, f64) {
+        self.last
+    }
+
+    /// Logs the event to the run folder, then queues it for every receiver. A lock poisoned by
+    /// a panic elsewhere is still written through: the `finished` record is never lost.
     pub(super) fn push(&mut self, ev: Event) {
+        if let Event::Progress(p) = &ev {
+            self.last = (p.step, p.time_s);
+        }
         let logged = match &self.log {
-            Some(log) => log.lock().map_or(Ok(()), |mut l| l.write(&ev)),
+            Some(log) => log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write(&ev),
             None => Ok(()),
         };
         if let Err(e) = logged {
@@ -122,9 +135,9 @@ impl Outbox {
     }
 
     /// Appends a snapshot record to `snapshots.jsonl` (the caller decides the cadence).
-    pub(super) fn record(&mut self, s: &Snapshot, time_s: f64) {
+    pub(super) fn record(&mut self, s: &SnapshotRecord) {
         let written = match &mut self.snapshots {
-            Some(log) => log.write(s, time_s),
+            Some(log) => log.write(s),
             None => Ok(()),
         };
         if let Err(e) = written {

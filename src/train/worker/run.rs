@@ -8,8 +8,9 @@ use crate::config::RunConfig;
 use crate::data::Split;
 use crate::train::TrainError;
 use crate::train::protocol::{Command, Event, FinishReason, Finished, Notice};
+use crate::train::record::{SnapshotHeader, SnapshotRecord};
 use crate::train::runlog::{Heartbeat, RunLog};
-use crate::train::snapfile::{self, SnapshotLog};
+use crate::train::snapfile::{SnapshotLog, snapshot_view};
 use crate::train::stop::{StopFlag, StopRequest};
 use crate::train::trainer::{StepOutcome, Trainer};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -121,7 +122,7 @@ pub(super) fn run(
             }
             let info = trainer.info();
             if !info.priors.is_empty() {
-                let header = snapfile::header(info.blocks, info.rank, info.grid, &info.priors);
+                let header = SnapshotHeader::new(info.blocks, info.rank, info.grid, &info.priors);
                 match SnapshotLog::open(&dir, &header) {
                     Ok(log) => out.snapshots = Some(log),
                     Err(e) => out.push(Event::Warning(notice(
@@ -135,6 +136,22 @@ pub(super) fn run(
         let end = train_loop(&mut trainer, opts, commands, out, stop, &steps);
         finish(&mut trainer, end, out, stop);
     });
+}
+
+/// Ends a run whose thread panicked: an error naming the panic, then `Finished(failed)` with
+/// the same message, at the last step the displays saw. No checkpoint is written (the last
+/// good pair stays as it was).
+pub(super) fn panicked(out: &mut Outbox, message: &str) {
+    let (step, time_s) = out.last_step();
+    let n = Notice {
+        step,
+        time_s,
+        message: format!("the trainer panicked: {message}"),
+        path: None,
+        line: None,
+    };
+    out.push(Event::Error(n.clone()));
+    out.push(Event::Finished(failed(step, time_s, Some(n))));
 }
 
 /// A `failed` end record (or, with another `reason` spread over it, an early end).
@@ -165,12 +182,20 @@ fn snapshot_to(trainer: &Trainer, out: &mut Outbox, display: bool, record: bool)
         return;
     }
     match trainer.snapshot() {
-        Ok(s) => {
+        Ok(raw) => {
+            // The displays see the view of the record as written (snapfile::snapshot_view), the
+            // same a reopened run shows.
+            let rec = SnapshotRecord::from_snapshot(&raw, trainer.time_s());
             if record {
-                out.record(&s, trainer.time_s());
+                out.record(&rec);
             }
             if display {
-                out.push(Event::Snapshot(Box::new(s)));
+                let info = trainer.info();
+                let header = SnapshotHeader::new(info.blocks, info.rank, info.grid, &info.priors);
+                if let Some(mut view) = snapshot_view(&rec, &header, raw.channel) {
+                    view.probe = raw.probe;
+                    out.push(Event::Snapshot(Box::new(view)));
+                }
             }
         }
         Err(e) => out.push(Event::Warning(notice(Some(trainer), format!("snapshot failed: {e}")))),
@@ -340,6 +365,11 @@ fn train_loop(
         if trainer.done() {
             return End::with(FinishReason::Done);
         }
+        assert!(
+            !crate::panics::fault("worker-panic", trainer.step),
+            "fault injection: the trainer panics before step {}",
+            trainer.step + 1
+        );
         match trainer.step() {
             Ok(StepOutcome::Done(progress)) => {
                 diverged = false;
