@@ -58,26 +58,41 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Lowers the calling thread's scheduling priority to `nice` (Linux: 0 normal … 19 lowest), so that
-/// a display's thread on the same cores runs first whenever it has a frame to draw and the thread
-/// takes every cycle the display leaves. Only this thread changes (Linux keeps a nice value per
-/// thread); threads it starts later inherit it. Best effort: where the call is refused or the
-/// platform has no per-thread nice value the priority stays as it was, and `false` says so.
+/// Lowers the calling thread's scheduling priority by `by` nice steps from the one it has
+/// (inherited from the thread that started it; Linux: 0 normal … 19 lowest, capped at 19), so
+/// that a display's thread on the same cores runs first whenever it has a frame to draw and the
+/// thread takes every cycle the display leaves — also when the whole process was started under
+/// `nice`. Only this thread changes (Linux keeps a nice value per thread); threads it starts later
+/// inherit it. Best effort: where the call is refused or the platform has no per-thread nice
+/// value the priority stays as it was, and `false` says so.
 #[must_use]
-pub fn lower_thread_priority(nice: i32) -> bool {
+pub fn lower_thread_priority(by: i32) -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)]
-    // SAFETY: `gettid` has no preconditions; `setpriority` on this thread's own id changes only
-    // its nice value, and raising a nice value needs no privilege.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) == 0
+    {
+        let Some(current) = thread_nice() else { return false };
+        let target = (current + by.max(0)).min(19);
+        #[allow(unsafe_code)]
+        // SAFETY: `gettid` has no preconditions; `setpriority` on this thread's own id changes
+        // only its nice value, and raising a nice value needs no privilege.
+        unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, target) == 0
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        let _ = nice;
+        let _ = by;
         false
     }
+}
+
+/// The calling thread's nice value (Linux: field 19 of `/proc/thread-self/stat`, the 17th after
+/// the parenthesised name); `None` elsewhere.
+#[must_use]
+pub fn thread_nice() -> Option<i32> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.split_whitespace().nth(16)?.parse().ok()
 }
 
 /// A file written to a temporary name next to its destination and synced, waiting to be put in

@@ -773,6 +773,8 @@ fn the_backbone_picker_lists_the_cache_and_downloads_by_id() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         h.run_steps(1);
     }
+    // The progress was seen in the state after the last frame: draw it.
+    h.run_steps(1);
     assert!(
         h.query_by_label_contains("model.safetensors").is_some(),
         "the progress bar names the file"

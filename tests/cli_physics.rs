@@ -5,6 +5,7 @@
 
 mod common;
 use common::moppa;
+use std::path::Path;
 
 fn grid(v: &serde_json::Value) -> Vec<Vec<f64>> {
     v.as_array()
@@ -150,14 +151,16 @@ fn apply_writes_filtered_images_and_reports_bad_paths() {
     }
     // Missing input: runtime failure (exit 1), one line naming the path.
     let missing = dir.path().join("nope.png");
-    let out = moppa(&["apply", "--prior", "heat", missing.to_str().unwrap(), "/tmp/x.png"]);
+    let unused = dir.path().join("x.png");
+    let unused = unused.to_str().unwrap();
+    let out = moppa(&["apply", "--prior", "heat", missing.to_str().unwrap(), unused]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("nope.png") && err.trim_end().lines().count() == 1, "{err}");
     // Undecodable input.
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
-    let out = moppa(&["apply", "--prior", "heat", junk.to_str().unwrap(), "/tmp/x.png"]);
+    let out = moppa(&["apply", "--prior", "heat", junk.to_str().unwrap(), unused]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("junk.png"));
     // Unwritable output: exit 1, nothing left behind.
@@ -166,8 +169,9 @@ fn apply_writes_filtered_images_and_reports_bad_paths() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("out.png"));
     // Non-positive coefficient: exit 2.
-    let out = moppa(&["apply", "--prior", "heat", "--kappa", "0", inp, "/tmp/x.png"]);
+    let out = moppa(&["apply", "--prior", "heat", "--kappa", "0", inp, unused]);
     assert_eq!(out.status.code(), Some(2));
+    assert!(!Path::new(unused).exists(), "no output for refused inputs");
 }
 
 #[test]

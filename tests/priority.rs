@@ -50,6 +50,7 @@ fn training_under_a_display_uses_every_core_at_a_lower_priority_than_the_display
         ..RunConfig::default()
     };
     assert_eq!(cfg.threads, None, "the app leaves the thread count to the worker");
+    let base = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
     let cores = std::thread::available_parallelism().unwrap().get();
     let h = WorkerHandle::spawn(
         cfg,
@@ -77,11 +78,16 @@ fn training_under_a_display_uses_every_core_at_a_lower_priority_than_the_display
     let all = threads();
     let compute: Vec<&(String, i64)> = all.iter().filter(|(n, _)| n.starts_with("moppa-compute")).collect();
     assert_eq!(compute.len(), cores, "one compute thread per core: {all:?}");
+    // Relative to the display's thread (this one stands for it), whatever nice the tests were
+    // started under (`nice cargo test`).
+    let want = (base + i64::from(UI_COMPUTE_NICE)).min(19);
     for (name, nice) in &compute {
-        assert_eq!(*nice, i64::from(UI_COMPUTE_NICE), "{name} runs at nice {nice}");
+        assert_eq!(
+            *nice, want,
+            "{name} runs at nice {nice} (the display's thread at {base})"
+        );
     }
-    // The display's thread (this one stands for it) keeps the process's priority.
     let me = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
-    assert_eq!(me, 0, "the test's own thread is not lowered: {all:?}");
+    assert_eq!(me, base, "the test's own thread is not lowered: {all:?}");
     h.send(Command::Stop).unwrap();
 }

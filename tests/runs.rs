@@ -61,6 +61,8 @@ struct Served {
     child: Child,
     addr: String,
     stderr: Arc<Mutex<String>>,
+    /// The thread reading stderr; it ends at the pipe's end, after the process's last line.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Served {
@@ -74,7 +76,7 @@ impl Served {
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = crossbeam_channel::bounded(1);
         let (pipe, log) = (child.stderr.take().unwrap(), stderr.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("serving on ") {
                     tx.send(addr.trim().to_owned()).ok();
@@ -85,7 +87,12 @@ impl Served {
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("no `serving on` line: {}", stderr.lock().unwrap()));
-        Self { child, addr, stderr }
+        Self {
+            child,
+            addr,
+            stderr,
+            reader: Some(reader),
+        }
     }
 
     fn log(&self) -> String {
@@ -97,7 +104,10 @@ impl Served {
         let t0 = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100)); // the stderr reader's last lines
+                // Every line the process wrote is in the log once its reader has seen the end.
+                if let Some(r) = self.reader.take() {
+                    r.join().unwrap();
+                }
                 return (st.code().unwrap_or(-1), self.log());
             }
             assert!(

@@ -145,7 +145,16 @@ impl RunFolderReader {
         for record in records {
             let rec = match record {
                 Record::Header(h) => {
-                    self.header = Some(h);
+                    match h.check() {
+                        Ok(()) => self.header = Some(h),
+                        Err(e) => out.push(Event::Warning(Notice {
+                            step: 0,
+                            time_s: 0.0,
+                            message: format!("snapshots not shown: {e}"),
+                            path: Some(self.dir.join(SNAPSHOTS_JSONL)),
+                            line: None,
+                        })),
+                    }
                     continue;
                 }
                 Record::Snapshot(rec) => rec,

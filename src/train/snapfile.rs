@@ -89,8 +89,12 @@ fn floats(v: &[f64]) -> Vec<f32> {
     v.iter().map(|x| *x as f32).collect()
 }
 
-fn per_block(v: Option<&Vec<Vec<f64>>>, b: usize) -> Vec<f32> {
-    v.and_then(|v| v.get(b)).map(|v| floats(v)).unwrap_or_default()
+/// Block `b`'s values of a per-block list, at most `limit` of them (a hostile record cannot ask
+/// for more work than its header's shapes).
+fn per_block(v: Option<&Vec<Vec<f64>>>, b: usize, limit: usize) -> Vec<f32> {
+    v.and_then(|v| v.get(b))
+        .map(|v| floats(&v[..v.len().min(limit)]))
+        .unwrap_or_default()
 }
 
 /// The one snapshot view: what the views draw from a snapshot record, for a live run (computed
@@ -102,17 +106,15 @@ fn per_block(v: Option<&Vec<Vec<f64>>>, b: usize) -> Vec<f32> {
 /// for a record whose format the header does not announce.
 #[must_use]
 pub fn snapshot_view(v: &SnapshotRecord, h: &SnapshotHeader, channel: Option<usize>) -> Option<Snapshot> {
-    if h.format != FORMAT {
-        return None;
-    }
+    h.check().ok()?;
     let (gh, gw) = h.grid;
     let lambda = laplacian_eigenvalues(gh, gw);
     let (tau, gamma) = (v.tau, v.gamma);
     let k = h.priors.len();
     let mut blocks = Vec::with_capacity(h.blocks);
     for b in 0..h.blocks {
-        let coeffs = PerCoeff::from_fn(|c| per_block(v.coeff(c), b));
-        let source = per_block(v.source.as_ref(), b);
+        let coeffs = PerCoeff::from_fn(|c| per_block(v.coeff(c), b, h.rank));
+        let source = per_block(v.source.as_ref(), b, gh * gw);
         let source64: Vec<f64> = source.iter().map(|x| f64::from(*x)).collect();
         let source_map = (!source64.is_empty()).then_some(source64.as_slice());
         let gain = |p: crate::config::Prior, c: f32| {
@@ -173,7 +175,7 @@ pub fn snapshot_view(v: &SnapshotRecord, h: &SnapshotHeader, channel: Option<usi
             coeffs,
             source,
             router,
-            probe_alpha: per_block(v.probe.as_ref().map(|p| &p.alpha), b),
+            probe_alpha: per_block(v.probe.as_ref().map(|p| &p.alpha), b, gh * gw * k.max(1)),
             locked,
         });
     }

@@ -29,7 +29,36 @@ pub struct SnapshotHeader {
     pub extra: Extra,
 }
 
+/// The largest grid side a reader accepts (INTERFACES.md "Bounds": 512×512 tokens).
+pub const MAX_GRID_SIDE: usize = 512;
+/// The most blocks a reader accepts.
+pub const MAX_BLOCKS: usize = 256;
+/// The largest rank a reader accepts.
+pub const MAX_RANK: usize = 4096;
+
 impl SnapshotHeader {
+    /// Whether the shapes are within what a reader accepts (INTERFACES.md "Bounds"), checked
+    /// before anything they size is allocated; the error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        let (h, w) = self.grid;
+        if self.format != FORMAT {
+            return Err(format!("snapshot format {} (this version reads {FORMAT})", self.format));
+        }
+        if h == 0 || w == 0 || h > MAX_GRID_SIDE || w > MAX_GRID_SIDE {
+            return Err(format!("grid {h}×{w} is outside 1×1 … {MAX_GRID_SIDE}×{MAX_GRID_SIDE}"));
+        }
+        if self.blocks > MAX_BLOCKS {
+            return Err(format!("{} blocks (at most {MAX_BLOCKS})", self.blocks));
+        }
+        if self.rank > MAX_RANK {
+            return Err(format!("rank {} (at most {MAX_RANK})", self.rank));
+        }
+        if self.priors.len() > 3 {
+            return Err(format!("{} priors (at most 3)", self.priors.len()));
+        }
+        Ok(())
+    }
+
     /// The header of a run with these shapes.
     #[must_use]
     pub fn new(blocks: usize, rank: usize, grid: (usize, usize), priors: &[Prior]) -> Self {

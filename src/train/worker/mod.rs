@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 /// Called after events were sent (e.g. `egui::Context::request_repaint`).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
-/// Nice value of training threads under a display: low enough a weight (110 against the
-/// display's 1024 in Linux's scheduler) that a frame waits at most for a time slice, high enough
-/// that training still outranks background jobs niced to 19.
+/// How many nice steps training threads under a display sit below the display's thread: low
+/// enough a weight (110 against the display's 1024 in Linux's scheduler, at nice 0) that a frame
+/// waits at most for a time slice, high enough that training still outranks background jobs
+/// niced to 19.
 pub const UI_COMPUTE_NICE: i32 = 10;
 
 /// How a worker runs.
@@ -34,8 +35,9 @@ pub struct WorkerOptions {
     pub autostart: bool,
     /// Threads of the training pool when the config does not say (`None`: every core).
     pub default_threads: Option<usize>,
-    /// Nice value of the training threads (0: as the process; higher: they yield to a display
-    /// thread on the same cores, see [`crate::util::lower_thread_priority`]).
+    /// Nice steps of the training threads below the thread that starts the run (0: the same;
+    /// more: they yield to a display thread on the same cores, see
+    /// [`crate::util::lower_thread_priority`]).
     pub compute_nice: i32,
     /// Capacity of the event channel.
     pub event_capacity: usize,
