@@ -294,7 +294,7 @@ fn events_update_the_curves_and_the_router() {
     feed_run(&fake);
     h.run_steps(4);
     let app = h.state();
-    let run = app.runs.last().unwrap();
+    let run = app.runs.all().last().unwrap();
     assert_eq!(run.history.loss.points.len(), 200);
     assert_eq!(run.history.val.len(), 4);
     assert_eq!(run.history.applied.len(), 1);
@@ -459,7 +459,7 @@ fn a_finished_run_folder_opens_with_its_curves_filters_and_router() {
             1,
             "nothing of the app's own is launched by `moppa view`"
         );
-        let run = &app.runs[0].history;
+        let run = &app.runs.all()[0].history;
         assert_eq!(
             run.loss.points.len(),
             count(&metrics, "progress"),
@@ -572,7 +572,7 @@ fn a_run_killed_mid_write_reopens_with_every_complete_record() {
     let mut h = viewer(Tab::Curves, vec![dir]);
     h.run_steps(4);
     let app = h.state();
-    let run = &app.runs[0].history;
+    let run = &app.runs.all()[0].history;
     assert_eq!(run.loss.points.len(), count(&metrics, "progress"));
     assert_eq!(run.snapshots.len(), count(&snaps, "snapshot"));
     assert!(run.snapshots.len() >= 5);
@@ -582,7 +582,7 @@ fn a_run_killed_mid_write_reopens_with_every_complete_record() {
         .count();
     assert_eq!(run.val.len(), evals);
     assert!(
-        app.runs[0]
+        app.runs.all()[0]
             .liveness()
             .is_some_and(|l| !matches!(l, moppa_studio::train::replay::Liveness::Finished(_))),
         "a killed run has not finished"

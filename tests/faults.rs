@@ -46,22 +46,28 @@ fn last_finished(dir: &Path) -> FinishedRecord {
         .expect("a finished record")
 }
 
+/// Trains into `out` with `fault` armed: the run must exit 1 and end `failed`; its stderr, its
+/// `finished` message and the step it ended at.
+fn failed_run(out: &Path, fault: &str) -> (String, String, u64) {
+    let o = train(out, Some(fault), &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let f = last_finished(out);
+    assert_eq!(f.reason, FinishReason::Failed, "{stderr}");
+    (stderr, f.message.unwrap_or_default(), f.step)
+}
+
 #[test]
 fn a_trainer_panic_fails_the_run_keeps_the_checkpoint_and_the_run_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     // Step 4's evaluation writes the checkpoint pair; the trainer panics before step 6.
-    let o = train(&out, Some("worker-panic@5"), &[]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
-    let f = last_finished(&out);
-    assert_eq!(f.reason, FinishReason::Failed);
-    let message = f.message.unwrap_or_default();
+    let (_, message, step) = failed_run(&out, "worker-panic@5");
     assert!(
         message.contains("the trainer panicked: fault injection") && message.contains("src/train/worker/run.rs:"),
         "the message names the panic and where: {message}"
     );
-    assert_eq!(f.step, 5, "the run ends at the last step it finished");
+    assert_eq!(step, 5, "the run ends at the last step it finished");
     // The pair of step 4 is what a resume continues from.
     let o = train(&out, None, &["--resume", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -85,12 +91,7 @@ fn a_trainer_panic_fails_the_run_keeps_the_checkpoint_and_the_run_resumes() {
 fn a_loader_panic_fails_the_run_with_its_message() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let o = train(&out, Some("loader-panic@2"), &[]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{stderr}");
-    let f = last_finished(&out);
-    assert_eq!(f.reason, FinishReason::Failed);
-    let message = f.message.unwrap_or_default();
+    let (stderr, message, _) = failed_run(&out, "loader-panic@2");
     assert!(
         message.contains("the data loader panicked: fault injection") && message.contains("src/data/loader.rs:"),
         "{message}"

@@ -104,6 +104,7 @@ fn every_built_in_lesson_can_be_walked_to_the_end() {
         let runs: Vec<String> = h
             .state()
             .runs
+            .all()
             .iter()
             .filter(|r| r.history.step > 0)
             .map(|r| format!("{} steps in {:.1} s", r.history.step, r.history.time_s))
@@ -166,7 +167,8 @@ fn a_broken_lesson_file_is_named_with_its_line_and_the_others_still_load() {
     assert!(h.query_all_by_label_contains("broken.toml:4").count() >= 1);
     // The teacher's lesson plays: its action switches the view, and Finish closes it.
     h.get_by_label("Mine").click();
-    h.run_steps(2);
+    // The menu's choice starts the lesson after that frame; its panel settles in the next ones.
+    h.run_steps(4);
     h.get_by_label("Do it").click();
     h.run_steps(2);
     assert_eq!(h.state().settings.tab, moppa_studio::app::state::Tab::Router);

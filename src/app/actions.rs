@@ -1,25 +1,53 @@
-//! What the app does for a panel's [`Action`]: run control, file dialogs and the file I/O behind
-//! them (run settings, exports, the adapter, images). Panels only ask; this file acts.
+//! What the app does for a panel's [`Action`], by concern: run control, the app's own state, file
+//! dialogs, and the file work behind them (run settings, exports, images, lessons). Panels only
+//! ask; this file acts.
 
+use super::StudioApp;
 use super::history::RunHistory;
 use super::panels::{Action, RunStatus};
-use super::{StudioApp, capture};
 use crate::config::RunConfig;
 use crate::train::protocol::Command;
 use crate::train::record::{CSV_HEADER, RecordReader};
 use crate::train::runfolder::METRICS_JSONL;
+use std::path::Path;
 
 impl StudioApp {
+    /// Applies what a panel asked for, by concern: the runs, the app's own state, or a file
+    /// dialog and the file work behind it.
     pub(super) fn apply(&mut self, action: Action, ctx: &egui::Context) {
         match action {
+            Action::Start
+            | Action::Pause
+            | Action::Step
+            | Action::Stop
+            | Action::Reset
+            | Action::Select(_)
+            | Action::Send(_)
+            | Action::OpenRun(_)
+            | Action::Connect
+            | Action::ProbeWith(_)
+            | Action::DownloadBackbone(_) => self.run_control(action),
+            Action::StartLesson(_)
+            | Action::OpenConnect
+            | Action::CloseConnect
+            | Action::SetDark(_)
+            | Action::Dismiss(_) => self.app_state(&action, ctx),
+            _ => self.dialog(&action, ctx),
+        }
+    }
+
+    /// Run control: start, pause, step, stop, reset, which run is shown, commands, opening and
+    /// connecting runs, probing.
+    fn run_control(&mut self, action: Action) {
+        match action {
             Action::Start => {
-                let control = self.sel().is_some_and(|r| r.control);
+                let control = self.runs.controls_selected();
                 // Settings changed since this app's run was launched: Start launches them.
-                let changed = self.selected_is_local() && self.launched.as_ref() != Some(&self.settings.config);
+                let changed = self.runs.selected_is_local() && self.launch.changed(&self.settings.config);
                 match self.status() {
                     RunStatus::Ready | RunStatus::Paused if control && !changed => {
                         self.send(Command::Start);
-                        if let Some(r) = self.sel_mut() {
+                        if let Some(r) = self.runs.sel_mut() {
                             r.status = RunStatus::Running;
                         }
                     }
@@ -28,65 +56,32 @@ impl StudioApp {
                     // come before the Start button is enabled).
                     RunStatus::None if control && !changed => {
                         self.send(Command::Start);
-                        if let Some(r) = self.sel_mut() {
+                        if let Some(r) = self.runs.sel_mut() {
                             r.autostart = true;
                         }
                     }
-                    _ => self.launch(true),
+                    _ => self.launch_run(true),
                 }
             }
-            Action::Select(i) => {
-                if i < self.runs.len() {
-                    self.selected = i;
-                    self.scrub = None;
+            Action::Pause => self.send(Command::Pause),
+            Action::Step => self.send(Command::Step),
+            Action::Stop => self.send(Command::Stop),
+            Action::Reset => self.launch_run(false),
+            Action::Select(i) => self.runs.select(i),
+            // A run opened from its folder: back to its recorded probe.
+            Action::Send(Command::SetProbe { .. }) if !self.runs.controls_selected() => {
+                if let Some(r) = self.runs.sel_mut() {
+                    r.probed = None;
                 }
             }
-            Action::OpenRuns => {
-                if let Some(dirs) = rfd::FileDialog::new().pick_folders() {
-                    self.open_folders(&dirs);
-                }
-            }
+            Action::Send(c) => self.send(c),
             Action::OpenRun(d) => self.open_folder(&d),
             Action::Connect => {
                 let (addr, token) = (self.connect.addr.trim().to_owned(), self.connect.token.clone());
                 self.settings.last_server.clone_from(&addr);
                 self.connect_to(&addr, &token);
             }
-            Action::FetchRunFiles => {
-                if let Some(dir) = rfd::FileDialog::new().pick_folder() {
-                    self.fetch_to = Some(dir);
-                    self.send(Command::FetchRunFiles);
-                }
-            }
-            Action::OpenLesson => {
-                if let Some(path) = rfd::FileDialog::new().add_filter("lesson", &["toml"]).pick_file() {
-                    if let Some(i) = self.lessons.add_file(&path) {
-                        let lesson = self.lessons.lessons[i].clone();
-                        self.start_lesson(lesson);
-                    } else if let Some(e) = self.lessons.errors.last().cloned() {
-                        self.show_error(e);
-                    }
-                }
-            }
-            Action::Pause => self.send(Command::Pause),
-            Action::Step => self.send(Command::Step),
-            Action::Stop => self.send(Command::Stop),
-            Action::Reset => self.launch(false),
-            // A run opened from its folder: back to its recorded probe.
-            Action::Send(Command::SetProbe { .. }) if self.sel().is_some_and(|r| !r.control) => {
-                if let Some(r) = self.runs.get_mut(self.selected) {
-                    r.probed = None;
-                }
-            }
-            Action::Send(c) => self.send(c),
-            Action::PickBackbone => {
-                if let Some(p) = rfd::FileDialog::new()
-                    .add_filter("safetensors", &["safetensors"])
-                    .pick_file()
-                {
-                    self.settings.config.backbone = p.display().to_string();
-                }
-            }
+            Action::ProbeWith(p) => self.probe_with(&p),
             Action::DownloadBackbone(spec) => {
                 let spec = if spec.starts_with("hf:") {
                     spec
@@ -94,91 +89,115 @@ impl StudioApp {
                     format!("hf:{spec}")
                 };
                 self.picker.message = None;
-                self.picker.start_download(spec, self.waker.clone());
+                self.picker.start_download(spec, self.launch.waker());
+            }
+            _ => {}
+        }
+    }
+
+    /// The app's own state: lessons, the Connect… dialog, the theme, messages.
+    fn app_state(&mut self, action: &Action, ctx: &egui::Context) {
+        match *action {
+            Action::StartLesson(i) => {
+                if let Some(lesson) = self.lessons.lessons.get(i).cloned() {
+                    self.start_lesson(lesson);
+                }
+            }
+            Action::OpenConnect => {
+                self.connect.open = true;
+                if self.connect.addr.is_empty() {
+                    self.connect.addr.clone_from(&self.settings.last_server);
+                }
+            }
+            Action::CloseConnect => self.connect.open = false,
+            Action::SetDark(dark) => {
+                self.settings.dark = dark;
+                ctx.set_theme(if dark { egui::Theme::Dark } else { egui::Theme::Light });
+            }
+            Action::Dismiss(i) => self.messages.dismiss(i),
+            _ => {}
+        }
+    }
+
+    /// The file dialogs: a path picked (nothing when cancelled), then the work it is for.
+    fn dialog(&mut self, action: &Action, ctx: &egui::Context) {
+        let dialog = rfd::FileDialog::new;
+        let images = || dialog().add_filter("images", &["png", "jpg", "jpeg"]);
+        match action {
+            Action::OpenRuns => {
+                if let Some(dirs) = dialog().pick_folders() {
+                    self.open_folders(&dirs);
+                }
+            }
+            Action::FetchRunFiles => {
+                if let Some(dir) = dialog().pick_folder() {
+                    self.runs.fetch_into(dir);
+                    self.send(Command::FetchRunFiles);
+                }
+            }
+            Action::OpenLesson => {
+                if let Some(path) = dialog().add_filter("lesson", &["toml"]).pick_file() {
+                    self.open_lesson(&path);
+                }
+            }
+            Action::PickBackbone => {
+                if let Some(p) = dialog().add_filter("safetensors", &["safetensors"]).pick_file() {
+                    self.settings.config.backbone = p.display().to_string();
+                }
             }
             Action::PickProbeImage => {
-                if let Some(p) = rfd::FileDialog::new()
-                    .add_filter("images", &["png", "jpg", "jpeg"])
-                    .pick_file()
-                {
+                if let Some(p) = images().pick_file() {
                     self.probe_with(&p);
                 }
             }
-            Action::ProbeWith(p) => self.probe_with(&p),
             Action::PickData => {
-                if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                if let Some(p) = dialog().pick_folder() {
                     self.settings.config.data = p.display().to_string();
                 }
             }
             Action::LoadConfig => {
-                if let Some(p) = rfd::FileDialog::new().add_filter("TOML", &["toml"]).pick_file() {
-                    match std::fs::read_to_string(&p)
-                        .map_err(|e| e.to_string())
-                        .and_then(|t| RunConfig::from_toml(&t))
-                    {
-                        Ok(c) => self.settings.config = c,
-                        Err(e) => self.show_error(format!("{}: {e}", p.display())),
-                    }
+                if let Some(p) = dialog().add_filter("TOML", &["toml"]).pick_file() {
+                    self.load_config(&p);
                 }
             }
             Action::SaveConfig => {
-                if let Some(p) = rfd::FileDialog::new()
+                if let Some(p) = dialog()
                     .add_filter("TOML", &["toml"])
                     .set_file_name("run.toml")
                     .save_file()
                 {
-                    let r = self
-                        .settings
-                        .config
-                        .to_toml()
-                        .and_then(|t| std::fs::write(&p, t).map_err(|e| e.to_string()));
-                    if let Err(e) = r {
-                        self.show_error(format!("{}: {e}", p.display()));
-                    }
+                    self.save_config(&p);
                 }
             }
             Action::ExportCsv => {
-                if let Some(p) = rfd::FileDialog::new()
+                if let Some(p) = dialog()
                     .add_filter("CSV", &["csv"])
                     .set_file_name(crate::train::runfolder::METRICS_CSV)
                     .save_file()
                 {
-                    let csv = self
-                        .sel()
-                        .map_or_else(|| Err("no run is selected".to_owned()), |r| metrics_csv(&r.history));
-                    match csv {
-                        Ok(csv) => {
-                            if let Err(e) = std::fs::write(&p, csv) {
-                                self.show_error(format!("{}: {e}", p.display()));
-                            }
-                        }
-                        Err(e) => self.show_error(format!("Export CSV: {e}")),
-                    }
+                    self.export_csv(&p);
                 }
             }
             Action::ExportPlot(id) => {
-                let rect = self.plot_rects.iter().find(|(n, _)| *n == id).map(|(_, r)| *r);
-                if let (Some(rect), Some(p)) = (
-                    rect,
-                    rfd::FileDialog::new()
-                        .add_filter("PNG", &["png"])
-                        .set_file_name(format!("{id}.png"))
-                        .save_file(),
-                ) {
-                    capture::screenshot(ctx, p, Some(rect), self.capture_errors.clone());
+                if let Some(p) = dialog()
+                    .add_filter("PNG", &["png"])
+                    .set_file_name(format!("{id}.png"))
+                    .save_file()
+                {
+                    self.frame.capture(ctx, p, Some(id));
                 }
             }
             Action::Screenshot => {
-                if let Some(p) = rfd::FileDialog::new()
+                if let Some(p) = dialog()
                     .add_filter("PNG", &["png"])
                     .set_file_name("moppa-studio.png")
                     .save_file()
                 {
-                    capture::screenshot(ctx, p, None, self.capture_errors.clone());
+                    self.frame.capture(ctx, p, None);
                 }
             }
             Action::SaveAdapter => {
-                if let Some(p) = rfd::FileDialog::new()
+                if let Some(p) = dialog()
                     .add_filter("safetensors", &["safetensors"])
                     .set_file_name(crate::train::runfolder::ADAPTER)
                     .save_file()
@@ -187,19 +206,72 @@ impl StudioApp {
                 }
             }
             Action::PickImage => {
-                if let Some(p) = rfd::FileDialog::new()
-                    .add_filter("images", &["png", "jpg", "jpeg"])
-                    .pick_file()
-                {
-                    match image::open(&p) {
-                        Ok(img) => {
-                            self.playground.set_image(img);
-                            self.settings.playground.image = Some(p);
-                        }
-                        Err(e) => self.show_error(format!("{}: {e}", p.display())),
-                    }
+                if let Some(p) = images().pick_file() {
+                    self.open_playground_image(&p);
                 }
             }
+            _ => {}
+        }
+    }
+
+    // The file work behind the dialogs: each names the file in its error.
+
+    /// Plays a teacher's lesson file (or says why it cannot be read).
+    fn open_lesson(&mut self, path: &Path) {
+        if let Some(i) = self.lessons.add_file(path) {
+            let lesson = self.lessons.lessons[i].clone();
+            self.start_lesson(lesson);
+        } else if let Some(e) = self.lessons.errors.last().cloned() {
+            self.messages.error(e);
+        }
+    }
+
+    /// Loads run settings from a TOML file.
+    fn load_config(&mut self, path: &Path) {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| RunConfig::from_toml(&t))
+        {
+            Ok(c) => self.settings.config = c,
+            Err(e) => self.messages.error(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Saves the run settings as TOML.
+    fn save_config(&mut self, path: &Path) {
+        let written = self
+            .settings
+            .config
+            .to_toml()
+            .and_then(|t| std::fs::write(path, t).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            self.messages.error(format!("{}: {e}", path.display()));
+        }
+    }
+
+    /// Writes the selected run's metrics as CSV ([`metrics_csv`]).
+    fn export_csv(&mut self, path: &Path) {
+        let csv = self
+            .sel()
+            .map_or_else(|| Err("no run is selected".to_owned()), |r| metrics_csv(&r.history));
+        match csv {
+            Ok(csv) => {
+                if let Err(e) = std::fs::write(path, csv) {
+                    self.messages.error(format!("{}: {e}", path.display()));
+                }
+            }
+            Err(e) => self.messages.error(format!("Export CSV: {e}")),
+        }
+    }
+
+    /// Opens an image in the playground.
+    fn open_playground_image(&mut self, path: &Path) {
+        match image::open(path) {
+            Ok(img) => {
+                self.playground.set_image(img);
+                self.settings.playground.image = Some(path.to_owned());
+            }
+            Err(e) => self.messages.error(format!("{}: {e}", path.display())),
         }
     }
 }

@@ -2,12 +2,85 @@
 //! quit), window and plot captures, PNG writing.
 
 use super::StudioApp;
+use super::lessons::player::ViewRects;
+use super::messages::Messages;
+use super::pacer::Pacer;
 use super::panels::RunStatus;
+use super::panels::status::FrameTimes;
 use crate::train::protocol::Command;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The window's frames: their timing (the status bar, `--frame-stats`), the pacing of the
+/// repaints runs ask for, captures in flight, and where the views were drawn (plot exports, a
+/// lesson's highlight).
+pub struct FrameState {
+    /// Frame CPU times, intervals and data-to-frame lags.
+    pub times: FrameTimes,
+    last: Option<Instant>,
+    pacer: Arc<Pacer>,
+    started: Instant,
+    capture_requested: bool,
+    capture_errors: CaptureErrors,
+    /// Where each plot was drawn (by id), for exports.
+    pub plot_rects: Vec<(&'static str, egui::Rect)>,
+    /// Where the views and tab buttons were drawn.
+    pub view_rects: ViewRects,
+}
+
+impl FrameState {
+    /// Frames paced by `pacer`.
+    pub(super) fn new(pacer: Arc<Pacer>) -> Self {
+        Self {
+            times: FrameTimes::default(),
+            last: None,
+            pacer,
+            started: Instant::now(),
+            capture_requested: false,
+            capture_errors: CaptureErrors::default(),
+            plot_rects: Vec::new(),
+            view_rects: ViewRects::default(),
+        }
+    }
+
+    /// Notes a frame's start: the previous frame's CPU time and interval, and the lag from new
+    /// data to this frame.
+    pub(super) fn begin(&mut self, frame: &eframe::Frame) {
+        let now = Instant::now();
+        if let Some(prev) = self.last {
+            // eframe's CPU time of the previous frame (our code + tessellation), else ours only.
+            let cpu = frame.info().cpu_usage.map_or(0.0, |s| f64::from(s) * 1e3);
+            self.times.push(cpu, (now - prev).as_secs_f64() * 1e3);
+        }
+        self.last = Some(now);
+        if let Some(lag) = self.pacer.frame_started() {
+            self.times.push_lag(lag);
+        }
+    }
+
+    /// Shows the captures that failed since the last frame.
+    pub(super) fn report_failed_captures(&self, messages: &mut Messages) {
+        let failed: Vec<String> = self
+            .capture_errors
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        for m in failed {
+            messages.error(m);
+        }
+    }
+
+    /// Captures the window (or the plot `id`, when given and drawn) into `path`.
+    pub(super) fn capture(&self, ctx: &egui::Context, path: PathBuf, plot: Option<&str>) {
+        let crop = plot.and_then(|id| self.plot_rects.iter().find(|(n, _)| *n == id).map(|(_, r)| *r));
+        if plot.is_some() && crop.is_none() {
+            return;
+        }
+        screenshot(ctx, path, crop, self.capture_errors.clone());
+    }
+}
 
 impl StudioApp {
     pub(super) fn screenshot_mode(&mut self, ctx: &egui::Context) {
@@ -19,8 +92,8 @@ impl StudioApp {
                 Some(p) if p.autoplay.is_some() => p.arrived(self.lesson_step_done()) && !self.playground.busy(),
                 _ => step >= self.opts.after_steps || done,
             };
-            if !self.screenshot_requested && ready {
-                self.screenshot_requested = true;
+            if !self.frame.capture_requested && ready {
+                self.frame.capture_requested = true;
                 if self.status() == RunStatus::Running {
                     self.send(Command::Pause);
                 }
@@ -45,20 +118,21 @@ impl StudioApp {
             ctx.request_repaint_after(Duration::from_millis(100));
         }
         if let Some(secs) = self.opts.frame_stats
-            && !self.screenshot_requested
+            && !self.frame.capture_requested
         {
-            let elapsed = self.started_at.elapsed().as_secs_f64();
+            let elapsed = self.frame.started.elapsed().as_secs_f64();
             if elapsed >= secs {
-                self.screenshot_requested = true;
-                if let (Some((med, p99)), Some((gap, gap99))) = (self.frames.stats(), self.frames.intervals()) {
+                self.frame.capture_requested = true;
+                let frames = &self.frame.times;
+                if let (Some((med, p99)), Some((gap, gap99))) = (frames.stats(), frames.intervals()) {
                     let step = self.sel().map_or(0, |r| r.history.step);
                     let thr = self.sel().map_or(0.0, |r| r.history.throughput);
-                    let (lag, lag99) = self.frames.lags().unwrap_or((0.0, 0.0));
+                    let (lag, lag99) = frames.lags().unwrap_or((0.0, 0.0));
                     println!(
                         "UI while training (step {step}, {thr:.0} img/s): {} frames in {elapsed:.1} s ({:.1} a second); over the last {}: frame CPU time median {med:.2} ms, p99 {p99:.2} ms; frame interval median {gap:.1} ms, p99 {gap99:.1} ms; new data in a frame after median {lag:.1} ms, p99 {lag99:.1} ms",
-                        self.frames.count(),
-                        self.frames.count() as f64 / elapsed.max(1e-3),
-                        self.frames.len(),
+                        frames.count(),
+                        frames.count() as f64 / elapsed.max(1e-3),
+                        frames.len(),
                     );
                 }
                 ctx.send_viewport_cmd(egui::ViewportCommand::Close);
@@ -78,7 +152,7 @@ pub type CaptureErrors = Arc<Mutex<Vec<String>>>;
 
 /// Saves a window capture (optionally cropped) as PNG from the screenshot callback; a failure
 /// is queued in `errors` for the app to show.
-pub(super) fn screenshot(ctx: &egui::Context, path: PathBuf, crop: Option<egui::Rect>, errors: CaptureErrors) {
+fn screenshot(ctx: &egui::Context, path: PathBuf, crop: Option<egui::Rect>, errors: CaptureErrors) {
     let ppp = ctx.pixels_per_point();
     ctx.request_screenshot(move |img| {
         let img = match crop {

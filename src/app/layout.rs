@@ -72,10 +72,7 @@ impl StudioApp {
                     .on_hover_text("A run served by moppa train --serve")
                     .clicked()
                 {
-                    self.connect.open = true;
-                    if self.connect.addr.is_empty() {
-                        self.connect.addr.clone_from(&self.settings.last_server);
-                    }
+                    actions.push(Action::OpenConnect);
                 }
                 let remote = self
                     .sel()
@@ -89,10 +86,10 @@ impl StudioApp {
             });
             ui.menu_button("Lessons", |ui| actions.extend(self.lessons_menu(ui)));
             ui.separator();
-            self.view_rects.tabs.clear();
+            self.frame.view_rects.tabs.clear();
             for t in Tab::ALL {
                 let r = ui.selectable_value(&mut self.settings.tab, t, t.label());
-                self.view_rects.tabs.push((t, r.rect));
+                self.frame.view_rects.tabs.push((t, r.rect));
             }
             ui.separator();
             if self.runs.len() > 1 {
@@ -100,8 +97,11 @@ impl StudioApp {
                 egui::ComboBox::from_id_salt("run-shown")
                     .selected_text(current)
                     .show_ui(ui, |ui| {
-                        for (i, r) in self.runs.iter().enumerate() {
-                            if ui.selectable_label(i == self.selected, &r.history.label).clicked() {
+                        for (i, r) in self.runs.all().iter().enumerate() {
+                            if ui
+                                .selectable_label(i == self.runs.selected(), &r.history.label)
+                                .clicked()
+                            {
                                 actions.push(Action::Select(i));
                             }
                         }
@@ -112,7 +112,7 @@ impl StudioApp {
             }
             let s = self.status();
             let control = self.sel().is_some_and(|r| r.control);
-            let local = self.selected_is_local();
+            let local = self.runs.selected_is_local();
             // A run that cannot be steered from here (a folder, a watch-only connection): Start
             // launches a new run of this app's.
             let can_start = !(control && matches!(s, RunStatus::Running | RunStatus::None));
@@ -180,61 +180,10 @@ impl StudioApp {
             });
             let mut dark = self.settings.dark;
             if ui.checkbox(&mut dark, "dark").changed() {
-                self.settings.dark = dark;
-                ui.ctx()
-                    .set_theme(if dark { egui::Theme::Dark } else { egui::Theme::Light });
+                actions.push(Action::SetDark(dark));
             }
         });
         actions
-    }
-
-    fn messages(&mut self, ui: &mut egui::Ui) {
-        let mut dismiss = None;
-        for (i, m) in self.shown.iter().enumerate().rev().take(3) {
-            ui.horizontal(|ui| {
-                let color = if m.error {
-                    egui::Color32::from_rgb(230, 80, 80)
-                } else {
-                    egui::Color32::from_rgb(220, 170, 60)
-                };
-                let mut text = m.notice.message.clone();
-                if let Some(p) = &m.notice.path
-                    && !text.contains(&p.display().to_string())
-                {
-                    text = format!("{text} ({})", p.display());
-                }
-                ui.colored_label(color, format!("{} {text}", if m.error { "error:" } else { "note:" }));
-                if ui.small_button("dismiss").clicked() {
-                    dismiss = Some(i);
-                }
-            });
-        }
-        if let Some(i) = dismiss {
-            self.shown.remove(i);
-        }
-    }
-
-    fn error_modal(&mut self, ui: &mut egui::Ui) {
-        let Some(idx) = self.shown.iter().position(|m| m.error) else {
-            return;
-        };
-        let m = self.shown[idx].clone();
-        let r = egui::Modal::new(egui::Id::unique("error-modal")).show(ui.ctx(), |ui| {
-            ui.heading("Something went wrong");
-            ui.label(&m.notice.message);
-            if let Some(p) = &m.notice.path {
-                ui.label(format!(
-                    "file: {}{}",
-                    p.display(),
-                    m.notice.line.map(|l| format!(", line {l}")).unwrap_or_default()
-                ));
-            }
-            ui.label(format!("at step {}", m.notice.step));
-            ui.button("Dismiss").clicked()
-        });
-        if r.inner || r.should_close() {
-            self.shown.remove(idx);
-        }
     }
 
     /// Buttons selecting the MoPPA runs among those open (when the selected run is not one).
@@ -242,6 +191,7 @@ impl StudioApp {
         let mut actions = Vec::new();
         let moppa: Vec<(usize, &str)> = self
             .runs
+            .all()
             .iter()
             .enumerate()
             .filter(|(_, r)| r.info().is_some_and(|i| !i.priors.is_empty()))
@@ -286,7 +236,7 @@ impl StudioApp {
             .inner
         });
         if r.inner || r.should_close() {
-            self.connect.open = false;
+            actions.push(Action::CloseConnect);
         }
         actions
     }
@@ -297,7 +247,7 @@ impl StudioApp {
 
     /// Draws every panel; returns what they asked for.
     pub(super) fn layout(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
-        if self.runs.iter().any(OpenRun::following) {
+        if self.runs.any_following() {
             // Runs written elsewhere: look for their new records.
             ui.ctx().request_repaint_after(super::link::FOLLOW_EVERY);
         }
@@ -315,14 +265,14 @@ impl StudioApp {
         }
         egui::Panel::top("top").show(ui, |ui| actions.extend(self.top_bar(ui)));
         egui::Panel::bottom("status").show(ui, |ui| {
-            self.messages(ui);
+            actions.extend(self.messages.bar(ui));
             let (step, thr) = self.sel().map_or((0, 0.0), |r| (r.history.step, r.history.throughput));
             let (device, total) = self.info().map_or(("-".to_owned(), 0), |i| {
                 let plural = if i.threads == 1 { "" } else { "s" };
                 (format!("{} · {} thread{plural}", i.device, i.threads), i.total_steps)
             });
             let state = self.sel().map_or_else(|| "no run".to_owned(), run_state);
-            let frames = (!self.opts.stable_display).then_some(&self.frames);
+            let frames = (!self.opts.stable_display).then_some(&self.frame.times);
             panels::status::ui(ui, &state, &device, step, total, thr, frames);
         });
         if self.lesson.is_some() {
@@ -337,12 +287,7 @@ impl StudioApp {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     let backbone = self.info().map(|i| i.backbone.clone());
                     let classes = self.info().map_or(10, |i| i.classes.len());
-                    let local_status = self
-                        .runs
-                        .iter()
-                        .rev()
-                        .find(|r| r.source == Source::Local)
-                        .map_or(RunStatus::None, |r| r.status);
+                    let local_status = self.runs.local_status();
                     actions.extend(panels::launch::ui(
                         ui,
                         &mut self.settings.config,
@@ -355,7 +300,7 @@ impl StudioApp {
                 });
             });
         let moppa = self.info().is_some_and(|i| !i.priors.is_empty());
-        self.view_rects.live = None;
+        self.frame.view_rects.live = None;
         if moppa && control && !matches!(self.settings.tab, Tab::Playground | Tab::Runs) {
             let r = egui::Panel::right("live")
                 .resizable(true)
@@ -370,7 +315,7 @@ impl StudioApp {
                         running,
                     ));
                 });
-            self.view_rects.live = Some(r.response.rect);
+            self.frame.view_rects.live = Some(r.response.rect);
         }
         let central = egui::CentralPanel::default().show(ui, |ui| {
             egui::ScrollArea::vertical()
@@ -386,7 +331,8 @@ impl StudioApp {
                             actions.extend(self.moppa_run_buttons(ui));
                         }
                         let mut no_cache = panels::filters::FilterCache::default();
-                        let shown = match self.runs.get_mut(self.selected) {
+                        let (run, scrub) = self.runs.shown_mut();
+                        let shown = match run {
                             Some(r) => (r.history.snapshots.as_slice(), &mut r.history.filter_cache),
                             None => (&[][..], &mut no_cache),
                         };
@@ -394,7 +340,7 @@ impl StudioApp {
                             ui,
                             &mut self.settings.filters,
                             shown,
-                            &mut self.scrub,
+                            scrub,
                             rank,
                             &mut self.textures,
                         ));
@@ -404,9 +350,10 @@ impl StudioApp {
                         if !moppa && self.info().is_some() {
                             actions.extend(self.moppa_run_buttons(ui));
                         }
-                        if let Some(r) = self.runs.get(self.selected) {
-                            let idx = self.scrub.unwrap_or(usize::MAX);
-                            let snap = match (&r.probed, self.scrub) {
+                        if let Some(r) = self.runs.sel() {
+                            let scrub = self.runs.scrub;
+                            let idx = scrub.unwrap_or(usize::MAX);
+                            let snap = match (&r.probed, scrub) {
                                 (Some(p), None) => Some(p.as_ref()),
                                 _ => r.history.snapshots.get(idx).or_else(|| r.history.snapshots.last()),
                             };
@@ -428,13 +375,14 @@ impl StudioApp {
                     }
                     Tab::Curves => {
                         let histories: Vec<&crate::app::history::RunHistory> =
-                            self.runs.iter().map(|r| &r.history).collect();
-                        let (a, rects) = panels::curves::ui(ui, &mut self.settings.curves, &histories, self.selected);
+                            self.runs.all().iter().map(|r| &r.history).collect();
+                        let (a, rects) =
+                            panels::curves::ui(ui, &mut self.settings.curves, &histories, self.runs.selected());
                         actions.extend(a);
-                        self.plot_rects = rects;
+                        self.frame.plot_rects = rects;
                     }
                     Tab::Runs => {
-                        actions.extend(panels::runs::ui(ui, &self.runs, self.selected));
+                        actions.extend(panels::runs::ui(ui, self.runs.all(), self.runs.selected()));
                     }
                     Tab::Playground => {
                         actions.extend(panels::playground::ui(
@@ -446,37 +394,32 @@ impl StudioApp {
                     }
                 });
         });
-        self.view_rects.central = Some(central.response.rect);
+        self.frame.view_rects.central = Some(central.response.rect);
         self.lesson_highlight(ui.ctx());
         actions.extend(self.connect_dialog(ui));
-        self.error_modal(ui);
+        actions.extend(self.messages.modal(ui));
         actions
     }
 
     /// The Lessons menu: every lesson found (with its summary), the files that could not be read,
     /// and a teacher's file.
-    fn lessons_menu(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
-        let mut start = None;
+    fn lessons_menu(&self, ui: &mut egui::Ui) -> Vec<Action> {
+        let mut actions = Vec::new();
         for (i, l) in self.lessons.lessons.iter().enumerate() {
             if ui.button(&l.title).on_hover_text(&l.summary).clicked() {
-                start = Some(i);
+                actions.push(Action::StartLesson(i));
             }
         }
         for e in &self.lessons.errors {
             ui.colored_label(egui::Color32::from_rgb(230, 90, 90), e);
         }
         ui.separator();
-        let mut actions = Vec::new();
         if ui
             .button("Open a lesson file…")
             .on_hover_text("A lesson written as TOML (README: Lessons)")
             .clicked()
         {
             actions.push(Action::OpenLesson);
-        }
-        if let Some(i) = start {
-            let lesson = self.lessons.lessons[i].clone();
-            self.start_lesson(lesson);
         }
         actions
     }

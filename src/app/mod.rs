@@ -11,6 +11,7 @@ pub mod history;
 mod layout;
 pub mod lessons;
 pub mod link;
+pub mod messages;
 pub mod pacer;
 pub mod panels;
 mod runs;
@@ -20,20 +21,20 @@ pub mod widgets;
 pub use actions::metrics_csv;
 pub use capture::save_png;
 
+use capture::FrameState;
 use link::{Launcher, worker_launcher};
+use messages::Messages;
 use panels::RunStatus;
 use panels::playground::Playground;
-use panels::status::FrameTimes;
-pub use runs::{OpenRun, Source};
+pub use runs::{Launch, OpenRun, RunsState, Source};
 use state::{Settings, Tab};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use widgets::heatmap::Textures;
 
 use crate::config::RunConfig;
-use crate::train::protocol::{Command, Event, FinishReason, Notice, RunInfo};
-use crate::train::worker::Waker;
+use crate::train::protocol::{Command, RunInfo};
 
 /// How the app starts.
 #[derive(Clone, Debug, Default)]
@@ -65,13 +66,6 @@ pub struct AppOptions {
     pub lessons_dir: Option<PathBuf>,
 }
 
-/// A message shown to the user.
-#[derive(Clone, Debug)]
-struct Shown {
-    error: bool,
-    notice: Notice,
-}
-
 /// The Connect… dialog's fields.
 #[derive(Clone, Debug, Default)]
 pub struct ConnectForm {
@@ -83,47 +77,30 @@ pub struct ConnectForm {
     pub token: String,
 }
 
-/// The app.
+/// The app: its settings, the runs it shows, how it launches its own, what it tells the user,
+/// its frames, and the state of its tools (playground, Connect…, lessons, backbone picker).
 pub struct StudioApp {
     /// Persisted settings.
     pub settings: Settings,
-    launcher: Launcher,
-    /// Every run shown: this app's, opened folders, connected servers.
-    pub runs: Vec<OpenRun>,
-    /// The run the filter, router and live views show and the run controls act on.
-    pub selected: usize,
-    launched: Option<RunConfig>,
-    scrub: Option<usize>,
+    /// Every run shown (this app's, opened folders, connected servers) and the one selected.
+    pub runs: RunsState,
+    /// How this app launches its own runs.
+    launch: Launch,
+    /// Errors and notes shown.
+    pub messages: Messages,
+    /// Frame timing, captures, where the views were drawn.
+    frame: FrameState,
     textures: Textures,
     playground: Playground,
-    shown: Vec<Shown>,
-    frames: FrameTimes,
-    last_frame: Option<Instant>,
-    waker: Waker,
-    /// Paces the repaints runs' events ask for and measures their lag.
-    pacer: Arc<pacer::Pacer>,
     opts: AppOptions,
-    started_at: Instant,
-    plot_rects: Vec<(&'static str, egui::Rect)>,
-    screenshot_requested: bool,
-    run_counter: usize,
-    capture_errors: capture::CaptureErrors,
-    /// Where the files a remote run sends ([`Command::FetchRunFiles`]) are saved.
-    fetch_to: Option<PathBuf>,
     /// The Connect… dialog.
     pub connect: ConnectForm,
     /// The lessons found (built-in and the teacher's), and the files that could not be read.
     pub lessons: lessons::Catalogue,
     /// The lesson being played.
     pub lesson: Option<lessons::player::Player>,
-    /// Errors shown so far (a lesson's `alert = "error"` check counts new ones).
-    errors_raised: usize,
-    /// Where the views are drawn (a lesson highlights them).
-    view_rects: lessons::player::ViewRects,
     /// The backbone picker (cached models, a download in flight).
     pub picker: backbones::BackbonePicker,
-    /// A launch waiting for its backbone's download (its autostart).
-    pending_launch: Option<bool>,
 }
 
 impl StudioApp {
@@ -158,41 +135,26 @@ impl StudioApp {
             egui::Theme::Light
         });
         let pacer = Arc::new(pacer::Pacer::default());
-        let waker: Waker = pacer.waker(ctx.clone());
+        let waker = pacer.waker(ctx.clone());
         let mut app = Self {
             settings,
-            launcher,
-            runs: Vec::new(),
-            selected: 0,
-            launched: None,
-            scrub: None,
+            runs: RunsState::default(),
+            launch: Launch::new(launcher, waker),
+            messages: Messages::default(),
+            frame: FrameState::new(pacer),
             textures: Textures::default(),
             playground: Playground::default(),
-            shown: Vec::new(),
-            frames: FrameTimes::default(),
-            last_frame: None,
-            waker,
-            pacer,
             opts,
-            started_at: Instant::now(),
-            plot_rects: Vec::new(),
-            screenshot_requested: false,
-            run_counter: 0,
-            capture_errors: capture::CaptureErrors::default(),
-            fetch_to: None,
             connect: ConnectForm::default(),
             lessons: lessons::Catalogue::default(),
             lesson: None,
-            errors_raised: 0,
-            view_rects: lessons::player::ViewRects::default(),
             picker: backbones::BackbonePicker::default(),
-            pending_launch: None,
         };
         app.lessons = lessons::Catalogue::load(app.opts.lessons_dir.as_deref());
         let open = std::mem::take(&mut app.opts.open);
         if let Some(lesson) = app.opts.lesson.take() {
             // The lesson says when to train.
-            app.launch(false);
+            app.launch_run(false);
             let last = lesson.steps.len();
             app.start_lesson(lesson);
             if let (Some(p), Some(n)) = (&mut app.lesson, app.opts.lesson_step) {
@@ -200,7 +162,7 @@ impl StudioApp {
             }
         } else if open.is_empty() {
             let autostart = app.opts.autostart || app.opts.screenshot.is_some() || app.opts.frame_stats.is_some();
-            app.launch(autostart);
+            app.launch_run(autostart);
         } else {
             app.open_folders(&open);
         }
@@ -210,215 +172,77 @@ impl StudioApp {
     /// The selected run, if any.
     #[must_use]
     pub fn sel(&self) -> Option<&OpenRun> {
-        self.runs.get(self.selected)
-    }
-
-    fn sel_mut(&mut self) -> Option<&mut OpenRun> {
-        self.runs.get_mut(self.selected)
+        self.runs.sel()
     }
 
     /// The selected run's status (`None` without one).
     #[must_use]
     pub fn status(&self) -> RunStatus {
-        self.sel().map_or(RunStatus::None, |r| r.status)
+        self.runs.status()
     }
 
     /// The selected run's facts.
     #[must_use]
     pub fn info(&self) -> Option<&RunInfo> {
-        self.sel().and_then(OpenRun::info)
+        self.runs.info()
     }
 
-    fn selected_is_local(&self) -> bool {
-        self.sel().is_some_and(|r| r.source == Source::Local)
-    }
-
-    fn show_error(&mut self, message: String) {
-        self.errors_raised += 1;
-        self.shown.push(Shown {
-            error: true,
-            notice: Notice {
-                step: 0,
-                time_s: 0.0,
-                message,
-                path: None,
-                line: None,
-            },
-        });
-    }
-
-    /// Sends a command to the selected run.
     /// Sends the image file `path` as the router's probe of the selected run (resized to its
     /// backbone's input as evaluation would); an unreadable file or a run without a backbone
     /// is a visible message.
     /// A run opened from its folder is probed through its saved adapter on a background thread.
     pub fn probe_with(&mut self, path: &std::path::Path) {
         let Some(backbone) = self.info().map(|i| i.backbone.clone()) else {
-            self.show_error("probe images need a run that has started (its backbone sets the image size)".into());
+            self.messages
+                .error("probe images need a run that has started (its backbone sets the image size)".into());
             return;
         };
         let image = match crate::train::probe::probe_rgb_file(path, &backbone) {
             Ok(image) => image,
-            Err(e) => return self.show_error(e),
+            Err(e) => return self.messages.error(e),
         };
         let name = path
             .file_name()
             .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let waker = self.waker.clone();
-        let Some(run) = self.runs.get_mut(self.selected) else {
+        let waker = self.launch.waker();
+        let Some(run) = self.runs.sel_mut() else {
             return;
         };
         if run.control {
             return self.send(Command::SetProbeImage { name, image });
         }
         let runs::Source::Folder(dir) = &run.source else {
-            return self.show_error("this run cannot be probed from here (it is watched over the network)".into());
+            return self
+                .messages
+                .error("this run cannot be probed from here (it is watched over the network)".into());
         };
         let probe = run
             .adapter_probe
             .get_or_insert_with(|| crate::train::probe::AdapterProbe::spawn(dir, waker));
         if !probe.request(name, image) {
-            self.show_error("the run's adapter is still busy with earlier images".into());
+            self.messages
+                .error("the run's adapter is still busy with earlier images".into());
         }
     }
 
-    /// Answers of the adapter probes of runs opened from their folders.
-    fn drain_probes(&mut self) {
-        let mut errors = Vec::new();
-        for run in &mut self.runs {
-            let Some(probe) = &run.adapter_probe else { continue };
-            while let Some(answer) = probe.try_answer() {
-                match answer {
-                    Ok(p) => {
-                        // The recorded snapshot with the probe's fields replaced.
-                        let mut snap = run.history.snapshots.last().cloned().unwrap_or_else(|| p.clone());
-                        snap.probe = p.probe;
-                        snap.probe_prediction = p.probe_prediction;
-                        for b in &mut snap.blocks {
-                            b.probe_alpha = p
-                                .blocks
-                                .iter()
-                                .find(|q| q.block == b.block)
-                                .map(|q| q.probe_alpha.clone())
-                                .unwrap_or_default();
-                        }
-                        run.probed = Some(Box::new(snap));
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-        }
-        for e in errors {
-            self.show_error(e);
-        }
-    }
-
+    /// Sends a command to the selected run; a refusal is a visible message.
     fn send(&mut self, c: Command) {
-        let ok = self
-            .sel_mut()
-            .is_some_and(|r| r.control && r.link.as_mut().is_some_and(|l| l.send(c)));
-        if !ok {
-            self.show_error(
+        if !self.runs.send(c) {
+            self.messages.error(
                 "the run did not accept the command (it is not steerable from here, or its queue is full)".into(),
             );
         }
     }
 
-    /// Handles one event of run `i`.
-    pub fn on_event(&mut self, i: usize, ev: Event) {
-        let selected = i == self.selected;
-        let Some(run) = self.runs.get_mut(i) else { return };
-        match ev {
-            Event::Started(info) => {
-                let resumed = run.history.info.is_some();
-                run.status = match (&run.source, resumed) {
-                    (Source::Local, _) if run.autostart => RunStatus::Running,
-                    (Source::Local, _) => RunStatus::Ready,
-                    _ => RunStatus::Running,
-                };
-                if info.start_step > 0 {
-                    run.history.step = info.start_step;
-                }
-                if resumed {
-                    run.history.resumes += 1;
-                }
-                run.history.info = Some(*info);
-                if run.source == Source::Local && selected {
-                    // The live sliders start from the values the run was launched with.
-                    let cfg = &self.settings.config;
-                    let c = &mut self.settings.controls;
-                    c.lr = cfg.lr();
-                    c.tau = cfg.method.tau;
-                    c.gamma = cfg.method.gamma;
-                    c.route_weight = cfg.method.route_weight;
-                    c.temperature = cfg.method.temperature;
-                }
-            }
-            Event::Progress(p) => {
-                if !matches!(run.status, RunStatus::Paused | RunStatus::Finished | RunStatus::Failed) {
-                    run.status = RunStatus::Running;
-                }
-                run.history.on_progress(&p);
-            }
-            Event::Snapshot(s) => run.history.on_snapshot(*s),
-            Event::Eval(e) => run.history.on_eval(&e),
-            Event::Applied(a) => run.history.applied.push(a),
-            Event::Paused { .. } => run.status = RunStatus::Paused,
-            Event::Resumed { .. } => run.status = RunStatus::Running,
-            Event::Warning(n) => self.shown.push(Shown {
-                error: false,
-                notice: n,
-            }),
-            Event::Error(n) | Event::Diverged(n) => {
-                // A recorded run's old errors are part of its history, not news for a dialog.
-                let news = !matches!(run.source, Source::Folder(_));
-                self.errors_raised += usize::from(news);
-                self.shown.push(Shown { error: news, notice: n });
-            }
-            Event::Finished(f) => {
-                run.status = if f.reason == FinishReason::Failed {
-                    RunStatus::Failed
-                } else {
-                    RunStatus::Finished
-                };
-                run.history.finished = Some(f.reason);
-                run.history.time_s = run.history.time_s.max(f.time_s);
-                if let Some(t) = f.test_acc
-                    && run.history.test.is_empty()
-                {
-                    run.history.test.push([f.steps as f64, f.time_s, t, 0.0]);
-                }
-            }
-            Event::RunFile { name, base64 } => {
-                let dir = self.fetch_to.clone().unwrap_or_else(|| PathBuf::from("."));
-                match crate::train::serve::server::save_fetched(&dir, &name, &base64) {
-                    Ok(p) => self.shown.push(Shown {
-                        error: false,
-                        notice: Notice {
-                            step: 0,
-                            time_s: 0.0,
-                            message: format!("fetched {}", p.display()),
-                            path: Some(p),
-                            line: None,
-                        },
-                    }),
-                    Err(e) => self.show_error(format!("cannot save {name}: {e}")),
-                }
-            }
-        }
-    }
-
-    /// Drains every run's events for at most `budget` in all, so busy runs never stall the UI.
+    /// Drains the runs' events for at most `budget` (the rest next frame).
     fn drain(&mut self, ctx: &egui::Context, budget: Duration) {
-        let start = Instant::now();
-        for i in 0..self.runs.len() {
-            while let Some(ev) = self.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
-                self.on_event(i, ev);
-                if start.elapsed() > budget {
-                    ctx.request_repaint();
-                    return;
-                }
-            }
+        let (started, more) = self.runs.drain(budget, &mut self.messages);
+        if started {
+            // The live sliders start from the values the run was launched with.
+            self.settings.controls_from_config();
+        }
+        if more {
+            ctx.request_repaint();
         }
     }
 }
@@ -435,16 +259,7 @@ impl eframe::App for StudioApp {
     }
 
     fn logic(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
-        let now = Instant::now();
-        if let Some(prev) = self.last_frame {
-            // eframe's CPU time of the previous frame (our code + tessellation), else ours only.
-            let cpu = frame.info().cpu_usage.map_or(0.0, |s| f64::from(s) * 1e3);
-            self.frames.push(cpu, (now - prev).as_secs_f64() * 1e3);
-        }
-        self.last_frame = Some(now);
-        if let Some(lag) = self.pacer.frame_started() {
-            self.frames.push_lag(lag);
-        }
+        self.frame.begin(frame);
         // A run folder dropped on the window opens like File → Open run….
         let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
         // An image dropped while the Router view is shown becomes its probe.
@@ -458,18 +273,11 @@ impl eframe::App for StudioApp {
             self.apply(panels::Action::ProbeWith(f.clone()), ctx);
         }
         self.drain(ctx, Duration::from_millis(4));
-        self.drain_probes();
+        self.runs.drain_probes(&mut self.messages);
         for a in self.lesson_frame() {
             self.apply(a, ctx);
         }
-        let failed: Vec<String> = self
-            .capture_errors
-            .lock()
-            .map(|mut q| std::mem::take(&mut *q))
-            .unwrap_or_default();
-        for m in failed {
-            self.show_error(m);
-        }
+        self.frame.report_failed_captures(&mut self.messages);
         self.screenshot_mode(ctx);
     }
 
@@ -477,12 +285,12 @@ impl eframe::App for StudioApp {
         if let Some(spec) = self.picker.take_finished() {
             self.settings.config.backbone = spec;
             self.picker.source = backbones::Source::Cache;
-            if let Some(autostart) = self.pending_launch.take() {
-                self.launch(autostart);
+            if let Some(autostart) = self.launch.take_pending() {
+                self.launch_run(autostart);
             }
-        } else if self.pending_launch.is_some() && !self.picker.downloading() {
+        } else if self.launch.pending() && !self.picker.downloading() {
             // The download failed or was cancelled: its message is in the picker; no launch.
-            self.pending_launch = None;
+            self.launch.take_pending();
         }
         let actions = self.layout(ui);
         let ctx = ui.ctx().clone();

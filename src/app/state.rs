@@ -217,6 +217,17 @@ pub struct Settings {
 pub const RECENT_RUNS: usize = 12;
 
 impl Settings {
+    /// The live sliders from the launch settings (a run of this app's just started with them).
+    pub fn controls_from_config(&mut self) {
+        let cfg = &self.config;
+        let c = &mut self.controls;
+        c.lr = cfg.lr();
+        c.tau = cfg.method.tau;
+        c.gamma = cfg.method.gamma;
+        c.route_weight = cfg.method.route_weight;
+        c.temperature = cfg.method.temperature;
+    }
+
     /// Puts `dir` first in the recent runs.
     pub fn remember(&mut self, dir: &std::path::Path) {
         self.recent_runs.retain(|d| d != dir);

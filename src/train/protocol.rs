@@ -365,6 +365,50 @@ pub struct Notice {
     pub line: Option<usize>,
 }
 
+/// Where a run is in its life: the one lifecycle type of the worker (which holds at `Ready`,
+/// `Running` or `Paused`), the displays and the lessons' checks. (A run folder followed by a
+/// reader has its own [`crate::train::replay::Liveness`]: whether its writer still writes, which
+/// is another question.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RunStatus {
+    /// Setting up (no model yet).
+    #[default]
+    None,
+    /// Model loaded, waiting for Start.
+    Ready,
+    /// Training.
+    Running,
+    /// Holding.
+    Paused,
+    /// Ended.
+    Finished,
+    /// Ended by a failure (setup, a checkpoint write, a panic).
+    Failed,
+}
+
+impl RunStatus {
+    /// The states a lesson's check may name, with their names in lesson files.
+    pub const LESSON_NAMES: [(Self, &'static str); 4] = [
+        (Self::Ready, "ready"),
+        (Self::Running, "running"),
+        (Self::Paused, "paused"),
+        (Self::Finished, "finished"),
+    ];
+
+    /// Label for the status bar.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "starting",
+            Self::Ready => "ready",
+            Self::Running => "training",
+            Self::Paused => "paused",
+            Self::Finished => "finished",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// Why a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

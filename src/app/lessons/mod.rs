@@ -11,7 +11,7 @@ pub mod player;
 
 use super::state::Tab;
 use crate::config::{Coeff, Lockable, Prior, RunConfig};
-use crate::train::protocol::Hyper;
+use crate::train::protocol::{Hyper, RunStatus};
 use std::path::{Path, PathBuf};
 
 pub use parse::parse;
@@ -74,19 +74,6 @@ pub enum Action {
     OpenSample,
 }
 
-/// Where the selected run stands, for checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    /// Prepared, waiting for Start.
-    Ready,
-    /// Training.
-    Running,
-    /// Paused.
-    Paused,
-    /// Ended.
-    Finished,
-}
-
 /// An alert a step may wait for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlertKind {
@@ -110,7 +97,7 @@ pub enum Check {
     /// The run shown reached this step.
     Step(u64),
     /// The run shown is in this state.
-    State(RunState),
+    State(RunStatus),
     /// This tensor is locked in every block of the run shown.
     Locked(Lockable),
     /// An alert was raised since the step began.
@@ -422,10 +409,10 @@ impl Action {
                 Some(Check::InRange(*v, x - tol, x + tol))
             }
             Self::Lock(l) => Some(Check::Locked(*l)),
-            Self::Press(Press::Start) => Some(Check::State(RunState::Running)),
-            Self::Press(Press::Pause) => Some(Check::State(RunState::Paused)),
-            Self::Press(Press::Stop) => Some(Check::State(RunState::Finished)),
-            Self::Press(Press::Reset) => Some(Check::State(RunState::Ready)),
+            Self::Press(Press::Start) => Some(Check::State(RunStatus::Running)),
+            Self::Press(Press::Pause) => Some(Check::State(RunStatus::Paused)),
+            Self::Press(Press::Stop) => Some(Check::State(RunStatus::Finished)),
+            Self::Press(Press::Reset) => Some(Check::State(RunStatus::Ready)),
             Self::Tab(t) => Some(Check::Tab(*t)),
             Self::Press(Press::Step | Press::Evaluate) | Self::OpenSample => None,
         }
@@ -442,27 +429,17 @@ impl Check {
             Self::InRange(v, lo, hi) => format!("{} between {lo} and {hi}", v.symbol()),
             Self::Tab(t) => format!("the {} view shown", t.label()),
             Self::Step(n) => format!("the run at step {n}"),
-            Self::State(s) => format!("the run {}", s.label()),
+            Self::State(s) => format!(
+                "the run {}",
+                RunStatus::LESSON_NAMES
+                    .iter()
+                    .find(|(x, _)| x == s)
+                    .map_or(s.label(), |(_, n)| n)
+            ),
             Self::Locked(l) => format!("{} locked", l.name()),
             Self::Alert(AlertKind::Error) => "an error shown".into(),
             Self::Alert(a) => format!("a router alert ({})", a.label()),
         }
-    }
-}
-
-impl RunState {
-    /// All four, with their names in lesson files.
-    pub const ALL: [(Self, &'static str); 4] = [
-        (Self::Ready, "ready"),
-        (Self::Running, "running"),
-        (Self::Paused, "paused"),
-        (Self::Finished, "finished"),
-    ];
-
-    /// In words.
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        Self::ALL.iter().find(|(s, _)| *s == self).map_or("", |(_, n)| n)
     }
 }
 

@@ -1,9 +1,7 @@
 //! Lesson files: TOML into [`Lesson`], every unknown key and every word outside the fixed
 //! vocabularies an error naming its line (`LINE: problem`; the caller adds the file).
 
-use super::{
-    Action, AlertKind, Check, Lesson, Look, PlaygroundCoeff, PlaygroundSetup, Press, RunState, Setup, Step, Value,
-};
+use super::{Action, AlertKind, Check, Lesson, Look, PlaygroundCoeff, PlaygroundSetup, Press, Setup, Step, Value};
 use crate::app::state::Tab;
 use crate::config::{Coeff, Lockable, Prior, RunConfig};
 use crate::train::protocol::Hyper;
@@ -213,7 +211,11 @@ fn check(raw: &RawCheck) -> Result<Check, String> {
         return Ok(Check::Step(n));
     }
     if let Some(s) = &raw.status {
-        return Ok(Check::State(one_of(s, "status", &RunState::ALL)?));
+        return Ok(Check::State(one_of(
+            s,
+            "status",
+            &crate::train::protocol::RunStatus::LESSON_NAMES,
+        )?));
     }
     if let Some(l) = &raw.locked {
         return Ok(Check::Locked(lockable(l)?));

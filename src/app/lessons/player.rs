@@ -3,7 +3,7 @@
 //! would), Next enabled once the check holds on the same state and events the views use.
 //! `autoplay` walks the steps by itself (screenshots, demonstrations).
 
-use super::{Action as LessonAction, AlertKind, Check, Lesson, Look, PlaygroundCoeff, Press, RunState, Step, Value};
+use super::{Action as LessonAction, AlertKind, Check, Lesson, Look, PlaygroundCoeff, Press, Step, Value};
 use crate::app::panels::{Action, RunStatus};
 use crate::app::state::Tab;
 use crate::app::{Source, StudioApp};
@@ -80,7 +80,7 @@ impl StudioApp {
     pub fn start_lesson(&mut self, lesson: Lesson) {
         self.end_lesson();
         let mut p = Player::new(lesson);
-        p.errors_at_start = self.errors_raised;
+        p.errors_at_start = self.messages.raised();
         self.lesson = Some(p);
     }
 
@@ -127,20 +127,12 @@ impl StudioApp {
             Check::InRange(v, lo, hi) => self.lesson_value(*v).is_some_and(|x| x >= *lo && x <= *hi),
             Check::Tab(t) => self.settings.tab == *t,
             Check::Step(n) => run.is_some_and(|r| r.history.step >= *n),
-            Check::State(s) => {
-                let status = self.status();
-                match s {
-                    RunState::Ready => status == RunStatus::Ready,
-                    RunState::Running => status == RunStatus::Running,
-                    RunState::Paused => status == RunStatus::Paused,
-                    RunState::Finished => status == RunStatus::Finished,
-                }
-            }
+            Check::State(s) => self.status() == *s,
             Check::Locked(l) => run
                 .and_then(|r| r.history.snapshots.last())
                 .is_some_and(|s| !s.blocks.is_empty() && s.blocks.iter().all(|b| b.locked.contains(l))),
             Check::Alert(kind) => {
-                let error = self.errors_raised > errors_at_start;
+                let error = self.messages.raised() > errors_at_start;
                 let router = run.map_or_else(Vec::new, |r| {
                     crate::app::panels::router::alerts(&r.history.snapshots, &self.settings.router, 5)
                 });
@@ -235,7 +227,7 @@ impl StudioApp {
         }
         p.setup_done = true;
         p.acted = false;
-        p.errors_at_start = self.errors_raised;
+        p.errors_at_start = self.messages.raised();
         let setup = p.current().setup.clone();
         if let Some(n) = setup.pause_at {
             p.pause_at = Some(n);
@@ -277,7 +269,7 @@ impl StudioApp {
                 p.saved_config.get_or_insert_with(|| self.settings.config.clone());
             }
             self.settings.config = cfg;
-            self.launch(setup.start);
+            self.launch_run(setup.start);
         } else if setup.start {
             actions.push(Action::Start);
         }
@@ -310,7 +302,7 @@ impl StudioApp {
                 p.acted = true;
             }
             // Dismiss what an action raised on purpose (a lesson that breaks a run).
-            self.shown.retain(|m| !m.error);
+            self.messages.dismiss_errors();
             if self.lesson_step_done() && self.lesson.as_ref().is_some_and(|p| p.step < target && !p.at_end()) {
                 self.lesson_next();
             }
@@ -422,10 +414,17 @@ impl StudioApp {
             return;
         };
         let rect = match look {
-            Look::Tab(t) if t == self.settings.tab => self.view_rects.central,
-            Look::Tab(t) => self.view_rects.tabs.iter().find(|(x, _)| *x == t).map(|(_, r)| *r),
-            Look::Live => self.view_rects.live.or_else(|| {
-                self.view_rects
+            Look::Tab(t) if t == self.settings.tab => self.frame.view_rects.central,
+            Look::Tab(t) => self
+                .frame
+                .view_rects
+                .tabs
+                .iter()
+                .find(|(x, _)| *x == t)
+                .map(|(_, r)| *r),
+            Look::Live => self.frame.view_rects.live.or_else(|| {
+                self.frame
+                    .view_rects
                     .tabs
                     .iter()
                     .find(|(x, _)| *x == Tab::Filters)

@@ -63,37 +63,16 @@ pub enum Action {
     FetchRunFiles,
     /// Pick a lesson file and play it.
     OpenLesson,
+    /// Play lesson `i` of the catalogue.
+    StartLesson(usize),
+    /// Open the Connect… dialog.
+    OpenConnect,
+    /// Close the Connect… dialog.
+    CloseConnect,
+    /// Switch the dark theme on or off.
+    SetDark(bool),
+    /// Dismiss message `i`.
+    Dismiss(usize),
 }
 
-/// Where a run is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum RunStatus {
-    /// No run (setting up).
-    #[default]
-    None,
-    /// Model loaded, waiting for Start.
-    Ready,
-    /// Training.
-    Running,
-    /// Holding.
-    Paused,
-    /// Ended.
-    Finished,
-    /// Setup failed.
-    Failed,
-}
-
-impl RunStatus {
-    /// Label for the status bar.
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::None => "starting",
-            Self::Ready => "ready",
-            Self::Running => "training",
-            Self::Paused => "paused",
-            Self::Finished => "finished",
-            Self::Failed => "failed",
-        }
-    }
-}
+pub use crate::train::protocol::RunStatus;

@@ -7,7 +7,7 @@ use super::outbox::Outbox;
 use crate::config::RunConfig;
 use crate::data::Split;
 use crate::train::TrainError;
-use crate::train::protocol::{Command, Event, FinishReason, Finished, Notice};
+use crate::train::protocol::{Command, Event, FinishReason, Finished, Notice, RunStatus};
 use crate::train::record::{SnapshotHeader, SnapshotRecord};
 use crate::train::runlog::{Heartbeat, RunLog};
 use crate::train::snapfile::{SnapshotLog, snapshot_view};
@@ -37,12 +37,8 @@ impl End {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum State {
-    Idle,
-    Running,
-    Paused,
-}
+/// The worker holds at `Ready` (before Start), `Running` or `Paused`.
+type State = RunStatus;
 
 fn notice(trainer: Option<&Trainer>, message: impl Into<String>) -> Notice {
     Notice {
@@ -313,7 +309,7 @@ fn train_loop(
     stop: &StopFlag,
     steps: &AtomicU64,
 ) -> End {
-    let mut state = if opts.autostart { State::Running } else { State::Idle };
+    let mut state = if opts.autostart { State::Running } else { State::Ready };
     let mut single = false;
     let mut diverged = false;
     let mut snapshot_due = true;

@@ -1,0 +1,130 @@
+//! How a run's events change what the app shows of it: its status, history and messages.
+
+use super::{RunsState, Source};
+use crate::app::messages::Messages;
+use crate::app::panels::RunStatus;
+use crate::train::protocol::{Event, FinishReason, Notice};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+impl RunsState {
+    /// Handles one event of run `i`; `true` when it is the start of this app's run shown (its
+    /// live controls then start from the run's values).
+    pub fn on_event(&mut self, i: usize, ev: Event, messages: &mut Messages) -> bool {
+        let selected = i == self.selected;
+        let fetch_to = self.fetch_to.clone();
+        let Some(run) = self.runs.get_mut(i) else { return false };
+        match ev {
+            Event::Started(info) => {
+                let resumed = run.history.info.is_some();
+                run.status = match (&run.source, resumed) {
+                    (Source::Local, _) if run.autostart => RunStatus::Running,
+                    (Source::Local, _) => RunStatus::Ready,
+                    _ => RunStatus::Running,
+                };
+                if info.start_step > 0 {
+                    run.history.step = info.start_step;
+                }
+                if resumed {
+                    run.history.resumes += 1;
+                }
+                run.history.info = Some(*info);
+                return run.source == Source::Local && selected;
+            }
+            Event::Progress(p) => {
+                if !matches!(run.status, RunStatus::Paused | RunStatus::Finished | RunStatus::Failed) {
+                    run.status = RunStatus::Running;
+                }
+                run.history.on_progress(&p);
+            }
+            Event::Snapshot(s) => run.history.on_snapshot(*s),
+            Event::Eval(e) => run.history.on_eval(&e),
+            Event::Applied(a) => run.history.applied.push(a),
+            Event::Paused { .. } => run.status = RunStatus::Paused,
+            Event::Resumed { .. } => run.status = RunStatus::Running,
+            Event::Warning(n) => messages.push(n, false),
+            Event::Error(n) | Event::Diverged(n) => {
+                // A recorded run's old errors are part of its history, not news for a dialog.
+                if matches!(run.source, Source::Folder(_)) {
+                    messages.note(n);
+                } else {
+                    messages.push(n, true);
+                }
+            }
+            Event::Finished(f) => {
+                run.status = if f.reason == FinishReason::Failed {
+                    RunStatus::Failed
+                } else {
+                    RunStatus::Finished
+                };
+                run.history.finished = Some(f.reason);
+                run.history.time_s = run.history.time_s.max(f.time_s);
+                if let Some(t) = f.test_acc
+                    && run.history.test.is_empty()
+                {
+                    run.history.test.push([f.steps as f64, f.time_s, t, 0.0]);
+                }
+            }
+            Event::RunFile { name, base64 } => {
+                let dir = fetch_to.unwrap_or_else(|| PathBuf::from("."));
+                match crate::train::serve::server::save_fetched(&dir, &name, &base64) {
+                    Ok(p) => messages.push(
+                        Notice {
+                            step: 0,
+                            time_s: 0.0,
+                            message: format!("fetched {}", p.display()),
+                            path: Some(p),
+                            line: None,
+                        },
+                        false,
+                    ),
+                    Err(e) => messages.error(format!("cannot save {name}: {e}")),
+                }
+            }
+        }
+        false
+    }
+
+    /// Drains every run's events for at most `budget` in all, so busy runs never stall the UI;
+    /// whether the start of this app's run shown was among them, and whether events are left.
+    pub(crate) fn drain(&mut self, budget: Duration, messages: &mut Messages) -> (bool, bool) {
+        let start = Instant::now();
+        let mut started = false;
+        for i in 0..self.runs.len() {
+            while let Some(ev) = self.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
+                started |= self.on_event(i, ev, messages);
+                if start.elapsed() > budget {
+                    return (started, true);
+                }
+            }
+        }
+        (started, false)
+    }
+
+    /// Takes the answers of the adapter probes of runs opened from their folders.
+    pub(crate) fn drain_probes(&mut self, messages: &mut Messages) {
+        for run in &mut self.runs {
+            let Some(probe) = &run.adapter_probe else { continue };
+            while let Some(answer) = probe.try_answer() {
+                match answer {
+                    Ok(p) => {
+                        // The recorded snapshot with the probe's fields replaced.
+                        let mut snap = run.history.snapshots.last().cloned().unwrap_or_else(|| p.clone());
+                        snap.probe = p.probe;
+                        snap.probe_prediction = p.probe_prediction;
+                        for b in &mut snap.blocks {
+                            b.probe_alpha = p
+                                .blocks
+                                .iter()
+                                .find(|q| q.block == b.block)
+                                .map(|q| q.probe_alpha.clone())
+                                .unwrap_or_default();
+                        }
+                        run.probed = Some(Box::new(snap));
+                    }
+                    Err(e) => messages.error(e),
+                }
+            }
+        }
+    }
+}
