@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime};
 /// How long a run may write nothing (not even a heartbeat) before it is called crashed.
 pub const CRASHED_AFTER: Duration = Duration::from_secs(30);
 
-/// Where a followed run stands.
+/// Where a followed run stands, as its files tell: whether its writer still writes (a question
+/// of the folder, not of the run's lifecycle, which is [`super::protocol::RunStatus`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Liveness {
     /// Lines are still arriving (or the last one is recent).
