@@ -968,3 +968,39 @@ fn the_live_panel_takes_every_value_in_range_without_clamping() {
     let c = &h.state().settings.controls;
     assert_eq!((c.lr, c.tau, c.temperature), (50.0, 1e-8, 1e8));
 }
+
+#[test]
+fn export_csv_writes_every_step_from_the_records() {
+    use moppa_studio::app::history::RunHistory;
+    use moppa_studio::app::metrics_csv;
+    // A run whose folder is on this machine (here an MAE pretraining run written by an earlier
+    // version: NaN training accuracy): its records give exactly the rows of its metrics.csv.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/runs/mae");
+    std::fs::copy(fixture.join("metrics.jsonl"), dir.path().join("metrics.jsonl")).unwrap();
+    let mut h = RunHistory::new("mae".into());
+    h.info = Some(RunInfo {
+        out: Some(dir.path().to_owned()),
+        ..info()
+    });
+    let csv = metrics_csv(&h).unwrap();
+    assert_eq!(csv, std::fs::read_to_string(fixture.join("metrics.csv")).unwrap());
+    // A served run (its folder on another machine): every step received, not the thinned
+    // series the plots draw; before any, it says why there is nothing.
+    let mut h = RunHistory::new("served".into());
+    h.info = Some(RunInfo {
+        out: Some("/nonexistent/served-run".into()),
+        ..info()
+    });
+    assert!(metrics_csv(&h).unwrap_err().contains("not on this machine"));
+    for step in 1..=5000 {
+        let Event::Progress(p) = progress(step) else {
+            unreachable!()
+        };
+        h.on_progress(&p);
+    }
+    assert!(h.loss.points.len() < 5000, "the plotted series is thinned");
+    let csv = metrics_csv(&h).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 5000);
+    assert!(csv.lines().nth(5000).unwrap().starts_with("progress,5000,"));
+}

@@ -308,12 +308,7 @@ impl StudioApp {
                 .show(ui, |ui| {
                     let snap = self.snapshot_for_controls().cloned();
                     let running = self.status() == RunStatus::Running;
-                    actions.extend(panels::live::ui(
-                        ui,
-                        &mut self.settings.controls,
-                        snap.as_ref(),
-                        running,
-                    ));
+                    actions.extend(self.settings.controls.ui(ui, snap.as_ref(), running));
                 });
             self.frame.view_rects.live = Some(r.response.rect);
         }
@@ -336,9 +331,8 @@ impl StudioApp {
                             Some(r) => (r.history.snapshots.as_slice(), &mut r.history.filter_cache),
                             None => (&[][..], &mut no_cache),
                         };
-                        actions.extend(panels::filters::ui(
+                        actions.extend(self.settings.filters.ui(
                             ui,
-                            &mut self.settings.filters,
                             shown,
                             scrub,
                             rank,
@@ -359,9 +353,8 @@ impl StudioApp {
                             };
                             let can_probe = r.control
                                 || matches!(&r.source, Source::Folder(d) if d.join(crate::train::runfolder::ADAPTER).is_file());
-                            actions.extend(panels::router::ui(
+                            actions.extend(self.settings.router.ui(
                                 ui,
-                                &mut self.settings.router,
                                 &r.history,
                                 snap,
                                 &panels::router::Probing {
@@ -377,7 +370,7 @@ impl StudioApp {
                         let histories: Vec<&crate::app::history::RunHistory> =
                             self.runs.all().iter().map(|r| &r.history).collect();
                         let (a, rects) =
-                            panels::curves::ui(ui, &mut self.settings.curves, &histories, self.runs.selected());
+                            self.settings.curves.ui(ui, &histories, self.runs.selected());
                         actions.extend(a);
                         self.frame.plot_rects = rects;
                     }
@@ -385,10 +378,9 @@ impl StudioApp {
                         actions.extend(panels::runs::ui(ui, self.runs.all(), self.runs.selected()));
                     }
                     Tab::Playground => {
-                        actions.extend(panels::playground::ui(
+                        actions.extend(self.playground.ui(
                             ui,
                             &mut self.settings.playground,
-                            &mut self.playground,
                             &mut self.textures,
                         ));
                     }

@@ -49,149 +49,151 @@ fn range_slider(value: &mut f64, range: ValueRange, text: String) -> egui::Slide
     }
 }
 
-/// Draws the controls. `snapshot` gives the current values and locks; `blocks` the MoPPA blocks.
-pub fn ui(ui: &mut egui::Ui, c: &mut ControlSettings, snapshot: Option<&Snapshot>, running: bool) -> Vec<Action> {
-    let mut actions = Vec::new();
-    ui.heading("Physics, live");
-    let Some(snap) = snapshot else {
-        ui.label("Start a MoPPA run to steer its priors.");
-        return actions;
-    };
-    let blocks: Vec<usize> = snap.blocks.iter().map(|b| b.block).collect();
-    let target = c.block.map_or(Target::All, Target::Block);
-    egui::ComboBox::from_label("blocks")
-        .selected_text(
-            c.block
-                .map_or_else(|| "all blocks".to_owned(), |b| format!("block {b}")),
-        )
-        .show_ui(ui, |ui| {
-            ui.selectable_value(&mut c.block, None, "all blocks");
-            for b in &blocks {
-                ui.selectable_value(&mut c.block, Some(*b), format!("block {b}"));
-            }
-        });
-    ui.horizontal(|ui| {
-        ui.selectable_value(&mut c.mode, ChangeMode::Set, "set")
-            .on_hover_text("Set every channel to the value");
-        ui.selectable_value(&mut c.mode, ChangeMode::Scale, "scale")
-            .on_hover_text("Multiply every channel by a factor");
-    });
-    let has = |p: Prior| snap.priors.contains(&p);
-    let shown = snap
-        .blocks
-        .iter()
-        .find(|b| Some(b.block) == c.block)
-        .or_else(|| snap.blocks.first());
-    let mean = |v: &[f32]| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
-        }
-    };
-    // What each coefficient's slider says and spans, in prior order.
-    let sliders = [
-        ("κ heat", "exp(−κ·τ·Λ): larger κ blurs more (local smoothing)"),
-        ("c wave", "exp(−γ·τ·√Λ)·cos(c·τ·√Λ): larger c rings faster (long-range)"),
-        (
-            "ε Poisson",
-            "S·ε/(Λ + ε): smaller ε spreads further (global equilibrium)",
-        ),
-    ];
-    for (coeff, (label, eq)) in Coeff::ALL.into_iter().zip(sliders) {
-        if !has(coeff.prior()) {
-            continue;
-        }
-        let current = shown.map(|b| mean(&b.coeffs[coeff]));
-        let value = &mut c.coeffs[coeff];
+impl ControlSettings {
+    /// Draws the controls. `snapshot` gives the current values and locks; `blocks` the MoPPA blocks.
+    pub fn ui(&mut self, ui: &mut egui::Ui, snapshot: Option<&Snapshot>, running: bool) -> Vec<Action> {
+        let mut actions = Vec::new();
+        ui.heading("Physics, live");
+        let Some(snap) = snapshot else {
+            ui.label("Start a MoPPA run to steer its priors.");
+            return actions;
+        };
+        let blocks: Vec<usize> = snap.blocks.iter().map(|b| b.block).collect();
+        let target = self.block.map_or(Target::All, Target::Block);
+        egui::ComboBox::from_label("blocks")
+            .selected_text(
+                self.block
+                    .map_or_else(|| "all blocks".to_owned(), |b| format!("block {b}")),
+            )
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.block, None, "all blocks");
+                for b in &blocks {
+                    ui.selectable_value(&mut self.block, Some(*b), format!("block {b}"));
+                }
+            });
         ui.horizontal(|ui| {
-            let r = if c.mode == ChangeMode::Set {
-                ui.add(range_slider(value, coeff.range(), label.to_owned()))
+            ui.selectable_value(&mut self.mode, ChangeMode::Set, "set")
+                .on_hover_text("Set every channel to the value");
+            ui.selectable_value(&mut self.mode, ChangeMode::Scale, "scale")
+                .on_hover_text("Multiply every channel by a factor");
+        });
+        let has = |p: Prior| snap.priors.contains(&p);
+        let shown = snap
+            .blocks
+            .iter()
+            .find(|b| Some(b.block) == self.block)
+            .or_else(|| snap.blocks.first());
+        let mean = |v: &[f32]| {
+            if v.is_empty() {
+                f64::NAN
             } else {
-                ui.add(
-                    egui::Slider::new(&mut c.factor, 0.1..=10.0)
-                        .logarithmic(true)
-                        .text(format!("× {label}")),
-                )
-            };
-            let r = r.on_hover_text(format!("{eq}\nnow: channel mean {:.4}", current.unwrap_or(f64::NAN)));
-            if released(&r) {
-                let mode = if c.mode == ChangeMode::Set {
-                    SetMode::Set(*value)
-                } else {
-                    SetMode::Scale(c.factor)
-                };
-                actions.push(Action::Send(Command::SetCoeff { coeff, target, mode }));
+                v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
             }
-            let what = Lockable::from(coeff);
-            lock_toggle(
-                ui,
-                &mut actions,
-                what,
-                target,
-                shown.is_some_and(|b| b.locked.contains(&what)),
-            );
-        });
-    }
-    if has(Prior::Poisson) {
+        };
+        // What each coefficient's slider says and spans, in prior order.
+        let sliders = [
+            ("κ heat", "exp(−κ·τ·Λ): larger κ blurs more (local smoothing)"),
+            ("c wave", "exp(−γ·τ·√Λ)·cos(c·τ·√Λ): larger c rings faster (long-range)"),
+            (
+                "ε Poisson",
+                "S·ε/(Λ + ε): smaller ε spreads further (global equilibrium)",
+            ),
+        ];
+        for (coeff, (label, eq)) in Coeff::ALL.into_iter().zip(sliders) {
+            if !has(coeff.prior()) {
+                continue;
+            }
+            let current = shown.map(|b| mean(&b.coeffs[coeff]));
+            let value = &mut self.coeffs[coeff];
+            ui.horizontal(|ui| {
+                let r = if self.mode == ChangeMode::Set {
+                    ui.add(range_slider(value, coeff.range(), label.to_owned()))
+                } else {
+                    ui.add(
+                        egui::Slider::new(&mut self.factor, 0.1..=10.0)
+                            .logarithmic(true)
+                            .text(format!("× {label}")),
+                    )
+                };
+                let r = r.on_hover_text(format!("{eq}\nnow: channel mean {:.4}", current.unwrap_or(f64::NAN)));
+                if released(&r) {
+                    let mode = if self.mode == ChangeMode::Set {
+                        SetMode::Set(*value)
+                    } else {
+                        SetMode::Scale(self.factor)
+                    };
+                    actions.push(Action::Send(Command::SetCoeff { coeff, target, mode }));
+                }
+                let what = Lockable::from(coeff);
+                lock_toggle(
+                    ui,
+                    &mut actions,
+                    what,
+                    target,
+                    shown.is_some_and(|b| b.locked.contains(&what)),
+                );
+            });
+        }
+        if has(Prior::Poisson) {
+            ui.horizontal(|ui| {
+                ui.label("source map S");
+                lock_toggle(
+                    ui,
+                    &mut actions,
+                    Lockable::Source,
+                    target,
+                    shown.is_some_and(|b| b.locked.contains(&Lockable::Source)),
+                );
+            });
+        }
+        ui.separator();
+        let hypers = [
+            (
+                Hyper::Tau,
+                "τ time",
+                "heat exp(−κ·τ·Λ) and wave cos(c·τ·√Λ)",
+                &mut self.tau,
+            ),
+            (Hyper::Gamma, "γ damping", "wave exp(−γ·τ·√Λ)", &mut self.gamma),
+            (
+                Hyper::RouteWeight,
+                "λ route",
+                "L_route = λ · mean_l KL(mean α_l ‖ uniform)",
+                &mut self.route_weight,
+            ),
+            (
+                Hyper::Temperature,
+                "T router",
+                "α = softmax(logits / T)",
+                &mut self.temperature,
+            ),
+            (
+                Hyper::Lr,
+                "lr",
+                "peak learning rate (the warm-up + cosine schedule keeps its shape)",
+                &mut self.lr,
+            ),
+        ];
+        for (hyper, label, eq, value) in hypers {
+            let range = hyper.range();
+            let r = ui
+                .add(range_slider(value, range, label.to_owned()))
+                .on_hover_text(format!("{eq}\nvalid: {range}"));
+            if released(&r) {
+                actions.push(Action::Send(Command::SetHyper { hyper, value: *value }));
+            }
+        }
+        ui.separator();
         ui.horizontal(|ui| {
-            ui.label("source map S");
-            lock_toggle(
-                ui,
-                &mut actions,
-                Lockable::Source,
-                target,
-                shown.is_some_and(|b| b.locked.contains(&Lockable::Source)),
-            );
+            if ui.button("Evaluate now").clicked() {
+                actions.push(Action::Send(Command::Evaluate));
+            }
+            if !running {
+                ui.label("(applied at the next step)");
+            }
         });
+        actions
     }
-    ui.separator();
-    let hypers = [
-        (
-            Hyper::Tau,
-            "τ time",
-            "heat exp(−κ·τ·Λ) and wave cos(c·τ·√Λ)",
-            &mut c.tau,
-        ),
-        (Hyper::Gamma, "γ damping", "wave exp(−γ·τ·√Λ)", &mut c.gamma),
-        (
-            Hyper::RouteWeight,
-            "λ route",
-            "L_route = λ · mean_l KL(mean α_l ‖ uniform)",
-            &mut c.route_weight,
-        ),
-        (
-            Hyper::Temperature,
-            "T router",
-            "α = softmax(logits / T)",
-            &mut c.temperature,
-        ),
-        (
-            Hyper::Lr,
-            "lr",
-            "peak learning rate (the warm-up + cosine schedule keeps its shape)",
-            &mut c.lr,
-        ),
-    ];
-    for (hyper, label, eq, value) in hypers {
-        let range = hyper.range();
-        let r = ui
-            .add(range_slider(value, range, label.to_owned()))
-            .on_hover_text(format!("{eq}\nvalid: {range}"));
-        if released(&r) {
-            actions.push(Action::Send(Command::SetHyper { hyper, value: *value }));
-        }
-    }
-    ui.separator();
-    ui.horizontal(|ui| {
-        if ui.button("Evaluate now").clicked() {
-            actions.push(Action::Send(Command::Evaluate));
-        }
-        if !running {
-            ui.label("(applied at the next step)");
-        }
-    });
-    actions
 }
 
 fn lock_toggle(ui: &mut egui::Ui, actions: &mut Vec<Action>, what: Lockable, target: Target, locked: bool) {

@@ -1,5 +1,7 @@
-//! One panel per file. Each draws from plain data and returns [`Action`]s; the app applies
-//! them after drawing (panels never talk to the engine themselves).
+//! One panel per file. A panel is a struct with its own sub-state (its settings, or the
+//! playground's image) whose `ui(&mut self, ui, …)` draws from plain data and returns
+//! [`Action`]s; the app applies them after drawing (panels never change the app's state or talk
+//! to the engine themselves). The runs table and the status bar hold no state: plain functions.
 
 pub mod curves;
 pub mod filters;

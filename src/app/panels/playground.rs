@@ -130,85 +130,87 @@ fn rgba_of(img: &image::DynamicImage) -> (Vec<u8>, (usize, usize)) {
     (rgba.into_raw(), (w as usize, h as usize))
 }
 
-/// Draws the playground.
-pub fn ui(ui: &mut egui::Ui, s: &mut PlaygroundSettings, pg: &mut Playground, textures: &mut Textures) -> Vec<Action> {
-    let mut actions = Vec::new();
-    if pg.original.is_none() && pg.error.is_none() {
-        pg.load_sample();
-    }
-    ui.horizontal(|ui| {
-        if ui.button("Open image…").clicked() {
-            actions.push(Action::PickImage);
+impl Playground {
+    /// Draws the playground.
+    pub fn ui(&mut self, ui: &mut egui::Ui, s: &mut PlaygroundSettings, textures: &mut Textures) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.original.is_none() && self.error.is_none() {
+            self.load_sample();
         }
-        if ui.button("Bundled sample").clicked() {
-            pg.load_sample();
-            s.image = None;
-        }
-        ui.separator();
-        for (name, what, prior, coeffs) in PRESETS {
-            if ui.button(name).on_hover_text(what).clicked() {
-                s.prior = prior;
-                s.coeffs = coeffs;
+        ui.horizontal(|ui| {
+            if ui.button("Open image…").clicked() {
+                actions.push(Action::PickImage);
             }
-        }
-    });
-    ui.horizontal(|ui| {
-        for p in Prior::ALL {
-            ui.selectable_value(&mut s.prior, p, p.name())
-                .on_hover_text(p.equation());
-        }
-        ui.separator();
-        let c = &mut s.coeffs;
-        match s.prior {
-            Prior::Heat => {
-                ui.add(
-                    egui::Slider::new(&mut c.kappa, 0.01..=500.0)
-                        .logarithmic(true)
-                        .text("κ"),
-                )
-                .on_hover_text("exp(−κ·τ·Λ)");
+            if ui.button("Bundled sample").clicked() {
+                self.load_sample();
+                s.image = None;
             }
-            Prior::Wave => {
-                ui.add(egui::Slider::new(&mut c.c, 0.1..=200.0).logarithmic(true).text("c"))
-                    .on_hover_text("cos(c·τ·√Λ)");
-                ui.add(egui::Slider::new(&mut c.gamma, 0.0..=1.0).text("γ"))
-                    .on_hover_text("exp(−γ·τ·√Λ)");
-            }
-            Prior::Poisson => {
-                ui.add(egui::Slider::new(&mut c.eps, 1e-6..=1.0).logarithmic(true).text("ε"))
-                    .on_hover_text("ε/(Λ + ε)");
-            }
-        }
-        if s.prior != Prior::Poisson {
-            ui.add(egui::Slider::new(&mut c.tau, 0.05..=10.0).logarithmic(true).text("τ"));
-        }
-        if pg.busy() {
-            ui.spinner();
-        }
-    });
-    ui.label(
-        egui::RichText::new("At image scale Λ is in pixel units: the same filters as on the token grid, but visible effects need larger κ and c and smaller ε.")
-            .small(),
-    );
-    if let Some(e) = &pg.error {
-        ui.colored_label(egui::Color32::from_rgb(230, 80, 80), e);
-    }
-    pg.update(s, ui.ctx());
-    let half = (ui.available_width() / 2.0 - 8.0).max(64.0);
-    ui.horizontal(|ui| {
-        for (name, img) in [("before", pg.original.as_deref()), ("after", pg.result.as_ref())] {
-            ui.vertical(|ui| {
-                ui.label(name);
-                if let Some(img) = img {
-                    let (rgba, (w, h)) = rgba_of(img);
-                    let id = textures.get(ui.ctx(), &format!("playground-{name}"), rgba, (w, h));
-                    let scale = (half / w as f32).min(520.0 / h as f32);
-                    ui.image((id, egui::vec2(w as f32 * scale, h as f32 * scale)));
-                } else {
-                    ui.spinner();
+            ui.separator();
+            for (name, what, prior, coeffs) in PRESETS {
+                if ui.button(name).on_hover_text(what).clicked() {
+                    s.prior = prior;
+                    s.coeffs = coeffs;
                 }
-            });
+            }
+        });
+        ui.horizontal(|ui| {
+            for p in Prior::ALL {
+                ui.selectable_value(&mut s.prior, p, p.name())
+                    .on_hover_text(p.equation());
+            }
+            ui.separator();
+            let c = &mut s.coeffs;
+            match s.prior {
+                Prior::Heat => {
+                    ui.add(
+                        egui::Slider::new(&mut c.kappa, 0.01..=500.0)
+                            .logarithmic(true)
+                            .text("κ"),
+                    )
+                    .on_hover_text("exp(−κ·τ·Λ)");
+                }
+                Prior::Wave => {
+                    ui.add(egui::Slider::new(&mut c.c, 0.1..=200.0).logarithmic(true).text("c"))
+                        .on_hover_text("cos(c·τ·√Λ)");
+                    ui.add(egui::Slider::new(&mut c.gamma, 0.0..=1.0).text("γ"))
+                        .on_hover_text("exp(−γ·τ·√Λ)");
+                }
+                Prior::Poisson => {
+                    ui.add(egui::Slider::new(&mut c.eps, 1e-6..=1.0).logarithmic(true).text("ε"))
+                        .on_hover_text("ε/(Λ + ε)");
+                }
+            }
+            if s.prior != Prior::Poisson {
+                ui.add(egui::Slider::new(&mut c.tau, 0.05..=10.0).logarithmic(true).text("τ"));
+            }
+            if self.busy() {
+                ui.spinner();
+            }
+        });
+        ui.label(
+            egui::RichText::new("At image scale Λ is in pixel units: the same filters as on the token grid, but visible effects need larger κ and c and smaller ε.")
+                .small(),
+        );
+        if let Some(e) = &self.error {
+            ui.colored_label(egui::Color32::from_rgb(230, 80, 80), e);
         }
-    });
-    actions
+        self.update(s, ui.ctx());
+        let half = (ui.available_width() / 2.0 - 8.0).max(64.0);
+        ui.horizontal(|ui| {
+            for (name, img) in [("before", self.original.as_deref()), ("after", self.result.as_ref())] {
+                ui.vertical(|ui| {
+                    ui.label(name);
+                    if let Some(img) = img {
+                        let (rgba, (w, h)) = rgba_of(img);
+                        let id = textures.get(ui.ctx(), &format!("playground-{name}"), rgba, (w, h));
+                        let scale = (half / w as f32).min(520.0 / h as f32);
+                        ui.image((id, egui::vec2(w as f32 * scale, h as f32 * scale)));
+                    } else {
+                        ui.spinner();
+                    }
+                });
+            }
+        });
+        actions
+    }
 }

@@ -95,219 +95,222 @@ pub struct Probing<'a> {
     pub classes: &'a [String],
 }
 
-/// Draws the view.
-pub fn ui(
-    ui: &mut egui::Ui,
-    settings: &mut RouterSettings,
-    history: &RunHistory,
-    snap: Option<&Snapshot>,
-    probing: &Probing<'_>,
-    textures: &mut Textures,
-) -> Vec<Action> {
-    let Probing {
-        probes,
-        can_probe,
-        classes,
-    } = *probing;
-    let mut actions = Vec::new();
-    let Some(snap) = snap else {
-        ui.label("Router statistics appear here during a MoPPA run with two or more priors.");
-        return actions;
-    };
-    let k = snap.priors.len();
-    let routed: Vec<_> = snap.blocks.iter().filter(|b| b.router.is_some()).collect();
-    if routed.is_empty() {
-        ui.label(if k == 1 {
-            "A single prior: there is no router (α ≡ 1)."
-        } else {
-            "Waiting for the first training step…"
-        });
-        return actions;
-    }
-    for a in alerts(&history.snapshots, settings, 5) {
-        ui.colored_label(
-            egui::Color32::from_rgb(230, 160, 40),
-            format!("Warning: {}", a.message()),
-        );
-    }
-    ui.horizontal(|ui| {
-        ui.vertical(|ui| {
-            ui.label(egui::RichText::new("Mean routing weight α (blocks × priors)").strong());
-            let values: Vec<f32> = routed
-                .iter()
-                .flat_map(|b| b.router.as_ref().map(|r| r.mean_alpha.clone()).unwrap_or_default())
-                .collect();
-            ui.horizontal(|ui| {
-                for p in &snap.priors {
-                    ui.label(
-                        egui::RichText::new(format!("{:>8}", p.name()))
-                            .color(prior_color(*p))
-                            .monospace(),
-                    );
-                }
+impl RouterSettings {
+    /// Draws the view.
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        history: &RunHistory,
+        snap: Option<&Snapshot>,
+        probing: &Probing<'_>,
+        textures: &mut Textures,
+    ) -> Vec<Action> {
+        let Probing {
+            probes,
+            can_probe,
+            classes,
+        } = *probing;
+        let mut actions = Vec::new();
+        let Some(snap) = snap else {
+            ui.label("Router statistics appear here during a MoPPA run with two or more priors.");
+            return actions;
+        };
+        let k = snap.priors.len();
+        let routed: Vec<_> = snap.blocks.iter().filter(|b| b.router.is_some()).collect();
+        if routed.is_empty() {
+            ui.label(if k == 1 {
+                "A single prior: there is no router (α ≡ 1)."
+            } else {
+                "Waiting for the first training step…"
             });
-            let side = (60.0 * k as f32).min(240.0);
-            if let Some((row, col)) = heatmap(
-                ui,
-                textures,
-                "router-mean",
-                &values,
-                (routed.len(), k),
-                Scale::Unit,
-                side,
-            ) {
-                settings.block = routed[row].block;
-                let _ = col;
-            }
-            egui::Grid::new("router-table").striped(true).show(ui, |ui| {
-                ui.label("block");
-                for p in &snap.priors {
-                    ui.label(egui::RichText::new(p.name()).color(prior_color(*p)));
-                }
-                ui.label("entropy");
-                ui.end_row();
-                for b in &routed {
-                    let Some(r) = &b.router else { continue };
-                    ui.label(format!("{}", b.block));
-                    for (a, s) in r.mean_alpha.iter().zip(&r.argmax_share) {
-                        ui.label(format!("{a:.3} ({:.0}%)", 100.0 * s))
-                            .on_hover_text("mean weight (share of tokens whose argmax is this prior)");
-                    }
-                    ui.label(format!("{:.3} ({:.2})", r.entropy, r.entropy_norm))
-                        .on_hover_text("mean −Σ α ln α (divided by ln k)");
-                    ui.end_row();
-                }
-            });
-        });
-        colorbar(ui, Scale::Unit, 120.0);
-        ui.vertical(|ui| {
-            ui.label(egui::RichText::new(format!("Probe image: per-token argmax (block {})", settings.block)).strong());
-            ui.horizontal(|ui| {
-                let mut p = settings.probe;
-                if ui
-                    .add(
-                        egui::DragValue::new(&mut p)
-                            .range(0..=probes.saturating_sub(1))
-                            .prefix("probe #"),
-                    )
-                    .changed()
-                {
-                    settings.probe = p;
-                    actions.push(Action::Send(Command::SetProbe { index: p }));
-                }
-                if can_probe
-                    && ui
-                        .button("Your image…")
-                        .on_hover_text("Probe with your own image (or drop one on the window)")
-                        .clicked()
-                {
-                    actions.push(Action::PickProbeImage);
-                }
-            });
-            let predicted = snap.probe_prediction.map_or_else(
-                || "-".to_owned(),
-                |p| {
-                    classes
-                        .get(p as usize)
-                        .map_or_else(|| p.to_string(), |c| format!("{c} ({p})"))
-                },
+            return actions;
+        }
+        for a in alerts(&history.snapshots, self, 5) {
+            ui.colored_label(
+                egui::Color32::from_rgb(230, 160, 40),
+                format!("Warning: {}", a.message()),
             );
-            match snap.probe.as_ref().map(|p| &p.origin) {
-                Some(ProbeOrigin::Val { index, label }) => {
-                    let label = classes
-                        .get(*label as usize)
-                        .cloned()
-                        .unwrap_or_else(|| label.to_string());
-                    ui.label(format!("val #{index}, label {label}, predicted {predicted}"));
+        }
+        ui.horizontal(|ui| {
+            ui.vertical(|ui| {
+                ui.label(egui::RichText::new("Mean routing weight α (blocks × priors)").strong());
+                let values: Vec<f32> = routed
+                    .iter()
+                    .flat_map(|b| b.router.as_ref().map(|r| r.mean_alpha.clone()).unwrap_or_default())
+                    .collect();
+                ui.horizontal(|ui| {
+                    for p in &snap.priors {
+                        ui.label(
+                            egui::RichText::new(format!("{:>8}", p.name()))
+                                .color(prior_color(*p))
+                                .monospace(),
+                        );
+                    }
+                });
+                let side = (60.0 * k as f32).min(240.0);
+                if let Some((row, col)) = heatmap(
+                    ui,
+                    textures,
+                    "router-mean",
+                    &values,
+                    (routed.len(), k),
+                    Scale::Unit,
+                    side,
+                ) {
+                    self.block = routed[row].block;
+                    let _ = col;
                 }
-                Some(ProbeOrigin::File { name }) => {
-                    ui.horizontal(|ui| {
-                        ui.label(format!("{name}: predicted {predicted}"));
-                        if ui.small_button(format!("back to val #{}", settings.probe)).clicked() {
-                            actions.push(Action::Send(Command::SetProbe { index: settings.probe }));
+                egui::Grid::new("router-table").striped(true).show(ui, |ui| {
+                    ui.label("block");
+                    for p in &snap.priors {
+                        ui.label(egui::RichText::new(p.name()).color(prior_color(*p)));
+                    }
+                    ui.label("entropy");
+                    ui.end_row();
+                    for b in &routed {
+                        let Some(r) = &b.router else { continue };
+                        ui.label(format!("{}", b.block));
+                        for (a, s) in r.mean_alpha.iter().zip(&r.argmax_share) {
+                            ui.label(format!("{a:.3} ({:.0}%)", 100.0 * s))
+                                .on_hover_text("mean weight (share of tokens whose argmax is this prior)");
+                        }
+                        ui.label(format!("{:.3} ({:.2})", r.entropy, r.entropy_norm))
+                            .on_hover_text("mean −Σ α ln α (divided by ln k)");
+                        ui.end_row();
+                    }
+                });
+            });
+            colorbar(ui, Scale::Unit, 120.0);
+            ui.vertical(|ui| {
+                ui.label(egui::RichText::new(format!("Probe image: per-token argmax (block {})", self.block)).strong());
+                ui.horizontal(|ui| {
+                    let mut p = self.probe;
+                    if ui
+                        .add(
+                            egui::DragValue::new(&mut p)
+                                .range(0..=probes.saturating_sub(1))
+                                .prefix("probe #"),
+                        )
+                        .changed()
+                    {
+                        self.probe = p;
+                        actions.push(Action::Send(Command::SetProbe { index: p }));
+                    }
+                    if can_probe
+                        && ui
+                            .button("Your image…")
+                            .on_hover_text("Probe with your own image (or drop one on the window)")
+                            .clicked()
+                    {
+                        actions.push(Action::PickProbeImage);
+                    }
+                });
+                let predicted = snap.probe_prediction.map_or_else(
+                    || "-".to_owned(),
+                    |p| {
+                        classes
+                            .get(p as usize)
+                            .map_or_else(|| p.to_string(), |c| format!("{c} ({p})"))
+                    },
+                );
+                match snap.probe.as_ref().map(|p| &p.origin) {
+                    Some(ProbeOrigin::Val { index, label }) => {
+                        let label = classes
+                            .get(*label as usize)
+                            .cloned()
+                            .unwrap_or_else(|| label.to_string());
+                        ui.label(format!("val #{index}, label {label}, predicted {predicted}"));
+                    }
+                    Some(ProbeOrigin::File { name }) => {
+                        ui.horizontal(|ui| {
+                            ui.label(format!("{name}: predicted {predicted}"));
+                            if ui.small_button(format!("back to val #{}", self.probe)).clicked() {
+                                actions.push(Action::Send(Command::SetProbe { index: self.probe }));
+                            }
+                        });
+                    }
+                    None => {}
+                }
+                ui.horizontal(|ui| {
+                    if let Some(p) = &snap.probe {
+                        let rgb = &p.image;
+                        let rgba: Vec<u8> = rgb
+                            .pixels
+                            .chunks_exact(3)
+                            .flat_map(|c| [c[0], c[1], c[2], 255])
+                            .collect();
+                        let id = textures.get(ui.ctx(), "probe", rgba, (rgb.size, rgb.size));
+                        ui.image((id, egui::vec2(160.0, 160.0)));
+                    }
+                    if let Some(b) = snap.blocks.iter().find(|b| b.block == self.block) {
+                        if let Some(id) = argmax_map(ui.ctx(), textures, snap, b, "probe-map") {
+                            ui.image((id, egui::vec2(160.0, 160.0)))
+                                .on_hover_text("colour = argmax prior, paler = less certain");
+                        } else if !b.probe_alpha.is_empty() {
+                            ui.label(format!("router weights for the image: {:?}", b.probe_alpha));
+                        }
+                    }
+                });
+                // Every block's map of the probe, side by side.
+                let maps: Vec<_> = snap
+                    .blocks
+                    .iter()
+                    .filter_map(|b| {
+                        argmax_map(ui.ctx(), textures, snap, b, &format!("probe-map-{}", b.block))
+                            .map(|id| (b.block, id))
+                    })
+                    .collect();
+                if maps.len() > 1 {
+                    ui.label(egui::RichText::new("every block").small());
+                    ui.horizontal_wrapped(|ui| {
+                        for (block, id) in maps {
+                            ui.vertical(|ui| {
+                                ui.label(egui::RichText::new(format!("block {block}")).small());
+                                ui.image((id, egui::vec2(64.0, 64.0)));
+                            });
                         }
                     });
                 }
-                None => {}
-            }
-            ui.horizontal(|ui| {
-                if let Some(p) = &snap.probe {
-                    let rgb = &p.image;
-                    let rgba: Vec<u8> = rgb
-                        .pixels
-                        .chunks_exact(3)
-                        .flat_map(|c| [c[0], c[1], c[2], 255])
-                        .collect();
-                    let id = textures.get(ui.ctx(), "probe", rgba, (rgb.size, rgb.size));
-                    ui.image((id, egui::vec2(160.0, 160.0)));
-                }
-                if let Some(b) = snap.blocks.iter().find(|b| b.block == settings.block) {
-                    if let Some(id) = argmax_map(ui.ctx(), textures, snap, b, "probe-map") {
-                        ui.image((id, egui::vec2(160.0, 160.0)))
-                            .on_hover_text("colour = argmax prior, paler = less certain");
-                    } else if !b.probe_alpha.is_empty() {
-                        ui.label(format!("router weights for the image: {:?}", b.probe_alpha));
-                    }
-                }
             });
-            // Every block's map of the probe, side by side.
-            let maps: Vec<_> = snap
-                .blocks
-                .iter()
-                .filter_map(|b| {
-                    argmax_map(ui.ctx(), textures, snap, b, &format!("probe-map-{}", b.block)).map(|id| (b.block, id))
-                })
-                .collect();
-            if maps.len() > 1 {
-                ui.label(egui::RichText::new("every block").small());
-                ui.horizontal_wrapped(|ui| {
-                    for (block, id) in maps {
-                        ui.vertical(|ui| {
-                            ui.label(egui::RichText::new(format!("block {block}")).small());
-                            ui.image((id, egui::vec2(64.0, 64.0)));
-                        });
+        });
+        ui.columns(2, |cols| {
+            let by_block = history.shares.get(self.block);
+            cols[0]
+                .label(egui::RichText::new(format!("Share of each prior over steps (block {})", self.block)).strong());
+            Plot::new("router-shares")
+                .height(200.0)
+                .legend(Legend::default())
+                .include_y(0.0)
+                .include_y(1.0)
+                .x_axis_label("step")
+                .show(&mut cols[0], |pu| {
+                    if let Some(series) = by_block {
+                        for (p, s) in snap.priors.iter().zip(series) {
+                            pu.line(
+                                Line::new(p.name(), PlotPoints::from(s.xy(false)))
+                                    .color(prior_color(*p))
+                                    .width(2.0),
+                            );
+                        }
                     }
                 });
-            }
+            cols[1].label(egui::RichText::new("Routing entropy / ln k per block").strong());
+            Plot::new("router-entropy")
+                .height(200.0)
+                .legend(Legend::default())
+                .include_y(0.0)
+                .include_y(1.0)
+                .x_axis_label("step")
+                .show(&mut cols[1], |pu| {
+                    for (b, s) in history.entropy.iter().enumerate() {
+                        if !s.points.is_empty() {
+                            pu.line(Line::new(format!("block {b}"), PlotPoints::from(s.xy(false))));
+                        }
+                    }
+                });
         });
-    });
-    ui.columns(2, |cols| {
-        let by_block = history.shares.get(settings.block);
-        cols[0]
-            .label(egui::RichText::new(format!("Share of each prior over steps (block {})", settings.block)).strong());
-        Plot::new("router-shares")
-            .height(200.0)
-            .legend(Legend::default())
-            .include_y(0.0)
-            .include_y(1.0)
-            .x_axis_label("step")
-            .show(&mut cols[0], |pu| {
-                if let Some(series) = by_block {
-                    for (p, s) in snap.priors.iter().zip(series) {
-                        pu.line(
-                            Line::new(p.name(), PlotPoints::from(s.xy(false)))
-                                .color(prior_color(*p))
-                                .width(2.0),
-                        );
-                    }
-                }
-            });
-        cols[1].label(egui::RichText::new("Routing entropy / ln k per block").strong());
-        Plot::new("router-entropy")
-            .height(200.0)
-            .legend(Legend::default())
-            .include_y(0.0)
-            .include_y(1.0)
-            .x_axis_label("step")
-            .show(&mut cols[1], |pu| {
-                for (b, s) in history.entropy.iter().enumerate() {
-                    if !s.points.is_empty() {
-                        pu.line(Line::new(format!("block {b}"), PlotPoints::from(s.xy(false))));
-                    }
-                }
-            });
-    });
-    actions
+        actions
+    }
 }
 
 /// The per-token argmax prior map of the probe in block `b` (colour = prior, paler = less
