@@ -326,6 +326,24 @@ fn softplus_matches_pytorch_convention_and_inverts() {
         let sig = 1.0 / (1.0 + (-xi).exp());
         assert!((gi - sig).abs() < 1e-12, "d softplus/dx at {xi}: {gi} vs {sig}");
     }
+    // In f32, the smallest coefficients the ranges allow survive the parameterisation (1 + e^x
+    // rounds to 1 below x ≈ -16.6: the tail must not be ln(1 + t) there), relative to
+    // softplus_f64 of the same raw values.
+    let raw: Vec<f32> = [1e-8, 3e-8, 1e-7, 1e-5]
+        .iter()
+        .map(|v| inv_softplus(*v) as f32)
+        .collect();
+    let y: Vec<f32> = softplus(&Tensor::new(&raw[..], &Device::Cpu).unwrap())
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (yi, ri) in y.iter().zip(&raw) {
+        let want = softplus_f64(f64::from(*ri));
+        assert!(
+            (f64::from(*yi) - want).abs() < 1e-6 * want,
+            "f32 softplus({ri}) = {yi}, want {want:e}"
+        );
+    }
 }
 
 #[test]

@@ -167,3 +167,76 @@ fn the_view_of_a_recorded_snapshot_agrees_with_the_models_f32_filters() {
     }
     eprintln!("view against the model's f32 filters: worst relative error {worst:.2e}");
 }
+
+/// Every filter is finite in f32 at every corner of the coefficient ranges, alone and together:
+/// κ, c, ε ∈ {1e-8, 1e8}, τ ∈ {1e-8, 1e8}, γ ∈ {0, 1e8} (INTERFACES.md "General"), in the
+/// model's own f32 filters (through the softplus parameterisation) and in the view of a record.
+#[test]
+fn every_filter_is_finite_at_every_corner_of_the_ranges() {
+    use moppa_studio::config::range;
+    let (h, w, rank) = (5, 4, 2);
+    let ends = |r: moppa_studio::config::ValueRange| [r.min, r.max];
+    for kappa in ends(range::KAPPA) {
+        for c in ends(range::WAVE_SPEED) {
+            for eps in ends(range::EPS) {
+                for tau in ends(range::TAU) {
+                    for gamma in ends(range::GAMMA) {
+                        let method = MethodConfig {
+                            rank,
+                            tau,
+                            gamma,
+                            ..MethodConfig::default()
+                        };
+                        let mut init = Init::new(1, &Device::Cpu, DType::F32);
+                        let unit = MoppaUnit::new(8, (h, w), &method, &mut init).unwrap();
+                        unit.set_coeff(Coeff::Kappa, &[kappa; 2]).unwrap();
+                        unit.set_coeff(Coeff::C, &[c; 2]).unwrap();
+                        unit.set_coeff(Coeff::Eps, &[eps; 2]).unwrap();
+                        let grid = SpectralGrid::new(h, w, DType::F32, &Device::Cpu).unwrap();
+                        let at = format!("κ {kappa:e}, c {c:e}, ε {eps:e}, τ {tau:e}, γ {gamma:e}");
+                        for (p, g) in unit
+                            .filters(&grid, &Live::from_config(&method), false)
+                            .unwrap()
+                            .iter()
+                            .enumerate()
+                        {
+                            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+                            assert!(g.iter().all(|x| x.is_finite()), "model, prior {p}, {at}: {g:?}");
+                        }
+                        let natural = unit.coeffs();
+                        let snapshot = Snapshot {
+                            step: 1,
+                            grid: (h, w),
+                            priors: method.priors.clone(),
+                            channel: None,
+                            tau,
+                            gamma,
+                            route_weight: 0.0,
+                            temperature: 1.0,
+                            blocks: vec![BlockSnapshot {
+                                block: 0,
+                                filters_mean: Vec::new(),
+                                filters_channel: Vec::new(),
+                                mix: Vec::new(),
+                                coeffs: PerCoeff::from_fn(|c| natural[c].iter().map(|v| *v as f32).collect()),
+                                source: unit.source_map().unwrap(),
+                                router: None,
+                                probe_alpha: Vec::new(),
+                                locked: Vec::new(),
+                            }],
+                            probe: None,
+                            probe_prediction: None,
+                        };
+                        let record = SnapshotRecord::from_snapshot(&snapshot, 0.0);
+                        let header = SnapshotHeader::new(1, rank, (h, w), &method.priors);
+                        let view = snapshot_view(&record, &header, Some(1)).unwrap();
+                        let b = &view.blocks[0];
+                        for g in b.filters_mean.iter().chain(&b.filters_channel).chain([&b.mix]) {
+                            assert!(g.iter().all(|x| x.is_finite()), "view, {at}: {g:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -106,10 +106,16 @@ pub struct MoppaUnit {
 // The coefficients' parameterisation: κ, c and ε are trained as raw values through softplus;
 // only this module converts (ARCHITECTURE.md: each value has one owner).
 
-/// `softplus(x) = ln(1 + eˣ)` (β = 1), computed stably as `relu(x) + ln(1 + e^{−|x|})`, with
-/// gradient `sigmoid(x)` everywhere (candle's `abs`/`relu` backward agree at 0).
+/// `softplus(x) = ln(1 + eˣ)` (β = 1), computed stably as `relu(x) + ln(1 + t)` with
+/// `t = e^{−|x|}`, with gradient `sigmoid(x)` everywhere (candle's `abs`/`relu` backward agree at
+/// 0). Below `t = 1e-4` the tail is the series `t − t²/2` (relative error < 4e-9): in f32, `1 + t`
+/// rounds to 1 once `t` < 6e-8, so `ln(1 + t)` would turn every coefficient below ~6e-8 into 0 —
+/// and an ε of 0 makes the Poisson gain 0/0 at the DC cell — although the ranges reach 1e-8.
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    let t = x.abs()?.neg()?.exp()?;
+    let series = (&t * t.affine(-0.5, 1.0)?)?;
+    let log = (&t + 1.0)?.log()?;
+    let tail = t.lt(1e-4)?.where_cond(&series, &log)?;
     x.relu()? + tail
 }
 
