@@ -994,9 +994,9 @@ fn export_csv_writes_every_step_from_the_records() {
     });
     assert!(metrics_csv(&h).unwrap_err().contains("not on this machine"));
     for step in 1..=5000 {
-        let Event::Progress(p) = progress(step) else {
-            unreachable!()
-        };
+        let ev = progress(step);
+        h.keep_row(&ev);
+        let Event::Progress(p) = ev else { unreachable!() };
         h.on_progress(&p);
     }
     assert!(h.loss.points.len() < 5000, "the plotted series is thinned");

@@ -96,6 +96,35 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// The snapshot record of one MoPPA unit (block 0) with `method`'s τ, γ, λ and T on a grid.
+fn record_of(unit: &MoppaUnit, method: &MethodConfig, grid: (usize, usize)) -> SnapshotRecord {
+    let natural = unit.coeffs();
+    let snapshot = Snapshot {
+        step: 1,
+        grid,
+        priors: method.priors.clone(),
+        channel: None,
+        tau: method.tau,
+        gamma: method.gamma,
+        route_weight: method.route_weight,
+        temperature: method.temperature,
+        blocks: vec![BlockSnapshot {
+            block: 0,
+            filters_mean: Vec::new(),
+            filters_channel: Vec::new(),
+            mix: Vec::new(),
+            coeffs: PerCoeff::from_fn(|c| natural[c].iter().map(|v| *v as f32).collect()),
+            source: unit.source_map().unwrap(),
+            router: None,
+            probe_alpha: Vec::new(),
+            locked: Vec::new(),
+        }],
+        probe: None,
+        probe_prediction: None,
+    };
+    SnapshotRecord::from_snapshot(&snapshot, 0.5)
+}
+
 #[test]
 fn the_view_of_a_recorded_snapshot_agrees_with_the_models_f32_filters() {
     let (h, w, rank) = (7, 5, 6);
@@ -124,31 +153,7 @@ fn the_view_of_a_recorded_snapshot_agrees_with_the_models_f32_filters() {
         .iter()
         .map(|g| g.to_vec2::<f32>().unwrap())
         .collect();
-    let natural = unit.coeffs();
-    let snapshot = Snapshot {
-        step: 1,
-        grid: (h, w),
-        priors: method.priors.clone(),
-        channel: None,
-        tau: method.tau,
-        gamma: method.gamma,
-        route_weight: method.route_weight,
-        temperature: method.temperature,
-        blocks: vec![BlockSnapshot {
-            block: 0,
-            filters_mean: Vec::new(),
-            filters_channel: Vec::new(),
-            mix: Vec::new(),
-            coeffs: PerCoeff::from_fn(|c| natural[c].iter().map(|v| *v as f32).collect()),
-            source: unit.source_map().unwrap(),
-            router: None,
-            probe_alpha: Vec::new(),
-            locked: Vec::new(),
-        }],
-        probe: None,
-        probe_prediction: None,
-    };
-    let record = SnapshotRecord::from_snapshot(&snapshot, 0.5);
+    let record = record_of(&unit, &method, (h, w));
     let header = SnapshotHeader::new(1, rank, (h, w), &method.priors);
     let mut worst = 0f64;
     for channel in 0..rank {
@@ -203,31 +208,7 @@ fn every_filter_is_finite_at_every_corner_of_the_ranges() {
                             let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
                             assert!(g.iter().all(|x| x.is_finite()), "model, prior {p}, {at}: {g:?}");
                         }
-                        let natural = unit.coeffs();
-                        let snapshot = Snapshot {
-                            step: 1,
-                            grid: (h, w),
-                            priors: method.priors.clone(),
-                            channel: None,
-                            tau,
-                            gamma,
-                            route_weight: 0.0,
-                            temperature: 1.0,
-                            blocks: vec![BlockSnapshot {
-                                block: 0,
-                                filters_mean: Vec::new(),
-                                filters_channel: Vec::new(),
-                                mix: Vec::new(),
-                                coeffs: PerCoeff::from_fn(|c| natural[c].iter().map(|v| *v as f32).collect()),
-                                source: unit.source_map().unwrap(),
-                                router: None,
-                                probe_alpha: Vec::new(),
-                                locked: Vec::new(),
-                            }],
-                            probe: None,
-                            probe_prediction: None,
-                        };
-                        let record = SnapshotRecord::from_snapshot(&snapshot, 0.0);
+                        let record = record_of(&unit, &method, (h, w));
                         let header = SnapshotHeader::new(1, rank, (h, w), &method.priors);
                         let view = snapshot_view(&record, &header, Some(1)).unwrap();
                         let b = &view.blocks[0];

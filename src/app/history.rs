@@ -114,8 +114,8 @@ pub struct RunHistory {
     pub finished: Option<FinishReason>,
     /// The filter view's radial profiles and impulse responses for what it shows.
     pub filter_cache: crate::app::panels::filters::FilterCache,
-    /// Every progress and evaluation received, as `metrics.csv` rows (what a run whose folder
-    /// is not on this machine exports; the series above are thinned for drawing).
+    /// A served run's progress and evaluations received, as `metrics.csv` rows (its folder is not
+    /// on this machine; the series above are thinned for drawing).
     pub csv_rows: Vec<String>,
 }
 
@@ -135,10 +135,16 @@ impl RunHistory {
         self.val.iter().map(|v| v[2]).reduce(f64::max)
     }
 
+    /// Keeps a served run's progress or evaluation as its `metrics.csv` row (the run folder is on
+    /// another machine: Export CSV writes these).
+    pub fn keep_row(&mut self, ev: &Event) {
+        if matches!(ev, Event::Progress(_) | Event::Eval(_)) {
+            self.csv_rows.extend(Record::from_event(ev).and_then(|r| r.csv_row()));
+        }
+    }
+
     /// Records a progress event.
     pub fn on_progress(&mut self, p: &Progress) {
-        self.csv_rows
-            .extend(Record::from_event(&Event::Progress(p.clone())).and_then(|r| r.csv_row()));
         let s = p.step as f64;
         self.loss.push(s, p.time_s, p.loss);
         self.route_loss.push(s, p.time_s, p.route_loss);
@@ -152,8 +158,6 @@ impl RunHistory {
 
     /// Records an evaluation.
     pub fn on_eval(&mut self, e: &EvalResult) {
-        self.csv_rows
-            .extend(Record::from_event(&Event::Eval(e.clone())).and_then(|r| r.csv_row()));
         let row = [e.step as f64, e.time_s, e.acc, e.loss];
         if e.split == "test" {
             self.test.push(row);

@@ -14,6 +14,9 @@ impl RunsState {
         let selected = i == self.selected;
         let fetch_to = self.fetch_to.clone();
         let Some(run) = self.runs.get_mut(i) else { return false };
+        if matches!(run.source, Source::Remote(_)) {
+            run.history.keep_row(&ev);
+        }
         match ev {
             Event::Started(info) => {
                 let resumed = run.history.info.is_some();

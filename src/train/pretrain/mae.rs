@@ -21,6 +21,18 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The pretraining settings displays show as the run's config (`RunInfo::config`).
+#[derive(serde::Serialize)]
+struct ShownConfig<'a> {
+    objective: &'a str,
+    data: &'a str,
+    mask_ratio: f64,
+    epochs: u64,
+    batch: usize,
+    lr: f64,
+    seed: u64,
+}
+
 /// A masked-autoencoder pretraining run.
 #[derive(Clone, Debug)]
 pub struct MaeRun {
@@ -180,8 +192,16 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
         rank: 0,
         total_steps: total,
         split_sizes: [train.len(), val.len(), test.len()],
-        config: serde_json::json!({"objective": objective, "data": run.data, "mask_ratio": run.mask_ratio,
-            "epochs": run.epochs, "batch": run.batch, "lr": run.lr, "seed": run.seed}),
+        config: serde_json::to_value(ShownConfig {
+            objective,
+            data: &run.data,
+            mask_ratio: run.mask_ratio,
+            epochs: run.epochs,
+            batch: run.batch,
+            lr: run.lr,
+            seed: run.seed,
+        })
+        .unwrap_or_default(),
         out: Some(run.run.clone()),
         start_step: 0,
         backbone: run.encoder.clone(),
