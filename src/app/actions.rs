@@ -9,7 +9,7 @@ use crate::config::RunConfig;
 use crate::train::protocol::Command;
 use crate::train::record::{CSV_HEADER, RecordReader};
 use crate::train::runfolder::METRICS_JSONL;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 impl StudioApp {
     /// Applies what a panel asked for, by concern: the runs, the app's own state, or a file
@@ -32,7 +32,7 @@ impl StudioApp {
             | Action::CloseConnect
             | Action::SetDark(_)
             | Action::Dismiss(_) => self.app_state(&action, ctx),
-            _ => self.dialog(&action, ctx),
+            _ => self.dialog(&action),
         }
     }
 
@@ -77,7 +77,8 @@ impl StudioApp {
             Action::Send(c) => self.send(c),
             Action::OpenRun(d) => self.open_folder(&d),
             Action::Connect => {
-                let (addr, token) = (self.connect.addr.trim().to_owned(), self.connect.token.clone());
+                let c = &self.dialogs.connect;
+                let (addr, token) = (c.addr.trim().to_owned(), c.token.clone());
                 self.settings.last_server.clone_from(&addr);
                 self.connect_to(&addr, &token);
             }
@@ -104,12 +105,13 @@ impl StudioApp {
                 }
             }
             Action::OpenConnect => {
-                self.connect.open = true;
-                if self.connect.addr.is_empty() {
-                    self.connect.addr.clone_from(&self.settings.last_server);
+                let c = &mut self.dialogs.connect;
+                c.open = true;
+                if c.addr.is_empty() {
+                    c.addr.clone_from(&self.settings.last_server);
                 }
             }
-            Action::CloseConnect => self.connect.open = false,
+            Action::CloseConnect => self.dialogs.connect.open = false,
             Action::SetDark(dark) => {
                 self.settings.dark = dark;
                 ctx.set_theme(if dark { egui::Theme::Dark } else { egui::Theme::Light });
@@ -119,97 +121,73 @@ impl StudioApp {
         }
     }
 
-    /// The file dialogs: a path picked (nothing when cancelled), then the work it is for.
-    fn dialog(&mut self, action: &Action, ctx: &egui::Context) {
-        let dialog = rfd::FileDialog::new;
-        let images = || dialog().add_filter("images", &["png", "jpg", "jpeg"]);
-        match action {
-            Action::OpenRuns => {
-                if let Some(dirs) = dialog().pick_folders() {
-                    self.open_folders(&dirs);
-                }
-            }
+    /// Opens the file dialog an action asks for, on a thread of its own; its answer comes back
+    /// to [`Self::file_answers`].
+    fn dialog(&mut self, action: &Action) {
+        use super::dialogs::{FileRequest, Pick};
+        let images: &'static [&'static str] = &["png", "jpg", "jpeg"];
+        let request = match action {
+            Action::OpenRuns => FileRequest::new(Pick::Folders),
+            Action::FetchRunFiles | Action::PickData => FileRequest::new(Pick::Folder),
+            Action::OpenLesson => FileRequest::new(Pick::File).filter("lesson", &["toml"]),
+            Action::PickBackbone => FileRequest::new(Pick::File).filter("safetensors", &["safetensors"]),
+            Action::PickProbeImage | Action::PickImage => FileRequest::new(Pick::File).filter("images", images),
+            Action::LoadConfig => FileRequest::new(Pick::File).filter("TOML", &["toml"]),
+            Action::SaveConfig => FileRequest::new(Pick::Save).filter("TOML", &["toml"]).named("run.toml"),
+            Action::ExportCsv => FileRequest::new(Pick::Save)
+                .filter("CSV", &["csv"])
+                .named(crate::train::runfolder::METRICS_CSV),
+            Action::ExportPlot(id) => FileRequest::new(Pick::Save)
+                .filter("PNG", &["png"])
+                .named(format!("{id}.png")),
+            Action::Screenshot => FileRequest::new(Pick::Save)
+                .filter("PNG", &["png"])
+                .named("moppa-studio.png"),
+            Action::SaveAdapter => FileRequest::new(Pick::Save)
+                .filter("safetensors", &["safetensors"])
+                .named(crate::train::runfolder::ADAPTER),
+            _ => return,
+        };
+        if !self.dialogs.ask(action.clone(), request, self.launch.waker()) {
+            self.messages
+                .error("a file dialog is open already (or none could be started)".into());
+        }
+    }
+
+    /// What the file dialog in flight answered: the work it was opened for, or why nothing
+    /// happens.
+    pub(super) fn file_answers(&mut self, ctx: &egui::Context) {
+        use super::dialogs::Answer;
+        match self.dialogs.answer() {
+            Some(Answer::Chosen(action, paths)) => self.file_work(&action, &paths, ctx),
+            Some(Answer::NeverOpened) => self.messages.error(
+                "no file dialog could be shown (this desktop seems to have neither xdg-desktop-portal nor zenity)"
+                    .into(),
+            ),
+            Some(Answer::Cancelled) | None => {}
+        }
+    }
+
+    /// The work a file dialog was opened for, with the paths chosen (at least one).
+    fn file_work(&mut self, action: &Action, paths: &[PathBuf], ctx: &egui::Context) {
+        let Some(p) = paths.first().cloned() else { return };
+        match *action {
+            Action::OpenRuns => self.open_folders(paths),
             Action::FetchRunFiles => {
-                if let Some(dir) = dialog().pick_folder() {
-                    self.runs.fetch_into(dir);
-                    self.send(Command::FetchRunFiles);
-                }
+                self.runs.fetch_into(p);
+                self.send(Command::FetchRunFiles);
             }
-            Action::OpenLesson => {
-                if let Some(path) = dialog().add_filter("lesson", &["toml"]).pick_file() {
-                    self.open_lesson(&path);
-                }
-            }
-            Action::PickBackbone => {
-                if let Some(p) = dialog().add_filter("safetensors", &["safetensors"]).pick_file() {
-                    self.settings.config.backbone = p.display().to_string();
-                }
-            }
-            Action::PickProbeImage => {
-                if let Some(p) = images().pick_file() {
-                    self.probe_with(&p);
-                }
-            }
-            Action::PickData => {
-                if let Some(p) = dialog().pick_folder() {
-                    self.settings.config.data = p.display().to_string();
-                }
-            }
-            Action::LoadConfig => {
-                if let Some(p) = dialog().add_filter("TOML", &["toml"]).pick_file() {
-                    self.load_config(&p);
-                }
-            }
-            Action::SaveConfig => {
-                if let Some(p) = dialog()
-                    .add_filter("TOML", &["toml"])
-                    .set_file_name("run.toml")
-                    .save_file()
-                {
-                    self.save_config(&p);
-                }
-            }
-            Action::ExportCsv => {
-                if let Some(p) = dialog()
-                    .add_filter("CSV", &["csv"])
-                    .set_file_name(crate::train::runfolder::METRICS_CSV)
-                    .save_file()
-                {
-                    self.export_csv(&p);
-                }
-            }
-            Action::ExportPlot(id) => {
-                if let Some(p) = dialog()
-                    .add_filter("PNG", &["png"])
-                    .set_file_name(format!("{id}.png"))
-                    .save_file()
-                {
-                    self.frame.capture(ctx, p, Some(id));
-                }
-            }
-            Action::Screenshot => {
-                if let Some(p) = dialog()
-                    .add_filter("PNG", &["png"])
-                    .set_file_name("moppa-studio.png")
-                    .save_file()
-                {
-                    self.frame.capture(ctx, p, None);
-                }
-            }
-            Action::SaveAdapter => {
-                if let Some(p) = dialog()
-                    .add_filter("safetensors", &["safetensors"])
-                    .set_file_name(crate::train::runfolder::ADAPTER)
-                    .save_file()
-                {
-                    self.send(Command::SaveCheckpoint { path: p });
-                }
-            }
-            Action::PickImage => {
-                if let Some(p) = images().pick_file() {
-                    self.open_playground_image(&p);
-                }
-            }
+            Action::OpenLesson => self.open_lesson(&p),
+            Action::PickBackbone => self.settings.config.backbone = p.display().to_string(),
+            Action::PickProbeImage => self.probe_with(&p),
+            Action::PickData => self.settings.config.data = p.display().to_string(),
+            Action::LoadConfig => self.load_config(&p),
+            Action::SaveConfig => self.save_config(&p),
+            Action::ExportCsv => self.export_csv(&p),
+            Action::ExportPlot(id) => self.frame.capture(ctx, p, Some(id)),
+            Action::Screenshot => self.frame.capture(ctx, p, None),
+            Action::SaveAdapter => self.send(Command::SaveCheckpoint { path: p }),
+            Action::PickImage => self.open_playground_image(&p),
             _ => {}
         }
     }

@@ -212,7 +212,7 @@ impl StudioApp {
 
     fn connect_dialog(&mut self, ui: &mut egui::Ui) -> Vec<Action> {
         let mut actions = Vec::new();
-        if !self.connect.open {
+        if !self.dialogs.connect.open {
             return actions;
         }
         let r = egui::Modal::new(egui::Id::unique("connect-modal")).show(ui.ctx(), |ui| {
@@ -220,10 +220,10 @@ impl StudioApp {
             ui.label("moppa train --serve prints the address and the token. Through an SSH tunnel: localhost:PORT.");
             egui::Grid::new("connect-grid").num_columns(2).show(ui, |ui| {
                 ui.label("host:port");
-                ui.text_edit_singleline(&mut self.connect.addr);
+                ui.text_edit_singleline(&mut self.dialogs.connect.addr);
                 ui.end_row();
                 ui.label("token");
-                ui.add(egui::TextEdit::singleline(&mut self.connect.token).password(true))
+                ui.add(egui::TextEdit::singleline(&mut self.dialogs.connect.token).password(true))
                     .on_hover_text("Empty: watch only (the server must allow it)");
                 ui.end_row();
             });

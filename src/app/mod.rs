@@ -7,6 +7,7 @@
 mod actions;
 pub mod backbones;
 mod capture;
+pub mod dialogs;
 pub mod history;
 mod layout;
 pub mod lessons;
@@ -66,19 +67,8 @@ pub struct AppOptions {
     pub lessons_dir: Option<PathBuf>,
 }
 
-/// The Connect… dialog's fields.
-#[derive(Clone, Debug, Default)]
-pub struct ConnectForm {
-    /// Whether the dialog is open.
-    pub open: bool,
-    /// `HOST:PORT`.
-    pub addr: String,
-    /// The token (empty: watch only).
-    pub token: String,
-}
-
 /// The app: its settings, the runs it shows, how it launches its own, what it tells the user,
-/// its frames, and the state of its tools (playground, Connect…, lessons, backbone picker).
+/// its frames, and the state of its tools (playground, dialogs, lessons, backbone picker).
 pub struct StudioApp {
     /// Persisted settings.
     pub settings: Settings,
@@ -93,8 +83,8 @@ pub struct StudioApp {
     textures: Textures,
     playground: Playground,
     opts: AppOptions,
-    /// The Connect… dialog.
-    pub connect: ConnectForm,
+    /// The Connect… form and the file dialog in flight.
+    pub dialogs: dialogs::Dialogs,
     /// The lessons found (built-in and the teacher's), and the files that could not be read.
     pub lessons: lessons::Catalogue,
     /// The lesson being played.
@@ -145,7 +135,7 @@ impl StudioApp {
             textures: Textures::default(),
             playground: Playground::default(),
             opts,
-            connect: ConnectForm::default(),
+            dialogs: dialogs::Dialogs::default(),
             lessons: lessons::Catalogue::default(),
             lesson: None,
             picker: backbones::BackbonePicker::default(),
@@ -277,6 +267,7 @@ impl eframe::App for StudioApp {
         for a in self.lesson_frame() {
             self.apply(a, ctx);
         }
+        self.file_answers(ctx);
         self.frame.report_failed_captures(&mut self.messages);
         self.screenshot_mode(ctx);
     }

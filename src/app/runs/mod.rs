@@ -429,7 +429,7 @@ impl StudioApp {
                     Some(Box::new(link)),
                     control,
                 ));
-                self.connect.open = false;
+                self.dialogs.connect.open = false;
             }
             Err(e) => self.messages.error(format!("cannot connect: {e}")),
         }
