@@ -101,6 +101,7 @@ fn app_options(
         lesson,
         lesson_step: cli.lesson_step,
         lessons_dir: None,
+        typed_paths: cli.typed_paths,
     })
 }
 

@@ -7,6 +7,7 @@
 #![cfg(feature = "gui")]
 
 use crossbeam_channel::{Sender, bounded};
+use egui_kittest::kittest::NodeT as _;
 use egui_kittest::kittest::Queryable as _;
 use egui_kittest::{Harness, SnapshotOptions};
 use moppa_studio::app::link::{FakeLink, Launcher, Link};
@@ -60,7 +61,11 @@ fn info() -> RunInfo {
         rank: 4,
         total_steps: 300,
         split_sizes: [3000, 1000, 1000],
-        config: serde_json::Value::Null,
+        config: serde_json::to_value(RunConfig {
+            lr: Some(3e-3),
+            ..RunConfig::default()
+        })
+        .unwrap(),
         out: None,
         start_step: 0,
         backbone: VitConfig::tiny(),
@@ -251,14 +256,8 @@ fn while_a_run_trains_the_window_is_drawn_only_when_its_data_changes() {
 #[test]
 fn start_sends_the_start_command() {
     let (mut h, fake) = harness(Tab::Filters);
-    // The live sliders pick up the launched run's values, not stale ones from the last session.
-    h.state_mut().settings.controls.lr = 0.05;
-    h.state_mut().settings.controls.tau = 3.0;
     fake.events.send(Event::Started(Box::new(info()))).unwrap();
     h.run_steps(3);
-    let s = &h.state().settings;
-    assert_eq!(s.controls.lr, s.config.lr());
-    assert_eq!(s.controls.tau, s.config.method.tau);
     h.get_by_label("Start").click();
     h.run_steps(3);
     assert!(
@@ -515,7 +514,8 @@ fn two_runs_are_listed_in_the_runs_table() {
     assert_eq!(h.state().runs.len(), 2);
     for (dir, method) in [(&a, "moppa r4"), (&b, "lora r4")] {
         let name = dir.file_name().unwrap().to_str().unwrap();
-        assert!(h.query_by_label(name).is_some(), "runs table lists {name}");
+        // The runs table lists it (the left panel names the one shown too).
+        assert!(h.query_all_by_label(name).count() >= 1, "runs table lists {name}");
         assert!(
             h.query_by_label(method).is_some(),
             "runs table shows the method {method}"
@@ -956,17 +956,23 @@ fn the_filter_view_computes_its_profiles_once_per_snapshot_not_per_frame() {
 
 #[test]
 fn the_live_panel_takes_every_value_in_range_without_clamping() {
-    // The breaking-it lesson asks for lr 50 typed in the live panel: the slider must keep it (it
-    // used to clamp to 0.1), and values from 1e-8 to 1e8 stay as typed.
+    // The breaking-it lesson asks for lr 50 typed in the live panel: the slider must send it (it
+    // used to clamp to 0.1), and values from 1e-8 to 1e8 go as typed.
     let (mut h, fake) = harness(Tab::Filters);
     feed_run(&fake);
     h.run_steps(4);
-    h.state_mut().settings.controls.lr = 50.0;
-    h.state_mut().settings.controls.tau = 1e-8;
-    h.state_mut().settings.controls.temperature = 1e8;
-    h.run_steps(4);
-    let c = &h.state().settings.controls;
-    assert_eq!((c.lr, c.tau, c.temperature), (50.0, 1e-8, 1e8));
+    for (label, v) in [("lr", 50.0), ("τ time", 1e-8), ("T router", 1e8)] {
+        h.get_by_role_and_label(egui::Role::Slider, label)
+            .set_value_accesskit(v);
+        h.run_steps(2);
+    }
+    let sent = fake.sent.lock().unwrap().clone();
+    for (hyper, value) in [(Hyper::Lr, 50.0), (Hyper::Tau, 1e-8), (Hyper::Temperature, 1e8)] {
+        assert!(
+            sent.contains(&Command::SetHyper { hyper, value }),
+            "{hyper:?} {value}: {sent:?}"
+        );
+    }
 }
 
 #[test]
@@ -1003,4 +1009,347 @@ fn export_csv_writes_every_step_from_the_records() {
     let csv = metrics_csv(&h).unwrap();
     assert_eq!(csv.lines().count(), 1 + 5000);
     assert!(csv.lines().nth(5000).unwrap().starts_with("progress,5000,"));
+}
+
+// ---- Every view shows the run you look at -------------------------------------------------
+
+/// A run config as a started record carries it.
+fn config_json(f: impl FnOnce(&mut RunConfig)) -> serde_json::Value {
+    let mut c = RunConfig {
+        lr: Some(3e-3),
+        ..RunConfig::default()
+    };
+    f(&mut c);
+    serde_json::to_value(c).unwrap()
+}
+
+/// The live panel's slider labelled `label`: its value.
+fn slider_value(h: &Harness<'static, StudioApp>, label: &str) -> f64 {
+    h.get_by_role_and_label(egui::Role::Slider, label)
+        .accesskit_node()
+        .numeric_value()
+        .unwrap()
+}
+
+#[test]
+fn the_live_panel_shows_the_selected_runs_values_and_targets_until_they_apply() {
+    let (mut h, fake) = harness(Tab::Filters);
+    fake.events
+        .send(Event::Started(Box::new(RunInfo {
+            config: config_json(|c| c.method.route_weight = 0.01),
+            ..info()
+        })))
+        .unwrap();
+    // Channels of different κ: the slider shows their mean (all blocks, then one block).
+    let mut snap = snapshot(10, 0.1);
+    snap.blocks[0].coeffs.kappa = vec![0.2, 0.3, 0.4, 0.6];
+    snap.blocks[1].coeffs.kappa = vec![0.1, 0.1, 0.1, 0.1];
+    fake.events.send(progress(10)).unwrap();
+    fake.events.send(Event::Snapshot(Box::new(snap.clone()))).unwrap();
+    h.run_steps(4);
+    let mean = |v: &[f32]| v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64;
+    let all: Vec<f32> = snap.blocks.iter().flat_map(|b| b.coeffs.kappa.clone()).collect();
+    assert_eq!(slider_value(&h, "κ heat"), mean(&all), "κ is the run's channel mean");
+    assert_eq!(slider_value(&h, "lr"), 3e-3, "lr is the run's own");
+    assert_eq!(slider_value(&h, "λ route"), 0.01);
+    h.state_mut().settings.controls.block = Some(0);
+    h.run_steps(2);
+    assert_eq!(
+        slider_value(&h, "κ heat"),
+        mean(&snap.blocks[0].coeffs.kappa),
+        "block 0's mean"
+    );
+    // A value moved is a target until the run applies it.
+    h.get_by_role_and_label(egui::Role::Slider, "lr")
+        .set_value_accesskit(50.0);
+    h.run_steps(3);
+    assert!(fake.sent.lock().unwrap().contains(&Command::SetHyper {
+        hyper: Hyper::Lr,
+        value: 50.0
+    }));
+    assert_eq!(slider_value(&h, "lr"), 50.0);
+    assert!(
+        h.query_by_label_contains("target · now 0.003").is_some(),
+        "the target is shown as such"
+    );
+    fake.events
+        .send(Event::Applied(Applied {
+            step: 11,
+            command: "lr".into(),
+            target: "all".into(),
+            old: 3e-3,
+            new: 22.4,
+            time_s: 2.0,
+        }))
+        .unwrap();
+    h.run_steps(3);
+    assert_eq!(slider_value(&h, "lr"), 22.4, "what the run applied, not what was typed");
+    assert!(h.query_by_label_contains("target · now").is_none());
+}
+
+#[test]
+fn a_run_that_trained_shows_its_settings_read_only_and_new_run_copies_them() {
+    let (mut h, fake) = harness(Tab::Filters);
+    assert!(
+        h.query_by_label("New run from these settings").is_none(),
+        "an unstarted run is edited"
+    );
+    fake.events
+        .send(Event::Started(Box::new(RunInfo {
+            config: config_json(|c| {
+                c.batch = 7;
+                c.seed = 41;
+            }),
+            ..info()
+        })))
+        .unwrap();
+    fake.events.send(progress(1)).unwrap();
+    h.run_steps(4);
+    assert!(h.query_by_label("41").is_some(), "the run's seed in its settings");
+    assert!(
+        h.query_by_label_contains("#1 moppa r8 · ").is_some(),
+        "the status bar names it"
+    );
+    // The launch settings changed meanwhile (a lesson, an edit): Reset and New run give back
+    // the run's own.
+    h.state_mut().settings.config.batch = 99;
+    h.get_by_label("New run from these settings").click();
+    h.run_steps(3);
+    let app = h.state();
+    assert_eq!((app.settings.config.batch, app.settings.config.seed), (7, 41));
+    assert_eq!(app.runs.len(), 2, "a new run of this app's, selected");
+    assert!(app.sel().unwrap().editable());
+}
+
+#[test]
+fn a_lessons_settings_are_never_persisted_and_reset_gives_back_the_runs() {
+    let (mut h, _fake) = harness(Tab::Filters);
+    let user = h.state().settings.config.clone();
+    let i = h
+        .state()
+        .lessons
+        .lessons
+        .iter()
+        .position(|l| l.title.contains("Breaking"))
+        .unwrap();
+    let lesson = h.state().lessons.lessons[i].clone();
+    h.state_mut().start_lesson(lesson);
+    h.run_steps(3);
+    let app = h.state();
+    assert_eq!(app.settings.config.batch, 32, "the lesson's run settings are in force");
+    assert_eq!(
+        app.persisted_settings().config,
+        user,
+        "what eframe saves is the user's own"
+    );
+    assert_eq!(app.persisted_settings().controls, app.settings.controls);
+}
+
+/// A run folder written as `moppa train` writes one: a started record (with `config`), progress
+/// every `every` steps to `steps`, validation every 20, finished.
+fn write_run(dir: &Path, config: serde_json::Value, steps: u64, every: u64, offset: f64) {
+    use moppa_studio::train::record::Record;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut lines = vec![
+        Record::from_event(&Event::Started(Box::new(RunInfo {
+            config,
+            out: Some(dir.to_owned()),
+            total_steps: steps,
+            ..info()
+        })))
+        .unwrap(),
+    ];
+    for step in (every..=steps).step_by(every as usize) {
+        let Event::Progress(mut p) = progress(step) else {
+            unreachable!()
+        };
+        p.loss += offset;
+        lines.push(Record::from_event(&Event::Progress(p)).unwrap());
+        if step % 20 == 0 {
+            lines.push(
+                Record::from_event(&Event::Eval(EvalResult {
+                    step,
+                    split: "val".into(),
+                    loss: 0.5,
+                    acc: 0.5 + offset / 10.0 + step as f64 / 1000.0,
+                    per_class_acc: vec![0.5; 10],
+                    time_s: step as f64,
+                }))
+                .unwrap(),
+            );
+        }
+    }
+    let text: String = lines.iter().map(|r| r.to_line() + "\n").collect();
+    std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+}
+
+#[test]
+fn seeds_of_two_methods_draw_two_groups_with_bands_and_a_hidden_run_draws_nothing() {
+    let tmp = tempdir("app-groups");
+    // 2 methods × 3 seeds (seeds of different lengths and record cadences), and one run of its
+    // own setting (another lr).
+    for (m, method) in ["moppa", "lora"].into_iter().enumerate() {
+        for seed in 0..3u64 {
+            let cfg = serde_json::json!({"method": method, "seed": seed, "lr": 0.01, "out": format!("{method}-{seed}"), "eval_every": 20 + seed});
+            write_run(
+                &tmp.join(format!("{method}-seed{seed}")),
+                cfg,
+                100 + 20 * seed,
+                1 + seed,
+                m as f64 + seed as f64 * 0.1,
+            );
+        }
+    }
+    write_run(
+        &tmp.join("other-lr"),
+        serde_json::json!({"method": "moppa", "seed": 0, "lr": 0.1}),
+        100,
+        1,
+        2.0,
+    );
+    let mut h = viewer(Tab::Curves, vec![tmp.clone()]);
+    h.run_steps(3);
+    assert_eq!(h.state().runs.len(), 7);
+    let drawn = h.state().frame.curves_drawn.clone();
+    let groups: std::collections::BTreeSet<&String> = drawn.bands.iter().collect();
+    assert_eq!(drawn.bands.len(), 4, "2 groups × (loss, val): {drawn:?}");
+    assert_eq!(groups.len(), 4);
+    assert!(drawn.lines.iter().any(|l| l.starts_with("other-lr")), "{drawn:?}");
+    // Hide the run of its own setting: it draws nothing. Hide a group: neither band.
+    let other = h
+        .state()
+        .runs
+        .all()
+        .iter()
+        .position(|r| r.history.label == "other-lr")
+        .unwrap();
+    h.state_mut().runs.select(0);
+    h.state_mut().runs.set_shown(&[other], false);
+    h.run_steps(2);
+    let drawn = h.state().frame.curves_drawn.clone();
+    assert!(!drawn.lines.iter().any(|l| l.contains("other-lr")), "{drawn:?}");
+    // Each seed on its own: six lines per plot, no band.
+    h.state_mut().settings.curves.group_seeds = false;
+    h.run_steps(2);
+    let drawn = h.state().frame.curves_drawn.clone();
+    assert!(drawn.bands.is_empty());
+    assert_eq!(drawn.lines.len(), 12, "{drawn:?}");
+}
+
+#[test]
+fn open_run_through_the_typed_path() {
+    let tmp = tempdir("app-typed-path");
+    let run = tmp.join("a-run");
+    write_run(&run, config_json(|_| {}), 40, 1, 0.0);
+    let (launcher, _fake) = launcher();
+    let opts = AppOptions {
+        typed_paths: true,
+        ..AppOptions::default()
+    };
+    let mut h = app(Settings::default(), launcher, opts, None);
+    h.run_steps(2);
+    h.get_by_label("File").click();
+    h.run_steps(2);
+    h.get_by_label("Open run…").click();
+    h.run_steps(3);
+    assert!(h.state().dialogs.typed.is_some(), "the typed-path form is open");
+    assert!(
+        h.query_all_by_label_contains("type the path").count() >= 1,
+        "the app says once why"
+    );
+    let focused = h
+        .query_all_by_role(egui::Role::TextInput)
+        .find(|n| n.is_focused())
+        .expect("the path field has the focus");
+    focused.type_text(run.to_str().unwrap());
+    h.run_steps(2);
+    h.get_by_label("OK").click();
+    h.run_steps(4);
+    let app = h.state();
+    assert!(app.dialogs.typed.is_none());
+    assert!(
+        app.runs.all().iter().any(|r| r.history.label == "a-run"),
+        "the run folder opened"
+    );
+}
+
+#[test]
+fn the_final_test_evaluation_shows_as_testing() {
+    let (mut h, fake) = harness(Tab::Curves);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    fake.events.send(progress(299)).unwrap();
+    h.run_steps(3);
+    assert!(h.query_by_label_contains("testing").is_none());
+    fake.events.send(progress(300)).unwrap();
+    h.run_steps(3);
+    assert!(
+        h.query_by_label_contains("testing: the final model on 1000 test images")
+            .is_some(),
+        "the state after the last step"
+    );
+}
+
+#[test]
+fn a_served_run_is_named_by_its_folder_and_shows_its_settings() {
+    use std::io::BufRead as _;
+    let tmp = tempdir("app-served");
+    let backbone = common::micro_backbone(&tmp);
+    let out = tmp.join("served-run-folder");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moppa"))
+        .args([
+            "train",
+            "--backbone",
+            backbone.to_str().unwrap(),
+            "--steps",
+            "100000",
+            "--batch",
+            "7",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--serve",
+            "127.0.0.1:0",
+            "--token",
+            "a-token-of-16-chars",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stderr to its end (a closed pipe would end the run), the address from its line.
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = bounded(1);
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            if let Some(a) = l.strip_prefix("serving on ") {
+                tx.send(a.trim().to_owned()).ok();
+            }
+        }
+    });
+    let addr: String = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a serving on line");
+    let (launcher, _fake) = launcher();
+    let mut h = app(Settings::default(), launcher, AppOptions::default(), None);
+    h.state_mut().connect_to(&addr, "a-token-of-16-chars");
+    assert_eq!(h.state().runs.len(), 2, "connected: {:?}", h.state().messages);
+    let t0 = std::time::Instant::now();
+    while h.state().sel().is_none_or(|r| r.history.config.is_none()) {
+        assert!(t0.elapsed().as_secs() < 60, "no started event from the served run");
+        h.run_steps(1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    h.run_steps(2);
+    child.kill().ok();
+    child.wait().ok();
+    let run = h.state().sel().unwrap();
+    assert_eq!(
+        run.history.label, "served-run-folder",
+        "named by its folder, not its address"
+    );
+    assert_eq!(run.history.config.as_ref().unwrap().batch, 7);
+    assert!(
+        h.query_by_label("New run from these settings").is_some(),
+        "its settings, read-only"
+    );
+    assert!(h.query_by_label("7").is_some(), "its batch in the left panel");
 }

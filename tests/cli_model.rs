@@ -323,3 +323,58 @@ fn default_augmentation_follows_the_data_and_flags_change_it() {
     let flip = augment_of("flip", data.to_str().unwrap(), &["--flip"]);
     assert_eq!((rotate(&flip), flip["flip"].as_bool()), (0, Some(true)), "{flip}");
 }
+
+/// `config.toml` records data and backbone paths absolute (the spelling given beside them), so a
+/// run trained from `--data ../shapes` evaluates and resumes from any folder; a folder written
+/// before, with a relative path, is found beside the run folder and the note says where.
+#[test]
+fn a_run_trained_from_a_relative_data_path_evaluates_from_another_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    colour_folder(&root.join("shapes"));
+    let work = root.join("work");
+    let elsewhere = root.join("elsewhere/deeper");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let run_in = |cwd: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_moppa"))
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .unwrap()
+    };
+    let args = short_train("", Path::new("../shapes"), 4, 8, Path::new("run"));
+    let out = run_in(&work, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = work.join("run");
+    let toml = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let shapes = std::fs::canonicalize(root.join("shapes")).unwrap();
+    let cfg = moppa_studio::config::RunConfig::from_toml(&toml).unwrap();
+    assert_eq!(std::fs::canonicalize(&cfg.data).unwrap(), shapes, "{toml}");
+    assert_eq!(cfg.data_given.as_deref(), Some("../shapes"));
+    let out = run_in(&elsewhere, &["eval", "--run", run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Resuming with `--data ../shapes` given again (from where it was trained) is the same data.
+    let out = run_in(
+        &work,
+        &[
+            "train",
+            "--resume",
+            "run",
+            "--data",
+            "../shapes",
+            "--steps",
+            "6",
+            "--plain",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A folder of an earlier version: its data recorded relative to where it was trained.
+    let old = toml.replace(&format!("data = \"{}\"", cfg.data), "data = \"../shapes\"");
+    assert_ne!(old, toml);
+    std::fs::write(run.join("config.toml"), old).unwrap();
+    let out = run_in(&elsewhere, &["eval", "--run", run.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("relative to the run folder's parent"), "{err}");
+}

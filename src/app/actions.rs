@@ -2,9 +2,9 @@
 //! dialogs, and the file work behind them (run settings, exports, images, lessons). Panels only
 //! ask; this file acts.
 
-use super::StudioApp;
 use super::history::RunHistory;
 use super::panels::{Action, RunStatus};
+use super::{OpenRun, StudioApp};
 use crate::config::RunConfig;
 use crate::train::protocol::Command;
 use crate::train::record::{CSV_HEADER, RecordReader};
@@ -21,6 +21,9 @@ impl StudioApp {
             | Action::Step
             | Action::Stop
             | Action::Reset
+            | Action::NewRunFrom
+            | Action::Show(..)
+            | Action::Pin(_)
             | Action::Select(_)
             | Action::Send(_)
             | Action::OpenRun(_)
@@ -65,9 +68,27 @@ impl StudioApp {
             }
             Action::Pause => self.send(Command::Pause),
             Action::Step => self.send(Command::Step),
-            Action::Stop => self.send(Command::Stop),
-            Action::Reset => self.launch_run(false),
+            Action::Stop => {
+                self.send(Command::Stop);
+                if let Some(r) = self.runs.sel_mut() {
+                    r.history.stopping = true;
+                }
+            }
+            // A fresh run with the settings of the run shown once it has trained (they are what
+            // it ran with), else the launch settings being edited.
+            Action::Reset | Action::NewRunFrom => {
+                if let Some(cfg) = self
+                    .sel()
+                    .filter(|r| !r.editable())
+                    .and_then(OpenRun::settings_for_new_run)
+                {
+                    self.settings.config = cfg;
+                }
+                self.launch_run(false);
+            }
             Action::Select(i) => self.runs.select(i),
+            Action::Show(which, shown) => self.runs.set_shown(&which, shown),
+            Action::Pin(i) => self.runs.baseline = i,
             // A run opened from its folder: back to its recorded probe.
             Action::Send(Command::SetProbe { .. }) if !self.runs.controls_selected() => {
                 if let Some(r) = self.runs.sel_mut() {
@@ -148,6 +169,18 @@ impl StudioApp {
                 .named(crate::train::runfolder::ADAPTER),
             _ => return,
         };
+        if !self.dialogs.native && !self.dialogs.told {
+            self.dialogs.told = true;
+            self.messages.note(crate::train::protocol::Notice {
+                step: 0,
+                time_s: 0.0,
+                message:
+                    "no file dialog can open on this desktop (neither xdg-desktop-portal nor zenity): type the path"
+                        .into(),
+                path: None,
+                line: None,
+            });
+        }
         if !self.dialogs.ask(action.clone(), request, self.launch.waker()) {
             self.messages
                 .error("a file dialog is open already (or none could be started)".into());
@@ -160,10 +193,11 @@ impl StudioApp {
         use super::dialogs::Answer;
         match self.dialogs.answer() {
             Some(Answer::Chosen(action, paths)) => self.file_work(&action, &paths, ctx),
-            Some(Answer::NeverOpened) => self.messages.error(
-                "no file dialog could be shown (this desktop seems to have neither xdg-desktop-portal nor zenity)"
-                    .into(),
-            ),
+            // No native dialog opens here after all: the typed path from now on.
+            Some(Answer::NeverOpened(action)) => {
+                self.dialogs.native = false;
+                self.dialog(&action);
+            }
             Some(Answer::Cancelled) | None => {}
         }
     }

@@ -28,6 +28,8 @@ pub struct FrameState {
     pub plot_rects: Vec<(&'static str, egui::Rect)>,
     /// Where the views and tab buttons were drawn.
     pub view_rects: ViewRects,
+    /// What the curves view drew last.
+    pub curves_drawn: crate::app::panels::curves::Drawn,
 }
 
 impl FrameState {
@@ -41,6 +43,7 @@ impl FrameState {
             capture_requested: false,
             capture_errors: CaptureErrors::default(),
             plot_rects: Vec::new(),
+            curves_drawn: crate::app::panels::curves::Drawn::default(),
             view_rects: ViewRects::default(),
         }
     }

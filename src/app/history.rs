@@ -1,7 +1,8 @@
 //! What the app remembers of a run: decimated metric series (bounded memory however long the
 //! run), evaluations, applied commands, and a bounded list of snapshots for scrubbing.
 
-use crate::train::protocol::{Applied, EvalResult, Event, FinishReason, Progress, RunInfo, Snapshot};
+use crate::config::{Coeff, PerCoeff, RunConfig};
+use crate::train::protocol::{Applied, EvalResult, Event, FinishReason, Hyper, Progress, RunInfo, Snapshot};
 use crate::train::record::Record;
 
 /// Points kept per series before halving its resolution.
@@ -78,6 +79,9 @@ pub struct RunHistory {
     pub label: String,
     /// Static facts, once started.
     pub info: Option<RunInfo>,
+    /// The run's resolved configuration, read from `info` (`None` before it started, or for a
+    /// run whose configuration is not a fine-tuning run's, e.g. masked pretraining).
+    pub config: Option<RunConfig>,
     /// Training loss.
     pub loss: Series,
     /// Route loss.
@@ -106,6 +110,12 @@ pub struct RunHistory {
     pub step: u64,
     /// Seconds since the run started.
     pub time_s: f64,
+    /// Seconds spent training (pauses left out).
+    pub train_s: f64,
+    /// The run paused since its last progress (that gap is not training time).
+    pub paused_gap: bool,
+    /// Stop was asked: the run is evaluating its final model.
+    pub stopping: bool,
     /// Latest images/s.
     pub throughput: f64,
     /// Times the run was resumed (a recorded run started again).
@@ -119,7 +129,84 @@ pub struct RunHistory {
     pub csv_rows: Vec<String>,
 }
 
+/// The values a run trains with now, as its records say: κ, c, ε as the channel mean of its
+/// last snapshot (one block or all), τ, γ, λ, T from that snapshot, and the peak learning rate
+/// last applied (else the run's own). NaN where the run has not said yet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunValues {
+    /// κ, c, ε.
+    pub coeffs: PerCoeff<f64>,
+    /// τ.
+    pub tau: f64,
+    /// γ.
+    pub gamma: f64,
+    /// λ.
+    pub route_weight: f64,
+    /// T.
+    pub temperature: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+}
+
+impl RunValues {
+    /// The value of `h`.
+    #[must_use]
+    pub fn hyper(&self, h: Hyper) -> f64 {
+        match h {
+            Hyper::Tau => self.tau,
+            Hyper::Gamma => self.gamma,
+            Hyper::RouteWeight => self.route_weight,
+            Hyper::Temperature => self.temperature,
+            Hyper::Lr => self.lr,
+        }
+    }
+}
+
+/// The mean of coefficient `c` over the channels of `block` (None: every block) in `s`.
+#[must_use]
+pub fn coeff_mean(s: &Snapshot, c: Coeff, block: Option<usize>) -> Option<f64> {
+    let (sum, n) = s
+        .blocks
+        .iter()
+        .filter(|b| block.is_none_or(|k| b.block == k))
+        .flat_map(|b| b.coeffs[c].iter())
+        .fold((0.0, 0usize), |(s, n), x| (s + f64::from(*x), n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
 impl RunHistory {
+    /// What the run trains with now (for `block`, or every block: `None`).
+    #[must_use]
+    pub fn values(&self, block: Option<usize>) -> RunValues {
+        let snap = self.snapshots.last();
+        let cfg = self.config.as_ref();
+        // A change applied since the last snapshot is newer than it.
+        let applied = |h: Hyper| {
+            self.applied
+                .iter()
+                .rev()
+                .find(|a| a.command == h.name() && snap.is_none_or(|s| a.step >= s.step || h == Hyper::Lr))
+                .map(|a| a.new)
+        };
+        let value = |h: Hyper, from_snap: fn(&Snapshot) -> f64, from_cfg: fn(&RunConfig) -> f64| {
+            applied(h)
+                .or_else(|| snap.map(from_snap))
+                .or_else(|| cfg.map(from_cfg))
+                .unwrap_or(f64::NAN)
+        };
+        RunValues {
+            coeffs: PerCoeff::from_fn(|c| snap.and_then(|s| coeff_mean(s, c, block)).unwrap_or(f64::NAN)),
+            tau: value(Hyper::Tau, |s| s.tau, |c| c.method.tau),
+            gamma: value(Hyper::Gamma, |s| s.gamma, |c| c.method.gamma),
+            route_weight: value(Hyper::RouteWeight, |s| s.route_weight, |c| c.method.route_weight),
+            temperature: value(Hyper::Temperature, |s| s.temperature, |c| c.method.temperature),
+            // Snapshots do not carry the peak learning rate.
+            lr: applied(Hyper::Lr)
+                .or_else(|| cfg.map(RunConfig::lr))
+                .unwrap_or(f64::NAN),
+        }
+    }
+
     /// An empty history.
     #[must_use]
     pub fn new(label: String) -> Self {
@@ -127,6 +214,21 @@ impl RunHistory {
             label,
             ..Self::default()
         }
+    }
+
+    /// Optimizer steps per second of training (pauses left out).
+    #[must_use]
+    pub fn steps_per_s(&self) -> Option<f64> {
+        let start = self.info.as_ref().map_or(0, |i| i.start_step);
+        (self.train_s > 0.0).then(|| self.step.saturating_sub(start) as f64 / self.train_s)
+    }
+
+    /// Whether the run is testing its final model: its last step is done (or Stop was asked)
+    /// and it has not finished.
+    #[must_use]
+    pub fn testing(&self) -> bool {
+        let total = self.info.as_ref().map_or(u64::MAX, |i| i.total_steps);
+        self.finished.is_none() && self.info.is_some() && (self.step >= total || self.stopping)
     }
 
     /// Best validation accuracy so far.
@@ -151,6 +253,17 @@ impl RunHistory {
         self.train_acc.push(s, p.time_s, p.train_acc);
         self.lr.push(s, p.time_s, p.lr);
         self.img_per_s.push(s, p.time_s, p.img_per_s);
+        // Training time: the gaps between progress records, except one spanning a pause (and
+        // the first of a resumed run, which spans the earlier session).
+        let first = self.loss.seen == 0;
+        let resumed = self.info.as_ref().is_some_and(|i| i.start_step > 0);
+        if self.paused_gap {
+            self.paused_gap = false;
+        } else if first && !resumed {
+            self.train_s += p.time_s.max(0.0);
+        } else if !first {
+            self.train_s += (p.time_s - self.time_s).max(0.0);
+        }
         self.step = p.step;
         self.time_s = p.time_s;
         self.throughput = p.img_per_s;

@@ -6,7 +6,6 @@ use super::panels::{self, Action, RunStatus};
 use super::state::Tab;
 use super::{OpenRun, Source, StudioApp};
 use crate::train::backbone::cuda_available;
-use crate::train::protocol::Snapshot;
 use crate::train::replay::Liveness;
 
 /// A run's state in words, for the status bar and the runs table.
@@ -20,6 +19,10 @@ pub fn run_state(r: &OpenRun) -> String {
     let state = match (&r.source, r.liveness()) {
         (Source::Folder(_), Some(Liveness::Crashed)) => "crashed (no record for 30 s)".to_owned(),
         (Source::Folder(_), Some(Liveness::Finished(f))) => format!("finished ({})", reason(f)),
+        (_, _) if r.history.testing() && r.status != RunStatus::Failed => {
+            let n = r.info().map_or(0, |i| i.split_sizes[2]);
+            format!("testing: the final model on {n} test images…")
+        }
         (Source::Folder(_), _) if r.history.info.is_some() => "being written (followed)".to_owned(),
         (_, _) => match (r.status, r.history.finished) {
             (RunStatus::Finished | RunStatus::Failed, Some(f)) => format!("finished ({})", reason(f)),
@@ -241,8 +244,71 @@ impl StudioApp {
         actions
     }
 
-    fn snapshot_for_controls(&self) -> Option<&Snapshot> {
-        self.sel().and_then(|r| r.history.snapshots.last())
+    /// The typed-path form (where no native file dialog opens): a path field, the folder's
+    /// entries that complete it, the recent runs for a run folder; Enter or OK answers.
+    fn typed_path_dialog(&mut self, ui: &mut egui::Ui) {
+        let recent: Vec<String> = self
+            .settings
+            .recent_runs
+            .iter()
+            .filter(|d| crate::train::runfolder::is_run_folder(d))
+            .map(|d| d.display().to_string())
+            .collect();
+        let Some(form) = &mut self.dialogs.typed else { return };
+        let mut answer = None;
+        let r = egui::Modal::new(egui::Id::unique("typed-path-modal")).show(ui.ctx(), |ui| {
+            ui.set_min_width(520.0);
+            ui.heading(&form.title);
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut form.text)
+                    .hint_text("a path (~ for your home folder)")
+                    .desired_width(f32::INFINITY),
+            );
+            edit.request_focus();
+            if edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+                answer = Some(true);
+            }
+            let completions = form.completions(12);
+            if !completions.is_empty() {
+                ui.label(egui::RichText::new("in this folder").small());
+                egui::ScrollArea::vertical()
+                    .max_height(180.0)
+                    .id_salt("completions")
+                    .show(ui, |ui| {
+                        for c in completions {
+                            if ui
+                                .selectable_label(false, egui::RichText::new(&c).monospace())
+                                .clicked()
+                            {
+                                form.text = c;
+                            }
+                        }
+                    });
+            }
+            if matches!(form.pick, super::dialogs::Pick::Folders | super::dialogs::Pick::Folder) && !recent.is_empty() {
+                ui.label(egui::RichText::new("recent runs").small());
+                for d in &recent {
+                    if ui.selectable_label(false, egui::RichText::new(d).monospace()).clicked() {
+                        form.text.clone_from(d);
+                    }
+                }
+            }
+            ui.horizontal(|ui| {
+                if ui.button("OK").clicked() {
+                    answer = Some(true);
+                }
+                if ui.button("Cancel").clicked() {
+                    answer = Some(false);
+                }
+            });
+        });
+        if r.should_close() && answer.is_none() {
+            answer = Some(false);
+        }
+        if let Some(ok) = answer {
+            self.dialogs.answer_typed(ok);
+            ui.ctx().request_repaint();
+        }
     }
 
     /// Draws every panel; returns what they asked for.
@@ -271,7 +337,10 @@ impl StudioApp {
                 let plural = if i.threads == 1 { "" } else { "s" };
                 (format!("{} · {} thread{plural}", i.device, i.threads), i.total_steps)
             });
-            let state = self.sel().map_or_else(|| "no run".to_owned(), run_state);
+            let state = self.sel().map_or_else(
+                || "no run".to_owned(),
+                |r| format!("{} · {}", r.history.label, run_state(r)),
+            );
             let frames = (!self.opts.stable_display).then_some(&self.frame.times);
             panels::status::ui(ui, &state, &device, step, total, thr, frames);
         });
@@ -285,6 +354,17 @@ impl StudioApp {
             .default_size(270.0)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
+                    // The selected run's settings: editable until it trains, then read-only.
+                    if let Some(r) = self.runs.sel().filter(|r| !r.editable()) {
+                        let config = r.info().map_or(&serde_json::Value::Null, |i| &i.config);
+                        actions.extend(panels::launch::summary(
+                            ui,
+                            &r.history.label,
+                            config,
+                            r.history.config.is_some(),
+                        ));
+                        return;
+                    }
                     let backbone = self.info().map(|i| i.backbone.clone());
                     let classes = self.info().map_or(10, |i| i.classes.len());
                     let local_status = self.runs.local_status();
@@ -306,9 +386,17 @@ impl StudioApp {
                 .resizable(true)
                 .default_size(290.0)
                 .show(ui, |ui| {
-                    let snap = self.snapshot_for_controls().cloned();
                     let running = self.status() == RunStatus::Running;
-                    actions.extend(self.settings.controls.ui(ui, snap.as_ref(), running));
+                    let block = self.settings.controls.block;
+                    if let Some(r) = self.runs.sel() {
+                        let live = panels::live::LiveRun {
+                            snapshot: r.history.snapshots.last(),
+                            values: r.history.values(block),
+                            targets: &r.targets,
+                            running,
+                        };
+                        actions.extend(self.settings.controls.ui(ui, &live));
+                    }
                 });
             self.frame.view_rects.live = Some(r.response.rect);
         }
@@ -361,21 +449,49 @@ impl StudioApp {
                                     probes: if r.control { probes } else { 0 },
                                     can_probe,
                                     classes: r.history.info.as_ref().map_or(&[][..], |i| i.classes.as_slice()),
+                                    others: self
+                                        .runs
+                                        .all()
+                                        .iter()
+                                        .enumerate()
+                                        .filter(|(i, o)| {
+                                            *i != self.runs.selected()
+                                                && o.shown
+                                                && o.info().is_some_and(|i| !i.priors.is_empty())
+                                        })
+                                        .map(|(i, o)| (o.history.label.as_str(), panels::curves::run_color(i), &o.history))
+                                        .collect(),
                                 },
                                 &mut self.textures,
                             ));
                         }
                     }
                     Tab::Curves => {
-                        let histories: Vec<&crate::app::history::RunHistory> =
-                            self.runs.all().iter().map(|r| &r.history).collect();
-                        let (a, rects) =
-                            self.settings.curves.ui(ui, &histories, self.runs.selected());
+                        let runs: Vec<panels::curves::CurveRun<'_>> = self
+                            .runs
+                            .all()
+                            .iter()
+                            .map(|r| panels::curves::CurveRun {
+                                history: &r.history,
+                                shown: r.shown,
+                                config: r.info().map(|i| &i.config),
+                            })
+                            .collect();
+                        let (a, rects, drawn) =
+                            self.settings
+                                .curves
+                                .ui(ui, &runs, self.runs.selected(), self.runs.baseline);
                         actions.extend(a);
                         self.frame.plot_rects = rects;
+                        self.frame.curves_drawn = drawn;
                     }
                     Tab::Runs => {
-                        actions.extend(panels::runs::ui(ui, self.runs.all(), self.runs.selected()));
+                        actions.extend(panels::runs::ui(
+                            ui,
+                            self.runs.all(),
+                            self.runs.selected(),
+                            &mut self.settings.runs_table,
+                        ));
                     }
                     Tab::Playground => {
                         actions.extend(self.playground.ui(
@@ -389,6 +505,7 @@ impl StudioApp {
         self.frame.view_rects.central = Some(central.response.rect);
         self.lesson_highlight(ui.ctx());
         actions.extend(self.connect_dialog(ui));
+        self.typed_path_dialog(ui);
         actions.extend(self.messages.modal(ui));
         actions
     }

@@ -8,6 +8,7 @@ mod actions;
 pub mod backbones;
 mod capture;
 pub mod dialogs;
+pub mod groups;
 pub mod history;
 mod layout;
 pub mod lessons;
@@ -65,6 +66,9 @@ pub struct AppOptions {
     pub lesson_step: Option<usize>,
     /// Teachers' lessons (`run` sets `lessons/` in the app's data folder).
     pub lessons_dir: Option<PathBuf>,
+    /// Type paths in the window instead of native file dialogs (also `MOPPA_TYPED_PATHS=1`, and
+    /// where no native dialog can open).
+    pub typed_paths: bool,
 }
 
 /// The app: its settings, the runs it shows, how it launches its own, what it tells the user,
@@ -79,7 +83,7 @@ pub struct StudioApp {
     /// Errors and notes shown.
     pub messages: Messages,
     /// Frame timing, captures, where the views were drawn.
-    frame: FrameState,
+    pub frame: FrameState,
     textures: Textures,
     playground: Playground,
     opts: AppOptions,
@@ -124,6 +128,7 @@ impl StudioApp {
         } else {
             egui::Theme::Light
         });
+        let native_dialogs = !opts.typed_paths && dialogs::native_dialogs_available();
         let pacer = Arc::new(pacer::Pacer::default());
         let waker = pacer.waker(ctx.clone());
         let mut app = Self {
@@ -135,7 +140,7 @@ impl StudioApp {
             textures: Textures::default(),
             playground: Playground::default(),
             opts,
-            dialogs: dialogs::Dialogs::default(),
+            dialogs: dialogs::Dialogs::new(native_dialogs),
             lessons: lessons::Catalogue::default(),
             lesson: None,
             picker: backbones::BackbonePicker::default(),
@@ -157,6 +162,18 @@ impl StudioApp {
             app.open_folders(&open);
         }
         app
+    }
+
+    /// The settings written between launches (eframe saves them every 30 s and at exit): the
+    /// user's own, never a lesson's temporary run settings (an app killed during a lesson comes
+    /// back with the user's).
+    #[must_use]
+    pub fn persisted_settings(&self) -> Settings {
+        let mut s = self.settings.clone();
+        if let Some(cfg) = self.lesson.as_ref().and_then(lessons::player::Player::saved_config) {
+            s.config = cfg.clone();
+        }
+        s
     }
 
     /// The selected run, if any.
@@ -226,11 +243,7 @@ impl StudioApp {
 
     /// Drains the runs' events for at most `budget` (the rest next frame).
     fn drain(&mut self, ctx: &egui::Context, budget: Duration) {
-        let (started, more) = self.runs.drain(budget, &mut self.messages);
-        if started {
-            // The live sliders start from the values the run was launched with.
-            self.settings.controls_from_config();
-        }
+        let (_, more) = self.runs.drain(budget, &mut self.messages);
         if more {
             ctx.request_repaint();
         }
@@ -291,7 +304,7 @@ impl eframe::App for StudioApp {
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        eframe::set_value(storage, eframe::APP_KEY, &self.settings);
+        eframe::set_value(storage, eframe::APP_KEY, &self.persisted_settings());
     }
 }
 

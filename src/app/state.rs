@@ -2,7 +2,7 @@
 //! `#[serde(default)]`, so settings from an older version still load. Runtime state (runs,
 //! histories, textures) lives in the app itself and is never persisted.
 
-use crate::config::{PerCoeff, Prior, RunConfig};
+use crate::config::{Prior, RunConfig};
 use crate::physics::PriorCoeffs;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,7 @@ impl Tab {
 }
 
 /// Curve options.
+#[allow(clippy::struct_excessive_bools)] // four independent switches of the view
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CurveSettings {
@@ -55,8 +56,10 @@ pub struct CurveSettings {
     pub log_y: bool,
     /// x axis in seconds instead of steps.
     pub by_time: bool,
-    /// Draw earlier runs of the session faintly.
+    /// Draw the other runs shown.
     pub overlay: bool,
+    /// Seeds of one setting as one mean line with a ± std band.
+    pub group_seeds: bool,
 }
 
 impl Default for CurveSettings {
@@ -66,6 +69,7 @@ impl Default for CurveSettings {
             log_y: false,
             by_time: false,
             overlay: true,
+            group_seeds: true,
         }
     }
 }
@@ -115,7 +119,8 @@ pub enum ChangeMode {
     Scale,
 }
 
-/// The live-control panel's values.
+/// The live-control panel's choices (the values it shows are the selected run's, see
+/// `RunHistory::values`; they are never kept here).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ControlSettings {
@@ -123,20 +128,8 @@ pub struct ControlSettings {
     pub block: Option<usize>,
     /// Set or scale.
     pub mode: ChangeMode,
-    /// The κ, c and ε sliders.
-    pub coeffs: PerCoeff<f64>,
     /// Factor slider (scale mode).
     pub factor: f64,
-    /// τ.
-    pub tau: f64,
-    /// γ.
-    pub gamma: f64,
-    /// λ.
-    pub route_weight: f64,
-    /// Router temperature.
-    pub temperature: f64,
-    /// Peak learning rate.
-    pub lr: f64,
 }
 
 impl Default for ControlSettings {
@@ -144,17 +137,7 @@ impl Default for ControlSettings {
         Self {
             block: None,
             mode: ChangeMode::Set,
-            coeffs: PerCoeff {
-                kappa: 0.1,
-                c: 0.5,
-                eps: 1.0,
-            },
             factor: 1.5,
-            tau: 1.0,
-            gamma: 0.0,
-            route_weight: 0.01,
-            temperature: 1.0,
-            lr: 1e-2,
         }
     }
 }
@@ -211,23 +194,14 @@ pub struct Settings {
     pub recent_runs: Vec<std::path::PathBuf>,
     /// The last server connected to (`HOST:PORT`).
     pub last_server: String,
+    /// How the runs table is sorted and filtered.
+    pub runs_table: crate::app::panels::runs::RunsTable,
 }
 
 /// How many run folders the recent list keeps.
 pub const RECENT_RUNS: usize = 12;
 
 impl Settings {
-    /// The live sliders from the launch settings (a run of this app's just started with them).
-    pub fn controls_from_config(&mut self) {
-        let cfg = &self.config;
-        let c = &mut self.controls;
-        c.lr = cfg.lr();
-        c.tau = cfg.method.tau;
-        c.gamma = cfg.method.gamma;
-        c.route_weight = cfg.method.route_weight;
-        c.temperature = cfg.method.temperature;
-    }
-
     /// Puts `dir` first in the recent runs.
     pub fn remember(&mut self, dir: &std::path::Path) {
         self.recent_runs.retain(|d| d != dir);
@@ -249,6 +223,7 @@ impl Default for Settings {
             dark: true,
             recent_runs: Vec::new(),
             last_server: crate::train::serve::DEFAULT_ADDR.to_owned(),
+            runs_table: crate::app::panels::runs::RunsTable::default(),
         }
     }
 }

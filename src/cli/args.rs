@@ -299,6 +299,7 @@ impl RunArgs {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
             let planned = RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+            let planned = same_spelling(&base, planned);
             if let Some((key, value)) = first_change(&as_json(&base)?, &as_json(&planned)?, "") {
                 return Err(usage(format!(
                     "{}: this run was trained with {key} = {value}, not as --config {} says",
@@ -309,6 +310,8 @@ impl RunArgs {
         }
         let mut c = base.clone();
         self.apply(&mut c);
+        // Paths are compared resolved: `--data ../x` given again from here is the same folder.
+        let mut c = same_spelling(&base, c);
         if let Some((key, value)) = first_change(&as_json(&base)?, &as_json(&c)?, "") {
             return Err(usage(format!(
                 "this run was trained with {key} = {value}; a resumed run keeps its settings (only --steps/--epochs, --threads, --device, --eval-every may change)"
@@ -319,4 +322,13 @@ impl RunArgs {
         c.validate().map_err(usage)?;
         Ok(c)
     }
+}
+
+/// `c` with its paths absolute and spelled as in `base` where they name the same file: the
+/// spelling given is for display, never a difference between two runs.
+fn same_spelling(base: &RunConfig, c: RunConfig) -> RunConfig {
+    let mut c = c.with_absolute_paths();
+    c.data_given.clone_from(&base.data_given);
+    c.backbone_given.clone_from(&base.backbone_given);
+    c
 }

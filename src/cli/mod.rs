@@ -92,6 +92,10 @@ pub struct Cli {
     /// App: train, print UI frame-time statistics after SECS seconds, and exit.
     #[arg(long, value_name = "SECS", help_heading = "App (no subcommand)")]
     pub frame_stats: Option<f64>,
+    /// App: type file paths in the window instead of the desktop's file dialogs (also
+    /// MOPPA_TYPED_PATHS=1; the app does so by itself where no dialog can open).
+    #[arg(long, help_heading = "App (no subcommand)")]
+    pub typed_paths: bool,
     /// App: start from this run config (TOML) instead of the saved settings.
     #[arg(long, value_name = "FILE", help_heading = "App (no subcommand)")]
     pub config: Option<std::path::PathBuf>,

@@ -3,7 +3,7 @@
 
 use super::method::{MethodConfig, MethodKind};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Training-time augmentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -126,8 +126,13 @@ pub struct RunConfig {
     pub backbone_sha256: Option<String>,
     /// Heads of a timm backbone file (which does not record them).
     pub heads: Option<usize>,
-    /// Dataset spec: `builtin:digits`, `idx:DIR` or a folder.
+    /// Dataset spec: `builtin:digits`, `idx:DIR` or a folder (a run's `config.toml` holds the
+    /// folder absolute).
     pub data: String,
+    /// `data` as it was given, where the run made it absolute (for display).
+    pub data_given: Option<String>,
+    /// `backbone` as it was given, where the run made a file path absolute (for display).
+    pub backbone_given: Option<String>,
     /// Training images per class (None: all).
     pub few_shot: Option<usize>,
     /// VTAB-1K: train on `train800val200.txt`.
@@ -199,6 +204,8 @@ impl Default for RunConfig {
             backbone_sha256: None,
             heads: None,
             data: "builtin:digits".into(),
+            data_given: None,
+            backbone_given: None,
             few_shot: None,
             final_split: false,
             method: MethodConfig::default(),
@@ -227,6 +234,35 @@ impl Default for RunConfig {
             std: None,
         }
     }
+}
+
+/// A data spec's folder, after its prefix (`idx:`): `None` for the built-in data.
+fn data_path(spec: &str) -> Option<(&str, &str)> {
+    if spec.starts_with("builtin:") {
+        return None;
+    }
+    Some(spec.strip_prefix("idx:").map_or(("", spec), |p| ("idx:", p)))
+}
+
+/// A backbone spec's file: `None` for `builtin`, `random:` and `hf:` specs.
+fn backbone_path(spec: &str) -> Option<(&str, &str)> {
+    (spec != "builtin" && !spec.starts_with("random:") && !spec.starts_with("hf:")).then_some(("", spec))
+}
+
+/// `spec` with its path made absolute, if it has a relative one.
+fn absolute_spec(spec: &str, split: fn(&str) -> Option<(&str, &str)>) -> Option<String> {
+    let (prefix, path) = split(spec)?;
+    if path.is_empty() || Path::new(path).is_absolute() {
+        return None;
+    }
+    Some(format!("{prefix}{}", resolve(Path::new(path))?.display()))
+}
+
+/// `path` absolute: resolved (links, `..`) where it exists, else against the working directory.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| std::path::absolute(path).ok())
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -324,10 +360,71 @@ impl RunConfig {
         c.augment = Some(self.augment());
         c.steps = Some(total_steps);
         c.epochs = None;
+        let mut c = c.with_absolute_paths();
         if c.method.lora_alpha.is_none() && c.method.method == MethodKind::Lora {
             c.method.lora_alpha = Some(c.method.rank as f64);
         }
         c
+    }
+
+    /// The data and backbone file paths absolute (against the working directory), each as given
+    /// kept in `*_given` where that changed it: `config.toml` then works from any directory.
+    /// `builtin`, `random:` and `hf:` specs stay as they are; `idx:DIR` gets an absolute DIR.
+    #[must_use]
+    pub fn with_absolute_paths(mut self) -> Self {
+        if let Some(abs) = absolute_spec(&self.data, data_path) {
+            self.data_given.get_or_insert_with(|| self.data.clone());
+            self.data = abs;
+        }
+        if let Some(abs) = absolute_spec(&self.backbone, backbone_path) {
+            self.backbone_given.get_or_insert_with(|| self.backbone.clone());
+            self.backbone = abs;
+        }
+        self
+    }
+
+    /// For a run folder's config written with relative paths (before they were recorded
+    /// absolute): each relative path found against the working directory, else against the run
+    /// folder's parent; one line per path saying which was used or that neither exists.
+    pub fn locate_relative_paths(&mut self, run_dir: &Path) -> Vec<String> {
+        let mut notes = Vec::new();
+        let parent = run_dir.parent().map(Path::to_path_buf);
+        for (what, spec, given, split) in [
+            (
+                "data",
+                &mut self.data,
+                &mut self.data_given,
+                data_path as fn(&str) -> Option<(&str, &str)>,
+            ),
+            ("backbone", &mut self.backbone, &mut self.backbone_given, backbone_path),
+        ] {
+            let Some((prefix, rel)) = split(spec) else { continue };
+            let rel_path = Path::new(rel);
+            if rel_path.is_absolute() {
+                continue;
+            }
+            let here = rel_path.exists().then(|| resolve(rel_path)).flatten();
+            let beside = parent.as_ref().map(|p| p.join(rel_path)).filter(|p| p.exists());
+            let (found, whence) = match (here, beside) {
+                (Some(p), _) => (p, "the working directory"),
+                (None, Some(p)) => (resolve(&p).unwrap_or(p), "the run folder's parent"),
+                (None, None) => {
+                    notes.push(format!(
+                        "{}: {what} {rel} was recorded relative and is found neither in the working directory nor beside the run folder",
+                        run_dir.display()
+                    ));
+                    continue;
+                }
+            };
+            notes.push(format!(
+                "{}: {what} {rel} was recorded relative; using {} (relative to {whence})",
+                run_dir.display(),
+                found.display()
+            ));
+            given.get_or_insert_with(|| spec.clone());
+            *spec = format!("{prefix}{}", found.display());
+        }
+        notes
     }
 
     /// As TOML.

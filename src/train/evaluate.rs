@@ -239,11 +239,24 @@ pub fn evaluate_adapter(
     })
 }
 
-/// The run config saved in a run folder.
+/// The run config saved in a run folder, with any path recorded relative (by a version before
+/// they were recorded absolute) located as [`RunConfig::locate_relative_paths`] does; where it
+/// looked is printed on stderr as a note.
 pub fn run_config(dir: &Path) -> Result<RunConfig> {
+    let (cfg, notes) = run_config_noted(dir)?;
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    Ok(cfg)
+}
+
+/// [`run_config`], with its notes returned instead of printed.
+pub fn run_config_noted(dir: &Path) -> Result<(RunConfig, Vec<String>)> {
     let path = dir.join(crate::train::runfolder::CONFIG_TOML);
     let text = std::fs::read_to_string(&path).map_err(|source| TrainError::io(&path, source))?;
-    RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    let mut cfg = RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    let notes = cfg.locate_relative_paths(dir);
+    Ok((cfg, notes))
 }
 
 /// The backbone a run trained on, as a spec to load again: an `hf:` id pinned to the commit the

@@ -39,6 +39,8 @@ pub struct RunFolderReader {
     finished: Option<FinishReason>,
     starts: usize,
     probes: HashMap<usize, Option<Rgb>>,
+    /// Warnings about the folder not yet returned by [`Self::poll`].
+    pending: Vec<Event>,
     /// The validation split, read once for probe pixels.
     val: ValSplit,
     noted_no_snapshots: bool,
@@ -59,9 +61,10 @@ impl RunFolderReader {
         if !is_run_folder(dir) {
             return Err(format!("{}: not a run folder (no {METRICS_JSONL})", dir.display()));
         }
-        let config = std::fs::read_to_string(dir.join(CONFIG_TOML))
-            .ok()
-            .and_then(|t| RunConfig::from_toml(&t).ok());
+        let (config, path_notes) = match crate::train::evaluate::run_config_noted(dir) {
+            Ok((c, notes)) => (Some(c), notes),
+            Err(_) => (None, Vec::new()),
+        };
         Ok(Self {
             dir: dir.to_owned(),
             metrics: RecordTail::new(dir.join(METRICS_JSONL)),
@@ -74,6 +77,7 @@ impl RunFolderReader {
             probes: HashMap::new(),
             val: ValSplit::Unread,
             noted_no_snapshots: false,
+            pending: path_notes.into_iter().map(|m| note(m, None)).collect(),
         })
     }
 
@@ -125,6 +129,7 @@ impl RunFolderReader {
     /// Everything appended since the last poll, as events.
     pub fn poll(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
+        let pending = std::mem::take(&mut self.pending);
         for record in self.metrics.poll() {
             if let Some(ev) = self.metrics_event(record) {
                 out.push(ev);
@@ -175,6 +180,12 @@ impl RunFolderReader {
                 out.push(Event::Snapshot(Box::new(s)));
             }
         }
+        // Notes about the folder come after its `started` record (a viewer shows them for it).
+        let at = out
+            .iter()
+            .position(|e| matches!(e, Event::Started(_)))
+            .map_or(0, |i| i + 1);
+        out.splice(at..at, pending.into_iter().chain(self.pending.drain(..)));
         out
     }
 
@@ -237,9 +248,18 @@ impl RunFolderReader {
         }
         if matches!(self.val, ValSplit::Unread) {
             let cfg = self.config.as_ref();
-            self.val = cfg
-                .and_then(|c| crate::data::load(&c.data, c.final_split, c.seed).ok())
-                .map_or(ValSplit::Missing, |d| ValSplit::Read(d.val));
+            self.val = match cfg.map(|c| crate::data::load(&c.data, c.final_split, c.seed)) {
+                Some(Ok(d)) => ValSplit::Read(d.val),
+                Some(Err(e)) => {
+                    let data = cfg.map_or_else(String::new, |c| c.data.clone());
+                    self.pending.push(note(
+                        format!("data {data} cannot be read here ({e}): probe images unavailable"),
+                        Some(self.dir.join(CONFIG_TOML)),
+                    ));
+                    ValSplit::Missing
+                }
+                None => ValSplit::Missing,
+            };
         }
         let size = self.info.as_ref().map_or(32, |i| i.backbone.img_size);
         let found = (|| {
@@ -254,6 +274,17 @@ impl RunFolderReader {
         self.probes.insert(index, found.clone());
         found
     }
+}
+
+/// A warning about a run folder.
+fn note(message: String, path: Option<PathBuf>) -> Event {
+    Event::Warning(Notice {
+        step: 0,
+        time_s: 0.0,
+        message,
+        path,
+        line: None,
+    })
 }
 
 /// The run folders under `dir`: itself if it is one, else every run folder below it (three

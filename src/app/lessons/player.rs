@@ -7,8 +7,7 @@ use super::{Action as LessonAction, AlertKind, Check, Lesson, Look, PlaygroundCo
 use crate::app::panels::{Action, RunStatus};
 use crate::app::state::Tab;
 use crate::app::{Source, StudioApp};
-use crate::config::Coeff;
-use crate::train::protocol::{Command, Hyper, SetMode, Snapshot, Target};
+use crate::train::protocol::{Command, SetMode, Target};
 
 /// A lesson being played.
 #[derive(Clone, Debug)]
@@ -57,22 +56,18 @@ impl Player {
         self.step + 1 >= self.lesson.steps.len()
     }
 
+    /// The user's launch settings this lesson replaced, if it replaced them.
+    #[must_use]
+    pub fn saved_config(&self) -> Option<&crate::config::RunConfig> {
+        self.saved_config.as_ref()
+    }
+
     /// Whether autoplay has reached its target step and that step's check holds (what a
     /// screenshot waits for).
     #[must_use]
     pub fn arrived(&self, passes: bool) -> bool {
         self.autoplay.is_some_and(|t| self.step >= t) && self.setup_done && passes
     }
-}
-
-/// Mean of one coefficient over blocks and channels.
-fn coeff_mean(s: &Snapshot, c: Coeff) -> Option<f64> {
-    let v: Vec<f64> = s
-        .blocks
-        .iter()
-        .flat_map(|b| b.coeffs[c].iter().map(|x| f64::from(*x)))
-        .collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 impl StudioApp {
@@ -88,7 +83,6 @@ impl StudioApp {
     #[must_use]
     pub fn lesson_value(&self, v: Value) -> Option<f64> {
         let pg = &self.settings.playground.coeffs;
-        let snap = self.sel().and_then(|r| r.history.snapshots.last());
         match v {
             Value::Playground(c) => Some(match c {
                 PlaygroundCoeff::Kappa => pg.kappa,
@@ -97,24 +91,14 @@ impl StudioApp {
                 PlaygroundCoeff::Tau => pg.tau,
                 PlaygroundCoeff::Gamma => pg.gamma,
             }),
-            Value::RunCoeff(c) => snap.and_then(|s| coeff_mean(s, c)),
-            Value::RunHyper(Hyper::Lr) => {
-                let run = self.sel()?;
-                // The peak learning rate: the last one set live, else the run's own.
-                run.history
-                    .applied
-                    .iter()
-                    .rev()
-                    .find(|a| a.command == Hyper::Lr.name())
-                    .map(|a| a.new)
-                    .or_else(|| run.info().and_then(|i| i.config["lr"].as_f64()))
-            }
-            Value::RunHyper(h) => snap.map(|s| match h {
-                Hyper::Tau => s.tau,
-                Hyper::Gamma => s.gamma,
-                Hyper::RouteWeight => s.route_weight,
-                Hyper::Temperature | Hyper::Lr => s.temperature,
-            }),
+            Value::RunCoeff(c) => self
+                .sel()
+                .map(|r| r.history.values(None).coeffs[c])
+                .filter(|v| !v.is_nan()),
+            Value::RunHyper(h) => self
+                .sel()
+                .map(|r| r.history.values(None).hyper(h))
+                .filter(|v| !v.is_nan()),
         }
     }
 
@@ -162,7 +146,6 @@ impl StudioApp {
 
     /// Performs a step's action as the view's own control would.
     pub(crate) fn lesson_act(&mut self, a: &LessonAction) -> Vec<Action> {
-        let c = &mut self.settings.controls;
         match a {
             LessonAction::Set(Value::Playground(k), x) => {
                 let pg = &mut self.settings.playground.coeffs;
@@ -176,8 +159,7 @@ impl StudioApp {
                 Vec::new()
             }
             LessonAction::Set(Value::RunCoeff(k), x) => {
-                c.block = None;
-                c.coeffs[*k] = *x;
+                self.settings.controls.block = None;
                 vec![Action::Send(Command::SetCoeff {
                     coeff: *k,
                     target: Target::All,
@@ -185,13 +167,6 @@ impl StudioApp {
                 })]
             }
             LessonAction::Set(Value::RunHyper(h), x) => {
-                match h {
-                    Hyper::Tau => c.tau = *x,
-                    Hyper::Gamma => c.gamma = *x,
-                    Hyper::RouteWeight => c.route_weight = *x,
-                    Hyper::Temperature => c.temperature = *x,
-                    Hyper::Lr => c.lr = *x,
-                }
                 vec![Action::Send(Command::SetHyper { hyper: *h, value: *x })]
             }
             LessonAction::Lock(l) => vec![Action::Send(Command::Lock {
@@ -387,7 +362,14 @@ impl StudioApp {
                     );
                 } else {
                     ui.spinner();
-                    ui.label(format!("Waiting for {}…", c.describe()));
+                    // The run's last steps are done and it tests its final model: say so.
+                    let testing = self.sel().is_some_and(|r| r.history.testing());
+                    let now = if testing {
+                        " (the run is testing its final model)"
+                    } else {
+                        ""
+                    };
+                    ui.label(format!("Waiting for {}…{now}", c.describe()));
                 }
             }
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {

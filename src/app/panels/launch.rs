@@ -473,3 +473,65 @@ fn summary_ui(ui: &mut egui::Ui, cfg: &RunConfig, picker: &mut BackbonePicker, c
         }
     }
 }
+
+/// Keys of a run's configuration not worth a line in its summary (the folder is named above;
+/// the sha and revision are for resuming).
+const NOT_SHOWN: [&str; 4] = ["out", "resume", "backbone_sha256", "backbone_revision"];
+
+/// A configuration value in a few characters.
+fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) => a.iter().map(value_text).collect::<Vec<_>>().join(", "),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .filter(|(_, v)| !matches!(v, serde_json::Value::Null | serde_json::Value::Bool(false)))
+            .filter(|(_, v)| v.as_f64() != Some(0.0))
+            .map(|(k, v)| format!("{k} {}", value_text(v)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    }
+}
+
+/// The settings of a run that has started (or was written elsewhere), read-only: a run's
+/// settings cannot change once it trains. `New run from these settings` copies them to a new
+/// run of this app's, where they can be edited.
+pub fn summary(ui: &mut egui::Ui, name: &str, config: &serde_json::Value, copyable: bool) -> Vec<Action> {
+    let mut actions = Vec::new();
+    ui.heading("Run");
+    ui.label(egui::RichText::new(name).strong());
+    ui.label(egui::RichText::new("Its settings (read-only: the run has started)").small());
+    if ui
+        .add_enabled(copyable, egui::Button::new("New run from these settings"))
+        .on_hover_text("A new run of this app's with these settings, to edit and start (this app's run in training stops, as with Reset)")
+        .on_disabled_hover_text("This run's settings are not a fine-tuning run's")
+        .clicked()
+    {
+        actions.push(Action::NewRunFrom);
+    }
+    let Some(obj) = config.as_object() else {
+        ui.label("(its settings are not known yet)");
+        return actions;
+    };
+    egui::Grid::new("run-settings")
+        .num_columns(2)
+        .striped(true)
+        .show(ui, |ui| {
+            for (k, v) in obj {
+                if NOT_SHOWN.contains(&k.as_str()) || v.is_null() || k.ends_with("_given") {
+                    continue;
+                }
+                // A path recorded absolute is shown as it was given.
+                let given = obj.get(&format!("{k}_given")).filter(|g| g.is_string());
+                ui.label(k);
+                let text = value_text(given.unwrap_or(v));
+                let r = ui.label(egui::RichText::new(&text).monospace());
+                if given.is_some() {
+                    r.on_hover_text(value_text(v));
+                }
+                ui.end_row();
+            }
+        });
+    actions
+}

@@ -1,11 +1,79 @@
 //! Live controls: move κ, c, ε (one block or all; set or scale), τ, γ, λ, T and the learning
-//! rate while training, and lock coefficients out of the optimizer. A change is sent when the
-//! slider is released; the filter views update with the next snapshot.
+//! rate while training, and lock coefficients out of the optimizer. Every slider shows the
+//! selected run's value (its last snapshot, the changes it applied since); a change is sent when
+//! the slider is released and shown as a target until the run applies (or refuses) it.
 
 use super::Action;
+use crate::app::history::RunValues;
 use crate::app::state::{ChangeMode, ControlSettings};
 use crate::config::{Coeff, Lockable, Prior, ValueRange};
 use crate::train::protocol::{Command, Hyper, SetMode, Snapshot, Target};
+use std::collections::BTreeMap;
+
+/// Values sent to a run and not applied yet, by the name its `Applied` event gives them
+/// (`kappa`, `lr`, …): the sliders show them as targets until then.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Targets(BTreeMap<&'static str, f64>);
+
+impl Targets {
+    /// The value `c` sets, by name, if it sets one.
+    #[must_use]
+    pub fn asked(c: &Command) -> Option<(&'static str, f64)> {
+        match c {
+            Command::SetCoeff {
+                coeff,
+                mode: SetMode::Set(v),
+                ..
+            } => Some((coeff.name(), *v)),
+            Command::SetHyper { hyper, value } => Some((hyper.name(), *value)),
+            _ => None,
+        }
+    }
+
+    /// Waits for `name` to become `v`.
+    pub fn set(&mut self, name: &'static str, v: f64) {
+        self.0.insert(name, v);
+    }
+
+    /// The run applied the change named `command`.
+    pub fn applied(&mut self, command: &str) {
+        self.0.retain(|k, _| *k != command);
+    }
+
+    /// The run refused something (a warning): nothing is waiting any more.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// The target for `name`, if one waits.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.get(name).copied()
+    }
+}
+
+/// What the live panel shows of the selected run.
+pub struct LiveRun<'a> {
+    /// Its last snapshot (blocks, priors, locks).
+    pub snapshot: Option<&'a Snapshot>,
+    /// Its values now, for the block chosen (or all).
+    pub values: RunValues,
+    /// Changes sent and not applied yet.
+    pub targets: &'a Targets,
+    /// Whether it is training.
+    pub running: bool,
+}
+
+/// The text beside a slider: the run's value now when a target waits.
+fn waiting(ui: &mut egui::Ui, target: Option<f64>, now: f64) {
+    if target.is_some() {
+        ui.label(
+            egui::RichText::new(format!("target · now {}", four_digits(now)))
+                .color(egui::Color32::from_rgb(240, 180, 40)),
+        )
+        .on_hover_text("Sent to the run; it applies it at its next step");
+    }
+}
 
 fn released(r: &egui::Response) -> bool {
     r.drag_stopped() || (r.changed() && !r.dragged())
@@ -50,11 +118,12 @@ fn range_slider(value: &mut f64, range: ValueRange, text: String) -> egui::Slide
 }
 
 impl ControlSettings {
-    /// Draws the controls. `snapshot` gives the current values and locks; `blocks` the MoPPA blocks.
-    pub fn ui(&mut self, ui: &mut egui::Ui, snapshot: Option<&Snapshot>, running: bool) -> Vec<Action> {
+    /// Draws the controls for the selected run: its values (or the targets sent to it), its
+    /// blocks and locks.
+    pub fn ui(&mut self, ui: &mut egui::Ui, run: &LiveRun<'_>) -> Vec<Action> {
         let mut actions = Vec::new();
         ui.heading("Physics, live");
-        let Some(snap) = snapshot else {
+        let Some(snap) = run.snapshot else {
             ui.label("Start a MoPPA run to steer its priors.");
             return actions;
         };
@@ -83,13 +152,6 @@ impl ControlSettings {
             .iter()
             .find(|b| Some(b.block) == self.block)
             .or_else(|| snap.blocks.first());
-        let mean = |v: &[f32]| {
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len() as f64
-            }
-        };
         // What each coefficient's slider says and spans, in prior order.
         let sliders = [
             ("κ heat", "exp(−κ·τ·Λ): larger κ blurs more (local smoothing)"),
@@ -99,15 +161,24 @@ impl ControlSettings {
                 "S·ε/(Λ + ε): smaller ε spreads further (global equilibrium)",
             ),
         ];
+        let over = if self.block.is_some() {
+            "this block's"
+        } else {
+            "every block's"
+        };
         for (coeff, (label, eq)) in Coeff::ALL.into_iter().zip(sliders) {
             if !has(coeff.prior()) {
                 continue;
             }
-            let current = shown.map(|b| mean(&b.coeffs[coeff]));
-            let value = &mut self.coeffs[coeff];
+            let now = run.values.coeffs[coeff];
+            let pending = run.targets.get(coeff.name());
+            let mut value = pending.unwrap_or(now);
+            if value.is_nan() {
+                continue;
+            }
             ui.horizontal(|ui| {
                 let r = if self.mode == ChangeMode::Set {
-                    ui.add(range_slider(value, coeff.range(), label.to_owned()))
+                    ui.add(range_slider(&mut value, coeff.range(), label.to_owned()))
                 } else {
                     ui.add(
                         egui::Slider::new(&mut self.factor, 0.1..=10.0)
@@ -115,10 +186,13 @@ impl ControlSettings {
                             .text(format!("× {label}")),
                     )
                 };
-                let r = r.on_hover_text(format!("{eq}\nnow: channel mean {:.4}", current.unwrap_or(f64::NAN)));
+                let r = r.on_hover_text(format!(
+                    "{eq}\nnow: the mean over {over} channels, {}",
+                    four_digits(now)
+                ));
                 if released(&r) {
                     let mode = if self.mode == ChangeMode::Set {
-                        SetMode::Set(*value)
+                        SetMode::Set(value)
                     } else {
                         SetMode::Scale(self.factor)
                     };
@@ -133,6 +207,7 @@ impl ControlSettings {
                     shown.is_some_and(|b| b.locked.contains(&what)),
                 );
             });
+            waiting(ui, pending, now);
         }
         if has(Prior::Poisson) {
             ui.horizontal(|ui| {
@@ -148,47 +223,44 @@ impl ControlSettings {
         }
         ui.separator();
         let hypers = [
-            (
-                Hyper::Tau,
-                "τ time",
-                "heat exp(−κ·τ·Λ) and wave cos(c·τ·√Λ)",
-                &mut self.tau,
-            ),
-            (Hyper::Gamma, "γ damping", "wave exp(−γ·τ·√Λ)", &mut self.gamma),
+            (Hyper::Tau, "τ time", "heat exp(−κ·τ·Λ) and wave cos(c·τ·√Λ)"),
+            (Hyper::Gamma, "γ damping", "wave exp(−γ·τ·√Λ)"),
             (
                 Hyper::RouteWeight,
                 "λ route",
                 "L_route = λ · mean_l KL(mean α_l ‖ uniform)",
-                &mut self.route_weight,
             ),
-            (
-                Hyper::Temperature,
-                "T router",
-                "α = softmax(logits / T)",
-                &mut self.temperature,
-            ),
+            (Hyper::Temperature, "T router", "α = softmax(logits / T)"),
             (
                 Hyper::Lr,
                 "lr",
                 "peak learning rate (the warm-up + cosine schedule keeps its shape)",
-                &mut self.lr,
             ),
         ];
-        for (hyper, label, eq, value) in hypers {
+        for (hyper, label, eq) in hypers {
             let range = hyper.range();
+            let now = run.values.hyper(hyper);
+            let pending = run.targets.get(hyper.name());
+            let mut value = pending.unwrap_or(now);
+            if value.is_nan() {
+                // A run that does not say (a pretraining run, an old folder): nothing to move from.
+                ui.label(format!("{label}: not known for this run"));
+                continue;
+            }
             let r = ui
-                .add(range_slider(value, range, label.to_owned()))
+                .add(range_slider(&mut value, range, label.to_owned()))
                 .on_hover_text(format!("{eq}\nvalid: {range}"));
             if released(&r) {
-                actions.push(Action::Send(Command::SetHyper { hyper, value: *value }));
+                actions.push(Action::Send(Command::SetHyper { hyper, value }));
             }
+            waiting(ui, pending, now);
         }
         ui.separator();
         ui.horizontal(|ui| {
             if ui.button("Evaluate now").clicked() {
                 actions.push(Action::Send(Command::Evaluate));
             }
-            if !running {
+            if !run.running {
                 ui.label("(applied at the next step)");
             }
         });

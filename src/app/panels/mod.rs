@@ -75,6 +75,12 @@ pub enum Action {
     SetDark(bool),
     /// Dismiss message `i`.
     Dismiss(usize),
+    /// A new run of this app's with the selected run's settings.
+    NewRunFrom,
+    /// Show (true) or hide these runs in the plots.
+    Show(Vec<usize>, bool),
+    /// Pin this run as the baseline (None: unpin).
+    Pin(Option<usize>),
 }
 
 pub use crate::train::protocol::RunStatus;

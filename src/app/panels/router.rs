@@ -85,7 +85,7 @@ pub fn alerts(snapshots: &[Snapshot], settings: &RouterSettings, window: usize) 
 }
 
 /// What the probe controls may offer for the run shown.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Probing<'a> {
     /// Validation images to choose from (0: none, e.g. a run watched from its folder).
     pub probes: usize,
@@ -93,6 +93,9 @@ pub struct Probing<'a> {
     pub can_probe: bool,
     /// Class names, index = label.
     pub classes: &'a [String],
+    /// Other MoPPA runs shown, overlaid (dashed) on the share and entropy plots: name, colour,
+    /// history.
+    pub others: Vec<(&'a str, egui::Color32, &'a RunHistory)>,
 }
 
 impl RouterSettings {
@@ -109,7 +112,9 @@ impl RouterSettings {
             probes,
             can_probe,
             classes,
-        } = *probing;
+            ..
+        } = probing;
+        let (probes, can_probe, classes) = (*probes, *can_probe, *classes);
         let mut actions = Vec::new();
         let Some(snap) = snap else {
             ui.label("Router statistics appear here during a MoPPA run with two or more priors.");
@@ -244,8 +249,20 @@ impl RouterSettings {
                     }
                     if let Some(b) = snap.blocks.iter().find(|b| b.block == self.block) {
                         if let Some(id) = argmax_map(ui.ctx(), textures, snap, b, "probe-map") {
-                            ui.image((id, egui::vec2(160.0, 160.0)))
-                                .on_hover_text("colour = argmax prior, paler = less certain");
+                            ui.vertical(|ui| {
+                                ui.image((id, egui::vec2(160.0, 160.0)))
+                                    .on_hover_text("colour = argmax prior, paler = less certain");
+                                // The maps' colour key.
+                                ui.horizontal(|ui| {
+                                    for p in &snap.priors {
+                                        let (rect, _) =
+                                            ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+                                        ui.painter().rect_filled(rect, 2.0, prior_color(*p));
+                                        ui.label(egui::RichText::new(p.name()).small());
+                                    }
+                                });
+                                ui.label(egui::RichText::new("paler: less certain").small());
+                            });
                         } else if !b.probe_alpha.is_empty() {
                             ui.label(format!("router weights for the image: {:?}", b.probe_alpha));
                         }
@@ -293,8 +310,32 @@ impl RouterSettings {
                             );
                         }
                     }
+                    // Other runs: the same block, each prior in its colour, dashed, named.
+                    for (name, _, h) in &probing.others {
+                        let Some(series) = h.shares.get(self.block) else {
+                            continue;
+                        };
+                        let priors = h.info.as_ref().map_or(&[][..], |i| i.priors.as_slice());
+                        for (p, s) in priors.iter().zip(series) {
+                            pu.line(
+                                Line::new(format!("{name} {}", p.name()), PlotPoints::from(s.xy(false)))
+                                    .color(prior_color(*p))
+                                    .style(egui_plot::LineStyle::dashed_dense())
+                                    .width(1.3),
+                            );
+                        }
+                    }
                 });
             cols[1].label(egui::RichText::new("Routing entropy / ln k per block").strong());
+            if !probing.others.is_empty() {
+                cols[0].label(
+                    egui::RichText::new(format!(
+                        "dashed: {} (the other runs shown; hide them in the Curves or Runs view)",
+                        probing.others.iter().map(|o| o.0).collect::<Vec<_>>().join(", ")
+                    ))
+                    .small(),
+                );
+            }
             Plot::new("router-entropy")
                 .height(200.0)
                 .legend(Legend::default())
@@ -305,6 +346,17 @@ impl RouterSettings {
                     for (b, s) in history.entropy.iter().enumerate() {
                         if !s.points.is_empty() {
                             pu.line(Line::new(format!("block {b}"), PlotPoints::from(s.xy(false))));
+                        }
+                    }
+                    // Other runs: the chosen block's entropy, in the run's colour, dashed.
+                    for (name, color, h) in &probing.others {
+                        if let Some(s) = h.entropy.get(self.block).filter(|s| !s.points.is_empty()) {
+                            pu.line(
+                                Line::new(format!("{name} block {}", self.block), PlotPoints::from(s.xy(false)))
+                                    .color(*color)
+                                    .style(egui_plot::LineStyle::dashed_dense())
+                                    .width(1.8),
+                            );
                         }
                     }
                 });

@@ -10,10 +10,8 @@ use crate::app::layout::run_state;
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-/// Settings that describe the machine or the folder rather than the run.
-const NOT_COMPARED: [&str; 6] = ["out", "resume", "threads", "device", "snapshot_every", "eval_every"];
-
-/// The configuration keys whose values are not the same in every run.
+/// The configuration keys whose values are not the same in every run (the seed included;
+/// where and how a run ran left out).
 fn differing_keys(configs: &[Option<&Value>]) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     let objects: Vec<&serde_json::Map<String, Value>> =
@@ -23,7 +21,7 @@ fn differing_keys(configs: &[Option<&Value>]) -> BTreeSet<String> {
     }
     for o in &objects {
         for k in o.keys() {
-            if NOT_COMPARED.contains(&k.as_str()) {
+            if k != "seed" && crate::app::groups::NOT_A_SETTING.contains(&k.as_str()) {
                 continue;
             }
             let first = objects[0].get(k);
@@ -38,18 +36,111 @@ fn differing_keys(configs: &[Option<&Value>]) -> BTreeSet<String> {
 fn short(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
         other => other.to_string(),
     }
 }
 
-/// Draws the table; returns the run to select, if a row's button was clicked.
-pub fn ui(ui: &mut egui::Ui, runs: &[OpenRun], selected: usize) -> Vec<Action> {
+/// The table's columns: header, hover, and how a row sorts.
+const COLUMNS: [(&str, &str); 11] = [
+    ("run", "its name"),
+    ("source", "where it comes from"),
+    ("state", "where it stands"),
+    ("method", "method and rank"),
+    ("trainable", "trainable parameters"),
+    ("steps", "steps done"),
+    ("best val", "best validation accuracy"),
+    ("test", "test accuracy of the final model"),
+    ("steps/s", "optimizer steps per second of training (pauses left out)"),
+    ("wall", "seconds since it started"),
+    (
+        "differs",
+        "its settings that differ from the other runs' (keys that do not apply to its method are left out)",
+    ),
+];
+
+/// How the runs table is sorted and filtered.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RunsTable {
+    /// The column sorted by (`None`: the order opened).
+    pub sort: Option<usize>,
+    /// Descending.
+    pub descending: bool,
+    /// Rows shown contain this text (any column, case ignored).
+    pub filter: String,
+}
+
+/// One row's cells as text, and its sort keys (numbers where the column is numeric).
+struct Row {
+    cells: Vec<String>,
+    numbers: Vec<Option<f64>>,
+}
+
+fn row(r: &OpenRun, differ: &BTreeSet<String>) -> Row {
+    let h = &r.history;
+    let info = r.info();
+    let pct = |a: Option<f64>| a.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a));
+    let diffs: Vec<String> = differ
+        .iter()
+        .filter_map(|k| {
+            let v = info.and_then(|i| i.config.get(k.as_str()))?;
+            (!v.is_null()).then(|| format!("{k}={}", short(v)))
+        })
+        .collect();
+    let test = h.test.last().map(|t| t[2]);
+    let sps = h.steps_per_s();
+    Row {
+        cells: vec![
+            h.label.clone(),
+            r.source.describe(),
+            run_state(r),
+            info.map_or_else(|| "-".into(), |i| i.method.clone()),
+            info.map_or_else(|| "-".into(), |i| crate::util::group_digits(i.trainable)),
+            h.step.to_string(),
+            pct(h.best_val()),
+            pct(test),
+            sps.map_or("-".into(), |v| format!("{v:.1}")),
+            if h.time_s > 0.0 {
+                format!("{:.0} s", h.time_s)
+            } else {
+                "-".into()
+            },
+            diffs.join("  "),
+        ],
+        numbers: vec![
+            None,
+            None,
+            None,
+            None,
+            info.map(|i| i.trainable as f64),
+            Some(h.step as f64),
+            h.best_val(),
+            test,
+            sps,
+            Some(h.time_s),
+            None,
+        ],
+    }
+}
+
+/// Draws the table (sortable by any column, filtered by text); returns the run to select, if a
+/// row's name was clicked, and runs shown or hidden.
+pub fn ui(ui: &mut egui::Ui, runs: &[OpenRun], selected: usize, table: &mut RunsTable) -> Vec<Action> {
     let mut actions = Vec::new();
     ui.horizontal(|ui| {
         ui.heading("Runs");
         if ui.button("Open run…").clicked() {
             actions.push(Action::OpenRuns);
+        }
+        ui.separator();
+        ui.label("filter");
+        ui.add(
+            egui::TextEdit::singleline(&mut table.filter)
+                .hint_text("any text in a row")
+                .desired_width(200.0),
+        );
+        if !table.filter.is_empty() && ui.small_button("✖").clicked() {
+            table.filter.clear();
         }
     });
     if runs.is_empty() {
@@ -58,66 +149,92 @@ pub fn ui(ui: &mut egui::Ui, runs: &[OpenRun], selected: usize) -> Vec<Action> {
     }
     let configs: Vec<Option<&Value>> = runs.iter().map(|r| r.info().map(|i| &i.config)).collect();
     let differ = differing_keys(&configs);
-    let highlight = egui::Color32::from_rgb(240, 190, 70);
-    egui::Grid::new("runs-table")
-        .striped(true)
-        .spacing([14.0, 4.0])
-        .show(ui, |ui| {
-            for h in [
-                "",
-                "run",
-                "source",
-                "state",
-                "method",
-                "trainable",
-                "steps",
-                "best val",
-                "test",
-                "steps/s",
-                "wall",
-                "differs",
-            ] {
-                ui.label(egui::RichText::new(h).strong());
-            }
-            ui.end_row();
-            for (i, r) in runs.iter().enumerate() {
-                let h = &r.history;
-                // The run's colour in overlaid curves.
-                let (rect, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
-                ui.painter().rect_filled(rect.shrink(1.0), 2.0, run_color(i));
-                if ui
-                    .selectable_label(i == selected, &h.label)
-                    .on_hover_text("Show this run in the filter, router and live views")
-                    .clicked()
-                {
-                    actions.push(Action::Select(i));
-                }
-                ui.label(egui::RichText::new(r.source.describe()).small());
-                ui.label(run_state(r));
-                let info = r.info();
-                ui.label(info.map_or_else(|| "-".into(), |i| i.method.clone()));
-                ui.label(info.map_or_else(|| "-".into(), |i| crate::util::group_digits(i.trainable)));
-                ui.label(h.step.to_string());
-                ui.label(h.best_val().map_or("-".into(), |a| format!("{:.2}%", 100.0 * a)));
-                ui.label(h.test.last().map_or("-".into(), |t| format!("{:.2}%", 100.0 * t[2])));
-                ui.label(if h.time_s > 0.0 {
-                    format!("{:.1}", h.step as f64 / h.time_s)
-                } else {
-                    "-".into()
-                });
-                ui.label(if h.time_s > 0.0 {
-                    format!("{:.0} s", h.time_s)
-                } else {
-                    "-".into()
-                });
-                let diffs: Vec<String> = differ
-                    .iter()
-                    .filter_map(|k| info.map(|i| format!("{k}={}", short(&i.config[k.as_str()]))))
-                    .collect();
-                ui.label(egui::RichText::new(diffs.join("  ")).color(highlight).monospace());
-                ui.end_row();
-            }
+    let rows: Vec<Row> = runs.iter().map(|r| row(r, &differ)).collect();
+    let needle = table.filter.to_lowercase();
+    let mut order: Vec<usize> = (0..runs.len())
+        .filter(|&i| needle.is_empty() || rows[i].cells.iter().any(|c| c.to_lowercase().contains(&needle)))
+        .collect();
+    if let Some(c) = table.sort {
+        order.sort_by(|&a, &b| {
+            let o = match (rows[a].numbers[c], rows[b].numbers[c]) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Greater,
+                (None, Some(_)) => std::cmp::Ordering::Less,
+                (None, None) => rows[a].cells[c].cmp(&rows[b].cells[c]),
+            };
+            if table.descending { o.reverse() } else { o }
         });
+    }
+    let highlight = egui::Color32::from_rgb(240, 190, 70);
+    egui::ScrollArea::horizontal()
+        .id_salt("runs-table-scroll")
+        .show(ui, |ui| {
+            egui::Grid::new("runs-table")
+                .striped(true)
+                .spacing([14.0, 4.0])
+                .show(ui, |ui| {
+                    ui.label("");
+                    for (c, (h, hover)) in COLUMNS.iter().enumerate() {
+                        let arrow = match (table.sort == Some(c), table.descending) {
+                            (true, false) => " ⏶",
+                            (true, true) => " ⏷",
+                            _ => "",
+                        };
+                        if ui
+                            .add(egui::Button::new(egui::RichText::new(format!("{h}{arrow}")).strong()).frame(false))
+                            .on_hover_text(format!("{hover}; click to sort"))
+                            .clicked()
+                        {
+                            if table.sort == Some(c) {
+                                table.descending = !table.descending;
+                            } else {
+                                table.sort = Some(c);
+                                table.descending = rows.first().is_some_and(|r| r.numbers[c].is_some());
+                            }
+                        }
+                    }
+                    ui.end_row();
+                    for &i in &order {
+                        let r = &runs[i];
+                        let cells = &rows[i].cells;
+                        ui.horizontal(|ui| {
+                            // The run's colour in overlaid curves, and whether they draw it.
+                            let (rect, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+                            ui.painter().rect_filled(rect.shrink(1.0), 2.0, run_color(i));
+                            let mut on = r.shown;
+                            if ui
+                                .checkbox(&mut on, "")
+                                .on_hover_text("Draw this run in the curves")
+                                .changed()
+                            {
+                                actions.push(Action::Show(vec![i], on));
+                            }
+                        });
+                        if ui
+                            .selectable_label(i == selected, &cells[0])
+                            .on_hover_text("Show this run in the filter, router and live views")
+                            .clicked()
+                        {
+                            actions.push(Action::Select(i));
+                        }
+                        ui.label(egui::RichText::new(&cells[1]).small());
+                        for c in &cells[2..10] {
+                            ui.label(c);
+                        }
+                        // The differing settings wrap within the column instead of running off.
+                        ui.scope(|ui| {
+                            ui.set_max_width(420.0);
+                            ui.add(
+                                egui::Label::new(egui::RichText::new(&cells[10]).color(highlight).monospace()).wrap(),
+                            );
+                        });
+                        ui.end_row();
+                    }
+                });
+        });
+    if order.len() < runs.len() {
+        ui.label(egui::RichText::new(format!("{} of {} runs match the filter", order.len(), runs.len())).small());
+    }
     if !differ.is_empty() {
         ui.label(
             egui::RichText::new(format!(

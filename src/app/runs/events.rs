@@ -31,6 +31,14 @@ impl RunsState {
                 if resumed {
                     run.history.resumes += 1;
                 }
+                run.history.config = serde_json::from_value(info.config.clone()).ok();
+                // A served run is named by its folder (its address is its source).
+                if matches!(run.source, Source::Remote(_))
+                    && let Some(name) = info.out.as_ref().and_then(|d| d.file_name())
+                {
+                    let watching = if run.control { "" } else { " (watching)" };
+                    run.history.label = format!("{}{watching}", name.to_string_lossy());
+                }
                 run.history.info = Some(*info);
                 return run.source == Source::Local && selected;
             }
@@ -42,10 +50,20 @@ impl RunsState {
             }
             Event::Snapshot(s) => run.history.on_snapshot(*s),
             Event::Eval(e) => run.history.on_eval(&e),
-            Event::Applied(a) => run.history.applied.push(a),
-            Event::Paused { .. } => run.status = RunStatus::Paused,
+            Event::Applied(a) => {
+                run.targets.applied(&a.command);
+                run.history.applied.push(a);
+            }
+            Event::Paused { .. } => {
+                run.status = RunStatus::Paused;
+                run.history.paused_gap = true;
+            }
             Event::Resumed { .. } => run.status = RunStatus::Running,
-            Event::Warning(n) => messages.push(n, false),
+            Event::Warning(n) => {
+                // A refused command is a warning: its target no longer waits.
+                run.targets.clear();
+                messages.push(n, false);
+            }
             Event::Error(n) | Event::Diverged(n) => {
                 // A recorded run's old errors are part of its history, not news for a dialog.
                 if matches!(run.source, Source::Folder(_)) {

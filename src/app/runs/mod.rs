@@ -56,6 +56,10 @@ pub struct OpenRun {
     /// The probe answered for a run opened from its folder (shown instead of the recorded
     /// probe until the validation image is chosen again).
     pub probed: Option<Box<crate::train::protocol::Snapshot>>,
+    /// Values sent to it that it has not applied yet (the live panel shows them as targets).
+    pub targets: super::panels::live::Targets,
+    /// Whether the plots draw it.
+    pub shown: bool,
 }
 
 impl OpenRun {
@@ -69,6 +73,8 @@ impl OpenRun {
             autostart: false,
             adapter_probe: None,
             probed: None,
+            targets: super::panels::live::Targets::default(),
+            shown: true,
         }
     }
 
@@ -76,6 +82,25 @@ impl OpenRun {
     #[must_use]
     pub fn info(&self) -> Option<&RunInfo> {
         self.history.info.as_ref()
+    }
+
+    /// Whether its settings can still change: a run of this app's that has not trained a step
+    /// (every other run's settings are what it ran with).
+    #[must_use]
+    pub fn editable(&self) -> bool {
+        self.source == Source::Local && self.history.step == 0 && self.history.finished.is_none()
+    }
+
+    /// Its settings for a new run of this app's: the folder, resumption and the file's hash are
+    /// the old run's own.
+    #[must_use]
+    pub fn settings_for_new_run(&self) -> Option<RunConfig> {
+        let mut c = self.history.config.clone()?;
+        c.out = None;
+        c.resume = None;
+        c.auto_resume = false;
+        c.backbone_sha256 = None;
+        Some(c)
     }
 
     /// A followed folder's state: finished, crashed or still written.
@@ -101,6 +126,8 @@ pub struct RunsState {
     pub scrub: Option<usize>,
     /// Where the files a served run sends ([`Command::FetchRunFiles`]) are saved.
     fetch_to: Option<PathBuf>,
+    /// The run pinned as the baseline (always drawn, dashed).
+    pub baseline: Option<usize>,
 }
 
 impl RunsState {
@@ -173,6 +200,16 @@ impl RunsState {
         if i < self.runs.len() {
             self.selected = i;
             self.scrub = None;
+            self.runs[i].shown = true;
+        }
+    }
+
+    /// Shows or hides runs `which` in the plots (the selected run is always drawn).
+    pub fn set_shown(&mut self, which: &[usize], shown: bool) {
+        for &i in which {
+            if let Some(r) = self.runs.get_mut(i) {
+                r.shown = shown || i == self.selected;
+            }
         }
     }
 
@@ -223,10 +260,16 @@ impl RunsState {
         self.runs.iter().any(OpenRun::following)
     }
 
-    /// Sends a command to the run shown; false when it cannot take it.
+    /// Sends a command to the run shown (a value it sets is its target until applied); false
+    /// when it cannot take it.
     pub(super) fn send(&mut self, c: Command) -> bool {
-        self.sel_mut()
-            .is_some_and(|r| r.control && r.link.as_mut().is_some_and(|l| l.send(c)))
+        let Some(r) = self.sel_mut() else { return false };
+        let target = super::panels::live::Targets::asked(&c);
+        let sent = r.control && r.link.as_mut().is_some_and(|l| l.send(c));
+        if sent && let Some((name, v)) = target {
+            r.targets.set(name, v);
+        }
+        sent
     }
 
     /// Where the next fetched run files go.
