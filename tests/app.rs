@@ -1327,7 +1327,9 @@ fn a_served_run_is_named_by_its_folder_and_shows_its_settings() {
             }
         }
     });
-    let addr: String = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a serving on line");
+    let addr: String = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a serving on line");
     let (launcher, _fake) = launcher();
     let mut h = app(Settings::default(), launcher, AppOptions::default(), None);
     h.state_mut().connect_to(&addr, "a-token-of-16-chars");
@@ -1352,4 +1354,52 @@ fn a_served_run_is_named_by_its_folder_and_shows_its_settings() {
         "its settings, read-only"
     );
     assert!(h.query_by_label("7").is_some(), "its batch in the left panel");
+}
+
+#[test]
+fn a_vit_s16_run_at_real_size_opens_in_every_view() {
+    // ViT-S/16 at 224 px: 12 blocks, 14×14 tokens, rank 64 (random weights; the fixture's 64
+    // IDX digits), two steps of batch 2.
+    let tmp = tempdir("app-vit-s16");
+    let run = tmp.join("vit-s16");
+    let data = format!("idx:{}", common::fixture("runs/idx").display());
+    let o = common::moppa(&[
+        "train",
+        "--backbone",
+        "random:vit-s16",
+        "--data",
+        &data,
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--rank",
+        "64",
+        "--threads",
+        "2",
+        "--eval-every",
+        "0",
+        "--plain",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut h = viewer(Tab::Filters, vec![run]);
+    h.run_steps(4);
+    let r = h.state().sel().unwrap();
+    let info = r.info().unwrap();
+    assert_eq!((info.blocks, info.grid, info.rank), (12, (14, 14), 64));
+    let snap = r.history.snapshots.last().unwrap();
+    assert_eq!(snap.blocks.len(), 12);
+    assert!(r.history.filter_cache.computed() >= 1, "the filter view drew block 0");
+    assert!(
+        h.query_by_label_contains("κ: mean").is_some(),
+        "a summary over the 64 channels"
+    );
+    h.state_mut().settings.tab = Tab::Router;
+    h.run_steps(3);
+    assert!(
+        h.query_all_by_label("block 11").count() >= 2,
+        "every block's map and entropy key, to the twelfth"
+    );
 }

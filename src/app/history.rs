@@ -326,6 +326,36 @@ impl RunHistory {
 mod tests {
     use super::*;
 
+    fn progress(step: u64, time_s: f64) -> Progress {
+        Progress {
+            step,
+            epoch: 0.0,
+            loss: 1.0,
+            route_loss: 0.0,
+            train_acc: 0.5,
+            lr: 1e-3,
+            img_per_s: 10.0,
+            time_s,
+            class_loss: None,
+        }
+    }
+
+    #[test]
+    fn steps_per_second_leave_paused_time_out() {
+        // 10 steps in 1 s, a pause of 60 s, 10 more steps in 1 s: 20 steps / 2 s of training,
+        // not 20 / 62.
+        let mut h = RunHistory::default();
+        for s in 1..=10 {
+            h.on_progress(&progress(s, 0.1 * s as f64));
+        }
+        h.paused_gap = true;
+        for s in 11..=20 {
+            h.on_progress(&progress(s, 61.0 + 0.1 * (s - 10) as f64));
+        }
+        let sps = h.steps_per_s().unwrap();
+        assert!((sps - 20.0 / 1.9).abs() < 1e-9, "{sps}");
+    }
+
     #[test]
     fn series_stays_bounded_and_keeps_the_shape() {
         let mut s = Series::default();

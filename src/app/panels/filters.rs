@@ -8,7 +8,7 @@ use crate::app::widgets::colormap::prior_color;
 use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
 use crate::train::protocol::{Command, Snapshot};
 use crate::train::snapfile::{GainView, gain_view};
-use egui_plot::{Legend, Line, Plot, PlotPoints};
+use egui_plot::{Corner, Legend, Line, Plot, PlotPoints};
 
 /// A run's radial profiles and impulse responses for the snapshot, block and channel shown,
 /// computed once ([`gain_view`]) and drawn from here every frame after.
@@ -152,7 +152,8 @@ impl FilterSettings {
             cols[0].label(egui::RichText::new("Radial profile: gain against √Λ").strong());
             Plot::new("radial")
                 .height(210.0)
-                .legend(Legend::default())
+                // Lower left: the profiles start at 1 and fall, so that corner stays free.
+                .legend(Legend::default().position(Corner::LeftBottom))
                 .x_axis_label("√Λ")
                 .y_axis_label("G")
                 .show(&mut cols[0], |pu| {

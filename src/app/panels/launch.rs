@@ -488,8 +488,8 @@ fn value_text(v: &serde_json::Value) -> String {
             .filter(|(_, v)| !matches!(v, serde_json::Value::Null | serde_json::Value::Bool(false)))
             .filter(|(_, v)| v.as_f64() != Some(0.0))
             .map(|(k, v)| format!("{k} {}", value_text(v)))
-            .collect::<Vec<_>>()
-            .join(", "),
+            .reduce(|a, b| format!("{a}, {b}"))
+            .unwrap_or_else(|| "none".into()),
         other => other.to_string(),
     }
 }

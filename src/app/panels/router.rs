@@ -8,7 +8,7 @@ use crate::app::widgets::colormap::{prior_color, prior_rgb};
 use crate::app::widgets::heatmap::{Scale, Textures, colorbar, heatmap};
 use crate::physics::Prior;
 use crate::train::protocol::{BlockSnapshot, Command, ProbeOrigin, Snapshot};
-use egui_plot::{Legend, Line, Plot, PlotPoints};
+use egui_plot::{Line, Plot, PlotPoints};
 
 /// An alert about the router.
 #[derive(Clone, Debug, PartialEq)]
@@ -296,7 +296,6 @@ impl RouterSettings {
                 .label(egui::RichText::new(format!("Share of each prior over steps (block {})", self.block)).strong());
             Plot::new("router-shares")
                 .height(200.0)
-                .legend(Legend::default())
                 .include_y(0.0)
                 .include_y(1.0)
                 .x_axis_label("step")
@@ -327,6 +326,17 @@ impl RouterSettings {
                     }
                 });
             cols[1].label(egui::RichText::new("Routing entropy / ln k per block").strong());
+            // Keys under the plots: a legend would cover the lines.
+            cols[0].horizontal_wrapped(|ui| {
+                for p in &snap.priors {
+                    key(ui, prior_color(*p), p.name());
+                }
+            });
+            cols[1].horizontal_wrapped(|ui| {
+                for b in 0..history.entropy.len() {
+                    key(ui, block_color(b), &format!("block {b}"));
+                }
+            });
             if !probing.others.is_empty() {
                 cols[0].label(
                     egui::RichText::new(format!(
@@ -338,14 +348,17 @@ impl RouterSettings {
             }
             Plot::new("router-entropy")
                 .height(200.0)
-                .legend(Legend::default())
                 .include_y(0.0)
                 .include_y(1.0)
                 .x_axis_label("step")
                 .show(&mut cols[1], |pu| {
                     for (b, s) in history.entropy.iter().enumerate() {
                         if !s.points.is_empty() {
-                            pu.line(Line::new(format!("block {b}"), PlotPoints::from(s.xy(false))));
+                            pu.line(
+                                Line::new(format!("block {b}"), PlotPoints::from(s.xy(false)))
+                                    .color(block_color(b))
+                                    .width(1.5),
+                            );
                         }
                     }
                     // Other runs: the chosen block's entropy, in the run's colour, dashed.
@@ -363,6 +376,18 @@ impl RouterSettings {
         });
         actions
     }
+}
+
+/// The colour of block `b`'s entropy line.
+fn block_color(b: usize) -> egui::Color32 {
+    crate::app::panels::curves::run_color(b)
+}
+
+/// A colour key: a swatch and its name.
+fn key(ui: &mut egui::Ui, color: egui::Color32, name: &str) {
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+    ui.painter().rect_filled(rect, 2.0, color);
+    ui.label(egui::RichText::new(name).small());
 }
 
 /// The per-token argmax prior map of the probe in block `b` (colour = prior, paler = less
