@@ -475,15 +475,7 @@ fn side_list(
                         if g.len() > 1 {
                             ui.add_space(14.0);
                         }
-                        swatch(ui, run_color(i));
-                        let mut on = runs[i].shown;
-                        if ui
-                            .checkbox(&mut on, "")
-                            .on_hover_text("Show or hide this run")
-                            .changed()
-                        {
-                            actions.push(Action::Show(vec![i], on));
-                        }
+                        run_toggle(ui, i, runs[i].shown, &mut actions);
                         if ui
                             .selectable_label(i == selected, &runs[i].history.label)
                             .on_hover_text("Show this run in the filter, router and live views")
@@ -508,6 +500,19 @@ fn side_list(
             }
         });
     actions
+}
+
+/// Run `i`'s colour and a box to show or hide it in the plots.
+pub fn run_toggle(ui: &mut egui::Ui, i: usize, shown: bool, actions: &mut Vec<Action>) {
+    swatch(ui, run_color(i));
+    let mut on = shown;
+    if ui
+        .checkbox(&mut on, "")
+        .on_hover_text("Show or hide this run in the plots")
+        .changed()
+    {
+        actions.push(Action::Show(vec![i], on));
+    }
 }
 
 /// A run's colour as a small square.

@@ -4,7 +4,7 @@
 //! (highlighted). A row's button shows that run in the filter, router and live views.
 
 use super::Action;
-use super::curves::run_color;
+use super::curves::run_toggle;
 use crate::app::OpenRun;
 use crate::app::layout::run_state;
 use serde_json::Value;
@@ -197,19 +197,8 @@ pub fn ui(ui: &mut egui::Ui, runs: &[OpenRun], selected: usize, table: &mut Runs
                     for &i in &order {
                         let r = &runs[i];
                         let cells = &rows[i].cells;
-                        ui.horizontal(|ui| {
-                            // The run's colour in overlaid curves, and whether they draw it.
-                            let (rect, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
-                            ui.painter().rect_filled(rect.shrink(1.0), 2.0, run_color(i));
-                            let mut on = r.shown;
-                            if ui
-                                .checkbox(&mut on, "")
-                                .on_hover_text("Draw this run in the curves")
-                                .changed()
-                            {
-                                actions.push(Action::Show(vec![i], on));
-                            }
-                        });
+                        // The run's colour in overlaid curves, and whether they draw it.
+                        ui.horizontal(|ui| run_toggle(ui, i, r.shown, &mut actions));
                         if ui
                             .selectable_label(i == selected, &cells[0])
                             .on_hover_text("Show this run in the filter, router and live views")
