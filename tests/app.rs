@@ -1403,3 +1403,29 @@ fn a_vit_s16_run_at_real_size_opens_in_every_view() {
         "every block's map and entropy key, to the twelfth"
     );
 }
+
+#[test]
+fn the_runs_table_sorts_by_a_column_and_filters_by_text() {
+    let tmp = tempdir("app-table");
+    for (name, steps) in [("lora-a", 100), ("lora-b", 140), ("moppa-c", 120)] {
+        write_run(&tmp.join(name), config_json(|c| c.seed = steps), steps, 1, 0.0);
+    }
+    let mut h = viewer(Tab::Runs, vec![tmp.clone()]);
+    h.run_steps(3);
+    // A run's row: its name's button in the table.
+    let y =
+        |h: &Harness<'static, StudioApp>, name: &str| h.get_by_role_and_label(egui::Role::Button, name).rect().min.y;
+    // Steps, descending on the first click (a number column), then ascending.
+    h.get_by_role_and_label(egui::Role::Button, "steps").click();
+    h.run_steps(2);
+    assert!(y(&h, "lora-b") < y(&h, "moppa-c") && y(&h, "moppa-c") < y(&h, "lora-a"));
+    h.get_by_role_and_label(egui::Role::Button, "steps (desc)").click();
+    h.run_steps(2);
+    assert!(y(&h, "lora-a") < y(&h, "moppa-c") && y(&h, "moppa-c") < y(&h, "lora-b"));
+    // Filtered by any text in a row.
+    h.state_mut().settings.runs_table.filter = "LORA".into();
+    h.run_steps(2);
+    assert!(h.query_by_role_and_label(egui::Role::Button, "moppa-c").is_none());
+    assert!(h.query_by_role_and_label(egui::Role::Button, "lora-b").is_some());
+    assert!(h.query_by_label_contains("2 of 3 runs match").is_some());
+}

@@ -139,7 +139,7 @@ pub fn ui(ui: &mut egui::Ui, runs: &[OpenRun], selected: usize, table: &mut Runs
                 .hint_text("any text in a row")
                 .desired_width(200.0),
         );
-        if !table.filter.is_empty() && ui.small_button("✖").clicked() {
+        if !table.filter.is_empty() && ui.small_button("clear").clicked() {
             table.filter.clear();
         }
     });
@@ -176,8 +176,8 @@ pub fn ui(ui: &mut egui::Ui, runs: &[OpenRun], selected: usize, table: &mut Runs
                     ui.label("");
                     for (c, (h, hover)) in COLUMNS.iter().enumerate() {
                         let arrow = match (table.sort == Some(c), table.descending) {
-                            (true, false) => " ⏶",
-                            (true, true) => " ⏷",
+                            (true, false) => " (asc)",
+                            (true, true) => " (desc)",
                             _ => "",
                         };
                         if ui
