@@ -53,13 +53,23 @@ pub struct PathForm {
     pub title: String,
     /// File extensions offered (empty: any).
     pub extensions: &'static [&'static str],
+    /// The completions of the text they were listed for (the folder is read when it changes,
+    /// not every frame).
+    listed: Option<(String, Vec<String>)>,
 }
 
 impl PathForm {
     /// Entries of the typed path's folder that start with its last part (folders end with `/`),
-    /// at most `max`, sorted; files only where a file is asked for and matches the filter.
-    #[must_use]
-    pub fn completions(&self, max: usize) -> Vec<String> {
+    /// at most `max`, sorted; files only where a file is asked for and matches the filter. Read
+    /// again only when the text changed.
+    pub fn completions(&mut self, max: usize) -> &[String] {
+        if self.listed.as_ref().is_none_or(|(t, _)| *t != self.text) {
+            self.listed = Some((self.text.clone(), self.list(max)));
+        }
+        self.listed.as_ref().map_or(&[], |(_, l)| l.as_slice())
+    }
+
+    fn list(&self, max: usize) -> Vec<String> {
         let extensions = self.extensions;
         let typed = expand_home(&self.text);
         let (dir, prefix) = if typed.ends_with('/') || typed.is_empty() {
@@ -291,6 +301,7 @@ impl Dialogs {
                 text,
                 title: title.into(),
                 extensions: request.filter.map_or(&[][..], |f| f.1),
+                listed: None,
             });
             return true;
         }

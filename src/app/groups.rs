@@ -32,18 +32,14 @@ pub fn setting_key(config: &Value) -> Option<String> {
     Some(Value::Object(o).to_string())
 }
 
-/// Groups of run indices with the same setting, in the order of their first run; runs whose
-/// configuration is unknown are groups of one.
+/// Groups of run indices with the same setting key ([`setting_key`]), in the order of their
+/// first run; runs whose configuration is unknown are groups of one.
 #[must_use]
-pub fn groups(configs: &[Option<&Value>]) -> Vec<Vec<usize>> {
-    let mut keys: Vec<Option<String>> = Vec::new();
+pub fn groups(settings: &[Option<&str>]) -> Vec<Vec<usize>> {
+    let mut keys: Vec<Option<&str>> = Vec::new();
     let mut out: Vec<Vec<usize>> = Vec::new();
-    for (i, c) in configs.iter().enumerate() {
-        let key = c.and_then(setting_key);
-        if let Some(g) = key
-            .as_ref()
-            .and_then(|k| keys.iter().position(|q| q.as_ref() == Some(k)))
-        {
+    for (i, &key) in settings.iter().enumerate() {
+        if let Some(g) = key.and_then(|k| keys.iter().position(|q| *q == Some(k))) {
             out[g].push(i);
         } else {
             keys.push(key);
@@ -140,7 +136,8 @@ mod tests {
             cfg("lora", 1, "d"),
             cfg("moppa", 2, "e"),
         ];
-        let configs: Vec<Option<&Value>> = cs.iter().map(Some).chain([None]).collect();
-        assert_eq!(groups(&configs), vec![vec![0, 2, 4], vec![1, 3], vec![5]]);
+        let keys: Vec<Option<String>> = cs.iter().map(setting_key).chain([None]).collect();
+        let keys: Vec<Option<&str>> = keys.iter().map(Option::as_deref).collect();
+        assert_eq!(groups(&keys), vec![vec![0, 2, 4], vec![1, 3], vec![5]]);
     }
 }

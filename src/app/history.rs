@@ -82,6 +82,9 @@ pub struct RunHistory {
     /// The run's resolved configuration, read from `info` (`None` before it started, or for a
     /// run whose configuration is not a fine-tuning run's, e.g. masked pretraining).
     pub config: Option<RunConfig>,
+    /// What makes its setting (`groups::setting_key` of its configuration, read once at start):
+    /// runs with the same key are seeds of one setting.
+    pub setting: Option<String>,
     /// Training loss.
     pub loss: Series,
     /// Route loss.
@@ -352,8 +355,8 @@ mod tests {
         for s in 11..=20 {
             h.on_progress(&progress(s, 61.0 + 0.1 * (s - 10) as f64));
         }
-        let sps = h.steps_per_s().unwrap();
-        assert!((sps - 20.0 / 1.9).abs() < 1e-9, "{sps}");
+        let sps = h.steps_per_s();
+        assert!(sps.is_some_and(|v| (v - 20.0 / 1.9).abs() < 1e-9), "{sps:?}");
     }
 
     #[test]

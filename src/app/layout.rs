@@ -247,6 +247,9 @@ impl StudioApp {
     /// The typed-path form (where no native file dialog opens): a path field, the folder's
     /// entries that complete it, the recent runs for a run folder; Enter or OK answers.
     fn typed_path_dialog(&mut self, ui: &mut egui::Ui) {
+        if self.dialogs.typed.is_none() {
+            return;
+        }
         let recent: Vec<String> = self
             .settings
             .recent_runs
@@ -268,7 +271,7 @@ impl StudioApp {
             if edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
                 answer = Some(true);
             }
-            let completions = form.completions(12);
+            let completions = form.completions(12).to_vec();
             if !completions.is_empty() {
                 ui.label(egui::RichText::new("in this folder").small());
                 egui::ScrollArea::vertical()
@@ -474,7 +477,7 @@ impl StudioApp {
                             .map(|r| panels::curves::CurveRun {
                                 history: &r.history,
                                 shown: r.shown,
-                                config: r.info().map(|i| &i.config),
+                                setting: r.history.setting.as_deref(),
                             })
                             .collect();
                         let (a, rects, drawn) =

@@ -243,7 +243,7 @@ impl StudioApp {
 
     /// Drains the runs' events for at most `budget` (the rest next frame).
     fn drain(&mut self, ctx: &egui::Context, budget: Duration) {
-        let (_, more) = self.runs.drain(budget, &mut self.messages);
+        let more = self.runs.drain(budget, &mut self.messages);
         if more {
             ctx.request_repaint();
         }

@@ -129,7 +129,6 @@ impl RunFolderReader {
     /// Everything appended since the last poll, as events.
     pub fn poll(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
-        let pending = std::mem::take(&mut self.pending);
         for record in self.metrics.poll() {
             if let Some(ev) = self.metrics_event(record) {
                 out.push(ev);
@@ -139,13 +138,10 @@ impl RunFolderReader {
         if self.header.is_none() && records.is_empty() && !self.noted_no_snapshots && self.info.is_some() {
             self.noted_no_snapshots = true;
             if !self.dir.join(SNAPSHOTS_JSONL).exists() && self.info.as_ref().is_some_and(|i| !i.priors.is_empty()) {
-                out.push(Event::Warning(Notice {
-                    step: 0,
-                    time_s: 0.0,
-                    message: "this run folder has no snapshots.jsonl (an older version wrote it): curves only".into(),
-                    path: Some(self.dir.join(SNAPSHOTS_JSONL)),
-                    line: None,
-                }));
+                out.push(note(
+                    "this run folder has no snapshots.jsonl (an older version wrote it): curves only".into(),
+                    Some(self.dir.join(SNAPSHOTS_JSONL)),
+                ));
             }
         }
         for record in records {
@@ -153,13 +149,10 @@ impl RunFolderReader {
                 Record::Header(h) => {
                     match h.check() {
                         Ok(()) => self.header = Some(h),
-                        Err(e) => out.push(Event::Warning(Notice {
-                            step: 0,
-                            time_s: 0.0,
-                            message: format!("snapshots not shown: {e}"),
-                            path: Some(self.dir.join(SNAPSHOTS_JSONL)),
-                            line: None,
-                        })),
+                        Err(e) => out.push(note(
+                            format!("snapshots not shown: {e}"),
+                            Some(self.dir.join(SNAPSHOTS_JSONL)),
+                        )),
                     }
                     continue;
                 }
@@ -185,7 +178,7 @@ impl RunFolderReader {
             .iter()
             .position(|e| matches!(e, Event::Started(_)))
             .map_or(0, |i| i + 1);
-        out.splice(at..at, pending.into_iter().chain(self.pending.drain(..)));
+        out.splice(at..at, std::mem::take(&mut self.pending));
         out
     }
 

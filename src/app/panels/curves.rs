@@ -54,8 +54,8 @@ pub struct CurveRun<'a> {
     pub history: &'a RunHistory,
     /// Whether it is drawn.
     pub shown: bool,
-    /// Its configuration (for grouping seeds).
-    pub config: Option<&'a serde_json::Value>,
+    /// What makes its setting (`RunHistory::setting`; equal for seeds of one setting).
+    pub setting: Option<&'a str>,
 }
 
 /// What the curves view drew last (for tests and the side list).
@@ -86,6 +86,18 @@ struct Drawable<'a> {
     members: Vec<&'a RunHistory>,
     selected: bool,
     baseline: bool,
+}
+
+impl Drawable<'_> {
+    /// The name and colour of its curve `what`: alone, the curve's own (`loss`, in its own
+    /// colour); overlaid, the run's or group's name and colour.
+    fn named(&self, what: &str, alone: bool, own: Color32) -> (String, Color32) {
+        if alone {
+            (what.to_owned(), own)
+        } else {
+            (format!("{} {what}", self.name), self.color)
+        }
+    }
 }
 
 impl CurveSettings {
@@ -128,9 +140,9 @@ impl CurveSettings {
             ui.label("No run yet.");
             return (actions, rects, drawn);
         }
-        let configs: Vec<Option<&serde_json::Value>> = runs.iter().map(|r| r.config).collect();
         let groups: Vec<Vec<usize>> = if self.group_seeds {
-            crate::app::groups::groups(&configs)
+            let settings: Vec<Option<&str>> = runs.iter().map(|r| r.setting).collect();
+            crate::app::groups::groups(&settings)
         } else {
             (0..runs.len()).map(|i| vec![i]).collect()
         };
@@ -246,16 +258,7 @@ impl CurveSettings {
             .show(ui, |pu| {
                 for d in items {
                     let series: Vec<Vec<[f64; 2]>> = d.members.iter().map(|r| r.loss.ema(x, ema)).collect();
-                    let name = if alone {
-                        "loss".to_owned()
-                    } else {
-                        format!("{} loss", d.name)
-                    };
-                    let color = if alone {
-                        Color32::from_rgb(80, 160, 255)
-                    } else {
-                        d.color
-                    };
+                    let (name, color) = d.named("loss", alone, Color32::from_rgb(80, 160, 255));
                     if d.members.len() > 1 {
                         draw_band(pu, &name, &series, color, log, drawn);
                         continue;
@@ -309,32 +312,15 @@ impl CurveSettings {
                 .show(&mut cols[0], |pu| {
                     for d in items {
                         let val: Vec<Vec<[f64; 2]>> = d.members.iter().map(|r| eval_points(&r.val, x)).collect();
-                        let name = if alone {
-                            "val acc".to_owned()
-                        } else {
-                            format!("{} val", d.name)
-                        };
-                        let color = if alone {
-                            Color32::from_rgb(255, 140, 60)
-                        } else {
-                            d.color
-                        };
+                        let (name, color) = d.named("val acc", alone, Color32::from_rgb(255, 140, 60));
                         if d.members.len() > 1 {
                             draw_band(pu, &name, &val, color, false, drawn);
                             continue;
                         }
                         if d.selected {
                             let r = d.members[0];
-                            let train = if alone {
-                                "train acc".to_owned()
-                            } else {
-                                format!("{} train", d.name)
-                            };
-                            let tc = if alone {
-                                Color32::from_rgb(120, 200, 120)
-                            } else {
-                                faint(color)
-                            };
+                            let (train, tc) = d.named("train acc", alone, Color32::from_rgb(120, 200, 120));
+                            let tc = if alone { tc } else { faint(tc) };
                             pu.line(
                                 Line::new(format!("{train} (raw)"), PlotPoints::from(r.train_acc.xy(x)))
                                     .color(faint(tc)),
@@ -345,16 +331,9 @@ impl CurveSettings {
                                     .width(1.5),
                             );
                             pu.points(
-                                Points::new(
-                                    if alone {
-                                        "test acc".to_owned()
-                                    } else {
-                                        format!("{} test", d.name)
-                                    },
-                                    eval_points(&r.test, x),
-                                )
-                                .radius(4.0)
-                                .color(Color32::from_rgb(255, 80, 80)),
+                                Points::new(d.named("test acc", alone, color).0, eval_points(&r.test, x))
+                                    .radius(4.0)
+                                    .color(Color32::from_rgb(255, 80, 80)),
                             );
                         }
                         let v = val.into_iter().next().unwrap_or_default();

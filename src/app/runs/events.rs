@@ -8,12 +8,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 impl RunsState {
-    /// Handles one event of run `i`; `true` when it is the start of this app's run shown (its
-    /// live controls then start from the run's values).
-    pub fn on_event(&mut self, i: usize, ev: Event, messages: &mut Messages) -> bool {
-        let selected = i == self.selected;
+    /// Handles one event of run `i`.
+    pub fn on_event(&mut self, i: usize, ev: Event, messages: &mut Messages) {
         let fetch_to = self.fetch_to.clone();
-        let Some(run) = self.runs.get_mut(i) else { return false };
+        let Some(run) = self.runs.get_mut(i) else { return };
         if matches!(run.source, Source::Remote(_)) {
             run.history.keep_row(&ev);
         }
@@ -32,6 +30,7 @@ impl RunsState {
                     run.history.resumes += 1;
                 }
                 run.history.config = serde_json::from_value(info.config.clone()).ok();
+                run.history.setting = crate::app::groups::setting_key(&info.config);
                 // A served run is named by its folder (its address is its source).
                 if matches!(run.source, Source::Remote(_))
                     && let Some(name) = info.out.as_ref().and_then(|d| d.file_name())
@@ -40,7 +39,6 @@ impl RunsState {
                     run.history.label = format!("{}{watching}", name.to_string_lossy());
                 }
                 run.history.info = Some(*info);
-                return run.source == Source::Local && selected;
             }
             Event::Progress(p) => {
                 if !matches!(run.status, RunStatus::Paused | RunStatus::Finished | RunStatus::Failed) {
@@ -103,23 +101,21 @@ impl RunsState {
                 }
             }
         }
-        false
     }
 
     /// Drains every run's events for at most `budget` in all, so busy runs never stall the UI;
-    /// whether the start of this app's run shown was among them, and whether events are left.
-    pub(crate) fn drain(&mut self, budget: Duration, messages: &mut Messages) -> (bool, bool) {
+    /// whether events are left.
+    pub(crate) fn drain(&mut self, budget: Duration, messages: &mut Messages) -> bool {
         let start = Instant::now();
-        let mut started = false;
         for i in 0..self.runs.len() {
             while let Some(ev) = self.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
-                started |= self.on_event(i, ev, messages);
+                self.on_event(i, ev, messages);
                 if start.elapsed() > budget {
-                    return (started, true);
+                    return true;
                 }
             }
         }
-        (started, false)
+        false
     }
 
     /// Takes the answers of the adapter probes of runs opened from their folders.

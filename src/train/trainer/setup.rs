@@ -115,20 +115,6 @@ impl Trainer {
         for (path, reason) in &dataset.skipped {
             notices.push(setup_notice(format!("skipped: {reason}"), Some(path.clone())));
         }
-        // Images larger than the model's input lose their detail: say so once.
-        let input = backbone.cfg.img_size as u32;
-        if let Some(first) = dataset.train.first()
-            && let Ok(img) = data::transform::decode(first)
-            && (img.width > input || img.height > input)
-        {
-            notices.push(setup_notice(
-                format!(
-                    "your {}×{} images are shown to the model at {input}×{input} (its input size): finer detail is lost",
-                    img.width, img.height
-                ),
-                None,
-            ));
-        }
         for (path, message) in &dataset.notes {
             notices.push(setup_notice(message.clone(), path.clone()));
         }
@@ -147,6 +133,19 @@ impl Trainer {
             std: backbone.cfg.std,
         };
         let size = backbone.cfg.img_size as u32;
+        // Images larger than the model's input lose their detail: say so once.
+        if let Some(first) = dataset.train.first()
+            && let Ok(img) = data::transform::decode(first)
+            && (img.width > size || img.height > size)
+        {
+            notices.push(setup_notice(
+                format!(
+                    "your {}×{} images are shown to the model at {size}×{size} (its input size): finer detail is lost",
+                    img.width, img.height
+                ),
+                None,
+            ));
+        }
         let total = cfg.total_steps(dataset.train.len());
         let mut cfg = cfg.resolved(total);
         cfg.backbone_revision = resolved.hub.as_ref().map(|h| h.commit.clone());
