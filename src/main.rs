@@ -117,6 +117,20 @@ fn open_app(cli: &Cli, open: Vec<std::path::PathBuf>) -> i32 {
             return e.exit_code();
         }
     };
+    if opts.screenshot.is_some() && !opts.open.is_empty() {
+        // Before any window: a folder whose run never starts would leave nothing to capture.
+        let within = match screenshot_wait() {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        };
+        if let Err(e) = moppa_studio::train::replay::wait_for_start(&opts.open, within) {
+            eprintln!("error: {e} (set {SCREENSHOT_WAIT_ENV} to wait longer)");
+            return 1;
+        }
+    }
     let renderer = match cli.renderer.as_deref() {
         None | Some("glow") => eframe::Renderer::Glow,
         Some("wgpu") => eframe::Renderer::Wgpu,
@@ -131,6 +145,30 @@ fn open_app(cli: &Cli, open: Vec<std::path::PathBuf>) -> i32 {
             eprintln!("error: {e:#}");
             1
         }
+    }
+}
+
+/// The environment variable holding how long `view --screenshot` waits for each run's first
+/// record (seconds, default [`SCREENSHOT_WAIT_DEFAULT_S`]).
+#[cfg(feature = "gui")]
+const SCREENSHOT_WAIT_ENV: &str = "MOPPA_SCREENSHOT_WAIT_S";
+/// The default of [`SCREENSHOT_WAIT_ENV`].
+#[cfg(feature = "gui")]
+const SCREENSHOT_WAIT_DEFAULT_S: f64 = 10.0;
+
+/// How long `view --screenshot` waits for a run to start (a usage error for a value that is not
+/// a number of seconds in (0, 86400]).
+#[cfg(feature = "gui")]
+fn screenshot_wait() -> Result<std::time::Duration, String> {
+    let Some(text) = std::env::var_os(SCREENSHOT_WAIT_ENV) else {
+        return Ok(std::time::Duration::from_secs_f64(SCREENSHOT_WAIT_DEFAULT_S));
+    };
+    let text = text.to_string_lossy();
+    match text.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "{SCREENSHOT_WAIT_ENV} must be a number of seconds in (0, 86400] (got '{text}')"
+        )),
     }
 }
 

@@ -1429,3 +1429,46 @@ fn the_runs_table_sorts_by_a_column_and_filters_by_text() {
     assert!(h.query_by_role_and_label(egui::Role::Button, "lora-b").is_some());
     assert!(h.query_by_label_contains("2 of 3 runs match").is_some());
 }
+
+/// A followed run folder whose `metrics.jsonl` is replaced (renamed over) by another run's is
+/// shown as that run from its start, once: not appended to the old one, not a resume (issue "No
+/// byte from outside can hurt a run", item 8).
+#[test]
+fn a_followed_folder_replaced_under_the_app_is_shown_again_from_its_start() {
+    let tmp = tempdir("app-replaced-folder");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/runs/moppa");
+    let dir = tmp.join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let (mut h, _fake) = harness(Tab::Curves);
+    h.state_mut().open_folder(&dir);
+    h.run_steps(2);
+    let shown = |h: &Harness<'static, StudioApp>| {
+        let run = h.state().runs.all().last().unwrap();
+        (
+            run.history.loss.points.len(),
+            run.history.resumes,
+            run.history.val.len(),
+        )
+    };
+    let (points, resumes, evals) = shown(&h);
+    assert!(points > 0 && resumes == 0, "{points} {resumes}");
+    // Another file under the name: the same records with the first one's time changed.
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    first["time_s"] = serde_json::json!(123.25);
+    lines[0] = first.to_string();
+    std::fs::write(dir.join("metrics.new"), lines.join("\n") + "\n").unwrap();
+    std::fs::rename(dir.join("metrics.new"), dir.join("metrics.jsonl")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    h.run_steps(3);
+    assert_eq!(shown(&h), (points, 0, evals), "the run shown once, from its start");
+    let said = format!("{:?}", h.state().messages);
+    assert!(said.contains("replaced"), "{said}");
+}

@@ -89,7 +89,14 @@ impl StudioApp {
     pub(super) fn screenshot_mode(&mut self, ctx: &egui::Context) {
         if let Some(path) = self.opts.screenshot.clone() {
             let step = self.sel().map_or(0, |r| r.history.step);
-            let done = matches!(self.status(), RunStatus::Finished | RunStatus::Failed);
+            // A folder whose writer stopped without a `finished` record will not reach more steps.
+            let crashed = self.sel().is_some_and(|r| {
+                matches!(
+                    r.link.as_ref().and_then(|l| l.liveness()),
+                    Some(crate::train::replay::Liveness::Crashed)
+                )
+            });
+            let done = crashed || matches!(self.status(), RunStatus::Finished | RunStatus::Failed);
             // A lesson's picture: once autoplay has reached its step and that step's check holds.
             let ready = match &self.lesson {
                 Some(p) if p.autoplay.is_some() => p.arrived(self.lesson_step_done()) && !self.playground.busy(),

@@ -22,6 +22,11 @@ pub trait Link {
     fn liveness(&self) -> Option<Liveness> {
         None
     }
+    /// Whether the run's events start over from here (a followed file was replaced under its
+    /// reader): what was shown of the run is to be dropped before the next event.
+    fn take_reset(&mut self) -> bool {
+        false
+    }
 }
 
 impl Link for WorkerHandle {
@@ -61,6 +66,9 @@ pub struct FolderLink {
     reader: RunFolderReader,
     queue: VecDeque<Event>,
     last_poll: Option<Instant>,
+    /// The reader's rereads already told ([`Link::take_reset`]).
+    rereads: u64,
+    reset: bool,
 }
 
 impl FolderLink {
@@ -70,7 +78,21 @@ impl FolderLink {
             reader: RunFolderReader::open(dir)?,
             queue: VecDeque::new(),
             last_poll: None,
+            rereads: 0,
+            reset: false,
         })
+    }
+
+    /// Reads what was appended once the queue is empty (at most every [`FOLLOW_EVERY`]).
+    fn fill(&mut self) {
+        if self.queue.is_empty() && self.last_poll.is_none_or(|t| t.elapsed() >= FOLLOW_EVERY) {
+            self.last_poll = Some(Instant::now());
+            self.queue.extend(self.reader.poll());
+            if self.reader.rereads() != self.rereads {
+                self.rereads = self.reader.rereads();
+                self.reset = true;
+            }
+        }
     }
 }
 
@@ -80,15 +102,17 @@ impl Link for FolderLink {
     }
 
     fn try_recv(&mut self) -> Option<Event> {
-        if self.queue.is_empty() && self.last_poll.is_none_or(|t| t.elapsed() >= FOLLOW_EVERY) {
-            self.last_poll = Some(Instant::now());
-            self.queue.extend(self.reader.poll());
-        }
+        self.fill();
         self.queue.pop_front()
     }
 
     fn liveness(&self) -> Option<Liveness> {
         Some(self.reader.liveness())
+    }
+
+    fn take_reset(&mut self) -> bool {
+        self.fill();
+        std::mem::take(&mut self.reset)
     }
 }
 

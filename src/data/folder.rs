@@ -5,12 +5,26 @@
 //! cannot loop or relabel other classes' images); the same file (canonical path) is never in two
 //! splits (an evaluation split keeps it, training loses it); duplicate lines, label gaps, files
 //! outside the task folder, empty splits and empty classes are counted in the dataset's notes.
+//!
+//! Bounds: a folder is walked only once it has a dataset's layout ([`check_folder_layout`]: a
+//! look at its top and the top of each subfolder, never a walk), and every walk stops with an
+//! error past [`MAX_WALK_DEPTH`] folders deep or [`MAX_WALK_ENTRIES`] entries listed, so a data
+//! spec of `/` or a home folder is refused at once instead of reading the disk.
 
-use super::{DataError, Dataset, Sample, Source, split_per_class};
+use super::{DataError, Dataset, MAX_CLASSES, Sample, Source, split_per_class};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "JPEG"];
+
+/// The deepest a walk goes below the folder it starts from.
+pub const MAX_WALK_DEPTH: usize = 32;
+/// The most directory entries one dataset walk lists (ImageNet-1k's training set is 1.3 M).
+pub const MAX_WALK_ENTRIES: usize = 20_000_000;
+/// Entries looked at near the top of each subfolder when judging a folder's layout.
+const PEEK_ENTRIES: usize = 1024;
+/// Subfolders of a class folder looked into when judging a folder's layout.
+const PEEK_SUBFOLDERS: usize = 8;
 
 fn is_image(p: &Path) -> bool {
     p.extension()
@@ -30,7 +44,8 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 
 /// The image files named by `paths` for prediction: a file is taken as it is (decoded by its
 /// content, whatever its extension), a folder gives its PNG/JPEG files recursively (each directory
-/// walked once, sorted by path). Missing paths and zero-byte files come back apart with the reason.
+/// walked once, sorted by path; the walk bounded as a dataset's is). Missing paths and zero-byte
+/// files come back apart with the reason, and so does a folder whose walk stopped at a bound.
 #[must_use]
 pub fn image_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
     let mut files = Vec::new();
@@ -42,19 +57,24 @@ pub fn image_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) 
                 continue;
             }
             let mut found = Vec::new();
-            let mut stack = vec![p.clone()];
-            while let Some(d) = stack.pop() {
-                match list_dir(&d) {
+            let mut stack = vec![(p.clone(), 0)];
+            while let Some((d, depth)) = stack.pop() {
+                let listed = list_dir(&d).and_then(|entries| walked.listed(&d, depth, entries.len()).map(|()| entries));
+                match listed {
                     Ok(entries) => {
                         for e in entries {
                             if e.is_dir() {
                                 if walked.enter(&e) {
-                                    stack.push(e);
+                                    stack.push((e, depth + 1));
                                 }
                             } else if is_image(&e) {
                                 found.push(e);
                             }
                         }
+                    }
+                    Err(e @ DataError::Spec(_)) => {
+                        skipped.push((d.clone(), e.to_string()));
+                        break;
                     }
                     Err(e) => skipped.push((d.clone(), e.to_string())),
                 }
@@ -78,15 +98,38 @@ fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(list_dir(dir)?.into_iter().filter(|p| p.is_dir()).collect())
 }
 
-/// The directories already walked (canonical paths), so none is walked twice.
+/// The directories already walked (canonical paths), so none is walked twice, and how much was
+/// listed (the walk's bounds).
 #[derive(Default)]
 struct Walked {
     dirs: HashSet<PathBuf>,
     /// Subfolders passed over because they were walked already (symlink loops and aliases).
     repeats: Vec<PathBuf>,
+    /// Directory entries listed so far.
+    entries: usize,
 }
 
 impl Walked {
+    /// Counts `n` entries listed in `dir`, `depth` folders below the walk's start: an error
+    /// (`DataError::Spec`, naming the folder and the bound) past [`MAX_WALK_DEPTH`] or
+    /// [`MAX_WALK_ENTRIES`].
+    fn listed(&mut self, dir: &Path, depth: usize, n: usize) -> Result<(), DataError> {
+        if depth > MAX_WALK_DEPTH {
+            return Err(DataError::Spec(format!(
+                "{}: more than {MAX_WALK_DEPTH} folders deep: not walked further (a dataset folder is shallower)",
+                dir.display()
+            )));
+        }
+        self.entries = self.entries.saturating_add(n);
+        if self.entries > MAX_WALK_ENTRIES {
+            return Err(DataError::Spec(format!(
+                "{}: more than {MAX_WALK_ENTRIES} files and folders listed: not walked further (too many for a dataset folder)",
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Marks `dir` walked; false when it was already.
     fn enter(&mut self, dir: &Path) -> bool {
         let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
@@ -102,12 +145,14 @@ fn class_files(
     skipped: &mut Vec<(PathBuf, String)>,
 ) -> Result<Vec<Sample>, DataError> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for p in list_dir(&d)? {
+    let mut stack = vec![(dir.to_owned(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let entries = list_dir(&d)?;
+        walked.listed(&d, depth, entries.len())?;
+        for p in entries {
             if p.is_dir() {
                 if walked.enter(&p) {
-                    stack.push(p);
+                    stack.push((p, depth + 1));
                 } else {
                     walked.repeats.push(p);
                 }
@@ -192,6 +237,77 @@ fn dedupe(
     notes
 }
 
+/// Whether `dir` looks like a dataset folder (INTERFACES.md "Data specs"), judged without a walk:
+/// VTAB-1K split files, a `train/` subfolder, or class subfolders of which at least half hold a
+/// PNG/JPEG file at their top or one folder below (looking at most at [`PEEK_ENTRIES`] entries of
+/// each). At most [`MAX_CLASSES`] subfolders. The error says what was expected.
+pub fn check_folder_layout(dir: &Path) -> Result<(), DataError> {
+    if dir.join("train800val200.txt").exists() || dir.join("train800.txt").exists() || dir.join("train").is_dir() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| DataError::file(dir, e.to_string()))?;
+    let mut classes = Vec::new();
+    for (n, e) in entries.filter_map(Result::ok).enumerate() {
+        if n >= 2 * MAX_CLASSES {
+            return Err(DataError::file(
+                dir,
+                format!(
+                    "more than {} entries: not a dataset folder (at most {MAX_CLASSES} classes)",
+                    2 * MAX_CLASSES
+                ),
+            ));
+        }
+        let p = e.path();
+        if p.is_dir() && !e.file_name().to_string_lossy().starts_with('.') {
+            classes.push(p);
+            if classes.len() > MAX_CLASSES {
+                return Err(DataError::file(
+                    dir,
+                    format!("more than {MAX_CLASSES} class subfolders (at most {MAX_CLASSES} classes)"),
+                ));
+            }
+        }
+    }
+    let with_images = classes.iter().filter(|c| holds_images_near_top(c)).count();
+    if classes.is_empty() || with_images * 2 < classes.len() {
+        return Err(DataError::file(
+            dir,
+            format!(
+                "no usable image (PNG or JPEG) near the top of {with_images} of its {} subfolder(s): not a dataset \
+                 folder, not searched (expected VTAB-1K split files, train/ val/ test/, or one subfolder per class \
+                 holding images)",
+                classes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a PNG/JPEG file is among the first [`PEEK_ENTRIES`] entries of `dir` or of one of its
+/// first [`PEEK_SUBFOLDERS`] subfolders.
+fn holds_images_near_top(dir: &Path) -> bool {
+    let peek = |d: &Path, subs: &mut Vec<PathBuf>| -> bool {
+        let Ok(entries) = std::fs::read_dir(d) else {
+            return false;
+        };
+        for e in entries.filter_map(Result::ok).take(PEEK_ENTRIES) {
+            let p = e.path();
+            if is_image(&p) && p.is_file() {
+                return true;
+            }
+            if subs.len() < PEEK_SUBFOLDERS && p.is_dir() {
+                subs.push(p);
+            }
+        }
+        false
+    };
+    let mut subs = Vec::new();
+    if peek(dir, &mut subs) {
+        return true;
+    }
+    subs.iter().any(|s| peek(s, &mut Vec::new()))
+}
+
 /// An ImageFolder tree: `train/` (+ optional `val/`, `test/`) or class folders only (seeded
 /// 80/10/10 split per class).
 pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
@@ -204,6 +320,12 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
         let classes = names(&class_dirs(&train_dir)?);
         if classes.is_empty() {
             return Err(DataError::file(&train_dir, "no class subfolders"));
+        }
+        if classes.len() > MAX_CLASSES {
+            return Err(DataError::file(
+                &train_dir,
+                format!("{} class subfolders (at most {MAX_CLASSES} classes)", classes.len()),
+            ));
         }
         for sub in ["train", "val", "test"] {
             let d = dir.join(sub);
@@ -241,6 +363,12 @@ pub fn load_image_folder(dir: &Path, seed: u64) -> Result<Dataset, DataError> {
     } else {
         let dirs = class_dirs(dir)?;
         let classes = names(&dirs);
+        if classes.len() > MAX_CLASSES {
+            return Err(DataError::file(
+                dir,
+                format!("{} class subfolders (at most {MAX_CLASSES} classes)", classes.len()),
+            ));
+        }
         if classes.is_empty() {
             return Err(DataError::file(
                 dir,
@@ -336,6 +464,16 @@ fn read_split_file(dir: &Path, name: &str, skipped: &mut Vec<(PathBuf, String)>)
                 format!("label '{}' is not a non-negative integer", label.trim()),
             )
         })?;
+        if label as usize >= MAX_CLASSES {
+            return Err(DataError::line(
+                &path,
+                line_no,
+                format!(
+                    "label {label} is beyond the bound on classes (at most {MAX_CLASSES}: labels 0..{})",
+                    MAX_CLASSES - 1
+                ),
+            ));
+        }
         let rel = rel.trim();
         if !seen.insert((rel.to_owned(), label)) {
             out.duplicates += 1;

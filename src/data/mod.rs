@@ -9,7 +9,7 @@ pub mod loader;
 pub mod transform;
 
 pub use builtin::{DIGITS_PNG, digits};
-pub use folder::image_files;
+pub use folder::{MAX_WALK_DEPTH, MAX_WALK_ENTRIES, check_folder_layout, image_files};
 pub use idx::parse as parse_idx;
 pub use loader::{Batch, EvalSet, Loader, LoaderConfig, LoaderMsg};
 pub use transform::Normalize;
@@ -205,6 +205,9 @@ impl Dataset {
     }
 }
 
+/// The most classes a dataset, a run record or a plan may have (INTERFACES.md "Bounds").
+pub const MAX_CLASSES: usize = 100_000;
+
 /// The built-in datasets' specs.
 pub const BUILTIN_SPECS: [&str; 1] = ["builtin:digits"];
 
@@ -248,6 +251,8 @@ pub fn load(spec: &str, final_split: bool, seed: u64) -> Result<Dataset, DataErr
     if !dir.is_dir() {
         return Err(DataError::file(dir, "not a directory"));
     }
+    // Only a folder laid out as a dataset is walked (a spec of `/` must not read the disk).
+    folder::check_folder_layout(dir)?;
     if dir.join("train800val200.txt").exists() || dir.join("train800.txt").exists() {
         return folder::load_vtab(dir, final_split);
     }

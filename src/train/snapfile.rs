@@ -147,11 +147,12 @@ pub fn snapshot_view(v: &SnapshotRecord, h: &SnapshotHeader, channel: Option<usi
         });
         let router = v.router.get(b).and_then(Option::as_ref).map(|r| {
             let entropy = r.entropy as f32;
+            // One value per prior at most, whatever the record holds.
             RouterStats {
-                mean_alpha: floats(&r.mean),
+                mean_alpha: floats(&r.mean[..r.mean.len().min(k)]),
                 entropy,
                 entropy_norm: if k > 1 { entropy / (k as f32).ln() } else { 0.0 },
-                argmax_share: floats(&r.share),
+                argmax_share: floats(&r.share[..r.share.len().min(k)]),
             }
         });
         let weights: Vec<f32> = router

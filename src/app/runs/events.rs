@@ -103,12 +103,24 @@ impl RunsState {
         }
     }
 
+    /// The next event of run `i`; a run whose folder was replaced under its reader first drops
+    /// what it showed (the events start over).
+    pub(crate) fn next_event(&mut self, i: usize) -> Option<Event> {
+        let run = self.runs.get_mut(i)?;
+        let link = run.link.as_mut()?;
+        if link.take_reset() {
+            run.history = crate::app::history::RunHistory::new(run.history.label.clone());
+            run.targets = crate::app::panels::live::Targets::default();
+        }
+        link.try_recv()
+    }
+
     /// Drains every run's events for at most `budget` in all, so busy runs never stall the UI;
     /// whether events are left.
     pub(crate) fn drain(&mut self, budget: Duration, messages: &mut Messages) -> bool {
         let start = Instant::now();
         for i in 0..self.runs.len() {
-            while let Some(ev) = self.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
+            while let Some(ev) = self.next_event(i) {
                 self.on_event(i, ev, messages);
                 if start.elapsed() > budget {
                     return true;

@@ -439,7 +439,7 @@ impl StudioApp {
                         false,
                     ));
                     // Read what the folder holds now (later records arrive while following).
-                    while let Some(ev) = self.runs.runs[i].link.as_mut().and_then(|l| l.try_recv()) {
+                    while let Some(ev) = self.runs.next_event(i) {
                         self.runs.on_event(i, ev, &mut self.messages);
                     }
                     opened.push(i);

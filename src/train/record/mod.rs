@@ -15,7 +15,7 @@
 pub mod reader;
 pub mod snapshot;
 
-pub use reader::{ReadStats, RecordReader, RecordTail};
+pub use reader::{ReadStats, RecordReader, RecordTail, Restart};
 pub use snapshot::{ProbeRecord, RouterRecord, SnapshotHeader, SnapshotRecord};
 
 use super::protocol::{Applied, EvalResult, Event, FinishReason, Finished, Notice, Progress, RunInfo};
@@ -110,6 +110,46 @@ pub struct StartedRecord {
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// Whether a run's facts (a `started` record's `info`, or what a served run sends) are within
+/// what a reader accepts (INTERFACES.md "Bounds"): classes, blocks, grid, rank and priors, checked
+/// before anything they size is allocated; the error names the field and the bound. A grid of
+/// 0×0 (a method without a token grid) passes.
+pub fn check_info(info: &RunInfo) -> Result<(), String> {
+    use snapshot::{MAX_BLOCKS, MAX_GRID_SIDE, MAX_PRIORS, MAX_RANK};
+    let max_classes = crate::data::MAX_CLASSES;
+    let (h, w) = info.grid;
+    if info.classes.len() > max_classes {
+        return Err(format!("{} classes (at most {max_classes})", info.classes.len()));
+    }
+    if info.blocks > MAX_BLOCKS {
+        return Err(format!("{} blocks (at most {MAX_BLOCKS})", info.blocks));
+    }
+    if h > MAX_GRID_SIDE || w > MAX_GRID_SIDE {
+        return Err(format!("grid {h}×{w} is beyond {MAX_GRID_SIDE}×{MAX_GRID_SIDE}"));
+    }
+    if info.rank > MAX_RANK {
+        return Err(format!("rank {} (at most {MAX_RANK})", info.rank));
+    }
+    if info.priors.len() > MAX_PRIORS {
+        return Err(format!("{} priors (at most {MAX_PRIORS})", info.priors.len()));
+    }
+    Ok(())
+}
+
+impl EvalRecord {
+    /// Whether its per-class list is within the bound on classes (INTERFACES.md "Bounds").
+    pub fn check(&self) -> Result<(), String> {
+        let max = crate::data::MAX_CLASSES;
+        if self.per_class_acc.len() > max {
+            return Err(format!(
+                "per_class_acc holds {} classes (at most {max})",
+                self.per_class_acc.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An `info` that an older version wrote in another shape reads as absent, not as a bad line.

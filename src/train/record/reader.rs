@@ -5,7 +5,9 @@
 //! does not know, and fields it does not know are skipped and counted ([`ReadStats`]), never fatal.
 
 use super::Record;
+use std::collections::hash_map::DefaultHasher;
 use std::fs::File;
+use std::hash::Hasher as _;
 use std::io::{BufRead, BufReader, Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -188,7 +190,53 @@ pub fn last_of<T>(path: &Path, mut pick: impl FnMut(Record) -> Option<T>) -> Opt
     RecordReader::open(path).ok()?.filter_map(&mut pick).last()
 }
 
-/// The new complete records of a file that another process appends to.
+/// How a followed file was found changed under its reader, which then read it again from its
+/// start (the records of the new content come again; what was read of the old is not undone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// Another file now has the name (a rename over it, a delete and create).
+    Replaced,
+    /// The file is shorter than what was read of it.
+    Truncated,
+    /// Its first bytes are no longer those read (rewritten in place).
+    Rewritten,
+}
+
+impl Restart {
+    /// What happened, for a notice ("`metrics.jsonl` was …").
+    #[must_use]
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced by another file",
+            Self::Truncated => "truncated",
+            Self::Rewritten => "rewritten from its start",
+        }
+    }
+}
+
+/// How many of a file's first bytes a tail keeps to notice a rewrite in place.
+const PREFIX: usize = 4096;
+
+/// The identity of an open file (device and inode where the platform has them).
+#[cfg_attr(unix, allow(clippy::unnecessary_wraps, reason = "None on platforms without inodes"))]
+fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
+}
+
+/// The new complete records of a file that another process appends to. A file replaced under
+/// the tail (another device/inode), truncated, or rewritten from its start (its first bytes
+/// differ from those read) is read again from its start, and [`RecordTail::take_restart`] says so;
+/// a file replaced by one that holds the same bytes and more (a copy renamed over it, as rsync
+/// does) is followed on where it was, as the same file.
 #[derive(Debug)]
 pub struct RecordTail {
     path: PathBuf,
@@ -197,6 +245,14 @@ pub struct RecordTail {
     /// The line being read is longer than [`MAX_LINE`]: drop bytes until its end.
     skipping: bool,
     stats: ReadStats,
+    /// The device and inode of the file read (unix).
+    identity: Option<(u64, u64)>,
+    /// The file's first bytes as read (up to [`PREFIX`]).
+    prefix: Vec<u8>,
+    /// Set when the file was found changed, until taken.
+    restart: Option<Restart>,
+    /// A hash of the bytes read (`..offset`), to tell a replacement that continues them.
+    read_hash: DefaultHasher,
 }
 
 impl RecordTail {
@@ -209,6 +265,10 @@ impl RecordTail {
             partial: Vec::new(),
             skipping: false,
             stats: ReadStats::default(),
+            identity: None,
+            prefix: Vec::new(),
+            restart: None,
+            read_hash: DefaultHasher::new(),
         }
     }
 
@@ -218,32 +278,97 @@ impl RecordTail {
         &self.path
     }
 
-    /// What was read and skipped so far.
+    /// What was read and skipped so far (of the file as it is now: a restart clears it).
     #[must_use]
     pub fn stats(&self) -> ReadStats {
         self.stats
     }
 
-    /// Records appended since the last call (a line without its newline yet waits; a file
-    /// replaced by a shorter one is read again from its start).
+    /// Bytes read so far.
+    #[must_use]
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Whether (and how) the file was found changed since the last call: the records of the
+    /// last [`Self::poll`] then start again from the file's start.
+    pub fn take_restart(&mut self) -> Option<Restart> {
+        self.restart.take()
+    }
+
+    /// How the open file `f` differs from what was read, if it does.
+    fn changed(&self, f: &mut File, meta: &std::fs::Metadata) -> Option<Restart> {
+        if self.offset == 0 {
+            return None;
+        }
+        if meta.len() < self.offset {
+            return Some(Restart::Truncated);
+        }
+        let id = file_id(meta);
+        if self.identity.is_some() && id.is_some() && id != self.identity {
+            return (!self.continues(f)).then_some(Restart::Replaced);
+        }
+        let mut head = vec![0u8; self.prefix.len()];
+        let same = f.seek(SeekFrom::Start(0)).is_ok() && f.read_exact(&mut head).is_ok() && head == self.prefix;
+        (!same).then_some(Restart::Rewritten)
+    }
+
+    /// Whether `f` starts with the bytes read so far (read once more, hashed).
+    fn continues(&self, f: &mut File) -> bool {
+        if f.seek(SeekFrom::Start(0)).is_err() {
+            return false;
+        }
+        let mut hash = DefaultHasher::new();
+        let mut reader = BufReader::with_capacity(1 << 16, f.take(self.offset));
+        let mut seen = 0u64;
+        while let Ok(chunk) = reader.fill_buf() {
+            if chunk.is_empty() {
+                break;
+            }
+            hash.write(chunk);
+            let n = chunk.len();
+            seen += n as u64;
+            reader.consume(n);
+        }
+        seen == self.offset && hash.finish() == self.read_hash.finish()
+    }
+
+    /// Records appended since the last call (a line without its newline yet waits). A file
+    /// replaced, truncated or rewritten is read again from its start (see [`Self::take_restart`]).
     pub fn poll(&mut self) -> Vec<Record> {
+        self.poll_within(u64::MAX)
+    }
+
+    /// As [`Self::poll`], reading at most `max_bytes` of the file (the rest waits for the next
+    /// call; a line cut by the limit is completed then).
+    pub fn poll_within(&mut self, max_bytes: u64) -> Vec<Record> {
         let mut out = Vec::new();
         let Ok(mut f) = File::open(&self.path) else { return out };
-        let len = f.metadata().map_or(0, |m| m.len());
-        if len < self.offset {
+        let Ok(meta) = f.metadata() else { return out };
+        if let Some(how) = self.changed(&mut f, &meta) {
             self.offset = 0;
             self.partial.clear();
             self.skipping = false;
+            self.stats = ReadStats::default();
+            self.prefix.clear();
+            self.restart = Some(how);
+            self.read_hash = DefaultHasher::new();
         }
-        if len == self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
+        self.identity = file_id(&meta);
+        let len = meta.len();
+        if len <= self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
             return out;
         }
-        let mut reader = BufReader::with_capacity(1 << 16, f.take(len - self.offset));
+        let mut reader = BufReader::with_capacity(1 << 16, f.take((len - self.offset).min(max_bytes)));
         while let Ok(chunk) = reader.fill_buf() {
             if chunk.is_empty() {
                 break;
             }
             let n = chunk.len();
+            if self.prefix.len() < PREFIX && self.prefix.len() as u64 == self.offset {
+                self.prefix
+                    .extend_from_slice(&chunk[..n.min(PREFIX - self.prefix.len())]);
+            }
             let mut start = 0;
             while let Some(i) = chunk[start..].iter().position(|b| *b == b'\n') {
                 let end = start + i;
@@ -269,6 +394,7 @@ impl RecordTail {
                     self.partial.extend_from_slice(rest);
                 }
             }
+            self.read_hash.write(chunk);
             reader.consume(n);
             self.offset += n as u64;
         }

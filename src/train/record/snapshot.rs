@@ -35,6 +35,8 @@ pub const MAX_GRID_SIDE: usize = 512;
 pub const MAX_BLOCKS: usize = 256;
 /// The largest rank a reader accepts.
 pub const MAX_RANK: usize = 4096;
+/// The most priors a reader accepts.
+pub const MAX_PRIORS: usize = 3;
 
 impl SnapshotHeader {
     /// Whether the shapes are within what a reader accepts (INTERFACES.md "Bounds"), checked
@@ -53,8 +55,8 @@ impl SnapshotHeader {
         if self.rank > MAX_RANK {
             return Err(format!("rank {} (at most {MAX_RANK})", self.rank));
         }
-        if self.priors.len() > 3 {
-            return Err(format!("{} priors (at most 3)", self.priors.len()));
+        if self.priors.len() > MAX_PRIORS {
+            return Err(format!("{} priors (at most {MAX_PRIORS})", self.priors.len()));
         }
         Ok(())
     }
@@ -253,6 +255,74 @@ impl SnapshotRecord {
             probe,
             extra: super::Extra::new(),
         }
+    }
+
+    /// Whether the record's lists fit the shapes `h` announces (a header that passed
+    /// [`SnapshotHeader::check`]): at most `blocks` per-block entries, at most `rank` values per
+    /// coefficient, `H·W` per source map, `H·W·k` probe weights and `k` router shares per block.
+    /// Shorter lists are fine (an absent block or prior); the error names the list and the bound.
+    pub fn check(&self, h: &SnapshotHeader) -> Result<(), String> {
+        let k = h.priors.len();
+        let cells = h
+            .grid
+            .0
+            .checked_mul(h.grid.1)
+            .ok_or_else(|| format!("grid {}×{} overflows", h.grid.0, h.grid.1))?;
+        let probe_cells = cells
+            .checked_mul(k.max(1))
+            .ok_or_else(|| format!("grid {}×{} × {k} priors overflows", h.grid.0, h.grid.1))?;
+        let lists = |name: &str, v: Option<&Vec<Vec<f64>>>, each: usize, what: &str| -> Result<(), String> {
+            let Some(v) = v else { return Ok(()) };
+            if v.len() > h.blocks {
+                return Err(format!(
+                    "{name} holds {} blocks (the header says {})",
+                    v.len(),
+                    h.blocks
+                ));
+            }
+            match v.iter().position(|b| b.len() > each) {
+                Some(b) => Err(format!(
+                    "{name} of block {b} holds {} values (at most {each}: {what})",
+                    v[b].len()
+                )),
+                None => Ok(()),
+            }
+        };
+        lists("kappa", self.kappa.as_ref(), h.rank, "the rank")?;
+        lists("c", self.c.as_ref(), h.rank, "the rank")?;
+        lists("eps", self.eps.as_ref(), h.rank, "the rank")?;
+        lists("source", self.source.as_ref(), cells, "H·W")?;
+        lists(
+            "probe alpha",
+            self.probe.as_ref().map(|p| &p.alpha),
+            probe_cells,
+            "H·W × priors",
+        )?;
+        if self.locks.len() > h.blocks {
+            return Err(format!(
+                "locks hold {} blocks (the header says {})",
+                self.locks.len(),
+                h.blocks
+            ));
+        }
+        if self.router.len() > h.blocks {
+            return Err(format!(
+                "router holds {} blocks (the header says {})",
+                self.router.len(),
+                h.blocks
+            ));
+        }
+        for (b, r) in self.router.iter().enumerate() {
+            if let Some(r) = r
+                && (r.mean.len() > k || r.share.len() > k)
+            {
+                return Err(format!(
+                    "router of block {b} holds {} values (at most {k}: the priors)",
+                    r.mean.len().max(r.share.len())
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A coefficient's values per block and channel, if recorded.
