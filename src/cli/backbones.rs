@@ -44,8 +44,11 @@ impl DownloadProgress for HubBar {
 /// says where it came from; other specs are left alone. `pinned`: the commit a resumed run
 /// recorded.
 pub fn fetch(spec: &str, pinned: Option<&str>) -> Result<(), CliError> {
-    if HubId::parse(spec).is_none() {
-        return Ok(());
+    match HubId::parse(spec) {
+        None => return Ok(()),
+        // A malformed id is a bad flag value (exit 2), unlike an id the cache and hub lack.
+        Some(Err(e)) => return Err(usage(e)),
+        Some(Ok(_)) => {}
     }
     let found = resolve_backbone(spec, pinned, &mut HubBar::default()).map_err(|e| match e {
         crate::train::TrainError::Config(m) => CliError::Failure(anyhow::anyhow!(m)),

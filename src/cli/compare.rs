@@ -10,7 +10,7 @@ use crate::config::{
 };
 use crate::train::WorkerHandle;
 use crate::train::protocol::{Event, FinishReason};
-use crate::train::runfolder::{CONFIG_TOML, is_run_folder, last_finished, last_started};
+use crate::train::runfolder::{CONFIG_TOML, METRICS_JSONL, is_run_folder, read_outcome};
 use crate::util::{group_digits, write_atomic};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ pub struct CompareArgs {
     /// Comma-separated methods.
     #[arg(long, value_delimiter = ',', default_value = COMPARE_DEFAULT)]
     pub methods: Vec<String>,
-    /// Seeds per method (0, 1, …).
+    /// Seeds per method (0, 1, …; at most 1,000, and at most 100,000 runs in all).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
     /// Write the markdown table here too.
@@ -86,6 +86,12 @@ struct PlannedRun {
 /// The plan file's name in a compare folder.
 const PLAN_JSON: &str = "plan.json";
 
+/// The most seeds per method (INTERFACES.md, "Bounds").
+pub const MAX_SEEDS: u64 = 1_000;
+/// The most runs one sweep may hold (INTERFACES.md, "Bounds"): a whole VTAB-1K grid fits many
+/// times over.
+pub const MAX_RUNS: u64 = 100_000;
+
 /// A finished run's figures for the table.
 struct RunResult {
     trainable: usize,
@@ -133,19 +139,24 @@ fn table(rows: &[Row], footer: &str) -> String {
     table
 }
 
-/// A finished run's figures from its folder, or why there are none.
+/// A finished run's figures from its folder, or why there are none. Lines of its log that are
+/// not records (not UTF-8, not JSON) are skipped with a warning.
 fn result_of(dir: &Path) -> Result<RunResult, String> {
     if !is_run_folder(dir) {
         return Err("missing (no run folder yet)".into());
     }
-    let Some(rec) = last_finished(dir) else {
+    let outcome = read_outcome(dir).map_err(|e| format!("unreadable {METRICS_JSONL}: {e}"))?;
+    if let Some(skipped) = outcome.stats.summary(&dir.join(METRICS_JSONL)) {
+        eprintln!("warning: {skipped}");
+    }
+    let Some(rec) = outcome.finished else {
         return Err("unfinished (still running, or crashed: `moppa view` tells which)".into());
     };
     if rec.reason != FinishReason::Done {
         let why = rec.message.as_ref().map_or(String::new(), |m| format!(": {m}"));
         return Err(format!("ended {}{why}", rec.reason.name()));
     }
-    let trainable = last_started(dir).map_or(0, |s| s.trainable);
+    let trainable = outcome.started.map_or(0, |s| s.trainable);
     Ok(RunResult {
         trainable,
         val: rec.best_val_acc.unwrap_or(f64::NAN),
@@ -180,9 +191,6 @@ fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
             base.backbone = hub.pinned();
         }
     }
-    if args.seeds == 0 {
-        return Err(usage("--seeds must be ≥ 1"));
-    }
     let methods: Vec<(String, MethodConfig)> = args
         .methods
         .iter()
@@ -211,6 +219,55 @@ fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
     Ok((base, methods, footer))
 }
 
+/// Refuses, before anything is resolved or written, a sweep larger than the bounds allow, and
+/// one naming a method twice (two runs would share a folder).
+fn check_size(args: &CompareArgs) -> Result<(), CliError> {
+    if args.seeds == 0 {
+        return Err(usage("--seeds must be ≥ 1"));
+    }
+    if args.seeds > MAX_SEEDS {
+        return Err(usage(format!(
+            "--seeds {}: at most {} seeds per method",
+            args.seeds,
+            group_digits(MAX_SEEDS as usize)
+        )));
+    }
+    let methods = args.methods.len() as u64;
+    let runs = methods.saturating_mul(args.seeds);
+    if runs > MAX_RUNS {
+        return Err(usage(format!(
+            "a sweep of {} runs ({methods} methods × {} seeds): at most {} runs",
+            group_digits(runs as usize),
+            args.seeds,
+            group_digits(MAX_RUNS as usize)
+        )));
+    }
+    for (i, m) in args.methods.iter().enumerate() {
+        if args.methods[..i].contains(m) {
+            return Err(usage(format!(
+                "--methods names {m:?} twice (its runs would share a folder)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `--plan` folder whose path the scripts cannot name as one line of text: not UTF-8,
+/// or holding a newline or other control character (the message shows it escaped).
+fn check_plan_path(path: &Path) -> Result<(), CliError> {
+    // Shown escaped ({:?} of the text), so the message itself stays one line.
+    let shown = path.to_string_lossy();
+    match path.to_str() {
+        None => Err(usage(format!(
+            "--plan {shown:?}: the path is not UTF-8 text (jobs.txt and slurm.sh name it as text)"
+        ))),
+        Some(text) if text.chars().any(char::is_control) => Err(usage(format!(
+            "--plan {shown:?}: the path holds a control character (jobs.txt and slurm.sh name it on one line)"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 /// The folder name of one run of a sweep.
 fn run_name(method: &str, seed: u64) -> String {
     format!("{method}-seed{seed}")
@@ -221,6 +278,7 @@ pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
     if let Some(dir) = &args.collect {
         return collect(args, dir);
     }
+    check_size(args)?;
     if let Some(dir) = &args.plan {
         return plan(args, dir);
     }
@@ -346,6 +404,11 @@ fn plan(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
     if args.gpus == Some(0) {
         return Err(usage("--gpus must be ≥ 1"));
     }
+    check_plan_path(dir)?;
+    // The jobs name the folder by its absolute path: the working folder's name counts too.
+    if let Ok(abs) = std::path::absolute(dir) {
+        check_plan_path(&abs)?;
+    }
     if dir.join(PLAN_JSON).exists() {
         return Err(usage(format!(
             "{} holds a plan already ({PLAN_JSON}): run its jobs, collect it, or plan into another folder",
@@ -357,6 +420,7 @@ fn plan(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
     std::fs::create_dir_all(dir).map_err(|e| failure(dir, &e))?;
     // Absolute paths: the jobs may run from any folder (a scheduler's, a node's).
     let root = std::fs::canonicalize(dir).map_err(|e| failure(dir, &e))?;
+    check_plan_path(&root)?;
     let mut jobs = String::new();
     let mut n = 0usize;
     for (name, method) in &methods {
@@ -400,7 +464,27 @@ fn plan(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
     Ok(0)
 }
 
-/// The Slurm job-array script: array index i runs line i+1 of `jobs.txt`.
+/// Quotes `s` for sbatch's reading of an `#SBATCH` line (in double quotes, a backslash before each
+/// backslash and double quote), with `%` doubled so that Slurm's file-name patterns leave it alone.
+fn sbatch_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '\\' | '"' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '%' => out.push_str("%%"),
+            _ => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The Slurm job-array script: array index i runs line i+1 of `jobs.txt`. Every path is quoted
+/// for whoever reads it (bash, or sbatch for `#SBATCH` lines) and bash only ever expands it from a
+/// variable, so no character of the plan's path can run as a command.
 fn slurm_script(root: &Path, n: usize, gpus: bool) -> String {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let gres = if gpus { "#SBATCH --gres=gpu:1\n" } else { "" };
@@ -412,12 +496,13 @@ fn slurm_script(root: &Path, n: usize, gpus: bool) -> String {
 # cluster needs; `moppa` must be on PATH on the nodes.
 #SBATCH --job-name=moppa-sweep
 #SBATCH --array=0-{last}
-#SBATCH --output={logs}/%A_%a.out
+#SBATCH --output={logs}
 #SBATCH --requeue
 {gres}set -euo pipefail
-line=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {jobs})
+jobs_txt={jobs}
+line=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" \"$jobs_txt\")
 if [ -z \"$line\" ]; then
-    echo \"no job $SLURM_ARRAY_TASK_ID in {jobs}\" >&2
+    echo \"no job $SLURM_ARRAY_TASK_ID in $jobs_txt\" >&2
     exit 1
 fi
 {device}echo \"$line\"
@@ -425,7 +510,7 @@ exec bash -c \"$line\"
 ",
         slurm = q(&root.join("slurm.sh")),
         last = n.saturating_sub(1),
-        logs = root.join("logs").to_string_lossy(),
+        logs = sbatch_quote(&format!("{}/", root.join("logs").to_string_lossy())) + "%A_%a.out",
         jobs = q(&root.join("jobs.txt")),
         device = if gpus {
             "# Slurm shows each task only its own GPU, as device 0.\nline=\"$line --device cuda:0\"\n"
@@ -503,6 +588,12 @@ mod tests {
         assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn sbatch_quote_escapes_what_sbatch_reads() {
+        assert_eq!(sbatch_quote("/a b/logs/"), r#""/a b/logs/""#);
+        assert_eq!(sbatch_quote(r#"/q"\%'/"#), r#""/q\"\\%%'/""#);
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub struct HubId {
 }
 
 impl HubId {
-    /// `Some` when `spec` starts with `hf:`; the error says what is wrong with the rest.
+    /// `Some` when `spec` starts with `hf:`; the error says what is wrong with the rest, on one
+    /// line (the id shown escaped).
     #[must_use]
     pub fn parse(spec: &str) -> Option<Result<Self>> {
         let rest = spec.strip_prefix("hf:")?;
@@ -30,22 +31,25 @@ impl HubId {
             Some((r, rev)) => (r, Some(rev.to_owned())),
             None => (rest, None),
         };
-        let ok = repo.split('/').count() == 2
+        let repo_ok = repo.split('/').count() == 2
             && repo.split('/').all(|p| {
                 !p.is_empty()
                     && p.chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            })
-            && revision.as_ref().is_none_or(|r| !r.is_empty() && !r.contains(".."));
-        Some(if ok {
-            Ok(Self {
+            });
+        let problem = if repo_ok {
+            revision.as_deref().and_then(revision_problem)
+        } else {
+            Some("the repository is not ORG/NAME (letters, digits, '-', '_', '.')")
+        };
+        Some(match problem {
+            None => Ok(Self {
                 repo: repo.to_owned(),
                 revision,
-            })
-        } else {
-            Err(TrainError::Config(format!(
-                "--backbone {spec}: expected hf:ORG/NAME or hf:ORG/NAME@REVISION (e.g. hf:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)"
-            )))
+            }),
+            Some(why) => Err(TrainError::Config(format!(
+                "--backbone {spec:?}: {why}; expected hf:ORG/NAME or hf:ORG/NAME@REVISION, a branch, tag or commit (e.g. hf:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k)"
+            ))),
         })
     }
 
@@ -69,6 +73,32 @@ impl HubId {
             None => format!("hf:{}", self.repo),
         }
     }
+}
+
+/// What makes `rev` no branch, tag or commit name, if anything: it becomes a path under the
+/// cache's `refs/` and `snapshots/`, so it must stay a relative path inside them.
+fn revision_problem(rev: &str) -> Option<&'static str> {
+    if rev.is_empty() {
+        Some("the revision is empty")
+    } else if rev.chars().any(char::is_control) {
+        Some("the revision holds a control character")
+    } else if rev.contains('\\') {
+        Some("the revision holds a backslash")
+    } else if rev.starts_with('/') {
+        Some("the revision is an absolute path")
+    } else if rev.split('/').any(str::is_empty) {
+        Some("the revision has an empty part ('//' or a '/' at the end)")
+    } else if rev.contains("..") || rev.split('/').any(|p| p == ".") {
+        Some("the revision holds '..' or a '.' part")
+    } else {
+        None
+    }
+}
+
+/// Whether `commit` (read from a `refs/` file) can name a folder of `snapshots/`: one plain
+/// path part.
+fn is_snapshot_name(commit: &str) -> bool {
+    !commit.is_empty() && revision_problem(commit).is_none() && !commit.contains('/')
 }
 
 fn env_nonempty(key: &str) -> Option<String> {
@@ -135,6 +165,9 @@ fn is_commit(rev: &str) -> bool {
 pub fn find_cached(cache: &Path, id: &HubId) -> Option<Cached> {
     let repo = cache.join(id.folder());
     let rev = id.rev();
+    if revision_problem(rev).is_some() {
+        return None;
+    }
     let commit = if is_commit(rev) && repo.join("snapshots").join(rev).is_dir() {
         rev.to_owned()
     } else {
@@ -143,6 +176,9 @@ pub fn find_cached(cache: &Path, id: &HubId) -> Option<Cached> {
             .trim()
             .to_owned()
     };
+    if !is_snapshot_name(&commit) {
+        return None;
+    }
     let weights = repo.join("snapshots").join(&commit).join(WEIGHTS);
     weights.is_file().then(|| Cached {
         id: id.clone(),
@@ -218,6 +254,10 @@ impl Hub {
     /// Resolves `id`: from the cache when it is there, else downloads `model.safetensors` and
     /// `config.json` into it (unless offline), reporting to `progress`.
     pub fn resolve(&self, id: &HubId, progress: &mut dyn DownloadProgress) -> Result<Cached> {
+        // A revision set after parsing (a resumed run's recorded commit) is checked here too.
+        if let Some(why) = revision_problem(id.rev()) {
+            return Err(TrainError::Config(format!("{:?}: {why}", id.spec())));
+        }
         if let Some(found) = find_cached(&self.cache, id) {
             return Ok(found);
         }
@@ -392,8 +432,33 @@ mod tests {
             })
         );
         assert!(HubId::parse("builtin").is_none());
-        for bad in ["hf:timm", "hf:/x", "hf:a/b/c", "hf:a/b@", "hf:a/b c"] {
-            assert!(matches!(HubId::parse(bad), Some(Err(_))), "{bad}");
+        for bad in [
+            "hf:timm",
+            "hf:/x",
+            "hf:a/b/c",
+            "hf:a/b@",
+            "hf:a/b c",
+            "hf:a/b@/etc/passwd",
+            "hf:a/b@../../x",
+            "hf:a/b@v1/../../x",
+            "hf:a/b@ref\nname",
+            "hf:a/b@ref\\name",
+            "hf:a/b@pr//1",
+            "hf:a/b@pr/",
+            "hf:a/b@./x",
+        ] {
+            match HubId::parse(bad) {
+                Some(Err(e)) => assert!(!e.to_string().chars().any(char::is_control), "{e}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        // Branch names may have parts (`refs/pr/1`, `feature/x`); a commit is one part.
+        for good in [
+            "hf:a/b@refs/pr/1",
+            "hf:a/b@feature/x",
+            "hf:a/b@0123456789abcdef0123456789abcdef01234567",
+        ] {
+            assert!(matches!(HubId::parse(good), Some(Ok(_))), "{good}");
         }
     }
 }

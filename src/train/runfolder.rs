@@ -4,7 +4,7 @@
 
 use super::protocol::FinishReason;
 use super::record::reader::last_of;
-use super::record::{FinishedRecord, Record, RecordReader, StartedRecord};
+use super::record::{FinishedRecord, ReadStats, Record, RecordReader, StartedRecord};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -74,6 +74,32 @@ pub fn last_started(dir: &Path) -> Option<Box<StartedRecord>> {
         Record::Started(s) => Some(s),
         _ => None,
     })
+}
+
+/// How a run ended, as its log tells it, read in one pass.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The last `finished` record.
+    pub finished: Option<FinishedRecord>,
+    /// The last `started` record.
+    pub started: Option<Box<StartedRecord>>,
+    /// What was read and skipped (lines that are not UTF-8 or not JSON are skipped, never fatal).
+    pub stats: ReadStats,
+}
+
+/// Reads a run folder's `metrics.jsonl` for its [`Outcome`].
+pub fn read_outcome(dir: &Path) -> std::io::Result<Outcome> {
+    let mut reader = RecordReader::open(&dir.join(METRICS_JSONL))?;
+    let mut out = Outcome::default();
+    for record in reader.by_ref() {
+        match record {
+            Record::Finished(f) => out.finished = Some(f),
+            Record::Started(s) => out.started = Some(s),
+            _ => {}
+        }
+    }
+    out.stats = reader.stats();
+    Ok(out)
 }
 
 /// Whether a run folder's log records at least one training step.
