@@ -51,7 +51,8 @@ pub fn catch<T>(body: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Whether the fault `name` is armed for `step` by `MOPPA_FAULT` (`NAME` or `NAME@STEP`):
 /// `worker-panic@N` (the trainer panics before step N), `loader-panic` (the data loader panics
-/// at its first batch). Always false without the `fault-injection` feature.
+/// at its first batch), `nonfinite-state@N` (the checkpoint state of step N holds a NaN). Always
+/// false without the `fault-injection` feature.
 #[must_use]
 pub fn fault(name: &str, step: u64) -> bool {
     #[cfg(feature = "fault-injection")]

@@ -87,6 +87,38 @@ fn a_trainer_panic_fails_the_run_keeps_the_checkpoint_and_the_run_resumes() {
     );
 }
 
+/// A state with a NaN in it is never written: the run fails naming the tensor, the pair of the
+/// last good checkpoint stays on disk, and the run resumes from it (issue "No byte from outside
+/// can hurt a run", item 2).
+#[test]
+fn a_non_finite_state_is_never_written_and_the_last_good_pair_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // Step 4's evaluation writes a good pair; step 8's state holds a NaN.
+    let (_, message, step) = failed_run(&out, "nonfinite-state@8");
+    assert!(
+        message.contains("state.safetensors") && message.contains("is not finite"),
+        "{message}"
+    );
+    assert_eq!(step, 8);
+    let step_of = |name: &str| {
+        moppa_studio::model::tensor_file::TensorFile::read_header(&out.join(name))
+            .unwrap()
+            .metadata
+            .get(moppa_studio::model::checkpoint::KEY_STEP)
+            .cloned()
+    };
+    assert_eq!(
+        step_of("adapter.safetensors").as_deref(),
+        Some("4"),
+        "the adapter of the pair stays"
+    );
+    let o = train(&out, None, &["--resume", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = last_finished(&out);
+    assert_eq!((f.reason, f.step), (FinishReason::Done, 12));
+}
+
 #[test]
 fn a_loader_panic_fails_the_run_with_its_message() {
     let tmp = tempfile::tempdir().unwrap();

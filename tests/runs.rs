@@ -8,16 +8,18 @@
 
 mod common;
 
+use common::served::Served;
+
 use moppa_studio::config::Coeff;
 use moppa_studio::train::protocol::{Command, Event, FinishReason, PROTOCOL_VERSION, SetMode, Target};
 use moppa_studio::train::serve::RemoteLink;
 use moppa_studio::train::serve::frame::{Hello, read_value, write_frame};
 use serde_json::Value;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command as Process;
+
 use std::time::{Duration, Instant};
 
 /// A fresh folder under the target dir for one test.
@@ -56,78 +58,7 @@ fn train_args(micro: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<Strin
     v
 }
 
-/// A `moppa train --serve` process: its address (from the `serving on` line) and its stderr.
-struct Served {
-    child: Child,
-    addr: String,
-    stderr: Arc<Mutex<String>>,
-    /// The thread reading stderr; it ends at the pipe's end, after the process's last line.
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Served {
-    fn spawn(args: &[String]) -> Self {
-        let mut child = Process::new(env!("CARGO_BIN_EXE_moppa"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let (pipe, log) = (child.stderr.take().unwrap(), stderr.clone());
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("serving on ") {
-                    tx.send(addr.trim().to_owned()).ok();
-                }
-                log.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no `serving on` line: {}", stderr.lock().unwrap()));
-        Self {
-            child,
-            addr,
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    fn log(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for the process to exit; its status code.
-    fn wait(mut self) -> (i32, String) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                // Every line the process wrote is in the log once its reader has seen the end.
-                if let Some(r) = self.reader.take() {
-                    r.join().unwrap();
-                }
-                return (st.code().unwrap_or(-1), self.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "the run did not end: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-/// A served run (token `sekrit`) that trains until told to stop, and its run folder.
+/// A served run (token `sekrit-0123456789`) that trains until told to stop, and its run folder.
 fn served_until_stopped(name: &str) -> (PathBuf, Served) {
     let tmp = tempdir(name);
     let micro = common::micro_backbone(&tmp);
@@ -136,7 +67,7 @@ fn served_until_stopped(name: &str) -> (PathBuf, Served) {
         &micro,
         &dir,
         1_000_000,
-        &["--serve", "127.0.0.1:0", "--token", "sekrit"],
+        &["--serve", "127.0.0.1:0", "--token", "sekrit-0123456789"],
     ));
     (dir, served)
 }
@@ -196,7 +127,7 @@ fn a_watched_run_receives_history_then_live_progress_and_trains_as_without_serve
         &micro,
         &served_dir,
         1500,
-        &["--serve", "127.0.0.1:0", "--token", "sekrit"],
+        &["--serve", "127.0.0.1:0", "--token", "sekrit-0123456789"],
     ));
     // Connect mid-run: the history is on disk by then.
     wait_until("50 steps", || progress_lines(&served_dir) >= 50);
@@ -206,7 +137,7 @@ fn a_watched_run_receives_history_then_live_progress_and_trains_as_without_serve
     let waker: moppa_studio::train::worker::Waker = std::sync::Arc::new(move || {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     });
-    let link = RemoteLink::connect_waking(&served.addr, Some("sekrit"), Some(waker)).unwrap();
+    let link = RemoteLink::connect_waking(&served.addr, Some("sekrit-0123456789"), Some(waker)).unwrap();
     assert!(link.can_control());
     assert!(!link.run_id().is_empty());
     let mut events = Vec::new();
@@ -259,7 +190,7 @@ fn a_watched_run_receives_history_then_live_progress_and_trains_as_without_serve
 #[test]
 fn a_steered_run_applies_set_coeff_and_the_next_snapshot_shows_it() {
     let (dir, served) = served_until_stopped("serve-steer");
-    let link = RemoteLink::connect(&served.addr, Some("sekrit")).unwrap();
+    let link = RemoteLink::connect(&served.addr, Some("sekrit-0123456789")).unwrap();
     let mut seen = Vec::new();
     next_event(&link, &mut seen, |e| matches!(e, Event::Snapshot(_)));
     link.send(&Command::SetCoeff {
@@ -355,7 +286,7 @@ fn refusal(stream: &mut TcpStream) -> Option<String> {
 fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
     let (dir, served) = served_until_stopped("serve-refuse");
     let addr = served.addr.clone();
-    let good = RemoteLink::connect(&addr, Some("sekrit")).unwrap();
+    let good = RemoteLink::connect(&addr, Some("sekrit-0123456789")).unwrap();
     // A wrong token, and none on a run that is not public.
     let e = RemoteLink::connect(&addr, Some("guess")).err().unwrap();
     assert!(e.contains("wrong token"), "{e}");
@@ -367,7 +298,7 @@ fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
         &mut c,
         &Hello {
             protocol: PROTOCOL_VERSION + 1,
-            token: Some("sekrit".into()),
+            token: Some("sekrit-0123456789".into()),
             ..Hello::default()
         },
     )
@@ -387,14 +318,14 @@ fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
     let mut c = TcpStream::connect(&addr).unwrap();
     c.write_all(&noise).unwrap();
     assert!(refusal(&mut c).is_some_and(|w| w.contains("handshake")));
-    // A length prefix over 16 MiB: refused before anything is allocated.
+    // A handshake over 64 KiB: refused before anything is allocated.
     let mut c = TcpStream::connect(&addr).unwrap();
     c.write_all(&0x7fff_ffffu32.to_be_bytes()).unwrap();
     let why = refusal(&mut c).unwrap();
-    assert!(why.contains("16 MiB"), "{why}");
+    assert!(why.contains("64 KiB"), "{why}");
     // A good handshake, then a frame that is not a command: dropped with a notice.
     let mut c = TcpStream::connect(&addr).unwrap();
-    write_frame(&mut c, &with_token("sekrit")).unwrap();
+    write_frame(&mut c, &with_token("sekrit-0123456789")).unwrap();
     c.write_all(&8u32.to_be_bytes()).unwrap();
     c.write_all(b"not json").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -412,7 +343,7 @@ fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
     );
     // A client that stops reading (handshake sent, nothing read ever after).
     let mut stalled = TcpStream::connect(&addr).unwrap();
-    write_frame(&mut stalled, &with_token("sekrit")).unwrap();
+    write_frame(&mut stalled, &with_token("sekrit-0123456789")).unwrap();
     // The run goes on: the good client still receives live progress, hundreds of steps on.
     let before = progress_lines(&dir);
     let mut seen = Vec::new();
@@ -433,7 +364,7 @@ fn bad_clients_are_refused_or_dropped_while_the_run_goes_on() {
     assert_eq!(code, 0, "{log}");
     // The operator sees each refusal.
     assert!(
-        log.contains("wrong token") && log.contains("16 MiB") && log.contains("not a command"),
+        log.contains("wrong token") && log.contains("expected a handshake") && log.contains("not a command"),
         "{log}"
     );
 }

@@ -153,8 +153,8 @@ pub struct RunArgs {
     /// Connect… to watch and steer it. Needs --out.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:7878", help_heading = "Network")]
     pub serve: Option<String>,
-    /// The token that lets a client steer the served run (default: $MOPPA_SERVE_TOKEN, else a new
-    /// one, printed).
+    /// The token that lets a client steer the served run, at least 16 characters (default:
+    /// $MOPPA_SERVE_TOKEN, else a new one, printed). Limits: docs/limits.md.
     #[arg(long, help_heading = "Network")]
     pub token: Option<String>,
     /// Clients without the token may watch (never steer) the served run.

@@ -9,6 +9,7 @@ use crate::train::backbone::backbone_config;
 use crate::train::protocol::Event;
 use crate::train::protocol::FinishReason;
 use crate::train::runfolder::{OutFlags, OutPlan, RunFolderError, plan_out};
+use crate::train::serve::server::{Limits, MIN_TOKEN_LEN};
 use crate::train::serve::{ServeOptions, Server, new_token};
 use crate::train::trainer::new_run_id;
 use crate::train::{WorkerHandle, WorkerOptions};
@@ -92,6 +93,25 @@ pub fn preflight(cfg: &RunConfig) -> Result<(), CliError> {
     check_resources(&vit, &cfg.method, cfg.batch, 0, crate::util::physical_memory_bytes()).map_err(usage)
 }
 
+/// The token `--serve` was given (`--token`, else `MOPPA_SERVE_TOKEN`), checked before anything
+/// starts: at least [`MIN_TOKEN_LEN`] characters. `None`: one is generated.
+fn serve_token(cfg: &RunConfig) -> Result<Option<(String, &'static str)>, CliError> {
+    let given = match (&cfg.token, std::env::var("MOPPA_SERVE_TOKEN")) {
+        (Some(t), _) if !t.is_empty() => Some((t.clone(), "--token")),
+        (None, Ok(t)) if !t.is_empty() => Some((t, "MOPPA_SERVE_TOKEN")),
+        _ => None,
+    };
+    if let Some((t, from)) = &given
+        && t.chars().count() < MIN_TOKEN_LEN
+    {
+        return Err(usage(format!(
+            "{from}: a token must have at least {MIN_TOKEN_LEN} characters (this one has {}); leave it out and one is generated",
+            t.chars().count()
+        )));
+    }
+    Ok(given)
+}
+
 /// `--serve`: the server, started beside the worker (`None` without the flag).
 fn serve(cfg: &RunConfig, opts: &mut WorkerOptions) -> Result<Option<(ServeOptions, Receiver<Event>)>, CliError> {
     let Some(addr) = cfg.serve.clone() else { return Ok(None) };
@@ -100,9 +120,11 @@ fn serve(cfg: &RunConfig, opts: &mut WorkerOptions) -> Result<Option<(ServeOptio
             "--serve needs --out: a viewer who connects mid-run receives the history from the run folder",
         ));
     };
-    let (token, generated) = match cfg.token.clone().or_else(|| std::env::var("MOPPA_SERVE_TOKEN").ok()) {
-        Some(t) if !t.is_empty() => (t, false),
-        _ => (new_token(), true),
+    let given = serve_token(cfg)?;
+    let limits = Limits::from_env().map_err(usage)?;
+    let (token, generated) = match given {
+        Some((t, _)) => (t, false),
+        None => (new_token(), true),
     };
     if generated {
         eprintln!("token: {token}  (give it to Connect… to steer this run; --token or MOPPA_SERVE_TOKEN sets it)");
@@ -118,6 +140,7 @@ fn serve(cfg: &RunConfig, opts: &mut WorkerOptions) -> Result<Option<(ServeOptio
             public: cfg.serve_public,
             run_dir,
             run_id,
+            limits,
         },
         rx,
     )))
@@ -126,6 +149,10 @@ fn serve(cfg: &RunConfig, opts: &mut WorkerOptions) -> Result<Option<(ServeOptio
 /// Runs `moppa train`.
 pub fn train(args: &TrainArgs) -> Result<i32, CliError> {
     let cfg = args.run.resolve()?;
+    if cfg.serve.is_some() {
+        serve_token(&cfg)?;
+        Limits::from_env().map_err(usage)?;
+    }
     let Some(cfg) = claim_out(&args.run, cfg)? else {
         return Ok(0);
     };
@@ -143,9 +170,21 @@ pub fn train(args: &TrainArgs) -> Result<i32, CliError> {
     let _server = match served {
         Some((listener, sopts, events)) => {
             let addr = sopts.addr.clone();
+            let sopts_public = sopts.public;
             let server = Server::start(listener, sopts, handle.commands(), events)
                 .map_err(|e| CliError::Failure(anyhow::anyhow!("--serve {addr}: {e}")))?;
             eprintln!("serving on {}", server.addr());
+            if !server.addr().ip().is_loopback() {
+                eprintln!(
+                    "warning: --serve {addr} listens beyond this machine: anyone who can reach {} may try tokens{}; loopback and an SSH tunnel (README) keep a run private",
+                    server.addr(),
+                    if sopts_public {
+                        " and, with --serve-public, watch without one"
+                    } else {
+                        ""
+                    }
+                );
+            }
             Some(server)
         }
         None => None,

@@ -11,6 +11,7 @@ use moppa_studio::model::vit::{BackboneFileMeta, write_backbone};
 use std::path::{Path, PathBuf};
 
 pub mod hub_server;
+pub mod served;
 
 /// A committed fixture under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {

@@ -153,7 +153,36 @@ impl Trainer {
             tensors.insert(format!("adam_m.{name}"), host(&m)?);
             tensors.insert(format!("adam_v.{name}"), host(&v)?);
         }
+        if crate::panics::fault("nonfinite-state", self.step)
+            && let Some(v) = tensors.values_mut().next().and_then(|t| t.data.first_mut())
+        {
+            *v = f32::NAN;
+        }
+        // A state that cannot be resumed is never written: the last good pair stays.
+        if let Some((name, _)) = tensors.iter().find(|(_, t)| t.data.iter().any(|v| !v.is_finite())) {
+            return Err(ModelError::Config(format!(
+                "refusing to write {}: tensor '{name}' is not finite",
+                path.display()
+            ))
+            .into());
+        }
         let live = &self.model.live;
+        if let Some((name, v)) = [
+            ("lr", self.peak_lr),
+            ("tau", live.tau),
+            ("gamma", live.gamma),
+            ("temperature", live.temperature),
+            ("route_weight", live.route_weight),
+        ]
+        .into_iter()
+        .find(|(_, v)| !(*v as f32).is_finite())
+        {
+            return Err(ModelError::Config(format!(
+                "refusing to write {}: {name} = {v} is not finite in f32",
+                path.display()
+            ))
+            .into());
+        }
         let state = ResumeState {
             step: self.step,
             opt_t: self.opt.t,

@@ -78,10 +78,21 @@ impl Trainer {
         }
         let mut old_all = Vec::new();
         let mut new_all = Vec::new();
-        for (b, old, new) in plan {
-            if let Some(unit) = self.model.moppa_unit(b) {
-                unit.set_coeff(coeff, &new).map_err(|e| e.to_string())?;
+        for (b, _, new) in &plan {
+            if let Some(unit) = self.model.moppa_unit(*b) {
+                unit.set_coeff(coeff, new).map_err(|e| e.to_string())?;
             }
+        }
+        if let Err(why) = self.filters_finite() {
+            // Put every block back as it was: the change is refused, not half-applied.
+            for (b, old, _) in &plan {
+                if let Some(unit) = self.model.moppa_unit(*b) {
+                    unit.set_coeff(coeff, old).map_err(|e| e.to_string())?;
+                }
+            }
+            return Err(format!("{} refused: {why}", coeff.name()));
+        }
+        for (_, old, new) in plan {
             old_all.extend(old);
             new_all.extend(new);
         }
@@ -111,7 +122,39 @@ impl Trainer {
             Hyper::Lr => &mut self.peak_lr,
         };
         let old = std::mem::replace(slot, value);
+        if matches!(hyper, Hyper::Tau | Hyper::Gamma)
+            && let Err(why) = self.filters_finite()
+        {
+            let live = &mut self.model.live;
+            if hyper == Hyper::Tau {
+                live.tau = old;
+            } else {
+                live.gamma = old;
+            }
+            return Err(format!("{} refused: {why}", hyper.name()));
+        }
         Ok(self.applied(hyper.name().into(), Target::All, old, value))
+    }
+
+    /// Every MoPPA filter is finite in the precision it is computed in (a live change that would
+    /// make one NaN or infinite is refused before a step uses it).
+    fn filters_finite(&self) -> Outcome<()> {
+        for b in self.model.moppa_blocks() {
+            let Some(unit) = self.model.moppa_unit(b) else { continue };
+            let filters = unit
+                .filters(&self.model.grid, &self.model.live, false)
+                .map_err(|e| e.to_string())?;
+            for (prior, f) in self.cfg.method.active_priors().iter().zip(filters) {
+                let values = f
+                    .to_dtype(candle_core::DType::F32)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| e.to_string())?;
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(format!("block {b}'s {prior} filter would not be finite"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Locks or releases a coefficient (or the source map).
@@ -159,7 +202,9 @@ impl Trainer {
 
     /// Makes the user's image the probe (it replaces the validation image until another
     /// `set_probe`); it must be square at the backbone's input size.
-    pub fn set_probe_image(&mut self, name: String, image: Rgb) -> Outcome<()> {
+    pub fn set_probe_image(&mut self, name: &str, image: Rgb) -> Outcome<()> {
+        // The name is stored in every later snapshot record: bounded, without control characters.
+        let name = crate::train::serve::frame::tame(name, crate::train::serve::server::MAX_REMOTE_TEXT);
         let size = self.model.backbone.cfg.img_size;
         if image.size != size || image.pixels.len() != size * size * 3 {
             return Err(format!(

@@ -286,7 +286,7 @@ fn apply(
             }
         },
         Command::SetProbe { index } => trainer.set_probe(index).map(|()| None),
-        Command::SetProbeImage { name, image } => trainer.set_probe_image(name, image).map(|()| None),
+        Command::SetProbeImage { name, image } => trainer.set_probe_image(&name, image).map(|()| None),
         Command::SetChannel { channel } => trainer.set_channel(channel).map(|()| None),
         Command::FetchRunFiles => Err("fetching the run's files is for network clients (moppa train --serve)".into()),
     };
