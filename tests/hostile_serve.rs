@@ -7,55 +7,18 @@
 
 mod common;
 
-use common::served::Served;
+use common::served::{Served, comparable, progress_lines, s, tempdir, train_args, wait_until};
 use moppa_studio::config::Coeff;
 use moppa_studio::train::protocol::{
     Command, Event, FinishReason, Hyper, PROTOCOL_VERSION, ProbeOrigin, Rgb, SetMode, Target,
 };
 use moppa_studio::train::serve::RemoteLink;
 use moppa_studio::train::serve::frame::{Hello, read_value, write_frame};
-use serde_json::Value;
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "hostile-token-0123456789";
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-/// `moppa train` on the micro backbone into `out` for `steps` steps, seed 3, one thread.
-fn train_args(micro: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["train", "--backbone", &s(micro), "--steps", &steps.to_string()]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    for a in [
-        "--eval-every",
-        "100",
-        "--batch",
-        "16",
-        "--threads",
-        "1",
-        "--seed",
-        "3",
-        "--out",
-        &s(out),
-    ] {
-        v.push(a.to_owned());
-    }
-    v.extend(extra.iter().map(|a| (*a).to_owned()));
-    v
-}
 
 fn serve_args() -> [&'static str; 4] {
     ["--serve", "127.0.0.1:0", "--token", TOKEN]
@@ -69,37 +32,6 @@ fn rss_mb(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn progress_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .map(|t| t.lines().filter(|l| l.contains("\"progress\"")).count())
-        .unwrap_or(0)
-}
-
-fn wait_until(what: &str, ok: impl Fn() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// What must not differ between two runs of one seed: every record but its timings and paths.
-fn comparable(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| matches!(r["kind"].as_str(), Some("progress" | "eval" | "finished")))
-        .map(|mut r| {
-            let o = r.as_object_mut().unwrap();
-            for k in ["time_s", "img_per_s", "checkpoints"] {
-                o.remove(k);
-            }
-            r
-        })
-        .collect()
 }
 
 /// Whether the server closed `c` (end of stream or a reset) within `within`, and any handshake

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::served::Served;
+use common::served::{Served, comparable, progress_lines, s, tempdir, train_args, wait_until};
 
 use moppa_studio::config::Coeff;
 use moppa_studio::train::protocol::{Command, Event, FinishReason, PROTOCOL_VERSION, SetMode, Target};
@@ -22,42 +22,6 @@ use std::process::Command as Process;
 
 use std::time::{Duration, Instant};
 
-/// A fresh folder under the target dir for one test.
-fn tempdir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_owned()
-}
-
-/// `moppa train` on the micro backbone and the built-in digits.
-fn train_args(micro: &Path, out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["train", "--backbone", &s(micro), "--steps", &steps.to_string()]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    for a in [
-        "--eval-every",
-        "250",
-        "--batch",
-        "16",
-        "--threads",
-        "1",
-        "--seed",
-        "3",
-        "--out",
-        &s(out),
-    ] {
-        v.push(a.to_owned());
-    }
-    v.extend(extra.iter().map(|a| (*a).to_owned()));
-    v
-}
-
 /// A served run (token `sekrit-0123456789`) that trains until told to stop, and its run folder.
 fn served_until_stopped(name: &str) -> (PathBuf, Served) {
     let tmp = tempdir(name);
@@ -70,19 +34,6 @@ fn served_until_stopped(name: &str) -> (PathBuf, Served) {
         &["--serve", "127.0.0.1:0", "--token", "sekrit-0123456789"],
     ));
     (dir, served)
-}
-
-/// The progress records written so far.
-fn progress_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.matches(r#""kind":"progress""#).count())
-}
-
-fn wait_until(what: &str, ok: impl Fn() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The next event matching `want` (others are passed to `seen`), within a minute.
@@ -99,23 +50,6 @@ fn next_event(link: &RemoteLink, seen: &mut Vec<Event>, want: impl Fn(&Event) ->
         }
         seen.push(ev);
     }
-}
-
-/// What must not differ between two runs of one seed: every record but its timings and paths.
-fn comparable(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| matches!(r["kind"].as_str(), Some("progress" | "eval" | "finished")))
-        .map(|mut r| {
-            let o = r.as_object_mut().unwrap();
-            for k in ["time_s", "img_per_s", "checkpoints"] {
-                o.remove(k);
-            }
-            r
-        })
-        .collect()
 }
 
 #[test]
