@@ -1436,15 +1436,7 @@ fn the_runs_table_sorts_by_a_column_and_filters_by_text() {
 #[test]
 fn a_followed_folder_replaced_under_the_app_is_shown_again_from_its_start() {
     let tmp = tempdir("app-replaced-folder");
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/runs/moppa");
-    let dir = tmp.join("run");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in std::fs::read_dir(&fixture).unwrap() {
-        let f = f.unwrap().path();
-        if f.is_file() {
-            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = common::copy_run_fixture("moppa", &tmp);
     let (mut h, _fake) = harness(Tab::Curves);
     h.state_mut().open_folder(&dir);
     h.run_steps(2);

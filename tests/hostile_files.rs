@@ -14,18 +14,6 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A fresh copy of fixture run folder `name` under `into`.
-fn copy(name: &str, into: &Path) -> PathBuf {
-    let from = common::fixture("runs").join(name);
-    let to = into.join(name);
-    std::fs::create_dir_all(&to).unwrap();
-    for e in std::fs::read_dir(&from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-    to
-}
-
 /// The lines of a fixture file, as JSON values.
 fn fixture_lines(run: &str, file: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(common::fixture("runs").join(run).join(file)).unwrap();
@@ -114,7 +102,7 @@ fn hostile_snapshot_headers_are_refused_with_a_warning_naming_the_bound() {
         ),
     ];
     for (name, change, bound) in cases {
-        let dir = copy("moppa", &tmp.path().join(name));
+        let dir = common::copy_run_fixture("moppa", &tmp.path().join(name));
         let mut header = fixture_lines("moppa", "snapshots.jsonl")[0].clone();
         for (k, v) in change.as_object().unwrap() {
             header[k] = v.clone();
@@ -178,7 +166,7 @@ fn snapshot_records_beyond_their_header_are_skipped_with_one_warning() {
         ),
     ];
     for (name, spoil, bound) in hostile {
-        let dir = copy("moppa", &tmp.path().join(name));
+        let dir = common::copy_run_fixture("moppa", &tmp.path().join(name));
         let mut bad = good.clone();
         spoil(&mut bad);
         bad["step"] = json!(20);
@@ -205,7 +193,7 @@ fn snapshot_records_beyond_their_header_are_skipped_with_one_warning() {
 #[test]
 fn started_and_eval_records_past_the_bounds_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = copy("moppa", tmp.path());
+    let dir = common::copy_run_fixture("moppa", tmp.path());
     let mut lines = fixture_lines("moppa", "metrics.jsonl");
     // 100,001 class names, and a recorded input size that would make a 30 GB probe picture.
     let classes: Vec<String> = (0..100_001).map(|i| i.to_string()).collect();
@@ -418,7 +406,7 @@ fn a_data_spec_that_is_no_dataset_is_refused_without_a_walk() {
 #[test]
 fn a_reopened_run_whose_data_is_the_root_has_no_probe_images_and_says_why() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = copy("moppa", tmp.path());
+    let dir = common::copy_run_fixture("moppa", tmp.path());
     let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     std::fs::write(
         dir.join("config.toml"),
@@ -513,7 +501,7 @@ fn view_screenshot_of_a_run_that_never_starts_fails_before_any_window() {
 #[test]
 fn a_history_read_in_small_steps_holds_the_same_events() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = copy("moppa", tmp.path());
+    let dir = common::copy_run_fixture("moppa", tmp.path());
     let (_, whole) = read_all(&dir);
     let mut reader = RunFolderReader::open(&dir).unwrap();
     let mut steps = Vec::new();

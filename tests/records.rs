@@ -11,7 +11,7 @@ use moppa_studio::train::protocol::{Event, FinishReason};
 use moppa_studio::train::record::{Record, RecordReader};
 use moppa_studio::train::replay::RunFolderReader;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The five fixture folders and how each ended.
 const FIXTURES: [(&str, FinishReason); 5] = [
@@ -21,18 +21,6 @@ const FIXTURES: [(&str, FinishReason); 5] = [
     ("lora", FinishReason::Done),
     ("mae", FinishReason::Done),
 ];
-
-/// A fresh copy of fixture folder `name` (tests never write into the committed one).
-fn copy(name: &str, into: &Path) -> PathBuf {
-    let from = common::fixture("runs").join(name);
-    let to = into.join(name);
-    std::fs::create_dir_all(&to).unwrap();
-    for e in std::fs::read_dir(&from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-    to
-}
 
 /// Where two JSON values first differ (a path and both values), if they do.
 fn first_difference(a: &Value, b: &Value, at: String) -> Option<String> {
@@ -90,7 +78,7 @@ fn every_fixture_line_reads_as_a_record_and_writes_back_json_equal() {
 fn every_fixture_opens_as_the_run_it_was() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, reason) in FIXTURES {
-        let dir = copy(name, tmp.path());
+        let dir = common::copy_run_fixture(name, tmp.path());
         let mut reader = RunFolderReader::open(&dir).unwrap();
         let events = reader.poll();
         let count = |f: fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
@@ -152,7 +140,7 @@ fn every_fixture_opens_as_the_run_it_was() {
 fn fixtures_resume_collect_and_evaluate() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["moppa", "lora", "resumed", "diverged"] {
-        copy(name, tmp.path());
+        common::copy_run_fixture(name, tmp.path());
     }
     // Resume the finished MoPPA run for 4 more steps: it goes on from step 20.
     let dir = tmp.path().join("moppa");

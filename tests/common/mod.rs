@@ -20,6 +20,19 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A fresh copy of fixture run folder `tests/fixtures/runs/NAME` under `into` (tests never write
+/// into the committed one).
+pub fn copy_run_fixture(name: &str, into: &Path) -> PathBuf {
+    let from = fixture("runs").join(name);
+    let to = into.join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for e in std::fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to
+}
+
 /// `moppa train` arguments for a short quiet run: `backbone` on the folder `data`, `steps` steps of
 /// `batch`, no evaluation until the end, two threads, into `out`.
 pub fn short_train(backbone: &str, data: &Path, steps: u32, batch: u32, out: &Path) -> Vec<String> {

@@ -5,9 +5,12 @@
 
 pub mod client;
 pub mod frame;
+pub mod guard;
+mod queue;
 pub mod server;
 
 pub use client::RemoteLink;
+pub use guard::{LIMIT_VARS, Limits, MIN_TOKEN_LEN};
 pub use server::{ServeOptions, Server};
 
 /// The default address: loopback only (other machines reach it through an SSH tunnel).
