@@ -12,5 +12,6 @@ pub mod data;
 pub mod model;
 pub mod panics;
 pub mod physics;
+pub mod stats;
 pub mod train;
 pub mod util;

@@ -203,6 +203,7 @@ fn feed_run(fake: &Fake) {
                     loss: 0.4,
                     acc: 0.8 + step as f64 / 2000.0,
                     per_class_acc: vec![0.9; 10],
+                    n: 100,
                     time_s: step as f64 * 0.15,
                 }))
                 .unwrap();
@@ -1173,6 +1174,7 @@ fn write_run(dir: &Path, config: serde_json::Value, steps: u64, every: u64, offs
                     loss: 0.5,
                     acc: 0.5 + offset / 10.0 + step as f64 / 1000.0,
                     per_class_acc: vec![0.5; 10],
+                    n: 100,
                     time_s: step as f64,
                 }))
                 .unwrap(),
@@ -1428,6 +1430,74 @@ fn the_runs_table_sorts_by_a_column_and_filters_by_text() {
     assert!(h.query_by_role_and_label(egui::Role::Button, "moppa-c").is_none());
     assert!(h.query_by_role_and_label(egui::Role::Button, "lora-b").is_some());
     assert!(h.query_by_label_contains("2 of 3 runs match").is_some());
+}
+
+/// Issue 31 item 3: the runs table's accuracy cells say on hover how many images they were
+/// measured on and the 95% Wilson interval; a set under 100 images shows its n in the cell and
+/// says what one image is worth; a folder recorded before n was says n unknown; the headers say what the
+/// interval is.
+#[test]
+fn the_runs_tables_accuracies_carry_their_n_and_wilson_interval() {
+    let tmp = tempdir("app-table-n");
+    // Validation on 100 images (best 0.6, at step 100), then a test on only 12.
+    let small = tmp.join("small-test");
+    write_run(&small, config_json(|c| c.seed = 1), 100, 10, 0.0);
+    let test = moppa_studio::train::record::Record::from_event(&Event::Eval(EvalResult {
+        step: 100,
+        split: "test".into(),
+        loss: 0.5,
+        acc: 0.75,
+        per_class_acc: vec![0.75; 10],
+        n: 12,
+        time_s: 100.0,
+    }))
+    .unwrap();
+    let mut text = std::fs::read_to_string(small.join("metrics.jsonl")).unwrap();
+    text.push_str(&(test.to_line() + "\n"));
+    std::fs::write(small.join("metrics.jsonl"), text).unwrap();
+    // A folder of an earlier version: no n in its records (best validation 0.67).
+    let old = tmp.join("old-folder");
+    write_run(&old, config_json(|c| c.seed = 2), 120, 10, 0.5);
+    let stripped: String = records(&old.join("metrics.jsonl"))
+        .into_iter()
+        .map(|mut r| {
+            r.as_object_mut().unwrap().remove("n");
+            r.to_string() + "\n"
+        })
+        .collect();
+    assert!(!stripped.contains("\"n\""));
+    std::fs::write(old.join("metrics.jsonl"), stripped).unwrap();
+
+    let mut h = viewer(Tab::Runs, vec![tmp.clone()]);
+    h.run_steps(3);
+    assert_eq!(h.state().runs.len(), 2);
+    let shows = |h: &mut Harness<'static, StudioApp>, cell: &str, tip: &str| {
+        h.get_by_label(cell).hover();
+        h.run_steps(4);
+        assert!(
+            h.query_by_label_contains(tip).is_some(),
+            "hovering {cell} shows \"{tip}\""
+        );
+    };
+    // 60/100: Wilson (0.502003, 0.690599); 9/12: (0.467695, 0.911058).
+    shows(&mut h, "60.00%", "60.0% of 100 validation images; 95% CI 50.2–69.1%");
+    shows(
+        &mut h,
+        "75.00% (n = 12)",
+        "75.0% of 12 test images; 95% CI 46.8–91.1%; only 12 test images: one image is 8.3 points",
+    );
+    shows(&mut h, "67.00%", "67.0%; n unknown");
+    assert!(
+        h.query_by_label_contains("67.0% of").is_none(),
+        "no n is made up for the old folder"
+    );
+    h.get_by_role_and_label(egui::Role::Button, "best val").hover();
+    h.run_steps(4);
+    assert!(
+        h.query_by_label_contains("Wilson score interval of one run's accuracy on n images")
+            .is_some(),
+        "the header says what the interval is"
+    );
 }
 
 /// A followed run folder whose `metrics.jsonl` is replaced (renamed over) by another run's is

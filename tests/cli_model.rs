@@ -215,6 +215,15 @@ fn predict_agrees_with_eval_and_names_the_files_it_cannot_read() {
     let eval_acc: f64 = stdout.split_whitespace().nth(2).unwrap().parse().unwrap();
     // Some right, some wrong: a difference in preprocessing would move the count.
     assert!(eval_acc > 0.4 && eval_acc < 0.99, "eval accuracy {eval_acc}");
+    // Its n (24 test images) and 95% Wilson interval; so few images are warned of.
+    let (low, high) = moppa_studio::stats::wilson((eval_acc * 24.0).round() as u64, 24).unwrap();
+    let want = format!("(n = 24, 95% CI {low:.4}-{high:.4})");
+    assert!(stdout.lines().next().unwrap().ends_with(&want), "{stdout} vs {want}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: only 24 test images: one image is 4.2 points of accuracy"),
+        "{stderr}"
+    );
 
     // Predict the test folder, with a corrupt file and an empty one among the images.
     let test = data.join("test");

@@ -158,13 +158,36 @@ fn fixtures_resume_collect_and_evaluate() {
         .unwrap();
     assert_eq!((last.reason, last.step), (FinishReason::Done, 24), "{log}");
 
-    // Evaluate two of them.
+    // Evaluate two of them: the accuracy with its n (builtin:digits has 1000 test images) and
+    // its 95% Wilson interval, on the line and per class in the CSV.
     for name in ["lora", "resumed"] {
         let run = tmp.path().join(name);
         let out = moppa(&["eval", "--run", run.to_str().unwrap()]);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {err}");
         assert!(text.contains("acc"), "{name}: {text}");
+        let line = text.lines().find(|l| l.starts_with("test accuracy ")).unwrap();
+        let acc: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        let (low, high) = moppa_studio::stats::wilson((acc * 1000.0).round() as u64, 1000).unwrap();
+        assert!(low < acc && acc < high, "{name}: {line}");
+        let want = format!("(n = 1000, 95% CI {low:.4}-{high:.4})");
+        assert!(line.ends_with(&want), "{name}: {line} vs {want}");
+        assert!(!err.contains("one image is"), "1000 images are not few: {err}");
+        let csv = std::fs::read_to_string(run.join("eval-test.csv")).unwrap();
+        let mut rows = csv.lines();
+        assert_eq!(rows.next(), Some("class,name,acc,n,ci_low,ci_high"));
+        let rows: Vec<Vec<&str>> = rows.map(|r| r.split(',').collect()).collect();
+        assert_eq!(rows.len(), 10, "{csv}");
+        for r in &rows {
+            let class_acc: f64 = r[2].parse().unwrap();
+            let (lo, hi) = moppa_studio::stats::wilson((class_acc * 100.0).round() as u64, 100).unwrap();
+            assert_eq!(
+                r[3..],
+                ["100".to_owned(), format!("{lo:.6}"), format!("{hi:.6}")],
+                "{name}: {csv}"
+            );
+        }
     }
 
     // Collect a plan over the four folders: three rows, the diverged run listed as such.
@@ -216,6 +239,7 @@ fn every_logged_event_reads_back_as_itself() {
             loss: 0.5,
             acc: 0.875,
             per_class_acc: vec![1.0, 0.75],
+            n: 100,
             time_s: 0.2,
         }),
         Event::Applied(Applied {

@@ -95,10 +95,11 @@ pub struct RunHistory {
     pub lr: Series,
     /// Throughput.
     pub img_per_s: Series,
-    /// Validation evaluations `(step, time, acc, loss)`.
-    pub val: Vec<[f64; 4]>,
-    /// Test evaluations.
-    pub test: Vec<[f64; 4]>,
+    /// Validation evaluations `(step, time, acc, loss, n)`: n the images evaluated, 0 where
+    /// unknown (a record written before it was recorded).
+    pub val: Vec<[f64; 5]>,
+    /// Test evaluations, as `val`.
+    pub test: Vec<[f64; 5]>,
     /// Last per-class validation accuracy.
     pub per_class: Vec<f64>,
     /// Commands that took effect.
@@ -240,6 +241,19 @@ impl RunHistory {
         self.val.iter().map(|v| v[2]).reduce(f64::max)
     }
 
+    /// The validation evaluation with the best accuracy so far (the first of equals), NaN
+    /// accuracies left out: `(step, time, acc, loss, n)`.
+    #[must_use]
+    pub fn best_val_eval(&self) -> Option<[f64; 5]> {
+        self.val
+            .iter()
+            .filter(|v| !v[2].is_nan())
+            .fold(None, |best: Option<[f64; 5]>, v| match best {
+                Some(b) if b[2] >= v[2] => Some(b),
+                _ => Some(*v),
+            })
+    }
+
     /// Keeps a served run's progress or evaluation as its `metrics.csv` row (the run folder is on
     /// another machine: Export CSV writes these).
     pub fn keep_row(&mut self, ev: &Event) {
@@ -274,7 +288,7 @@ impl RunHistory {
 
     /// Records an evaluation.
     pub fn on_eval(&mut self, e: &EvalResult) {
-        let row = [e.step as f64, e.time_s, e.acc, e.loss];
+        let row = [e.step as f64, e.time_s, e.acc, e.loss, e.n as f64];
         if e.split == "test" {
             self.test.push(row);
         } else {
@@ -357,6 +371,37 @@ mod tests {
         }
         let sps = h.steps_per_s();
         assert!(sps.is_some_and(|v| (v - 20.0 / 1.9).abs() < 1e-9), "{sps:?}");
+    }
+
+    fn eval(step: u64, split: &str, acc: f64, n: u64) -> EvalResult {
+        EvalResult {
+            step,
+            split: split.into(),
+            loss: 0.5,
+            acc,
+            per_class_acc: Vec::new(),
+            n,
+            time_s: step as f64,
+        }
+    }
+
+    #[test]
+    fn each_evaluation_keeps_its_n_and_the_best_validation_is_found() {
+        let mut h = RunHistory::default();
+        assert_eq!(h.best_val_eval(), None);
+        h.on_eval(&eval(10, "val", 0.7, 200));
+        h.on_eval(&eval(20, "val", 0.8, 200));
+        h.on_eval(&eval(30, "val", f64::NAN, 200));
+        h.on_eval(&eval(40, "val", 0.8, 0));
+        h.on_eval(&eval(40, "test", 0.75, 12));
+        assert_eq!(
+            h.val.iter().map(|v| v[4]).collect::<Vec<_>>(),
+            [200.0, 200.0, 200.0, 0.0]
+        );
+        assert_eq!(h.test, [[40.0, 40.0, 0.75, 0.5, 12.0]]);
+        // The first of the equal best, with its n.
+        assert_eq!(h.best_val_eval(), Some([20.0, 20.0, 0.8, 0.5, 200.0]));
+        assert_eq!(h.best_val(), Some(0.8));
     }
 
     #[test]

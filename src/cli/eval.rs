@@ -3,6 +3,7 @@
 use super::{CliError, usage};
 use crate::config::RunConfig;
 use crate::data::Split;
+use crate::stats::{wilson, wilson_acc};
 use crate::train::evaluate::{OnBackbone, evaluate_adapter, run_config};
 use clap::Args;
 use std::fmt::Write as _;
@@ -127,15 +128,16 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
     }
     let (result, classes) = (eval.result, eval.classes);
     println!(
-        "{} accuracy {:.4} (loss {:.4}) on {data}",
+        "{} accuracy {:.4} (loss {:.4}) on {data} {}",
         split.name(),
         result.acc,
-        result.loss
+        result.loss,
+        n_and_interval(result.acc, result.n)
     );
-    let mut csv = String::from("class,name,acc\n");
-    for (i, (name, acc)) in classes.iter().zip(&result.per_class_acc).enumerate() {
-        let _ = writeln!(csv, "{i},{name},{acc:.6}");
+    if let Some(w) = small_set_warning(result.n, split.name()) {
+        eprintln!("warning: {w}");
     }
+    let csv = per_class_csv(&classes, &result.per_class_acc, &eval.per_class_counts);
     let out = args.output.clone().unwrap_or_else(|| match &args.source.run {
         Some(dir) => dir.join(format!("eval-{}.csv", split.name())),
         None => resolved.adapter.with_extension(format!("eval-{}.csv", split.name())),
@@ -144,4 +146,87 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", out.display())))?;
     println!("per-class results: {}", out.display());
     Ok(())
+}
+
+/// How many images an accuracy was measured on, and its 95% Wilson interval:
+/// `(n = 500, 95% CI 0.7960-0.8631)` (`(n = 0)` when nothing was evaluated).
+#[must_use]
+pub fn n_and_interval(acc: f64, n: u64) -> String {
+    match wilson_acc(acc, n) {
+        Some((low, high)) => format!("(n = {n}, 95% CI {low:.4}-{high:.4})"),
+        None => format!("(n = {n})"),
+    }
+}
+
+/// Said when a split has fewer than 100 images: how many accuracy points one image is worth.
+#[must_use]
+pub fn small_set_warning(n: u64, split: &str) -> Option<String> {
+    (n > 0 && n < 100).then(|| {
+        format!(
+            "only {n} {split} images: one image is {:.1} points of accuracy",
+            100.0 / n as f64
+        )
+    })
+}
+
+/// The per-class results: `class,name,acc,n,ci_low,ci_high` (the class's images and the 95%
+/// Wilson interval of its accuracy; the interval empty for a class without images).
+#[must_use]
+pub fn per_class_csv(classes: &[String], acc: &[f64], counts: &[(u64, u64)]) -> String {
+    let mut csv = String::from("class,name,acc,n,ci_low,ci_high\n");
+    for (i, (name, acc)) in classes.iter().zip(acc).enumerate() {
+        let (correct, n) = counts.get(i).copied().unwrap_or_default();
+        let _ = write!(csv, "{i},{name},{acc:.6},{n},");
+        let _ = match wilson(correct, n) {
+            Some((low, high)) => writeln!(csv, "{low:.6},{high:.6}"),
+            None => writeln!(csv, ","),
+        };
+    }
+    csv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against SciPy: `stats.binomtest(83, 100).proportion_ci(0.95, method='wilson')` is
+    /// (0.744519952323988, 0.891064338859400); `binomtest(0, 12)` (0, 0.242494006655241);
+    /// `binomtest(450, 500)` (0.870578090368060, 0.923322437262698).
+    #[test]
+    fn the_accuracy_carries_n_and_its_wilson_interval() {
+        assert_eq!(n_and_interval(0.83, 100), "(n = 100, 95% CI 0.7445-0.8911)");
+        assert_eq!(n_and_interval(0.9, 500), "(n = 500, 95% CI 0.8706-0.9233)");
+        assert_eq!(n_and_interval(0.0, 12), "(n = 12, 95% CI 0.0000-0.2425)");
+        assert_eq!(n_and_interval(0.5, 0), "(n = 0)");
+    }
+
+    #[test]
+    fn fewer_than_100_images_are_warned_of() {
+        assert_eq!(
+            small_set_warning(12, "test").as_deref(),
+            Some("only 12 test images: one image is 8.3 points of accuracy")
+        );
+        assert_eq!(
+            small_set_warning(99, "val").as_deref(),
+            Some("only 99 val images: one image is 1.0 points of accuracy")
+        );
+        assert_eq!(small_set_warning(100, "test"), None);
+        assert_eq!(small_set_warning(0, "test"), None);
+    }
+
+    #[test]
+    fn the_per_class_csv_has_each_classs_n_and_interval() {
+        let classes = ["cat".to_owned(), "dog".to_owned(), "eel".to_owned()];
+        let csv = per_class_csv(&classes, &[0.83, 0.9, 0.0], &[(83, 100), (450, 500), (0, 0)]);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "class,name,acc,n,ci_low,ci_high",
+                "0,cat,0.830000,100,0.744520,0.891064",
+                "1,dog,0.900000,500,0.870578,0.923322",
+                "2,eel,0.000000,0,,",
+            ]
+        );
+    }
 }

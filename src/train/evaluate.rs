@@ -85,6 +85,12 @@ impl Tally {
         Ok(())
     }
 
+    /// `(correct, seen)` per class.
+    #[must_use]
+    pub fn per_class_counts(&self) -> Vec<(u64, u64)> {
+        self.per_class.iter().map(|&(c, t)| (c as u64, t as u64)).collect()
+    }
+
     /// Images seen.
     #[must_use]
     pub fn seen(&self) -> usize {
@@ -109,6 +115,7 @@ impl Tally {
                 .iter()
                 .map(|(c, t)| if *t == 0 { 0.0 } else { *c as f64 / *t as f64 })
                 .collect(),
+            n: n as u64,
             time_s,
         })
     }
@@ -135,6 +142,8 @@ pub struct AdapterEval {
     pub result: EvalResult,
     /// Class names, index = label.
     pub classes: Vec<String>,
+    /// `(correct, images)` per class, index = label.
+    pub per_class_counts: Vec<(u64, u64)>,
     /// Warnings, one line each.
     pub warnings: Vec<String>,
 }
@@ -221,7 +230,9 @@ pub fn evaluate_adapter(
         )));
     }
     let mut set = loaded.eval_set(dataset.split(split).to_vec());
-    let result = classify(model, &mut set, &loaded.input(batch), &|| false)?
+    let tally = classify(model, &mut set, &loaded.input(batch), &|| false)?;
+    let per_class_counts = tally.per_class_counts();
+    let result = tally
         .result(0, split, 0.0)
         .ok_or_else(|| TrainError::Config(format!("the {} split of {data_spec} has no usable image", split.name())))?;
     if let Some((path, why)) = set.skipped.first() {
@@ -235,6 +246,7 @@ pub fn evaluate_adapter(
     Ok(AdapterEval {
         result,
         classes: model.classes.clone(),
+        per_class_counts,
         warnings,
     })
 }

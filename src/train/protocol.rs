@@ -329,6 +329,8 @@ pub struct EvalResult {
     pub acc: f64,
     /// Accuracy per class.
     pub per_class_acc: Vec<f64>,
+    /// Images evaluated (0 where unknown: a record written before it was recorded).
+    pub n: u64,
     /// Seconds since start.
     pub time_s: f64,
 }

@@ -501,6 +501,6 @@ fn swatch(ui: &mut egui::Ui, color: Color32) {
 }
 
 /// Evaluation rows `[step, time_s, acc, …]` as plot points against step, or seconds when `x`.
-fn eval_points(evals: &[[f64; 4]], x: bool) -> Vec<[f64; 2]> {
+fn eval_points(evals: &[[f64; 5]], x: bool) -> Vec<[f64; 2]> {
     evals.iter().map(|e| [if x { e[1] } else { e[0] }, e[2]]).collect()
 }

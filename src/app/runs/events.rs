@@ -78,10 +78,11 @@ impl RunsState {
                 };
                 run.history.finished = Some(f.reason);
                 run.history.time_s = run.history.time_s.max(f.time_s);
+                // A test accuracy without its evaluation record: its loss and n unknown (0).
                 if let Some(t) = f.test_acc
                     && run.history.test.is_empty()
                 {
-                    run.history.test.push([f.steps as f64, f.time_s, t, 0.0]);
+                    run.history.test.push([f.steps as f64, f.time_s, t, 0.0, 0.0]);
                 }
             }
             Event::RunFile { name, base64 } => {

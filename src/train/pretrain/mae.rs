@@ -326,6 +326,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
             loss,
             acc: accuracy.map_or(f64::NAN, |a| a.0),
             per_class_acc: Vec::new(),
+            n: val.len() as u64,
             time_s: seconds,
         }));
     }
@@ -336,6 +337,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
             loss: f64::NAN,
             acc: t,
             per_class_acc: Vec::new(),
+            n: test.len() as u64,
             time_s: seconds,
         }));
     }

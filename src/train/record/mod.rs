@@ -152,6 +152,11 @@ impl EvalRecord {
     }
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// An `info` that an older version wrote in another shape reads as absent, not as a bad line.
 fn lenient_info<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RunInfo>>, D::Error> {
     let v = Value::deserialize(d)?;
@@ -212,6 +217,9 @@ pub struct EvalRecord {
     /// Accuracy per class.
     #[serde(default, deserialize_with = "nan_list")]
     pub per_class_acc: Vec<f64>,
+    /// Images evaluated (0 in records written before it was recorded; then left out).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub n: u64,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Extra,
@@ -377,6 +385,7 @@ impl Record {
                 loss: e.loss,
                 acc: e.acc,
                 per_class_acc: e.per_class_acc.clone(),
+                n: e.n,
                 extra: Extra::new(),
             }),
             Event::Applied(a) => Self::Applied(AppliedRecord {
@@ -430,6 +439,7 @@ impl Record {
                 loss: e.loss,
                 acc: e.acc,
                 per_class_acc: e.per_class_acc.clone(),
+                n: e.n,
                 time_s: e.time_s,
             }),
             Self::Applied(a) => Event::Applied(Applied {
