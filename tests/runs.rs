@@ -335,7 +335,7 @@ fn serve_needs_out_and_a_free_address() {
 fn table_rows(out: &str) -> Vec<String> {
     out.lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| method"))
-        .map(|l| l.split('|').take(5).collect::<Vec<_>>().join("|"))
+        .map(|l| l.split('|').take(6).collect::<Vec<_>>().join("|"))
         .collect()
 }
 

@@ -254,12 +254,21 @@ impl RunArgs {
     /// Defaults ← `--config FILE` ← flags; with `--resume DIR`, the run's own config ← the flags
     /// a resumed run may change ([`Self::resolve_resume`]).
     pub fn resolve(&self) -> Result<RunConfig, CliError> {
+        self.resolve_with(None)
+    }
+
+    /// As [`Self::resolve`], with the text of `--config FILE` given (`moppa compare` takes its own
+    /// keys out of it first); `None` reads the file.
+    pub fn resolve_with(&self, config_text: Option<&str>) -> Result<RunConfig, CliError> {
         if let Some(dir) = &self.resume {
             return self.resolve_resume(dir);
         }
         let mut c = if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+            let text = match config_text {
+                Some(t) => t.to_owned(),
+                None => std::fs::read_to_string(path)
+                    .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?,
+            };
             RunConfig::from_toml(&text).map_err(|e| usage(format!("{}: {e}", path.display())))?
         } else {
             RunConfig::default()

@@ -1,17 +1,22 @@
 //! `moppa compare`: several methods on the same backbone, data and budget over several seeds,
-//! as one markdown table; or the same sweep planned for a cluster (`--plan`) and its table
-//! collected from the finished run folders (`--collect`).
+//! as one markdown table with every accuracy's interval; with `--lr-grid`, each method's learning
+//! rate chosen on validation; or the same sweep planned for a cluster (`--plan`, and the VTAB-1K
+//! protocol with `--protocol vtab1k`) and its table collected from the run folders (`--collect`).
 
 mod plan;
+mod table;
+mod vtab;
 
-use self::plan::{PLAN_JSON, Plan, write_plan};
+use self::plan::{PLAN_JSON, Plan, PlannedRun, write_plan};
+use self::table::{Acc, Row, RunResult, choose_lr, grid_table, lr_text};
 use super::args::RunArgs;
 use super::train::{claim_out, headless, preflight};
 use super::{CliError, usage};
 use crate::config::{COMPARE_DEFAULT, METHOD_CATALOGUE, MethodConfig, RunConfig, method_names, named_method};
 use crate::train::WorkerHandle;
 use crate::train::protocol::{Event, FinishReason};
-use crate::train::runfolder::{METRICS_JSONL, is_run_folder, read_outcome};
+use crate::train::record::{Record, RecordReader};
+use crate::train::runfolder::{METRICS_JSONL, is_run_folder};
 use crate::util::group_digits;
 use clap::Args;
 use std::fmt::Write as _;
@@ -19,12 +24,20 @@ use std::path::{Path, PathBuf};
 
 fn compare_help() -> String {
     let mut s = String::from(
-        "Examples:\n  moppa compare --seeds 3 --steps 600                 (the README's table)\n  moppa compare --plan sweep --seeds 3 --gpus 4       (plan it for a cluster)\n  xargs -P 4 -d '\\n' -I{} sh -c {} < sweep/jobs.txt   (or: sbatch sweep/slurm.sh)\n  moppa compare --collect sweep                       (the same table)\nMethods:",
+        "Examples:\n  moppa compare --seeds 2                              (the table in docs/method.md)\n  moppa compare --seeds 3 --lr-grid 1e-3,3e-3,1e-2,3e-2   (each method's lr chosen on validation)\n  moppa compare --plan sweep --seeds 3 --gpus 4       (plan it for a cluster)\n  xargs -P 4 -d '\\n' -I{} sh -c {} < sweep/jobs.txt   (or: sbatch sweep/slurm.sh)\n  moppa compare --collect sweep                       (the same table)\n  moppa compare --protocol vtab1k --data vtab-1k --plan vtab --lr-grid 1e-3,1e-2   (docs/vtab.md)\nMethods:",
     );
     for m in METHOD_CATALOGUE {
         let _ = write!(s, "\n  {:<15} {}", m.name, m.about);
     }
     s
+}
+
+/// A comparison protocol (`--protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// VTAB-1K: per task, the lr grid on train800 → val200, then the final run on
+    /// train800val200 at the chosen rate, tested on test.
+    Vtab1k,
 }
 
 /// `moppa compare`.
@@ -37,23 +50,46 @@ pub struct CompareArgs {
     /// Seeds per method (0, 1, …; at most 1,000, and at most 100,000 runs in all).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
+    /// Learning rates to try, comma-separated (also `lr_grid = [..]` in a --config file): every
+    /// method runs at every rate and seed; per method the rate with the best mean validation
+    /// accuracy of the final models over seeds is reported (ties: the smaller).
+    #[arg(long, value_delimiter = ',', value_parser = parse_lr, value_name = "LR,LR,…")]
+    pub lr_grid: Vec<f64>,
     /// Write the markdown table here too.
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Train nothing: write DIR/runs/{method}-seed{seed}/config.toml per run, DIR/jobs.txt (one
-    /// `moppa train` line per run) and DIR/slurm.sh (a job array), for a cluster or `xargs -P`.
-    #[arg(long, value_name = "DIR", conflicts_with = "collect")]
+    /// Train nothing: write DIR/runs/{method}[-lr{lr}]-seed{seed}/config.toml per run,
+    /// DIR/jobs.txt (one `moppa train` line per run) and DIR/slurm.sh (a job array), for a cluster
+    /// or `xargs -P`.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["collect", "select"])]
     pub plan: Option<PathBuf>,
+    /// With --plan: a protocol over a folder of task folders given as --data (vtab1k: grid,
+    /// select and final stages, chained).
+    #[arg(long, value_enum, requires = "plan")]
+    pub protocol: Option<Protocol>,
     /// With --plan: assign the runs to CUDA devices 0..N-1 round-robin (`--device cuda:i`).
     #[arg(long, value_name = "N", requires = "plan")]
     pub gpus: Option<usize>,
     /// Train nothing: build the table from the run folders of a `--plan` (or `--out`) folder;
     /// missing, unfinished and failed runs are listed (and the exit status is 1).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "select")]
     pub collect: Option<PathBuf>,
+    /// Train nothing: a VTAB-1K plan's select step for one task folder (DIR/TASK): choose each
+    /// method's rate from its grid runs and write its final runs' configs.
+    #[arg(long, value_name = "DIR/TASK")]
+    pub select: Option<PathBuf>,
     /// The shared run settings (backbone, data, steps, batch, …; --method/--seed are set per run).
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// A learning rate of `--lr-grid`: a number in the learning rate's range.
+fn parse_lr(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    crate::config::range::LR
+        .named("--lr-grid")
+        .check(v)
+        .map_err(|e| e.to_string())
 }
 
 /// The most seeds per method (INTERFACES.md, "Bounds").
@@ -62,77 +98,138 @@ pub const MAX_SEEDS: u64 = 1_000;
 /// times over.
 pub const MAX_RUNS: u64 = 100_000;
 
-/// A finished run's figures for the table.
-struct RunResult {
-    trainable: usize,
-    val: f64,
-    test: f64,
-    steps_per_s: f64,
-}
-
-/// One table row: a method over its seeds.
-struct Row {
-    label: String,
-    results: Vec<RunResult>,
-}
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
-}
-
-/// The markdown table (the same for a live compare and a collected one).
-fn table(rows: &[Row], footer: &str) -> String {
-    let mut table = String::from("| method | trainable | val acc | test acc | steps/s |\n|---|---:|---:|---:|---:|\n");
-    for row in rows {
-        let col = |f: fn(&RunResult) -> f64| mean_std(&row.results.iter().map(f).collect::<Vec<_>>());
-        let ((vm, vs), (tm, ts), (r, _)) = (col(|r| r.val), col(|r| r.test), col(|r| r.steps_per_s));
-        let trainable = row.results.last().map_or(0, |r| r.trainable);
-        let _ = writeln!(
-            table,
-            "| {} | {} | {:.2} ± {:.2} | {:.2} ± {:.2} | {r:.1} |",
-            row.label,
-            group_digits(trainable),
-            100.0 * vm,
-            100.0 * vs,
-            100.0 * tm,
-            100.0 * ts
-        );
-    }
-    let _ = writeln!(table, "\n{footer}");
-    table
-}
-
-/// A finished run's figures from its folder, or why there are none. Lines of its log that are
-/// not records (not UTF-8, not JSON) are skipped with a warning.
+/// The final model's figures from a run folder (the last `val` and `test` evaluations, which the
+/// run makes at its end), or why there are none. Lines of its log that are not records (not
+/// UTF-8, not JSON) are skipped with a warning.
 fn result_of(dir: &Path) -> Result<RunResult, String> {
     if !is_run_folder(dir) {
         return Err("missing (no run folder yet)".into());
     }
-    let outcome = read_outcome(dir).map_err(|e| format!("unreadable {METRICS_JSONL}: {e}"))?;
-    if let Some(skipped) = outcome.stats.summary(&dir.join(METRICS_JSONL)) {
+    let path = dir.join(METRICS_JSONL);
+    let mut reader = RecordReader::open(&path).map_err(|e| format!("unreadable {METRICS_JSONL}: {e}"))?;
+    let (mut finished, mut trainable, mut val, mut test) = (None, 0, None, None);
+    for record in reader.by_ref() {
+        match record {
+            Record::Finished(f) => finished = Some(f),
+            Record::Started(s) => trainable = s.trainable,
+            Record::Eval(e) if e.check().is_ok() => {
+                let acc = Some(Acc { acc: e.acc, n: e.n });
+                if e.split == "test" {
+                    test = acc;
+                } else {
+                    val = acc;
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(skipped) = reader.stats().summary(&path) {
         eprintln!("warning: {skipped}");
     }
-    let Some(rec) = outcome.finished else {
+    let Some(rec) = finished else {
         return Err("unfinished (still running, or crashed: `moppa view` tells which)".into());
     };
     if rec.reason != FinishReason::Done {
         let why = rec.message.as_ref().map_or(String::new(), |m| format!(": {m}"));
         return Err(format!("ended {}{why}", rec.reason.name()));
     }
-    let trainable = outcome.started.map_or(0, |s| s.trainable);
     Ok(RunResult {
         trainable,
-        val: rec.best_val_acc.unwrap_or(f64::NAN),
-        test: rec.test_acc.unwrap_or(f64::NAN),
+        val: val.filter(|a| a.acc.is_finite()),
+        test: test.filter(|a| a.acc.is_finite()),
         steps_per_s: rec.step as f64 / rec.time_s.max(1e-9),
     })
+}
+
+/// How a run that diverged is named among the runs not in the table.
+const DIVERGED: &str = "ended diverged";
+
+/// One run of a sweep and what became of it (`Err`: why it is not in the table).
+struct Outcome<'a> {
+    run: &'a PlannedRun,
+    result: Result<RunResult, String>,
+}
+
+/// The table of a sweep's outcomes: one row per method (in the order of the plan), at the rate
+/// the grid chose on validation when there is a grid; the grid table under it; the runs that
+/// are not in the table listed. Returns the text and how many runs were absent.
+fn report(outcomes: &[Outcome<'_>], grid: &[f64], header: Option<&str>, footer: &str) -> (String, usize) {
+    let mut names: Vec<&str> = Vec::new();
+    for o in outcomes {
+        if !names.contains(&o.run.name.as_str()) {
+            names.push(&o.run.name);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut grid_rows = Vec::new();
+    let mut chosen = Vec::new();
+    for name in &names {
+        let mine: Vec<&Outcome<'_>> = outcomes.iter().filter(|o| o.run.name == *name).collect();
+        let label = mine.first().map_or_else(String::new, |o| o.run.label.clone());
+        let lr = if grid.is_empty() {
+            mine.first().and_then(|o| o.run.lr)
+        } else {
+            let by_lr: Vec<(f64, Vec<f64>, usize)> = grid
+                .iter()
+                .map(|lr| {
+                    let at: Vec<&&Outcome<'_>> = mine.iter().filter(|o| o.run.lr == Some(*lr)).collect();
+                    // A run that diverged at this rate is an outcome of the rate: accuracy 0.
+                    let vals = at
+                        .iter()
+                        .filter_map(|o| match &o.result {
+                            Ok(r) => r.val.map(|a| a.acc),
+                            Err(why) => why.starts_with(DIVERGED).then_some(0.0),
+                        })
+                        .collect::<Vec<_>>();
+                    let missing = at
+                        .iter()
+                        .filter(|o| o.result.as_ref().is_err_and(|why| !why.starts_with(DIVERGED)))
+                        .count();
+                    (*lr, vals, missing)
+                })
+                .collect();
+            let pick = choose_lr(&by_lr.iter().map(|(l, v, _)| (*l, v.clone())).collect::<Vec<_>>());
+            grid_rows.push((label.clone(), by_lr));
+            chosen.push(pick);
+            pick
+        };
+        let results = mine
+            .iter()
+            .filter(|o| grid.is_empty() || o.run.lr == lr)
+            .filter_map(|o| o.result.as_ref().ok().cloned())
+            .collect::<Vec<_>>();
+        if !results.is_empty() {
+            rows.push(Row { label, lr, results });
+        }
+    }
+    let tuning = if grid.is_empty() {
+        "Learning rates were not tuned: each method ran at its default (or --lr); `--lr-grid` chooses them on validation.".to_owned()
+    } else {
+        format!(
+            "lr: chosen per method from the grid {} by the final models' mean validation accuracy over seeds (ties: the smaller; a run that diverged counts as 0); the table reports the test accuracy at that rate. The grid (mean val acc, %):\n\n{}",
+            grid.iter().map(|l| lr_text(*l)).collect::<Vec<_>>().join(", "),
+            grid_table(grid, &grid_rows, &chosen)
+        )
+    };
+    let mut out = header.map_or_else(String::new, |h| format!("Note: {h}.\n\n"));
+    out.push_str(&table::table(&rows, &tuning, footer));
+    let absent: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| {
+            o.result
+                .as_ref()
+                .err()
+                .map(|why| format!("{} ({}): {why}", o.run.dir.display(), o.run.label))
+        })
+        .collect();
+    if !absent.is_empty() {
+        let _ = writeln!(out, "\nNot in the table ({} of {} runs):", absent.len(), outcomes.len());
+        for a in &absent {
+            let _ = writeln!(out, "- {a}");
+            eprintln!("not collected: {a}");
+        }
+    }
+    (out, absent.len())
 }
 
 /// Writes the table to stdout and `--output`.
@@ -145,12 +242,126 @@ fn emit(args: &CompareArgs, table: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The sweep's runs (method name and config, seed) and the table footer, from the flags.
-/// A sweep's shared configuration, its methods (name and config) and the table's footer.
-type Sweep = (RunConfig, Vec<(String, MethodConfig)>, String);
+/// A sweep: the shared configuration, its methods (name and config), the learning-rate grid
+/// (ascending; empty: each method at its own rate) and the table's closing line.
+struct Sweep {
+    base: RunConfig,
+    methods: Vec<(String, MethodConfig)>,
+    grid: Vec<f64>,
+    /// Said once above the table (images resized to the model's input).
+    header: Option<String>,
+    footer: String,
+}
+
+impl Sweep {
+    /// Every run of the sweep in table order (methods as given, rates ascending, seeds
+    /// ascending), its folder under `sub`.
+    fn runs(&self, seeds: u64, sub: &Path) -> Vec<PlannedRun> {
+        let mut out = Vec::new();
+        for (name, method) in &self.methods {
+            let rates: Vec<Option<f64>> = if self.grid.is_empty() {
+                vec![None]
+            } else {
+                self.grid.iter().copied().map(Some).collect()
+            };
+            for rate in rates {
+                for seed in 0..seeds {
+                    let lr = rate.unwrap_or_else(|| {
+                        RunConfig {
+                            method: method.clone(),
+                            ..self.base.clone()
+                        }
+                        .lr()
+                    });
+                    out.push(PlannedRun {
+                        name: name.clone(),
+                        label: method.label(),
+                        seed,
+                        dir: sub.join(run_name(name, rate, seed)),
+                        lr: Some(lr),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The configuration of one planned run (its folder not set).
+    fn config(&self, run: &PlannedRun) -> RunConfig {
+        self.config_on(&self.base, run)
+    }
+
+    /// [`Self::config`] on another shared configuration (a VTAB-1K task's).
+    fn config_on(&self, base: &RunConfig, run: &PlannedRun) -> RunConfig {
+        let method = self
+            .methods
+            .iter()
+            .find(|(n, _)| *n == run.name)
+            .map_or_else(|| base.method.clone(), |(_, m)| m.clone());
+        RunConfig {
+            method,
+            seed: run.seed,
+            lr: if self.grid.is_empty() { base.lr } else { run.lr },
+            ..base.clone()
+        }
+    }
+}
+
+/// The learning-rate grid (`--lr-grid`, else `lr_grid` in the `--config` file, whose text is
+/// returned without that key for the run settings), ascending; a rate given twice is refused.
+fn grid_of(args: &CompareArgs) -> Result<(Vec<f64>, Option<String>), CliError> {
+    let mut grid = args.lr_grid.clone();
+    let mut text = None;
+    if let Some(path) = args.run.config.as_ref().filter(|_| args.run.resume.is_none()) {
+        let raw =
+            std::fs::read_to_string(path).map_err(|e| CliError::Failure(anyhow::anyhow!("{}: {e}", path.display())))?;
+        let mut table: toml::Table = toml::from_str(&raw).map_err(|e| usage(format!("{}: {e}", path.display())))?;
+        if let Some(v) = table.remove("lr_grid") {
+            let bad = || {
+                usage(format!(
+                    "{}: lr_grid must be a list of learning rates, e.g. [1e-3, 1e-2]",
+                    path.display()
+                ))
+            };
+            let items = v.as_array().ok_or_else(bad)?;
+            let from_file = items
+                .iter()
+                .map(|i| {
+                    let x = i
+                        .as_float()
+                        .or_else(|| i.as_integer().map(|n| n as f64))
+                        .ok_or_else(bad)?;
+                    crate::config::range::LR
+                        .named("lr_grid")
+                        .check(x)
+                        .map_err(|e| usage(format!("{}: {e}", path.display())))
+                })
+                .collect::<Result<Vec<f64>, _>>()?;
+            if grid.is_empty() {
+                grid = from_file;
+            }
+            text = Some(toml::to_string(&table).map_err(|e| CliError::Failure(e.into()))?);
+        }
+    }
+    grid.sort_by(f64::total_cmp);
+    if let Some(w) = grid.windows(2).find(|w| w[0].total_cmp(&w[1]).is_eq()) {
+        return Err(usage(format!(
+            "--lr-grid names {} twice (a rate's runs would share a folder)",
+            lr_text(w[0])
+        )));
+    }
+    Ok((grid, text))
+}
 
 fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
-    let mut base = args.run.resolve()?;
+    let (grid, config_text) = grid_of(args)?;
+    check_size(args, grid.len().max(1) as u64, 1)?;
+    let mut base = args.run.resolve_with(config_text.as_deref())?;
+    if !grid.is_empty() && base.lr.is_some() {
+        return Err(usage(
+            "--lr (or lr in --config) and --lr-grid: give one (the grid sets each run's rate)",
+        ));
+    }
     // An hf: backbone is resolved once, up front: every run of the sweep (here or from a plan,
     // later, elsewhere) uses the same commit.
     if crate::train::hub::HubId::parse(&base.backbone).is_some() {
@@ -170,15 +381,17 @@ fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
                 .ok_or_else(|| usage(format!("unknown method '{m}' in --methods ({})", method_names())))
         })
         .collect::<Result<_, _>>()?;
-    for (_, method) in &methods {
-        preflight(&RunConfig {
-            method: method.clone(),
-            ..base.clone()
-        })?;
+    if args.protocol.is_none() {
+        for (_, method) in &methods {
+            preflight(&RunConfig {
+                method: method.clone(),
+                ..base.clone()
+            })?;
+        }
     }
     let steps = base.steps.map_or_else(|| "default".to_owned(), |s| s.to_string());
     let footer = format!(
-        "{} seed{} each; {} steps of batch {} on `{}` with `{}`; val = best validation accuracy, test = final test accuracy (%), mean ± std.",
+        "{} seed{} each; {} steps of batch {} on `{}` with `{}`.",
         args.seeds,
         if args.seeds == 1 { "" } else { "s" },
         steps,
@@ -186,12 +399,43 @@ fn sweep(args: &CompareArgs) -> Result<Sweep, CliError> {
         base.data,
         base.backbone
     );
-    Ok((base, methods, footer))
+    let header = if args.protocol.is_none() {
+        resize_note(&base)
+    } else {
+        None
+    };
+    if let Some(h) = &header {
+        eprintln!("note: {h}");
+    }
+    Ok(Sweep {
+        base,
+        methods,
+        grid,
+        header,
+        footer,
+    })
 }
 
-/// Refuses, before anything is resolved or written, a sweep larger than the bounds allow, and
-/// one naming a method twice (two runs would share a folder).
-fn check_size(args: &CompareArgs) -> Result<(), CliError> {
+/// When the data's images are not the model's input size: one line saying they are resized,
+/// from what (the first training image; a folder's images may differ) to what.
+fn resize_note(cfg: &RunConfig) -> Option<String> {
+    let size = crate::train::backbone::backbone_config(&cfg.backbone, cfg.heads)
+        .ok()?
+        .img_size;
+    let data = crate::data::load(&cfg.data, cfg.final_split, cfg.seed).ok()?;
+    let first = crate::data::transform::decode(data.train.first()?).ok()?;
+    (first.width as usize != size || first.height as usize != size).then(|| {
+        format!(
+            "images are resized to the model's input: {}×{} (the first training image) → {size}×{size}",
+            first.width, first.height
+        )
+    })
+}
+
+/// Refuses, before anything is resolved or written, a sweep larger than the bounds allow
+/// (methods × rates × seeds × `per_seed` runs), and one naming a method twice (two runs would
+/// share a folder).
+fn check_size(args: &CompareArgs, rates: u64, per_seed: u64) -> Result<(), CliError> {
     if args.seeds == 0 {
         return Err(usage("--seeds must be ≥ 1"));
     }
@@ -203,10 +447,23 @@ fn check_size(args: &CompareArgs) -> Result<(), CliError> {
         )));
     }
     let methods = args.methods.len() as u64;
-    let runs = methods.saturating_mul(args.seeds);
+    let runs = methods
+        .saturating_mul(rates)
+        .saturating_mul(args.seeds)
+        .saturating_mul(per_seed);
     if runs > MAX_RUNS {
+        let rates = if rates > 1 {
+            format!(" × {rates} rates")
+        } else {
+            String::new()
+        };
+        let tasks = if per_seed > 1 {
+            format!(" × {per_seed} (tasks and stages)")
+        } else {
+            String::new()
+        };
         return Err(usage(format!(
-            "a sweep of {} runs ({methods} methods × {} seeds): at most {} runs",
+            "a sweep of {} runs ({methods} methods{rates} × {} seeds{tasks}): at most {} runs",
             group_digits(runs as usize),
             args.seeds,
             group_digits(MAX_RUNS as usize)
@@ -222,9 +479,13 @@ fn check_size(args: &CompareArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The folder name of one run of a sweep.
-fn run_name(method: &str, seed: u64) -> String {
-    format!("{method}-seed{seed}")
+/// The folder name of one run of a sweep: `{method}-seed{seed}`, or with a grid
+/// `{method}-lr{lr}-seed{seed}` (the rate spelled as [`lr_text`] spells it).
+fn run_name(method: &str, lr: Option<f64>, seed: u64) -> String {
+    match lr {
+        Some(lr) => format!("{method}-lr{}-seed{seed}", lr_text(lr)),
+        None => format!("{method}-seed{seed}"),
+    }
 }
 
 /// Runs `moppa compare`.
@@ -232,54 +493,60 @@ pub fn compare(args: &CompareArgs) -> Result<i32, CliError> {
     if let Some(dir) = &args.collect {
         return collect(args, dir);
     }
-    check_size(args)?;
+    if let Some(dir) = &args.select {
+        return vtab::select(dir);
+    }
     if let Some(dir) = &args.plan {
+        if args.protocol == Some(Protocol::Vtab1k) {
+            return vtab::plan(args, dir);
+        }
         return plan::plan(args, dir);
     }
-    let (base, methods, footer) = sweep(args)?;
-    if let Some(out) = &base.out {
-        write_plan(out, args.seeds, &methods, &footer, Path::new(""))?;
+    let sweep = sweep(args)?;
+    let runs = sweep.runs(args.seeds, Path::new(""));
+    if let Some(out) = &sweep.base.out {
+        write_plan(out, args.seeds, &runs, &sweep.grid, sweep.header.clone(), &sweep.footer)?;
     }
-    let mut rows = Vec::new();
-    for (name, method) in &methods {
-        let mut row = Row {
-            label: method.label(),
-            results: Vec::new(),
+    let mut outcomes = Vec::new();
+    for run in &runs {
+        let dir = sweep.base.out.as_ref().map(|o| o.join(&run.dir));
+        let cfg = RunConfig {
+            out: dir.clone(),
+            ..sweep.config(run)
         };
-        for seed in 0..args.seeds {
-            let dir = base.out.as_ref().map(|o| o.join(run_name(name, seed)));
-            let cfg = RunConfig {
-                method: method.clone(),
-                seed,
-                out: dir.clone(),
-                ..base.clone()
-            };
-            eprintln!("== {name} (seed {seed})");
-            let Some(cfg) = claim_out(&args.run, cfg)? else {
-                // --auto-resume of a run that is done: its own record.
-                let result = dir
-                    .as_deref()
-                    .map_or_else(|| Err("no run folder".to_owned()), result_of);
-                row.results
-                    .push(result.map_err(|why| CliError::Failure(anyhow::anyhow!("{name} (seed {seed}): {why}")))?);
-                continue;
-            };
-            row.results.push(train_one(name, seed, cfg)?);
-        }
-        rows.push(row);
+        let shown = run_name(&run.name, run.lr.filter(|_| !sweep.grid.is_empty()), run.seed);
+        eprintln!("== {shown}");
+        let result = match claim_out(&args.run, cfg)? {
+            // --auto-resume of a run that is done: its own record.
+            None => dir
+                .as_deref()
+                .map_or_else(|| Err("no run folder".to_owned()), result_of),
+            Some(cfg) => train_one(&shown, cfg)?,
+        };
+        outcomes.push(Outcome { run, result });
     }
-    emit(args, &table(&rows, &footer))?;
-    Ok(0)
+    let (text, absent) = report(&outcomes, &sweep.grid, sweep.header.as_deref(), &sweep.footer);
+    emit(args, &text)?;
+    Ok(i32::from(absent > 0))
 }
 
-/// Trains one run of the sweep here.
-fn train_one(name: &str, seed: u64, cfg: RunConfig) -> Result<RunResult, CliError> {
+/// Trains one run of the sweep here. A run that diverges is an outcome (`Err`, named in the
+/// table's list; a grid counts it as validation accuracy 0), any other end an error.
+fn train_one(name: &str, cfg: RunConfig) -> Result<Result<RunResult, String>, CliError> {
     let handle = WorkerHandle::spawn(cfg, headless()).map_err(|e| CliError::Failure(e.into()))?;
-    let (mut finished, mut trainable) = (None, 0);
+    let (mut finished, mut trainable, mut val, mut test) = (None, 0, None, None);
     for ev in handle.events() {
         match ev {
             Event::Started(info) => trainable = info.trainable,
             Event::Error(n) | Event::Diverged(n) => eprintln!("error: {}", n.message),
+            Event::Eval(e) if e.acc.is_finite() => {
+                let acc = Some(Acc { acc: e.acc, n: e.n });
+                if e.split == "test" {
+                    test = acc;
+                } else {
+                    val = acc;
+                }
+            }
             Event::Finished(f) => {
                 finished = Some(f);
                 break;
@@ -289,28 +556,25 @@ fn train_one(name: &str, seed: u64, cfg: RunConfig) -> Result<RunResult, CliErro
     }
     handle.join();
     let f = finished.ok_or_else(|| CliError::Failure(anyhow::anyhow!("{name}: the run ended without a result")))?;
-    if f.reason != FinishReason::Done {
-        return Err(CliError::Failure(anyhow::anyhow!(
-            "{name} (seed {seed}) ended: {:?}",
-            f.reason
-        )));
+    match f.reason {
+        FinishReason::Done => {}
+        FinishReason::Diverged => return Ok(Err(DIVERGED.to_owned())),
+        other => {
+            return Err(CliError::Failure(anyhow::anyhow!("{name} ended: {}", other.name())));
+        }
     }
-    eprintln!(
-        "   val {:.4} test {:.4} in {:.1} s",
-        f.best_val_acc.unwrap_or(f64::NAN),
-        f.test_acc.unwrap_or(f64::NAN),
-        f.time_s
-    );
-    Ok(RunResult {
+    let shown = |a: Option<Acc>| a.map_or_else(|| "–".to_owned(), |a| format!("{:.4}", a.acc));
+    eprintln!("   val {} test {} in {:.1} s", shown(val), shown(test), f.time_s);
+    Ok(Ok(RunResult {
         trainable,
-        val: f.best_val_acc.unwrap_or(f64::NAN),
-        test: f.test_acc.unwrap_or(f64::NAN),
+        val,
+        test,
         steps_per_s: f.steps as f64 / f.time_s.max(1e-9),
-    })
+    }))
 }
 
-/// `moppa compare --collect DIR`: the table from the run folders a plan names.
-fn collect(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
+/// Reads a compare folder's `plan.json`.
+fn read_plan(dir: &Path) -> Result<Plan, CliError> {
     let path = dir.join(PLAN_JSON);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -324,71 +588,34 @@ fn collect(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
     })?;
     let plan: Plan = serde_json::from_str(&text)
         .map_err(|e| CliError::Failure(anyhow::anyhow!("{}: not a compare plan: {e}", path.display())))?;
-    if plan.format != 1 {
+    if !(1..=plan::PLAN_FORMAT).contains(&plan.format) {
         return Err(CliError::Failure(anyhow::anyhow!(
-            "{}: plan format {} (this moppa reads format 1)",
+            "{}: plan format {} (this moppa reads formats 1 to {})",
             path.display(),
-            plan.format
+            plan.format,
+            plan::PLAN_FORMAT
         )));
     }
-    let mut rows: Vec<Row> = Vec::new();
-    let mut absent = Vec::new();
-    for run in &plan.runs {
-        let result = result_of(&dir.join(&run.dir));
-        if !rows.iter().any(|r| r.label == run.label) {
-            rows.push(Row {
-                label: run.label.clone(),
-                results: Vec::new(),
-            });
-        }
-        let Some(row) = rows.iter_mut().find(|r| r.label == run.label) else {
-            continue;
-        };
-        match result {
-            Ok(r) => row.results.push(r),
-            Err(why) => absent.push(format!("{} ({}): {why}", run.dir.display(), run.label)),
-        }
-    }
-    let rows: Vec<Row> = rows.into_iter().filter(|r| !r.results.is_empty()).collect();
-    let mut out = table(&rows, &plan.footer);
-    if !absent.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nNot in the table ({} of {} runs):",
-            absent.len(),
-            plan.runs.len()
-        );
-        for a in &absent {
-            let _ = writeln!(out, "- {a}");
-            eprintln!("not collected: {a}");
-        }
-    }
-    emit(args, &out)?;
-    Ok(i32::from(!absent.is_empty()))
+    Ok(plan)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_rows_are_mean_and_sample_std() {
-        let r = |val, test| RunResult {
-            trainable: 1234,
-            val,
-            test,
-            steps_per_s: 10.0,
-        };
-        let rows = [Row {
-            label: "moppa r8".into(),
-            results: vec![r(0.9, 0.8), r(0.8, 0.6)],
-        }];
-        let t = table(&rows, "footer");
-        // mean 85 %, sample std of (90, 80) = 7.07 %; test 70 ± 14.14.
-        assert!(
-            t.contains("| moppa r8 | 1,234 | 85.00 ± 7.07 | 70.00 ± 14.14 | 10.0 |"),
-            "{t}"
-        );
-        assert!(t.ends_with("\nfooter\n"));
+/// `moppa compare --collect DIR`: the table from the run folders a plan names.
+fn collect(args: &CompareArgs, dir: &Path) -> Result<i32, CliError> {
+    let plan = read_plan(dir)?;
+    if plan.protocol.as_deref() == Some(vtab::VTAB1K) {
+        let (text, absent) = vtab::collect(dir, &plan);
+        emit(args, &text)?;
+        return Ok(i32::from(absent > 0));
     }
+    let outcomes: Vec<Outcome<'_>> = plan
+        .runs
+        .iter()
+        .map(|run| Outcome {
+            run,
+            result: result_of(&dir.join(&run.dir)),
+        })
+        .collect();
+    let (text, absent) = report(&outcomes, &plan.lr_grid, plan.header.as_deref(), &plan.footer);
+    emit(args, &text)?;
+    Ok(i32::from(absent > 0))
 }
