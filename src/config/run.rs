@@ -288,7 +288,15 @@ impl RunConfig {
             // 93.1%. Adapters r8 at 300 steps of 64, mean best validation of seeds 0-2: MoPPA
             // 1e-2 → 94.8%, 2e-2 → 95.7% (50 warm-up steps), 3e-2 → 96.2%, 5e-2 → 95.7% (30);
             // LoRA 1e-2 → 95.0%, 3e-2 → 95.2%; AdaptFormer 1e-2 → 89.2%, 3e-2 → 93.3% (30).
-            MethodKind::Linear | MethodKind::Moppa | MethodKind::Lora | MethodKind::Adaptformer => 3e-2,
+            // Checked again on five tasks (issue 31: the built-in digits, Fashion-MNIST and MNIST
+            // 10-shot, UCI digits, a 3-class texture folder; seeds 0-2, 300 × 48, the final model's
+            // validation accuracy): no seed of any adapter collapsed at 3e-2 (lowest test 60.4%,
+            // at most 5.3 points under the other seeds). Mean over the four tasks run at both
+            // rates: MoPPA 78.90% at 3e-2 vs 78.82% at 1e-2, AdaptFormer 77.85% vs 75.73%, LoRA
+            // 74.75% vs 75.09% — LoRA's 1e-2 wins on three of the four, and a user's texture
+            // task lost one LoRA seed in three to the majority class at 3e-2.
+            MethodKind::Linear | MethodKind::Moppa | MethodKind::Adaptformer => 3e-2,
+            MethodKind::Lora => 1e-2,
             MethodKind::Full => 1e-3,
         }
     }
