@@ -416,6 +416,18 @@ fn the_vtab1k_protocol_plans_runs_selects_and_collects_the_paper_table() {
         table.contains("Natural 1 of 7, Specialized 1 of 4, Structured 1 of 8"),
         "{table}"
     );
+    // A task plan naming a folder outside the task: refused before anything is written.
+    let task_json = plan.join("dtd/task.json");
+    let text = std::fs::read_to_string(&task_json).unwrap();
+    std::fs::write(
+        &task_json,
+        text.replacen("\"final/linear-seed0\"", "\"../../escaped\"", 1),
+    )
+    .unwrap();
+    let o = common::moppa(&["compare", "--select", &s(&plan.join("dtd"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a plain path inside the task folder"));
+    assert!(!tmp.join("escaped").exists());
     // The select step of a folder that is no task: exit 2 naming it.
     let o = common::moppa(&["compare", "--select", &s(&tmp)]);
     assert_eq!(o.status.code(), Some(2));

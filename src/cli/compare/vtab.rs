@@ -350,6 +350,16 @@ pub(super) fn select(task_dir: &Path) -> Result<i32, CliError> {
             task.format
         )));
     }
+    // The select step writes into the final runs' folders: each must stay inside the task folder.
+    if let Some(bad) = task.grid.iter().chain(&task.finals).find(|r| {
+        r.dir.as_os_str().is_empty() || !r.dir.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+    }) {
+        return Err(CliError::Failure(anyhow::anyhow!(
+            "{}: run folder {:?} is not a plain path inside the task folder",
+            path.display(),
+            bad.dir.to_string_lossy()
+        )));
+    }
     let mut names: Vec<(&str, &str)> = Vec::new();
     for r in &task.grid {
         if !names.iter().any(|(n, _)| *n == r.name) {
