@@ -1534,3 +1534,71 @@ fn a_followed_folder_replaced_under_the_app_is_shown_again_from_its_start() {
     let said = format!("{:?}", h.state().messages);
     assert!(said.contains("replaced"), "{said}");
 }
+
+/// Issue 30 item 5: the router alerts read a span of steps, not a count of snapshots, so the live
+/// event stream (snapshots time-gated and coalesced) and the folder reopened (the file's own
+/// cadence) give the same verdicts at the end of a run. A low temperature routes every token
+/// nearly one-hot: a collapse both must see.
+#[test]
+fn router_alerts_agree_live_and_reopened() {
+    use moppa_studio::app::panels::router::alerts;
+    use moppa_studio::app::state::RouterSettings;
+    use moppa_studio::train::WorkerHandle;
+    use moppa_studio::train::replay::RunFolderReader;
+    use moppa_studio::train::worker::WorkerOptions;
+    let tmp = tempdir("alerts-live-reopened");
+    let dir = tmp.join("run");
+    let mut cfg = RunConfig {
+        steps: Some(200),
+        batch: 16,
+        eval_every: 0,
+        threads: Some(1),
+        out: Some(dir.clone()),
+        ..RunConfig::default()
+    };
+    cfg.method.temperature = 0.05;
+    cfg.method.route_weight = 0.0;
+    let h = WorkerHandle::spawn(
+        cfg,
+        WorkerOptions {
+            autostart: true,
+            ..WorkerOptions::default()
+        },
+    )
+    .unwrap();
+    let mut live = Vec::new();
+    for ev in h.events() {
+        match ev {
+            Event::Snapshot(s) => live.push(*s),
+            Event::Finished(f) => {
+                assert_eq!(f.reason, FinishReason::Done);
+                break;
+            }
+            _ => {}
+        }
+    }
+    h.join();
+    let mut reader = RunFolderReader::open(&dir).unwrap();
+    let reopened: Vec<Snapshot> = reader
+        .poll()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Snapshot(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live.last().map(|s| s.step), reopened.last().map(|s| s.step));
+    let settings = RouterSettings::default();
+    let (a, b) = (alerts(&live, &settings), alerts(&reopened, &settings));
+    assert_eq!(
+        a,
+        b,
+        "live ({} snapshots) and reopened ({})",
+        live.len(),
+        reopened.len()
+    );
+    assert!(
+        a.iter().any(|x| x.message().contains("collapsed onto")),
+        "T = 0.05 routes one-hot: {a:?}"
+    );
+}

@@ -90,10 +90,19 @@ pub struct FilterSettings {
 pub struct RouterSettings {
     /// Block whose lines and probe map are shown.
     pub block: usize,
-    /// A prior whose mean weight stays below this is "dead".
+    /// A prior whose mean weight α stays below this (and whose token share below
+    /// `dead_share`) is "dead".
     pub dead_below: f32,
-    /// A prior whose mean weight exceeds this has "collapsed" the router.
+    /// A prior whose token share (argmax) stays below this (and mean α below `dead_below`) is
+    /// "dead".
+    pub dead_share: f32,
+    /// One prior's token share above this has "collapsed" the router.
     pub collapse_above: f32,
+    /// Normalised per-token routing entropy below this has "collapsed" the router.
+    pub collapse_entropy: f32,
+    /// The span of steps an alert reads: every snapshot in the last `span` steps (at least 2)
+    /// must meet its condition.
+    pub span: u64,
     /// Probe image index in the validation split.
     pub probe: usize,
 }
@@ -103,7 +112,10 @@ impl Default for RouterSettings {
         Self {
             block: 0,
             dead_below: 0.05,
+            dead_share: 0.02,
             collapse_above: 0.9,
+            collapse_entropy: 0.2,
+            span: 100,
             probe: 0,
         }
     }

@@ -118,7 +118,7 @@ impl StudioApp {
             Check::Alert(kind) => {
                 let error = self.messages.raised() > errors_at_start;
                 let router = run.map_or_else(Vec::new, |r| {
-                    crate::app::panels::router::alerts(&r.history.snapshots, &self.settings.router, 5)
+                    crate::app::panels::router::alerts(&r.history.snapshots, &self.settings.router)
                 });
                 let dead = router
                     .iter()

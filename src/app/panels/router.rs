@@ -13,23 +13,28 @@ use egui_plot::{Line, Plot, PlotPoints};
 /// An alert about the router.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Alert {
-    /// A prior's weight stayed below the threshold for the last few snapshots.
+    /// A prior is barely used: its token share and its mean weight stayed low over the span.
     Dead {
         /// Block.
         block: usize,
         /// Prior.
         prior: Prior,
-        /// Its weight.
+        /// Its mean weight α in the latest snapshot.
+        alpha: f32,
+        /// Its token share (argmax) in the latest snapshot.
         share: f32,
     },
-    /// One prior takes nearly everything.
+    /// Routing collapsed: one prior takes nearly every token, or each token is routed almost
+    /// one-hot, over the whole span.
     Collapse {
         /// Block.
         block: usize,
-        /// Prior.
+        /// The prior taking most tokens in the latest snapshot.
         prior: Prior,
-        /// Its weight.
+        /// Its token share in the latest snapshot.
         share: f32,
+        /// The normalised per-token entropy in the latest snapshot (0: one-hot, 1: uniform).
+        entropy: f32,
     },
 }
 
@@ -38,45 +43,84 @@ impl Alert {
     #[must_use]
     pub fn message(&self) -> String {
         match self {
-            Self::Dead { block, prior, share } => format!("block {block}: {prior} is dead (mean α = {share:.3})"),
-            Self::Collapse { block, prior, share } => {
-                format!("block {block}: the router collapsed onto {prior} (mean α = {share:.3})")
-            }
+            Self::Dead {
+                block,
+                prior,
+                alpha,
+                share,
+            } => format!(
+                "block {block}: {prior} is dead (token share {:.1}%, mean α = {alpha:.3})",
+                100.0 * share
+            ),
+            Self::Collapse {
+                block,
+                prior,
+                share,
+                entropy,
+            } => format!(
+                "block {block}: the router collapsed onto {prior} (token share {:.1}%, per-token entropy {entropy:.2} of 1)",
+                100.0 * share
+            ),
         }
     }
 }
 
-/// Alerts from the last `window` snapshots: dead when a prior stays below `dead_below` in all of
-/// them, collapse when one exceeds `collapse_above` in the latest.
+/// Router alerts (INTERFACES.md "Router diagnostics"), one function for live and reopened runs
+/// and lessons alike. Per block, over the snapshots of the last `settings.span` steps (at least
+/// two of them; every one must meet the condition, so a run's cadence of snapshots does not
+/// change the verdict): collapse = one prior's token share above `collapse_above`, or the
+/// normalised per-token entropy below `collapse_entropy`; dead = a prior's token share below
+/// `dead_share` and its mean α below `dead_below`.
 #[must_use]
-pub fn alerts(snapshots: &[Snapshot], settings: &RouterSettings, window: usize) -> Vec<Alert> {
+pub fn alerts(snapshots: &[Snapshot], settings: &RouterSettings) -> Vec<Alert> {
     let Some(last) = snapshots.last() else {
         return Vec::new();
     };
-    let recent = &snapshots[snapshots.len().saturating_sub(window)..];
+    let from = last.step.saturating_sub(settings.span);
+    let recent: Vec<&Snapshot> = snapshots.iter().rev().take_while(|s| s.step >= from).collect();
+    if recent.len() < 2 {
+        return Vec::new();
+    }
+    let stats = |s: &Snapshot, block: usize| {
+        s.blocks
+            .iter()
+            .find(|x| x.block == block)
+            .and_then(|x| x.router.clone())
+    };
     let mut out = Vec::new();
     for b in &last.blocks {
         let Some(r) = &b.router else { continue };
-        for (p, (&prior, &share)) in last.priors.iter().zip(&r.mean_alpha).enumerate() {
-            let stays_low = recent.iter().all(|s| {
-                s.blocks
-                    .iter()
-                    .find(|x| x.block == b.block)
-                    .and_then(|x| x.router.as_ref())
-                    .is_some_and(|r| r.mean_alpha.get(p).is_some_and(|a| *a < settings.dead_below))
+        let all = |cond: &dyn Fn(&crate::train::protocol::RouterStats) -> bool| {
+            recent.iter().all(|s| stats(s, b.block).is_some_and(|r| cond(&r)))
+        };
+        let top = r
+            .argmax_share
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|(p, _)| p);
+        let collapsed = all(&|r| {
+            r.entropy_norm < settings.collapse_entropy || r.argmax_share.iter().any(|s| *s > settings.collapse_above)
+        });
+        if let (true, Some(p), Some(&prior)) = (collapsed, top, top.and_then(|p| last.priors.get(p))) {
+            out.push(Alert::Collapse {
+                block: b.block,
+                prior,
+                share: r.argmax_share[p],
+                entropy: r.entropy_norm,
             });
-            if stays_low && recent.len() >= window.min(snapshots.len()) {
+        }
+        for (p, &prior) in last.priors.iter().enumerate() {
+            let dead = all(&|r| {
+                r.argmax_share.get(p).is_some_and(|s| *s < settings.dead_share)
+                    && r.mean_alpha.get(p).is_some_and(|a| *a < settings.dead_below)
+            });
+            if dead {
                 out.push(Alert::Dead {
                     block: b.block,
                     prior,
-                    share,
-                });
-            }
-            if share > settings.collapse_above {
-                out.push(Alert::Collapse {
-                    block: b.block,
-                    prior,
-                    share,
+                    alpha: r.mean_alpha.get(p).copied().unwrap_or(0.0),
+                    share: r.argmax_share.get(p).copied().unwrap_or(0.0),
                 });
             }
         }
@@ -99,6 +143,41 @@ pub struct Probing<'a> {
 }
 
 impl RouterSettings {
+    /// The alert thresholds and span, editable.
+    fn threshold_ui(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal_wrapped(|ui| {
+            ui.label("collapse: a token share above");
+            ui.add(
+                egui::DragValue::new(&mut self.collapse_above)
+                    .range(0.0..=1.0)
+                    .speed(0.01),
+            );
+            ui.label("or per-token entropy below");
+            ui.add(
+                egui::DragValue::new(&mut self.collapse_entropy)
+                    .range(0.0..=1.0)
+                    .speed(0.01),
+            );
+        });
+        ui.horizontal_wrapped(|ui| {
+            ui.label("dead: a token share below");
+            ui.add(egui::DragValue::new(&mut self.dead_share).range(0.0..=1.0).speed(0.005));
+            ui.label("and mean α below");
+            ui.add(egui::DragValue::new(&mut self.dead_below).range(0.0..=1.0).speed(0.005));
+        });
+        ui.horizontal(|ui| {
+            ui.label("over every snapshot of the last");
+            ui.add(
+                egui::DragValue::new(&mut self.span)
+                    .range(1..=1_000_000)
+                    .suffix(" steps"),
+            );
+            ui.label("(at least 2 snapshots)");
+        })
+        .response
+        .on_hover_text("INTERFACES.md defaults: share 0.9, entropy 0.2, dead share 0.02 and α 0.05, 100 steps");
+    }
+
     /// Draws the view.
     pub fn ui(
         &mut self,
@@ -130,12 +209,15 @@ impl RouterSettings {
             });
             return actions;
         }
-        for a in alerts(&history.snapshots, self, 5) {
+        for a in alerts(&history.snapshots, self) {
             ui.colored_label(
                 egui::Color32::from_rgb(230, 160, 40),
                 format!("Warning: {}", a.message()),
             );
         }
+        egui::CollapsingHeader::new("Alert thresholds")
+            .id_salt("router-alert-thresholds")
+            .show(ui, |ui| self.threshold_ui(ui));
         ui.horizontal(|ui| {
             ui.vertical(|ui| {
                 ui.label(egui::RichText::new("Mean routing weight α (blocks × priors)").strong());
@@ -419,4 +501,129 @@ fn argmax_map(
         })
         .collect();
     Some(textures.get(ctx, key, rgba, (w, h)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::protocol::RouterStats;
+
+    /// A snapshot at `step` of one block routed as `(mean α, token share, normalised entropy)`.
+    fn snap(step: u64, alpha: [f32; 3], share: [f32; 3], entropy: f32) -> Snapshot {
+        Snapshot {
+            step,
+            grid: (2, 2),
+            priors: vec![Prior::Heat, Prior::Wave, Prior::Poisson],
+            channel: None,
+            tau: 1.0,
+            gamma: 0.0,
+            route_weight: 0.01,
+            temperature: 1.0,
+            blocks: vec![BlockSnapshot {
+                block: 0,
+                filters_mean: Vec::new(),
+                filters_channel: Vec::new(),
+                mix: Vec::new(),
+                coeffs: crate::config::PerCoeff::default(),
+                source: Vec::new(),
+                router: Some(RouterStats {
+                    mean_alpha: alpha.to_vec(),
+                    entropy: entropy * 3f32.ln(),
+                    entropy_norm: entropy,
+                    argmax_share: share.to_vec(),
+                }),
+                probe_alpha: Vec::new(),
+                locked: Vec::new(),
+            }],
+            probe: None,
+            probe_prediction: None,
+        }
+    }
+
+    const SPREAD: ([f32; 3], [f32; 3], f32) = ([0.34, 0.33, 0.33], [0.4, 0.3, 0.3], 0.98);
+    /// Mean α spread out, but every token routed nearly one-hot, most onto Poisson: the
+    /// case mean-α alerts missed (per-token entropy 0.12).
+    const ONE_HOT: ([f32; 3], [f32; 3], f32) = ([0.2, 0.2, 0.6], [0.15, 0.1, 0.75], 0.12);
+
+    fn run(steps: &[u64], at: impl Fn(u64) -> ([f32; 3], [f32; 3], f32)) -> Vec<Snapshot> {
+        steps
+            .iter()
+            .map(|&s| {
+                let (a, sh, e) = at(s);
+                snap(s, a, sh, e)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_one_hot_router_collapses_even_when_mean_alpha_is_spread() {
+        let settings = RouterSettings::default();
+        let snaps = run(&[100, 150, 200], |_| ONE_HOT);
+        let got = alerts(&snaps, &settings);
+        assert_eq!(
+            got,
+            vec![Alert::Collapse {
+                block: 0,
+                prior: Prior::Poisson,
+                share: 0.75,
+                entropy: 0.12
+            }]
+        );
+        assert!(
+            got[0].message().contains("collapsed onto poisson"),
+            "{}",
+            got[0].message()
+        );
+        // A token share above 0.9 alone is a collapse too, with high entropy.
+        let snaps = run(&[100, 200], |_| ([0.5, 0.3, 0.2], [0.95, 0.05, 0.0], 0.6));
+        assert!(matches!(
+            alerts(&snaps, &settings)[..],
+            [Alert::Collapse { prior: Prior::Heat, .. }, ..]
+        ));
+        // A spread router: nothing.
+        assert!(alerts(&run(&[100, 200], |_| SPREAD), &settings).is_empty());
+    }
+
+    #[test]
+    fn every_snapshot_of_the_span_must_meet_the_condition_and_two_are_needed() {
+        let settings = RouterSettings::default();
+        // Spread until step 150, one-hot from 160: the last 100 steps (100..=200) hold a spread
+        // snapshot, so no alert yet; a span of 40 steps (160..=200) sees only one-hot ones.
+        let snaps = run(&[100, 150, 160, 200], |s| if s < 160 { SPREAD } else { ONE_HOT });
+        assert!(alerts(&snaps, &settings).is_empty());
+        let short = RouterSettings {
+            span: 40,
+            ..RouterSettings::default()
+        };
+        assert_eq!(alerts(&snaps, &short).len(), 1);
+        // One snapshot in the span is not enough.
+        assert!(alerts(&run(&[10, 200], |s| if s < 100 { SPREAD } else { ONE_HOT }), &settings).is_empty());
+        // The cadence does not change the verdict: every 10 steps or every 50, the same alerts.
+        let dense: Vec<u64> = (0..=30).map(|i| i * 10).collect();
+        let sparse: Vec<u64> = (0..=6).map(|i| i * 50).collect();
+        let at = |s: u64| if s < 150 { SPREAD } else { ONE_HOT };
+        assert_eq!(
+            alerts(&run(&dense, at), &settings),
+            alerts(&run(&sparse, at), &settings)
+        );
+        assert_eq!(alerts(&run(&dense, at), &settings).len(), 1);
+    }
+
+    #[test]
+    fn a_dead_prior_needs_both_a_small_token_share_and_a_small_mean_weight() {
+        let settings = RouterSettings::default();
+        let dead = run(&[100, 200], |_| ([0.6, 0.37, 0.03], [0.6, 0.39, 0.01], 0.7));
+        assert_eq!(
+            alerts(&dead, &settings),
+            vec![Alert::Dead {
+                block: 0,
+                prior: Prior::Poisson,
+                alpha: 0.03,
+                share: 0.01
+            }]
+        );
+        // A small share but a real mean weight (0.2): the prior still contributes.
+        let alive = run(&[100, 200], |_| ([0.5, 0.3, 0.2], [0.6, 0.39, 0.01], 0.9));
+        assert!(alerts(&alive, &settings).is_empty());
+    }
 }
