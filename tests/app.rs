@@ -1541,7 +1541,7 @@ fn a_followed_folder_replaced_under_the_app_is_shown_again_from_its_start() {
 /// nearly one-hot: a collapse both must see.
 #[test]
 fn router_alerts_agree_live_and_reopened() {
-    use moppa_studio::app::panels::router::alerts;
+    use moppa_studio::app::panels::alerts::alerts;
     use moppa_studio::app::state::RouterSettings;
     use moppa_studio::train::WorkerHandle;
     use moppa_studio::train::replay::RunFolderReader;

@@ -118,14 +118,14 @@ impl StudioApp {
             Check::Alert(kind) => {
                 let error = self.messages.raised() > errors_at_start;
                 let router = run.map_or_else(Vec::new, |r| {
-                    crate::app::panels::router::alerts(&r.history.snapshots, &self.settings.router)
+                    crate::app::panels::alerts::alerts(&r.history.snapshots, &self.settings.router)
                 });
                 let dead = router
                     .iter()
-                    .any(|a| matches!(a, crate::app::panels::router::Alert::Dead { .. }));
+                    .any(|a| matches!(a, crate::app::panels::alerts::Alert::Dead { .. }));
                 let collapse = router
                     .iter()
-                    .any(|a| matches!(a, crate::app::panels::router::Alert::Collapse { .. }));
+                    .any(|a| matches!(a, crate::app::panels::alerts::Alert::Collapse { .. }));
                 match kind {
                     AlertKind::Error => error,
                     AlertKind::Dead => dead,

@@ -3,6 +3,7 @@
 //! [`Action`]s; the app applies them after drawing (panels never change the app's state or talk
 //! to the engine themselves). The runs table and the status bar hold no state: plain functions.
 
+pub mod alerts;
 pub mod curves;
 pub mod filters;
 pub mod launch;

@@ -234,18 +234,22 @@ fn sbatch_quote(s: &str) -> String {
     out
 }
 
+/// The Slurm script that runs a job list: `slurm.sh` for `jobs.txt`, `slurm-grid.sh` for `grid.txt`.
+pub(super) fn slurm_name(jobs_file: &str) -> String {
+    if jobs_file == "jobs.txt" {
+        "slurm.sh".to_owned()
+    } else {
+        format!("slurm-{}.sh", jobs_file.trim_end_matches(".txt"))
+    }
+}
+
 /// The Slurm job-array script: array index i runs line i+1 of `jobs.txt`. Every path is quoted
 /// for whoever reads it (bash, or sbatch for `#SBATCH` lines) and bash only ever expands it from a
 /// variable, so no character of the plan's path can run as a command.
 pub(super) fn slurm_script(root: &Path, jobs_file: &str, job_name: &str, n: usize, gpus: bool) -> String {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let gres = if gpus { "#SBATCH --gres=gpu:1\n" } else { "" };
-    let script = format!("slurm-{}.sh", jobs_file.trim_end_matches(".txt"));
-    let script = if jobs_file == "jobs.txt" {
-        "slurm.sh".to_owned()
-    } else {
-        script
-    };
+    let script = slurm_name(jobs_file);
     format!(
         "#!/usr/bin/env bash
 # A Slurm job array: `sbatch {slurm}`. Index i runs line i+1 of {jobs_file}.
