@@ -205,6 +205,7 @@ fn feed_run(fake: &Fake) {
                     per_class_acc: vec![0.9; 10],
                     n: 100,
                     time_s: step as f64 * 0.15,
+                    ..EvalResult::default()
                 }))
                 .unwrap();
         }
@@ -1176,6 +1177,7 @@ fn write_run(dir: &Path, config: serde_json::Value, steps: u64, every: u64, offs
                     per_class_acc: vec![0.5; 10],
                     n: 100,
                     time_s: step as f64,
+                    ..EvalResult::default()
                 }))
                 .unwrap(),
             );
@@ -1450,6 +1452,7 @@ fn the_runs_tables_accuracies_carry_their_n_and_wilson_interval() {
         per_class_acc: vec![0.75; 10],
         n: 12,
         time_s: 100.0,
+        ..EvalResult::default()
     }))
     .unwrap();
     let mut text = std::fs::read_to_string(small.join("metrics.jsonl")).unwrap();
@@ -1601,4 +1604,395 @@ fn router_alerts_agree_live_and_reopened() {
         a.iter().any(|x| x.message().contains("collapsed onto")),
         "T = 0.05 routes one-hot: {a:?}"
     );
+}
+
+// ---- The router's diagnostics: ablation, tokens, classes, accuracy (issue 30) ----
+
+use moppa_studio::app::panels::diagnose::DiagView;
+
+/// An ablation of `info()`'s run (heat, wave, Poisson; 2 blocks; 10 classes) at step 200 on
+/// 40 images: removing a prior costs 10 points per prior rank in all blocks, 2.5 in one block.
+fn ablation_of_info() -> Ablation {
+    // Per class: the whole model's 80% less a point per class index, less a share of the drop
+    // that varies with the class and the prior.
+    let score = |drop: f64, p: usize| AblationScore {
+        acc: 0.8 - drop,
+        loss: 0.5 + drop,
+        per_class_acc: (0..10)
+            .map(|c| 0.8 - 0.01 * c as f64 - drop * (0.4 + 0.6 * ((c + p) % 3) as f64))
+            .collect(),
+    };
+    let mut rows = Vec::new();
+    for (p, prior) in Prior::ALL.iter().enumerate() {
+        for block in [AblationBlock::ALL, AblationBlock::One(0), AblationBlock::One(1)] {
+            let drop = if block == AblationBlock::ALL { 0.1 } else { 0.025 } * (p + 1) as f64;
+            rows.push(AblationRow {
+                prior: *prior,
+                block,
+                score: score(drop, p),
+            });
+        }
+    }
+    let usage = (0..2)
+        .map(|b| BlockUsage {
+            block: b,
+            class_share: (0..10)
+                .map(|c| {
+                    let heat = 0.2 + 0.05 * c as f64;
+                    vec![heat, 0.3, 0.7 - heat]
+                })
+                .collect(),
+            hf_corr: vec![-0.4, 0.3, f64::NAN],
+            // Heat's α falls with hf, wave's rises, Poisson's stays: a band of tokens each.
+            hist: (0..3)
+                .map(|p| {
+                    (0..USAGE_BINS * USAGE_BINS)
+                        .map(|i| {
+                            let (row, col) = ((i / USAGE_BINS) as f64, (i % USAGE_BINS) as f64);
+                            let centre = [12.0 - 0.6 * col, 3.0 + 0.6 * col, 5.0][p];
+                            (60.0 * (-(row - centre).powi(2) / 6.0).exp()).round() as u32
+                        })
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
+    Ablation {
+        step: 200,
+        time_s: 30.0,
+        split: "val".into(),
+        n: 40,
+        base: score(0.0, 0),
+        rows,
+        class_n: vec![4; 10],
+        usage,
+        seconds: 1.5,
+    }
+}
+
+/// An evaluation of `info()`'s 10 classes: each row 8 right, 2 taken for the next class;
+/// validation lists two misclassified images.
+fn eval_with_confusion(split: &str) -> EvalResult {
+    EvalResult {
+        step: 200,
+        split: split.into(),
+        loss: 0.45,
+        acc: 0.8,
+        per_class_acc: vec![0.8; 10],
+        n: 100,
+        time_s: 30.0,
+        confusion: (0..10)
+            .map(|i| {
+                (0..10)
+                    .map(|j| {
+                        if j == i {
+                            8
+                        } else if j == (i + 1) % 10 {
+                            2
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            })
+            .collect(),
+        misclassified: if split == "val" {
+            vec![
+                Misclassified {
+                    index: 3,
+                    predicted: 5,
+                    prob: 0.93,
+                },
+                Misclassified {
+                    index: 17,
+                    predicted: 2,
+                    prob: 0.71,
+                },
+            ]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// The app on a fake run with evaluations (confusion, misclassified) and an ablation, showing
+/// the Router tab's `view`.
+fn diagnosed(
+    view: DiagView,
+    renderer: Option<egui_kittest::wgpu::WgpuTestRenderer>,
+) -> (Harness<'static, StudioApp>, Fake) {
+    let (launcher, fake) = launcher();
+    let mut settings = Settings {
+        tab: Tab::Router,
+        ..Settings::default()
+    };
+    settings.diagnose.view = view;
+    let h = app(settings, launcher, AppOptions::default(), renderer);
+    fake.events.send(Event::Started(Box::new(info()))).unwrap();
+    fake.events.send(progress(200)).unwrap();
+    fake.events.send(Event::Snapshot(Box::new(snapshot(200, 0.1)))).unwrap();
+    fake.events.send(Event::Eval(eval_with_confusion("val"))).unwrap();
+    fake.events.send(Event::Eval(eval_with_confusion("test"))).unwrap();
+    fake.events.send(Event::Ablation(Box::new(ablation_of_info()))).unwrap();
+    (h, fake)
+}
+
+#[test]
+fn the_ablation_view_shows_each_priors_change_and_runs_and_cancels_through_the_worker() {
+    let (mut h, fake) = diagnosed(DiagView::Routing, None);
+    h.run_steps(3);
+    h.get_by_label("Priors removed").click();
+    h.run_steps(2);
+    assert!(h.query_by_label("What does each prior do?").is_some());
+    assert!(
+        h.query_by_label("Whole model: accuracy 80.0%, loss 0.5000 on n = 40 val images, step 200; took 1.5 s")
+            .is_some()
+    );
+    // One row per prior × (all, each block): heat −10 points in all blocks, Poisson −7.5 in one.
+    assert_eq!(h.query_all_by_label("all blocks").count(), 3);
+    assert_eq!(h.query_all_by_label("block 1").count(), 3);
+    assert!(
+        h.query_all_by_label("-7.5").count() >= 2,
+        "Poisson in one block (accuracy and per class rows)"
+    );
+    assert!(
+        h.query_all_by_label("+0.3000").count() == 1,
+        "Poisson in all blocks: Δloss"
+    );
+    // Per class, each prior removed in all blocks.
+    assert!(
+        h.query_by_label("Per class: Δacc (points) with each prior removed in all blocks")
+            .is_some()
+    );
+    assert!(h.query_by_label("-poisson").is_some(), "a column per prior");
+    assert!(h.query_by_label("9 (71%)").is_some(), "class 9's whole accuracy");
+    // Run: the command goes to the worker; its progress shows with Cancel.
+    h.get_by_label("Run ablation").click();
+    h.run_steps(2);
+    assert!(fake.sent.lock().unwrap().contains(&Command::Ablate { images: 256 }));
+    fake.events.send(Event::AblationProgress { done: 3, total: 9 }).unwrap();
+    h.run_steps(3);
+    assert_eq!(h.state().sel().unwrap().history.ablation_progress, Some((3, 9)));
+    h.get_by_label("Cancel").click();
+    h.run_steps(2);
+    assert!(fake.sent.lock().unwrap().contains(&Command::CancelAblation));
+    assert_eq!(h.state().sel().unwrap().history.ablation_progress, None);
+}
+
+#[test]
+fn the_class_and_token_views_show_each_priors_share_and_hf_correlation() {
+    let (mut h, _fake) = diagnosed(DiagView::Classes, None);
+    h.run_steps(4);
+    assert!(h.query_by_label("Which classes use each prior").is_some());
+    // Class 9: heat 0.65, wave 0.30, Poisson 0.05 (the mean over blocks = each block's here).
+    assert!(h.query_by_label("9 (n = 4)").is_some());
+    assert!(h.query_by_label("0.65").is_some());
+    assert_eq!(
+        h.query_all_by_label("0.30").count(),
+        12,
+        "wave's share in every class, heat's in class 2, Poisson's in class 4"
+    );
+    h.get_by_label("Tokens").click();
+    h.run_steps(3);
+    assert!(h.query_by_label("Which tokens each prior takes").is_some());
+    assert!(h.query_by_label("heat: mean r(α, hf) = -0.40").is_some());
+    assert!(
+        h.query_by_label("poisson: mean r(α, hf) = -").is_some(),
+        "NaN prints as -"
+    );
+    // The probe's tokens: every third token weighs heat 0.7, the others 0.2.
+    assert!(h.query_by_label("block 0, 64 tokens").is_some());
+    assert!(h.query_by_label_contains("heat: r = ").is_some());
+}
+
+#[test]
+fn the_accuracy_view_shows_the_confusion_matrix_and_a_misclassified_image_becomes_the_probe() {
+    let (mut h, fake) = diagnosed(DiagView::Accuracy, None);
+    h.run_steps(4);
+    assert!(h.query_by_label("Accuracy where it fails").is_some());
+    assert!(
+        h.query_by_label("Last validation evaluation: step 200, accuracy 80.0% on n = 100 images")
+            .is_some()
+    );
+    assert!(
+        h.query_by_label("Confusion matrix: rows = true class, columns = predicted")
+            .is_some()
+    );
+    assert!(h.query_all_by_label("8").count() >= 10, "the diagonal's counts");
+    assert_eq!(h.query_all_by_label("80.0%").count(), 10, "per-class accuracy");
+    h.get_by_label("test").click();
+    h.run_steps(2);
+    assert!(
+        h.query_by_label("Last test evaluation: step 200, accuracy 80.0% on n = 100 images")
+            .is_some()
+    );
+    // The gallery: the most confident first; a click makes the image the probe.
+    assert!(h.query_by_label("predicted: 5 (93%)").is_some());
+    assert!(h.query_by_label("predicted: 2 (71%)").is_some());
+    h.get_by_label("val #17").click();
+    h.run_steps(2);
+    assert!(fake.sent.lock().unwrap().contains(&Command::SetProbe { index: 17 }));
+    assert_eq!(h.state().settings.router.probe, 17);
+}
+
+#[test]
+fn a_run_folder_is_ablated_here_without_writing_into_it_and_a_misclassified_image_probes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = real_run(dir.path(), "moppa", &[]);
+    let listing = |d: &Path| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&run);
+    let mut settings = Settings {
+        tab: Tab::Router,
+        ..Settings::default()
+    };
+    settings.diagnose.view = DiagView::Priors;
+    settings.diagnose.images = 64;
+    let opts = AppOptions {
+        open: vec![run.clone()],
+        ..AppOptions::default()
+    };
+    let mut h = app(settings, launcher().0, opts, None);
+    h.run_steps(3);
+    h.get_by_label("Run ablation").click();
+    let t0 = std::time::Instant::now();
+    h.run_steps(1);
+    while h.state().sel().unwrap().history.ablation.is_none() {
+        assert!(t0.elapsed().as_secs() < 60, "no ablation: {:?}", h.state().messages);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    h.run_steps(2);
+    assert_eq!(
+        h.query_all_by_label("all blocks").count(),
+        3,
+        "a row per prior in all blocks"
+    );
+    let a = h.state().sel().unwrap().history.ablation.clone().unwrap();
+    assert_eq!(a.n, 64);
+    assert_eq!(h.state().sel().unwrap().history.ablation_progress, None);
+    // A misclassified validation image (read from the run's data here) becomes the probe.
+    let wrong = h.state().sel().unwrap().history.last_val.clone().unwrap().misclassified;
+    let first = wrong.first().expect("a 40-step run misclassifies some digits").index as usize;
+    h.state_mut().settings.diagnose.view = DiagView::Accuracy;
+    h.run_steps(2);
+    while h
+        .state()
+        .sel()
+        .unwrap()
+        .jobs
+        .images
+        .as_ref()
+        .is_none_or(|i| i.get(first).is_none())
+    {
+        assert!(t0.elapsed().as_secs() < 90, "the image was not read");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    h.run_steps(1);
+    h.get_by_label(&format!("val #{first}")).click();
+    h.run_steps(1);
+    while h.state().sel().unwrap().probed.is_none() {
+        assert!(t0.elapsed().as_secs() < 120, "no answer from the adapter");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.run_steps(1);
+    }
+    let probed = h.state().sel().unwrap().probed.clone().unwrap();
+    assert_eq!(
+        probed.probe.map(|p| p.origin),
+        Some(ProbeOrigin::File {
+            name: format!("val #{first}")
+        })
+    );
+    assert_eq!(listing(&run), before, "nothing was written into the run folder");
+}
+
+/// The ablation view at the snapshot tests' size.
+#[test]
+fn snapshot_router_ablation_view() {
+    let Some(renderer) = gpu() else { return };
+    let (mut h, _fake) = diagnosed(DiagView::Priors, Some(renderer));
+    h.run_steps(6);
+    let opts = SnapshotOptions::new().threshold(2.0).output_path("tests/snapshots");
+    h.snapshot_options("app_router_ablation", &opts);
+}
+
+/// The pictures of the diagnostics in docs/, written on demand:
+/// `MOPPA_DOCS_PICTURES=1 cargo test --release --test app docs_pictures`.
+#[test]
+fn docs_pictures_of_the_router_diagnostics() {
+    // MOPPA_DOCS_PICTURES=1: the pictures in docs/ from a constructed run; with
+    // MOPPA_DOCS_RUN=DIR too, from that real run folder (its ablation made here, as a user would).
+    if std::env::var("MOPPA_DOCS_PICTURES").is_err() {
+        return;
+    }
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let real = std::env::var("MOPPA_DOCS_RUN").ok().map(PathBuf::from);
+    for (view, file) in [
+        (DiagView::Priors, "router-ablation.png"),
+        (DiagView::Classes, "router-classes.png"),
+        (DiagView::Tokens, "router-tokens.png"),
+        (DiagView::Accuracy, "accuracy-confusion.png"),
+    ] {
+        let renderer = Some(gpu().expect("a wgpu adapter"));
+        let (mut h, _fake) = match &real {
+            Some(run) => {
+                let mut settings = Settings {
+                    tab: Tab::Router,
+                    ..Settings::default()
+                };
+                settings.diagnose.view = view;
+                let opts = AppOptions {
+                    open: vec![run.clone()],
+                    ..AppOptions::default()
+                };
+                let (l, fake) = launcher();
+                let mut h = app(settings, l, opts, renderer);
+                h.run_steps(3);
+                h.state_mut().settings.diagnose.view = DiagView::Priors;
+                h.run_steps(2);
+                h.get_by_label("Run ablation").click();
+                h.run_steps(1);
+                let t0 = std::time::Instant::now();
+                while h.state().sel().unwrap().history.ablation.is_none() {
+                    assert!(t0.elapsed().as_secs() < 600, "no ablation: {:?}", h.state().messages);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    h.run_steps(1);
+                }
+                h.state_mut().settings.diagnose.view = view;
+                (h, fake)
+            }
+            None => diagnosed(view, renderer),
+        };
+        h.run_steps(4);
+        let t0 = std::time::Instant::now();
+        while view == DiagView::Accuracy
+            && h.state()
+                .sel()
+                .unwrap()
+                .jobs
+                .images
+                .as_ref()
+                .is_none_or(|i| i.got.len() < 2)
+        {
+            assert!(t0.elapsed().as_secs() < 60, "the thumbnails were not read");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            h.run_steps(1);
+        }
+        h.run_steps(4);
+        h.render().unwrap().save(docs.join(file)).unwrap();
+    }
 }

@@ -387,3 +387,112 @@ fn a_run_trained_from_a_relative_data_path_evaluates_from_another_folder() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("relative to the run folder's parent"), "{err}");
 }
+
+/// `moppa eval --ablate` on a short built-in MoPPA run: the base line with its n, one table row per
+/// prior × (all, each MoPPA block), a CSV whose deltas are each row less the base (`none,all`
+/// first); `--images 0` is a usage error; a LoRA adapter is refused naming its file. `moppa eval
+/// --confusion` writes one row per true class whose counts add up to the evaluated n.
+#[test]
+fn eval_ablates_each_prior_and_writes_the_confusion_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let args = short_train("", Path::new("builtin:digits"), 10, 8, &run);
+    let out = moppa(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv_path = dir.path().join("ablation.csv");
+    let out = moppa(&[
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--ablate",
+        "--images",
+        "64",
+        "--output",
+        csv_path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("(n = 64, 95% CI "), "{stdout}");
+    assert!(!run.join("eval-val.csv").exists() && !run.join("eval-test.csv").exists());
+    let table: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip_while(|l| !(l.starts_with("prior ") && l.contains("Δacc")))
+        .skip(1)
+        .take_while(|l| !l.contains(" passes in "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let blocks: Vec<&str> = table
+        .iter()
+        .filter(|r| r[0] == "heat" && r[1] != "all")
+        .map(|r| r[1])
+        .collect();
+    assert!(!blocks.is_empty(), "{stdout}");
+    let mut want = Vec::new();
+    for prior in ["heat", "wave", "poisson"] {
+        want.push((prior, "all"));
+        want.extend(blocks.iter().map(|b| (prior, *b)));
+    }
+    let got: Vec<(&str, &str)> = table.iter().map(|r| (r[0], r[1])).collect();
+    assert_eq!(got, want, "{stdout}");
+    assert!(stdout.contains(&format!("{} passes in ", want.len() + 1)), "{stdout}");
+    let csv = std::fs::read_to_string(&csv_path).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("prior,block,acc,loss,delta_acc,delta_loss"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), want.len() + 1, "{csv}");
+    assert_eq!((rows[0][0], rows[0][1]), ("none", "all"));
+    let num = |s: &str| s.parse::<f64>().unwrap();
+    let (base_acc, base_loss) = (num(rows[0][2]), num(rows[0][3]));
+    for (r, (prior, block)) in rows[1..].iter().zip(&want) {
+        assert_eq!((r[0], r[1]), (*prior, *block), "{csv}");
+        assert!((num(r[4]) - (num(r[2]) - base_acc)).abs() < 2e-6, "{csv}");
+        assert!((num(r[5]) - (num(r[3]) - base_loss)).abs() < 2e-6, "{csv}");
+    }
+
+    // Out-of-range --images: usage error.
+    let out = moppa(&["eval", "--run", run.to_str().unwrap(), "--ablate", "--images", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Confusion matrix: header of class names, one row per class, counts adding up to n.
+    let confusion = dir.path().join("confusion.csv");
+    let out = moppa(&[
+        "eval",
+        "--run",
+        run.to_str().unwrap(),
+        "--confusion",
+        confusion.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let n: u64 = stdout
+        .split("(n = ")
+        .nth(1)
+        .and_then(|s| s.split([',', ')']).next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let text = std::fs::read_to_string(&confusion).unwrap();
+    let mut lines = text.lines();
+    let classes: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+    assert_eq!(lines.next().unwrap(), format!("true\\predicted,{}", classes.join(",")));
+    let mut total = 0;
+    for (line, class) in lines.by_ref().zip(&classes) {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells[0], class, "{text}");
+        assert_eq!(cells.len(), classes.len() + 1, "{text}");
+        total += cells[1..].iter().map(|c| c.parse::<u64>().unwrap()).sum::<u64>();
+    }
+    assert_eq!(lines.next(), None, "{text}");
+    assert_eq!(total, n, "{text}");
+
+    // A LoRA adapter has no priors to ablate: exit 1 naming the file.
+    let lora = dir.path().join("lora");
+    let mut args = short_train("", Path::new("builtin:digits"), 1, 8, &lora);
+    args.extend(["--method".to_owned(), "lora".to_owned()]);
+    let out = moppa(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = moppa(&["eval", "--run", lora.to_str().unwrap(), "--ablate"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("adapter.safetensors") && err.contains("MoPPA"), "{err}");
+}

@@ -768,3 +768,91 @@ fn a_saved_adapter_answers_probe_images_like_the_live_run() {
     };
     assert!(err.contains("adapter.safetensors"), "{err}");
 }
+
+/// The curve with every evaluation's confusion counts and misclassified images too.
+fn full_curve(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            match v["kind"].as_str()? {
+                "progress" => Some(format!(
+                    "p {} {} {} {} {}",
+                    v["step"], v["loss"], v["train_acc"], v["route_loss"], v["lr"]
+                )),
+                "eval" => Some(format!(
+                    "e {} {} {} {} {} {} {}",
+                    v["step"], v["split"], v["loss"], v["acc"], v["per_class_acc"], v["confusion"], v["misclassified"]
+                )),
+                "finished" => Some(format!("f {} {} {}", v["step"], v["best_val_acc"], v["test_acc"])),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_ablation_on_a_live_run_leaves_its_metrics_as_they_would_have_been() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = RunConfig {
+        steps: Some(16),
+        eval_every: 8,
+        ..config(dir.path())
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    run_to_end(RunConfig {
+        out: Some(a.clone()),
+        ..base.clone()
+    });
+    let h = spawn(
+        RunConfig {
+            out: Some(b.clone()),
+            ..base.clone()
+        },
+        true,
+    );
+    collect(&h, |e| matches!(e, Event::Progress(p) if p.step >= 3));
+    h.send(Command::Ablate { images: 40 }).unwrap();
+    let evs = collect(&h, |e| matches!(e, Event::Ablation(_)));
+    let Some(Event::Ablation(abl)) = evs.last() else {
+        panic!("no ablation: {evs:?}")
+    };
+    // Every prior × (all, each MoPPA block), on the 40 images asked for.
+    let blocks = abl.usage.len();
+    assert!(blocks > 0);
+    assert_eq!(abl.n, 40);
+    assert_eq!(abl.rows.len(), 3 * (1 + blocks));
+    assert!(evs.iter().any(
+        |e| matches!(e, Event::AblationProgress { done, total } if *done == *total && *total == 1 + abl.rows.len())
+    ));
+    let evs = collect(&h, |e| matches!(e, Event::Finished(_)));
+    assert_eq!(finished(&evs).reason, FinishReason::Done);
+    assert_eq!(full_curve(&b), full_curve(&a), "the ablation changed the run's metrics");
+    // It is recorded, and reads back as the same ablation.
+    let text = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let line = text.lines().find(|l| l.contains("\"kind\":\"ablation\"")).unwrap();
+    let rec: moppa_studio::train::record::Record = serde_json::from_str(line).unwrap();
+    assert_eq!(rec.to_event(), Some(Event::Ablation(abl.clone())));
+    // The run's final validation evaluation lists its misclassified images and confusion counts.
+    let val = text
+        .lines()
+        .rfind(|l| l.contains("\"kind\":\"eval\"") && l.contains("\"val\""))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(val).unwrap();
+    let conf = v["confusion"].as_array().unwrap();
+    let total: u64 = conf
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, v["n"].as_u64().unwrap());
+    let diag: u64 = (0..conf.len()).map(|i| conf[i][i].as_u64().unwrap()).sum();
+    assert!((diag as f64 / total as f64 - v["acc"].as_f64().unwrap()).abs() < 1e-9);
+    let wrong = v["misclassified"].as_array().unwrap();
+    assert!(!wrong.is_empty() && wrong.len() <= 32);
+    assert!(
+        wrong.windows(2).all(|w| w[0]["prob"].as_f64() >= w[1]["prob"].as_f64()),
+        "most confident first"
+    );
+}

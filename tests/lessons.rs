@@ -27,6 +27,15 @@ fn fake_launcher() -> moppa_studio::app::link::Launcher {
     })
 }
 
+/// A fresh folder for the runs of one app (left for the system's temp cleanup).
+fn runs_dir() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("moppa-lessons-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 fn app() -> Harness<'static, StudioApp> {
     Harness::builder()
         .with_size(egui::vec2(1440.0, 900.0))
@@ -38,6 +47,9 @@ fn app() -> Harness<'static, StudioApp> {
                 worker_launcher(),
                 AppOptions {
                     stable_display: true,
+                    // As the app does (its data folder's runs/): a finished run keeps its folder,
+                    // whose saved adapter a prior ablation reads.
+                    runs_dir: Some(runs_dir()),
                     ..AppOptions::default()
                 },
             )
@@ -121,6 +133,12 @@ fn every_built_in_lesson_can_be_walked_to_the_end() {
     }
     // The closing note quotes these.
     println!("{}", report.join("\n"));
+    let prefix = format!("moppa-lessons-{}-", std::process::id());
+    for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 #[test]

@@ -673,3 +673,93 @@ fn bf16_backbone_keeps_f32_master_weights_and_trains() {
         }
     }
 }
+
+/// METHOD.md "Prior ablation" on a constructed case: a token router forced onto the wave prior
+/// (zero weights, bias (−50, 50, −50)). Removing wave changes the logits; removing heat changes
+/// nothing; the remaining α sum to 1 per token (heat and Poisson 0.5 each once wave is gone),
+/// and removing it in one block leaves the other block's α alone.
+#[test]
+fn removing_the_prior_a_router_is_forced_onto_changes_the_output_and_another_does_not() {
+    use moppa_studio::model::peft::Removal;
+    let model = PeftModel::new(
+        tiny_backbone(3),
+        MethodConfig {
+            rank: 4,
+            ..MethodConfig::default()
+        },
+        vec!["a".into(), "b".into(), "c".into()],
+        2,
+    )
+    .unwrap();
+    for (name, var) in model.trainable() {
+        if name.ends_with("router.weight") {
+            var.set(&var.zeros_like().unwrap()).unwrap();
+        } else if name.ends_with("router.bias") {
+            var.set(&Tensor::new(&[-50f32, 50.0, -50.0], &Device::Cpu).unwrap())
+                .unwrap();
+        } else if name.ends_with("up.weight") {
+            var.set(&Tensor::randn(0f32, 0.5, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let (images, _) = toy_batch(4, 3);
+    let base = model.forward(&images, true).unwrap();
+    let without = |prior, block| {
+        model
+            .forward_removing(&images, true, Some(Removal { prior, block }))
+            .unwrap()
+    };
+    let wave = without(Prior::Wave, None);
+    let heat = without(Prior::Heat, None);
+    assert!(
+        diff(&base.logits, &wave.logits) > 1e-3,
+        "removing the prior in use changes the output"
+    );
+    assert!(
+        diff(&base.logits, &heat.logits) < 1e-6,
+        "removing an unused prior changes nothing"
+    );
+    for r in &wave.routing {
+        let a: Vec<Vec<f32>> = r.alpha.flatten_to(1).unwrap().to_vec2().unwrap();
+        for row in a {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{row:?}");
+            assert!(row[1] < 1e-12 && (row[0] - 0.5).abs() < 1e-6 && (row[2] - 0.5).abs() < 1e-6);
+        }
+    }
+    let one = without(Prior::Wave, Some(1));
+    let first: Vec<Vec<f32>> = one.routing[0].alpha.flatten_to(1).unwrap().to_vec2().unwrap();
+    let second: Vec<Vec<f32>> = one.routing[1].alpha.flatten_to(1).unwrap().to_vec2().unwrap();
+    assert!(first.iter().all(|r| r[1] > 0.999), "block 0 keeps wave");
+    assert!(second.iter().all(|r| r[1] < 1e-12), "block 1 loses it");
+    assert!(diff(&base.logits, &one.logits) > 1e-4);
+    // A unit of one prior loses its filtered output entirely.
+    let single = PeftModel::new(
+        tiny_backbone(3),
+        MethodConfig {
+            rank: 4,
+            priors: vec![Prior::Heat],
+            ..MethodConfig::default()
+        },
+        vec!["a".into(), "b".into()],
+        2,
+    )
+    .unwrap();
+    for (name, var) in single.trainable() {
+        if name.ends_with("up.weight") {
+            var.set(&Tensor::randn(0f32, 0.5, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let b = single.forward(&images, false).unwrap();
+    let r = single
+        .forward_removing(
+            &images,
+            false,
+            Some(Removal {
+                prior: Prior::Heat,
+                block: None,
+            }),
+        )
+        .unwrap();
+    assert!(diff(&b.logits, &r.logits) > 1e-4);
+}

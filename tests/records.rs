@@ -241,6 +241,7 @@ fn every_logged_event_reads_back_as_itself() {
             per_class_acc: vec![1.0, 0.75],
             n: 100,
             time_s: 0.2,
+            ..EvalResult::default()
         }),
         Event::Applied(Applied {
             step: 2,

@@ -30,6 +30,7 @@ impl StudioApp {
             | Action::Connect
             | Action::ProbeWith(_)
             | Action::DownloadBackbone(_) => self.run_control(action),
+            Action::Ablate(_) | Action::CancelAblation | Action::ProbeVal(_) => self.diagnose_action(&action),
             Action::StartLesson(_)
             | Action::OpenConnect
             | Action::CloseConnect

@@ -102,6 +102,14 @@ pub struct RunHistory {
     pub test: Vec<[f64; 5]>,
     /// Last per-class validation accuracy.
     pub per_class: Vec<f64>,
+    /// The last evaluation of each split with its confusion counts and misclassified images.
+    pub last_val: Option<EvalResult>,
+    /// See `last_val`.
+    pub last_test: Option<EvalResult>,
+    /// The latest prior ablation (the run's own, or one made here on its saved adapter).
+    pub ablation: Option<Box<crate::train::protocol::Ablation>>,
+    /// An ablation in progress: passes done of all.
+    pub ablation_progress: Option<(usize, usize)>,
     /// Commands that took effect.
     pub applied: Vec<Applied>,
     /// Snapshots for scrubbing (oldest first; thinned when full).
@@ -291,9 +299,11 @@ impl RunHistory {
         let row = [e.step as f64, e.time_s, e.acc, e.loss, e.n as f64];
         if e.split == "test" {
             self.test.push(row);
+            self.last_test = Some(e.clone());
         } else {
             self.val.push(row);
             self.per_class.clone_from(&e.per_class_acc);
+            self.last_val = Some(e.clone());
         }
     }
 
@@ -382,6 +392,7 @@ mod tests {
             per_class_acc: Vec::new(),
             n,
             time_s: step as f64,
+            ..EvalResult::default()
         }
     }
 

@@ -431,6 +431,11 @@ impl StudioApp {
                         ));
                     }
                     Tab::Router => {
+                        // A row choosing the view: routing, or one of the diagnostics.
+                        if !self.settings.diagnose.selector(ui) {
+                            actions.extend(self.diagnose_view(ui));
+                            return;
+                        }
                         let probes = self.info().map_or(0, |i| i.probes);
                         if !moppa && self.info().is_some() {
                             actions.extend(self.moppa_run_buttons(ui));

@@ -7,9 +7,11 @@
 mod actions;
 pub mod backbones;
 mod capture;
+mod diagnose;
 pub mod dialogs;
 pub mod groups;
 pub mod history;
+pub mod jobs;
 mod layout;
 pub mod lessons;
 pub mod link;
@@ -95,6 +97,8 @@ pub struct StudioApp {
     pub lesson: Option<lessons::player::Player>,
     /// The backbone picker (cached models, a download in flight).
     pub picker: backbones::BackbonePicker,
+    /// The token view's `hf` of the probe image.
+    hf_cache: panels::usage::HfCache,
 }
 
 impl StudioApp {
@@ -144,6 +148,7 @@ impl StudioApp {
             lessons: lessons::Catalogue::default(),
             lesson: None,
             picker: backbones::BackbonePicker::default(),
+            hf_cache: panels::usage::HfCache::default(),
         };
         app.lessons = lessons::Catalogue::load(app.opts.lessons_dir.as_deref());
         let open = std::mem::take(&mut app.opts.open);
@@ -277,6 +282,7 @@ impl eframe::App for StudioApp {
         }
         self.drain(ctx, Duration::from_millis(4));
         self.runs.drain_probes(&mut self.messages);
+        self.poll_jobs();
         for a in self.lesson_frame() {
             self.apply(a, ctx);
         }

@@ -208,6 +208,8 @@ pub struct Settings {
     pub last_server: String,
     /// How the runs table is sorted and filtered.
     pub runs_table: crate::app::panels::runs::RunsTable,
+    /// The router's diagnostics (ablation, tokens, classes, accuracy).
+    pub diagnose: crate::app::panels::diagnose::DiagnoseSettings,
 }
 
 /// How many run folders the recent list keeps.
@@ -236,6 +238,7 @@ impl Default for Settings {
             recent_runs: Vec::new(),
             last_server: crate::train::serve::DEFAULT_ADDR.to_owned(),
             runs_table: crate::app::panels::runs::RunsTable::default(),
+            diagnose: crate::app::panels::diagnose::DiagnoseSettings::default(),
         }
     }
 }

@@ -1,18 +1,22 @@
-//! `moppa eval`: a saved adapter's accuracy on a dataset split, with per-class results.
+//! `moppa eval`: a saved adapter's accuracy on a dataset split, with per-class results and the
+//! confusion matrix; `--ablate` measures what each prior contributes ([`super::eval_ablate`]).
 
 use super::{CliError, usage};
 use crate::config::RunConfig;
 use crate::data::Split;
 use crate::stats::{wilson, wilson_acc};
+use crate::train::ablation::DEFAULT_IMAGES;
 use crate::train::evaluate::{OnBackbone, evaluate_adapter, run_config};
+use crate::train::protocol::MAX_CONFUSION_CLASSES;
 use clap::Args;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// `moppa eval`.
 #[derive(Debug, Clone, Args)]
 #[command(
-    after_help = "Examples:\n  moppa eval --run runs/digits\n  moppa eval --adapter a.safetensors --backbone builtin --data builtin:digits --split val"
+    after_help = "Examples:\n  moppa eval --run runs/digits\n  moppa eval --adapter a.safetensors --backbone builtin --data builtin:digits --split val\n  moppa eval --run runs/digits --confusion confusion.csv\n  moppa eval --run runs/digits --ablate --images 512 --output ablation.csv"
 )]
 pub struct EvalArgs {
     /// The adapter and its backbone.
@@ -21,15 +25,27 @@ pub struct EvalArgs {
     /// Data spec (default: the run's, or builtin:digits).
     #[arg(long)]
     pub data: Option<String>,
-    /// test (default) or val.
-    #[arg(long, default_value = "test")]
-    pub split: String,
-    /// Per-class results CSV (default: RUN/eval-SPLIT.csv, or next to the adapter).
+    /// test (default) or val (--ablate always measures val).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Per-class results CSV (default: RUN/eval-SPLIT.csv, or next to the adapter); with
+    /// --ablate, the ablation CSV (none unless given).
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
+    /// Prior ablation of a MoPPA adapter: accuracy and loss with each prior removed in all
+    /// MoPPA blocks and in each, on a fixed subset of the validation split.
+    #[arg(long, conflicts_with = "confusion")]
+    pub ablate: bool,
+    /// Validation images the ablation evaluates (1 to 100000; fewer if the split has fewer).
+    #[arg(long, default_value_t = DEFAULT_IMAGES, requires = "ablate")]
+    pub images: usize,
+    /// Also write the confusion matrix CSV here (rows true class, columns predicted; up to
+    /// 1000 classes).
+    #[arg(long, value_name = "FILE")]
+    pub confusion: Option<PathBuf>,
 }
 
 /// Which trained adapter, on which backbone (`moppa eval`, `moppa predict`).
@@ -103,17 +119,35 @@ impl AdapterSource {
 
 /// Runs `moppa eval`.
 pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
-    let split = match args.split.as_str() {
-        "test" => Split::Test,
-        "val" => Split::Val,
-        other => return Err(usage(format!("--split must be val or test (got {other})"))),
+    let split = match args.split.as_deref() {
+        None | Some("test") => Split::Test,
+        Some("val") => Split::Val,
+        Some(other) => return Err(usage(format!("--split must be val or test (got {other})"))),
     };
+    if args.ablate {
+        super::eval_ablate::check_images(args.images)?;
+        if split != Split::Val && args.split.is_some() {
+            return Err(usage(
+                "--ablate always measures the validation split: drop --split test",
+            ));
+        }
+    }
     let resolved = args.source.resolve()?;
     let data = args
         .data
         .clone()
         .or_else(|| resolved.base.as_ref().map(|c| c.data.clone()))
         .unwrap_or_else(|| "builtin:digits".into());
+    if args.ablate {
+        return super::eval_ablate::ablate(
+            &resolved,
+            &data,
+            args.source.force,
+            args.batch,
+            args.images,
+            args.output.as_deref(),
+        );
+    }
     let eval = evaluate_adapter(
         &resolved.adapter,
         resolved.on(),
@@ -145,7 +179,49 @@ pub fn eval(args: &EvalArgs) -> Result<(), CliError> {
     std::fs::write(&out, csv)
         .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", out.display())))?;
     println!("per-class results: {}", out.display());
+    if let Some(path) = &args.confusion {
+        if result.confusion.is_empty() {
+            return Err(CliError::Failure(anyhow::anyhow!(
+                "no confusion matrix for {} classes (it is kept for up to {MAX_CONFUSION_CLASSES}); '{}' not written",
+                classes.len(),
+                path.display()
+            )));
+        }
+        std::fs::write(path, confusion_csv(&classes, &result.confusion))
+            .map_err(|e| CliError::Failure(anyhow::anyhow!("cannot write '{}': {e}", path.display())))?;
+        println!("confusion matrix: {}", path.display());
+    }
     Ok(())
+}
+
+/// One CSV field: quoted (inner quotes doubled) when it holds a comma, quote or line break.
+#[must_use]
+pub fn csv_field(s: &str) -> Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        Cow::Owned(format!("\"{}\"", s.replace('"', "\"\"")))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// The confusion matrix: header `true\predicted,CLASS…`, then one row per true class, its name
+/// and the counts of each predicted class.
+#[must_use]
+pub fn confusion_csv(classes: &[String], confusion: &[Vec<u64>]) -> String {
+    let mut csv = String::from("true\\predicted");
+    for c in classes {
+        let _ = write!(csv, ",{}", csv_field(c));
+    }
+    csv.push('\n');
+    for (i, row) in confusion.iter().enumerate() {
+        let name = classes.get(i).map_or(Cow::Owned(i.to_string()), |c| csv_field(c));
+        csv.push_str(&name);
+        for n in row {
+            let _ = write!(csv, ",{n}");
+        }
+        csv.push('\n');
+    }
+    csv
 }
 
 /// How many images an accuracy was measured on, and its 95% Wilson interval:
@@ -212,6 +288,26 @@ mod tests {
         );
         assert_eq!(small_set_warning(100, "test"), None);
         assert_eq!(small_set_warning(0, "test"), None);
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        assert_eq!(csv_field("cat"), "cat");
+        assert_eq!(csv_field("a b"), "a b");
+        assert_eq!(csv_field("x,y"), "\"x,y\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+        assert!(matches!(csv_field("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn the_confusion_csv_has_a_row_per_true_class() {
+        let classes = ["cat".to_owned(), "dog, big".to_owned(), "eel".to_owned()];
+        let m = vec![vec![5, 1, 0], vec![2, 7, 1], vec![0, 0, 3]];
+        assert_eq!(
+            confusion_csv(&classes, &m),
+            "true\\predicted,cat,\"dog, big\",eel\ncat,5,1,0\n\"dog, big\",2,7,1\neel,0,0,3\n"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod backbones;
 pub mod bench;
 pub mod compare;
 pub mod eval;
+pub mod eval_ablate;
 pub mod model_cmds;
 mod physics_cmds;
 pub mod predict;

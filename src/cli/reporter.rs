@@ -114,6 +114,15 @@ impl Reporter {
                 };
                 self.say(format!("eval {} at step {}: {acc}{loss}", e.split, e.step));
             }
+            Event::Ablation(a) => self.say(format!(
+                "ablation at step {} on {} validation images: acc {:.4}, loss {:.4} ({} rows, {:.1} s)",
+                a.step,
+                a.n,
+                a.base.acc,
+                a.base.loss,
+                a.rows.len(),
+                a.seconds
+            )),
             Event::Applied(a) => self.say(format!(
                 "applied {} ({}) at step {}: {} → {}",
                 a.command, a.target, a.step, a.old, a.new
@@ -144,7 +153,11 @@ impl Reporter {
                 }
                 return Some(f.clone());
             }
-            Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } | Event::RunFile { .. } => {}
+            Event::Snapshot(_)
+            | Event::Paused { .. }
+            | Event::Resumed { .. }
+            | Event::RunFile { .. }
+            | Event::AblationProgress { .. } => {}
         }
         None
     }

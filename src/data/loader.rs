@@ -69,6 +69,13 @@ pub type Skipped = (PathBuf, String);
 /// Decodes and resizes samples in parallel; failures are returned apart.
 #[must_use]
 pub fn prepare_all(samples: &[Sample], resize: &Resize) -> (Vec<Prepared>, Vec<Skipped>) {
+    let (ok, bad) = prepare_indexed(samples, resize, 0);
+    (ok.into_iter().map(|(_, p)| p).collect(), bad)
+}
+
+/// [`prepare_all`], each usable image with its index (`first` + its position in `samples`).
+#[must_use]
+pub fn prepare_indexed(samples: &[Sample], resize: &Resize, first: usize) -> (Vec<(usize, Prepared)>, Vec<Skipped>) {
     let results: Vec<Result<Prepared, Skipped>> = samples
         .par_iter()
         .map(|s| match decode(s) {
@@ -79,9 +86,9 @@ pub fn prepare_all(samples: &[Sample], resize: &Resize) -> (Vec<Prepared>, Vec<S
         .collect();
     let mut ok = Vec::with_capacity(results.len());
     let mut bad = Vec::new();
-    for r in results {
+    for (i, r) in results.into_iter().enumerate() {
         match r {
-            Ok(v) => ok.push(v),
+            Ok(v) => ok.push((first + i, v)),
             Err(e) => bad.push(e),
         }
     }
@@ -223,12 +230,24 @@ impl Drop for Loader {
     }
 }
 
+/// One batch of an [`EvalSet`].
+pub struct EvalBatch<'a> {
+    /// Normalised CHW floats.
+    pub pixels: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<u32>,
+    /// Each image's index in the split (skipped files leave gaps).
+    pub index: Vec<usize>,
+    /// Each image as the model sees it before normalisation: RGB, `size × size`.
+    pub rgb: Vec<&'a [u8]>,
+}
+
 /// A validation or test split ready for evaluation: prepared once, kept in memory when it fits
 /// `budget_bytes`, else decoded again per pass.
 pub struct EvalSet {
     samples: Vec<Sample>,
     resize: Resize,
-    cache: Option<Vec<(Vec<u8>, u32)>>,
+    cache: Option<Vec<(usize, Prepared)>>,
     /// Files that could not be decoded (reported once).
     pub skipped: Vec<(PathBuf, String)>,
 }
@@ -240,7 +259,7 @@ impl EvalSet {
         let size = resize.size as usize;
         let fits = samples.len() * size * size * 3 <= budget_bytes;
         let (cache, skipped) = if fits {
-            let (ok, bad) = prepare_all(&samples, &resize);
+            let (ok, bad) = prepare_indexed(&samples, &resize, 0);
             (Some(ok), bad)
         } else {
             (None, Vec::new())
@@ -250,6 +269,30 @@ impl EvalSet {
             resize,
             cache,
             skipped,
+        }
+    }
+
+    /// The samples at `indices` (in that order, each at most once, out-of-range ones left out)
+    /// as a set of their own, indexed from 0; prepared images are copied, not decoded again.
+    #[must_use]
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let picked: Vec<usize> = indices.iter().copied().filter(|&i| i < self.samples.len()).collect();
+        let samples = picked.iter().map(|&i| self.samples[i].clone()).collect();
+        let cache = self.cache.as_ref().map(|c| {
+            picked
+                .iter()
+                .enumerate()
+                .filter_map(|(j, &i)| {
+                    let at = c.binary_search_by_key(&i, |(k, _)| *k).ok()?;
+                    Some((j, c[at].1.clone()))
+                })
+                .collect()
+        });
+        Self {
+            samples,
+            resize: self.resize,
+            cache,
+            skipped: Vec::new(),
         }
     }
 
@@ -269,7 +312,8 @@ impl EvalSet {
     #[must_use]
     pub fn rgb(&self, i: usize) -> Option<(Vec<u8>, u32)> {
         if let Some(c) = &self.cache {
-            c.get(i).cloned()
+            let at = c.binary_search_by_key(&i, |(k, _)| *k).ok()?;
+            Some(c[at].1.clone())
         } else {
             let s = self.samples.get(i)?;
             decode(s).ok().map(|img| (to_rgb(&img, &self.resize), s.label))
@@ -283,29 +327,54 @@ impl EvalSet {
         norm: &Normalize,
         mut f: impl FnMut(Vec<f32>, Vec<u32>) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.for_each_indexed(batch, norm, |b| f(b.pixels, b.labels))
+    }
+
+    /// Runs `f` on every batch in order, with each image's index and unnormalised pixels.
+    pub fn for_each_indexed<E>(
+        &mut self,
+        batch: usize,
+        norm: &Normalize,
+        mut f: impl FnMut(EvalBatch<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let batch = batch.max(1);
+        let size = self.resize.size;
+        let view = |chunk: &[(usize, Prepared)]| -> (Vec<f32>, Vec<u32>, Vec<usize>) {
+            let imgs: Vec<&[u8]> = chunk.iter().map(|(_, (p, _))| p.as_slice()).collect();
+            (
+                assemble(&imgs, size, norm, None),
+                chunk.iter().map(|(_, (_, l))| *l).collect(),
+                chunk.iter().map(|(i, _)| *i).collect(),
+            )
+        };
         if let Some(cache) = &self.cache {
             for chunk in cache.chunks(batch) {
-                let imgs: Vec<&[u8]> = chunk.iter().map(|(p, _)| p.as_slice()).collect();
-                f(
-                    assemble(&imgs, self.resize.size, norm, None),
-                    chunk.iter().map(|(_, l)| *l).collect(),
-                )?;
+                let (pixels, labels, index) = view(chunk);
+                let rgb = chunk.iter().map(|(_, (p, _))| p.as_slice()).collect();
+                f(EvalBatch {
+                    pixels,
+                    labels,
+                    index,
+                    rgb,
+                })?;
             }
             return Ok(());
         }
         let mut skipped = Vec::new();
-        for chunk in self.samples.chunks(batch) {
-            let (ok, bad) = prepare_all(chunk, &self.resize);
+        for (c, chunk) in self.samples.chunks(batch).enumerate() {
+            let (ok, bad) = prepare_indexed(chunk, &self.resize, c * batch);
             skipped.extend(bad);
             if ok.is_empty() {
                 continue;
             }
-            let imgs: Vec<&[u8]> = ok.iter().map(|(p, _)| p.as_slice()).collect();
-            f(
-                assemble(&imgs, self.resize.size, norm, None),
-                ok.iter().map(|(_, l)| *l).collect(),
-            )?;
+            let (pixels, labels, index) = view(&ok);
+            let rgb = ok.iter().map(|(_, (p, _))| p.as_slice()).collect();
+            f(EvalBatch {
+                pixels,
+                labels,
+                index,
+                rgb,
+            })?;
         }
         self.skipped = skipped;
         Ok(())

@@ -312,7 +312,11 @@ impl MoppaUnit {
             .collect()
     }
 
-    /// The unit on normalised tokens `h (B, T, D)` with `prefix` leading tokens.
+    /// The unit on normalised tokens `h (B, T, D)` with `prefix` leading tokens; `remove`
+    /// takes a prior out of the mixture (METHOD.md "Prior ablation": the router's softmax over
+    /// the other priors' logits, so the remaining α sum to 1; the only prior removed leaves no
+    /// filtered output). A prior this unit does not have changes nothing.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         h: &Tensor,
@@ -321,6 +325,7 @@ impl MoppaUnit {
         live: &Live,
         kernels: Kernels,
         grad: bool,
+        remove: Option<Prior>,
     ) -> Result<UnitOutput> {
         let dtype = h.dtype();
         let p = |v: &Var| param(v, grad, dtype);
@@ -340,23 +345,33 @@ impl MoppaUnit {
             _ => (ops::linear(kernels, h, &p(&self.down_w)?, &p(&self.down_b)?)?, None),
         };
         let z_pre = z.narrow(1, 0, prefix)?;
+        let drop = remove.and_then(|q| self.priors.iter().position(|&x| x == q));
+        // Logits over T, with a removed prior's pushed to where its softmax weight is 0.
+        let scaled = |logits: Tensor| -> Result<Tensor> {
+            let logits = (logits / live.temperature)?;
+            match drop {
+                None => Ok(logits),
+                Some(i) => {
+                    let m: Vec<f32> = (0..k).map(|j| if j == i { -1e9 } else { 0.0 }).collect();
+                    logits.broadcast_add(&Tensor::from_vec(m, k, h.device())?.to_dtype(logits.dtype())?)
+                }
+            }
+        };
         let alpha = match &self.router {
-            Router::None => None,
+            Router::None => match drop {
+                None => None,
+                Some(_) => Some(Tensor::zeros((1, 1, 1), dtype, h.device())?),
+            },
             Router::Token { .. } => {
                 let logits = token_logits.ok_or_else(|| candle_core::Error::Msg("router logits".into()))?;
-                Some(ops::softmax(
-                    kernels,
-                    &(logits.narrow(1, prefix, hw)? / live.temperature)?,
-                )?)
+                Some(ops::softmax(kernels, &scaled(logits.narrow(1, prefix, hw)?)?)?)
             }
             Router::Image { w, b: rb } => {
                 let mean = h.narrow(1, prefix, hw)?.mean(1)?;
                 let logits = ops::linear(kernels, &mean, &p(w)?, &p(rb)?)?;
-                Some(ops::softmax(kernels, &(logits / live.temperature)?)?.unsqueeze(1)?)
+                Some(ops::softmax(kernels, &scaled(logits)?)?.unsqueeze(1)?)
             }
-            Router::Layer { logits } => {
-                Some(ops::softmax(kernels, &(p(logits)? / live.temperature)?)?.reshape((1, 1, k))?)
-            }
+            Router::Layer { logits } => Some(ops::softmax(kernels, &scaled(p(logits)?)?)?.reshape((1, 1, k))?),
         };
         // Σ_p α_p ⊙ IDCT2(G_p ⊙ DCT2(Z)) over the patch tokens, (B, HW, r).
         let gains = Tensor::stack(&self.filters(grid, live, grad)?, 0)?; // (k, r, HW)
@@ -370,12 +385,12 @@ impl MoppaUnit {
         };
         let out = ops::linear_no_bias(kernels, &y.contiguous()?, &up)?;
         let route_kl = match &alpha {
-            Some(a) => {
+            Some(a) if k > 1 => {
                 let mean = a.flatten_to(1)?.reshape(((), k))?.mean(0)?; // ᾱ over batch and patch tokens
                 let kl = (&mean * (mean.clone() * k as f64)?.log()?)?.sum_all()?;
                 Some(kl)
             }
-            None => None,
+            _ => None,
         };
         Ok(UnitOutput { out, alpha, route_kl })
     }

@@ -11,7 +11,7 @@ use super::ops::profile::section;
 use super::ops::{self, Kernels};
 use super::param;
 use super::vit::Vit;
-use crate::config::{Lockable, MethodConfig, MethodKind, Placement, Pool};
+use crate::config::{Lockable, MethodConfig, MethodKind, Placement, Pool, Prior};
 use crate::physics::tensor::SpectralGrid;
 use candle_core::{Tensor, Var};
 
@@ -26,6 +26,15 @@ pub enum BlockAdapter {
     Lora(LoraUnit),
     /// AdaptFormer.
     AdaptFormer(AdaptFormerUnit),
+}
+
+/// A prior taken out of the mixture (METHOD.md "Prior ablation").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Removal {
+    /// The prior.
+    pub prior: Prior,
+    /// The block it is removed from; `None`: every MoPPA block.
+    pub block: Option<usize>,
 }
 
 /// A trainable classifier head.
@@ -208,14 +217,42 @@ impl PeftModel {
 
     /// Forward pass. `want_routing` keeps each block's α (detached) for display.
     pub fn forward(&self, images: &Tensor, want_routing: bool) -> Result<Forward> {
+        self.forward_removing(images, want_routing, None)
+    }
+
+    /// [`Self::forward`] with `removal`'s prior taken out of its MoPPA blocks (METHOD.md
+    /// "Prior ablation"); the route loss is then that of the changed routing.
+    pub fn forward_removing(&self, images: &Tensor, want_routing: bool, removal: Option<Removal>) -> Result<Forward> {
+        let x = self.backbone.embed(images)?;
+        self.forward_from(x, 0, want_routing, removal, None)
+    }
+
+    /// The tokens entering block 0.
+    pub fn embed(&self, images: &Tensor) -> Result<Tensor> {
+        self.backbone.embed(images)
+    }
+
+    /// The rest of a forward pass from the tokens `x` entering block `from`. `inputs`, when
+    /// given, receives the tokens entering each block from `from` on (what a later pass from
+    /// any of them starts with).
+    pub fn forward_from(
+        &self,
+        mut x: Tensor,
+        from: usize,
+        want_routing: bool,
+        removal: Option<Removal>,
+        mut inputs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Forward> {
         let k = self.kernels();
         let vit = &self.backbone;
         let grad = vit.grad_enabled();
         let prefix = vit.cfg.prefix_tokens;
-        let mut x = vit.embed(images)?;
         let mut kls = Vec::new();
         let mut routing = Vec::new();
-        for (i, adapter) in self.adapters.iter().enumerate() {
+        for (i, adapter) in self.adapters.iter().enumerate().skip(from) {
+            if let Some(v) = inputs.as_deref_mut() {
+                v.push(x.clone());
+            }
             match adapter {
                 BlockAdapter::None => {
                     x = vit.attn(i, &x, None)?;
@@ -232,7 +269,8 @@ impl PeftModel {
                 BlockAdapter::Moppa(u) => {
                     let run = |h: &Tensor| {
                         section("moppa fwd", h.device(), || {
-                            u.forward(h, &self.grid, prefix, &self.live, k, grad)
+                            let remove = removal.filter(|r| r.block.is_none_or(|b| b == i)).map(|r| r.prior);
+                            u.forward(h, &self.grid, prefix, &self.live, k, grad, remove)
                         })
                     };
                     let res = match self.method.placement {

@@ -9,6 +9,7 @@
 mod coeffs;
 mod dct;
 mod filters;
+pub mod freq;
 mod image;
 pub mod tensor;
 

@@ -5,9 +5,12 @@
 use super::backbone::{load_backbone, select_device};
 use super::batch::{images_tensor, labels_tensor};
 use super::error::{Result, TrainError};
-use super::protocol::{BlockSnapshot, EvalResult, Probe, ProbeOrigin, Rgb, Snapshot};
+use super::protocol::{
+    BlockSnapshot, EvalResult, MAX_CONFUSION_CLASSES, MAX_MISCLASSIFIED, Misclassified, Probe, ProbeOrigin, Rgb,
+    Snapshot,
+};
 use crate::config::{DeviceChoice, Precision, RunConfig};
-use crate::data::loader::EvalSet;
+use crate::data::loader::{EvalBatch, EvalSet};
 use crate::data::{self, Normalize, Split};
 use crate::model::checkpoint::load_adapter_noting;
 use crate::model::{GradMode, NoGrad, PeftModel, cross_entropy};
@@ -49,38 +52,88 @@ pub fn for_each_batch(
     })
 }
 
-/// Accuracy and mean cross-entropy of a classifier over a split, per class too.
+/// [`for_each_batch`], with each batch's indices and unnormalised pixels.
+pub fn for_each_indexed(
+    model: &dyn GradMode,
+    set: &mut EvalSet,
+    input: &EvalInput<'_>,
+    cancel: &dyn Fn() -> bool,
+    mut f: impl FnMut(Tensor, &EvalBatch<'_>) -> Result<()>,
+) -> Result<()> {
+    let _no_grad = NoGrad::new(model);
+    set.for_each_indexed(input.batch, input.normalize, |mut batch| {
+        if cancel() {
+            return Err(TrainError::Cancelled);
+        }
+        let pixels = std::mem::take(&mut batch.pixels);
+        let images = images_tensor(pixels, batch.labels.len(), input.size, input.device, input.dtype)?;
+        f(images, &batch)
+    })
+}
+
+/// Accuracy and mean cross-entropy of a classifier over a split, per class too, with the
+/// confusion counts and the misclassified images.
 #[derive(Clone, Debug)]
 pub struct Tally {
     loss_sum: f64,
     /// `(correct, seen)` per class.
     per_class: Vec<(usize, usize)>,
+    /// `confusion[true][predicted]` (empty beyond [`MAX_CONFUSION_CLASSES`] classes).
+    confusion: Vec<Vec<u64>>,
+    /// Every misclassified image seen.
+    wrong: Vec<Misclassified>,
 }
 
 impl Tally {
     /// An empty tally over `classes` classes.
     #[must_use]
     pub fn new(classes: usize) -> Self {
+        let confusion = if classes <= MAX_CONFUSION_CLASSES {
+            vec![vec![0; classes]; classes]
+        } else {
+            Vec::new()
+        };
         Self {
             loss_sum: 0.0,
             per_class: vec![(0, 0); classes],
+            confusion,
+            wrong: Vec::new(),
         }
     }
 
     /// Adds one batch: logits `(B, classes)` against its labels.
     pub fn add(&mut self, logits: &Tensor, labels: &[u32]) -> Result<()> {
+        self.add_indexed(logits, labels, &[])
+    }
+
+    /// [`Self::add`], with each image's index in its split (`index` empty: the misclassified
+    /// are not kept).
+    pub fn add_indexed(&mut self, logits: &Tensor, labels: &[u32], index: &[usize]) -> Result<()> {
         let logits = logits.to_dtype(DType::F32)?;
         let y = labels_tensor(labels, logits.device())?;
         let b = labels.len();
         self.loss_sum += f64::from(cross_entropy(&logits, &y)?.to_scalar::<f32>()?) * b as f64;
-        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-        for (p, l) in pred.iter().zip(labels) {
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        for (j, (row, l)) in rows.iter().zip(labels).enumerate() {
+            let p = argmax(row);
             let entry = self
                 .per_class
                 .get_mut(*l as usize)
                 .ok_or_else(|| TrainError::Config(format!("label {l} is outside the model's classes")))?;
             entry.1 += 1;
-            entry.0 += usize::from(p == l);
+            entry.0 += usize::from(p == *l as usize);
+            if let Some(cell) = self.confusion.get_mut(*l as usize).and_then(|r| r.get_mut(p)) {
+                *cell += 1;
+            }
+            if p != *l as usize
+                && let Some(&i) = index.get(j)
+            {
+                self.wrong.push(Misclassified {
+                    index: i as u64,
+                    predicted: p as u32,
+                    prob: f64::from(softmax(row).get(p).copied().unwrap_or(0.0)),
+                });
+            }
         }
         Ok(())
     }
@@ -117,8 +170,28 @@ impl Tally {
                 .collect(),
             n: n as u64,
             time_s,
+            confusion: self.confusion.clone(),
+            misclassified: if split == Split::Val {
+                let mut w = self.wrong.clone();
+                w.sort_by(|a, b| b.prob.total_cmp(&a.prob).then(a.index.cmp(&b.index)));
+                w.truncate(MAX_MISCLASSIFIED);
+                w
+            } else {
+                Vec::new()
+            },
         })
     }
+}
+
+/// The index of the largest value (the first of equals; NaN never wins).
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] || row[best].is_nan() {
+            best = i;
+        }
+    }
+    best
 }
 
 /// The classifier's tally over `set` (`cancel` as in [`for_each_batch`]).
@@ -129,8 +202,8 @@ pub fn classify(
     cancel: &dyn Fn() -> bool,
 ) -> Result<Tally> {
     let mut tally = Tally::new(model.classes.len());
-    for_each_batch(model, set, input, cancel, |images, labels| {
-        tally.add(&model.forward(&images, false)?.logits, labels)
+    for_each_indexed(model, set, input, cancel, |images, batch| {
+        tally.add_indexed(&model.forward(&images, false)?.logits, &batch.labels, &batch.index)
     })?;
     Ok(tally)
 }
@@ -249,6 +322,120 @@ pub fn evaluate_adapter(
         per_class_counts,
         warnings,
     })
+}
+
+/// What `moppa eval --ablate` and a reopened run's ablation report.
+pub struct AdapterAblation {
+    /// The ablation (step 0: a saved adapter has no step of its own here).
+    pub ablation: super::protocol::Ablation,
+    /// Class names, index = label.
+    pub classes: Vec<String>,
+    /// Warnings, one line each.
+    pub warnings: Vec<String>,
+}
+
+/// A prior ablation ([`super::ablation::ablate`]) of a saved adapter on `images` images of the
+/// validation split of `data_spec` (the fixed subset every ablation of that split uses).
+#[allow(clippy::too_many_arguments)]
+pub fn ablate_adapter(
+    adapter: &Path,
+    on: OnBackbone<'_>,
+    data_spec: &str,
+    force: bool,
+    batch: usize,
+    images: usize,
+    cancel: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<AdapterAblation> {
+    use super::ablation::{MAX_IMAGES, ablate, subset_indices};
+    if images == 0 || images > MAX_IMAGES {
+        return Err(TrainError::Config(format!(
+            "an ablation takes 1 to {MAX_IMAGES} images, not {images}"
+        )));
+    }
+    let loaded = LoadedAdapter::load(adapter, on, force)?;
+    let model = &loaded.model;
+    let mut warnings: Vec<String> = loaded.forced.iter().cloned().collect();
+    let dataset = data::load(data_spec, false, 0)?;
+    if dataset.classes.len() != model.classes.len() {
+        return Err(TrainError::Config(format!(
+            "{}: the adapter has {} classes, {data_spec} has {}",
+            adapter.display(),
+            model.classes.len(),
+            dataset.classes.len()
+        )));
+    }
+    let val = dataset.split(Split::Val);
+    if val.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{data_spec} has no validation split to ablate on"
+        )));
+    }
+    let picked: Vec<data::Sample> = subset_indices(val.len(), images)
+        .into_iter()
+        .filter_map(|i| val.get(i).cloned())
+        .collect();
+    let mut set = loaded.eval_set(picked);
+    let ablation = ablate(model, &mut set, &loaded.input(batch), cancel, progress)?;
+    if let Some((path, why)) = set.skipped.first() {
+        warnings.push(format!(
+            "{} image(s) of the ablation's subset could not be used (first: {}: {why})",
+            set.skipped.len(),
+            path.display()
+        ));
+    }
+    Ok(AdapterAblation {
+        ablation,
+        classes: model.classes.clone(),
+        warnings,
+    })
+}
+
+/// [`ablate_adapter`] on a run folder's saved adapter, its backbone, precision and data.
+pub fn ablate_run(
+    dir: &Path,
+    images: usize,
+    cancel: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<AdapterAblation> {
+    let (cfg, notes) = run_config_noted(dir)?;
+    let spec = run_backbone_spec(&cfg);
+    let on = OnBackbone {
+        spec: &spec,
+        heads: cfg.heads,
+        precision: cfg.dtype,
+    };
+    let adapter = dir.join(crate::train::runfolder::ADAPTER);
+    let mut a = ablate_adapter(
+        &adapter,
+        on,
+        &cfg.data,
+        false,
+        cfg.batch.max(64),
+        images,
+        cancel,
+        progress,
+    )?;
+    a.ablation.step = adapter_step(dir);
+    a.warnings.extend(notes);
+    Ok(a)
+}
+
+/// The step of a run folder's saved adapter: it is written with each validation evaluation and
+/// at the end, so the last of those its records hold (0 when none can be read).
+fn adapter_step(dir: &Path) -> u64 {
+    use crate::train::record::{Record, RecordReader};
+    let Ok(reader) = RecordReader::open(&dir.join(crate::train::runfolder::METRICS_JSONL)) else {
+        return 0;
+    };
+    reader
+        .filter_map(|r| match r {
+            Record::Eval(e) if e.split == "val" => Some(e.step),
+            Record::Finished(f) => Some(f.step),
+            _ => None,
+        })
+        .last()
+        .unwrap_or(0)
 }
 
 /// The run config saved in a run folder, with any path recorded relative (by a version before

@@ -3,6 +3,7 @@
 //! benchmark, and pretraining. No GUI here, and nothing of the model in its public face: displays
 //! see plain data ([`protocol`], [`crate::config`]).
 
+pub mod ablation;
 pub mod backbone;
 pub mod batch;
 pub mod bench;

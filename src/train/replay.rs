@@ -362,6 +362,13 @@ impl RunFolderReader {
                     None
                 }
             },
+            Record::Ablation(a) => match crate::train::record::check_ablation(&a) {
+                Ok(()) => Some(Event::Ablation(a)),
+                Err(why) => {
+                    self.refuse(0, &format!("the ablation at step {}: {why}", a.step));
+                    None
+                }
+            },
             other => other.to_event(),
         }
     }

@@ -25,6 +25,40 @@ pub enum Value {
     RunCoeff(Coeff),
     /// τ, γ, λ, T or the learning rate of the run shown.
     RunHyper(Hyper),
+    /// Something the run shown measured (checked, never set).
+    Measured(Measure),
+}
+
+/// What a lesson can check but not set: the router's statistics in the last snapshot of the run
+/// shown, and its latest prior ablation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measure {
+    /// `router.top_share`: the largest token share of any prior in any block (1: every token of
+    /// a block prefers one prior; 1/k: the load is spread evenly).
+    TopShare,
+    /// `router.entropy`: the normalised per-token entropy, mean over blocks (0: each token picks
+    /// one prior; 1: each mixes all evenly).
+    Entropy,
+    /// `ablation.heat|wave|poisson`: the accuracy change in points when the prior is removed in
+    /// every block (negative: the model needs it).
+    Ablation(Prior),
+}
+
+impl Measure {
+    /// All five, with their names in lesson files.
+    pub const ALL: [(Self, &'static str); 5] = [
+        (Self::TopShare, "router.top_share"),
+        (Self::Entropy, "router.entropy"),
+        (Self::Ablation(Prior::Heat), "ablation.heat"),
+        (Self::Ablation(Prior::Wave), "ablation.wave"),
+        (Self::Ablation(Prior::Poisson), "ablation.poisson"),
+    ];
+
+    /// The name used in lesson files.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(m, _)| *m == self).map_or("?", |(_, n)| n)
+    }
 }
 
 /// The playground's coefficients.
@@ -57,6 +91,8 @@ pub enum Press {
     Reset,
     /// Evaluate now.
     Evaluate,
+    /// Ask what each prior does (a prior ablation of the run shown).
+    Ablate,
 }
 
 /// What a step asks the learner to do (the app can also do it: "Do it").
@@ -102,6 +138,8 @@ pub enum Check {
     Locked(Lockable),
     /// An alert was raised since the step began.
     Alert(AlertKind),
+    /// The run shown has a finished prior ablation.
+    Ablated,
 }
 
 /// Where the learner should look.
@@ -299,6 +337,7 @@ impl Value {
             Self::Playground(c) => format!("playground.{}", c.name()),
             Self::RunCoeff(c) => format!("run.{}", c.name()),
             Self::RunHyper(h) => format!("run.{}", h.name()),
+            Self::Measured(m) => m.name().to_owned(),
         }
     }
 
@@ -314,6 +353,9 @@ impl Value {
             Self::RunHyper(Hyper::RouteWeight) => "λ",
             Self::RunHyper(Hyper::Temperature) => "T",
             Self::RunHyper(Hyper::Lr) => "the learning rate",
+            Self::Measured(Measure::TopShare) => "the largest prior share",
+            Self::Measured(Measure::Entropy) => "the routing entropy",
+            Self::Measured(Measure::Ablation(_)) => "the accuracy change without the prior",
         }
     }
 }
@@ -356,19 +398,26 @@ impl Value {
             Self::Playground(c) => c.range(),
             Self::RunCoeff(c) => c.range(),
             Self::RunHyper(h) => h.range(),
+            Self::Measured(m) => crate::config::ValueRange {
+                name: m.name(),
+                min: if matches!(m, Measure::Ablation(_)) { -100.0 } else { 0.0 },
+                max: if matches!(m, Measure::Ablation(_)) { 100.0 } else { 1.0 },
+                open_min: false,
+            },
         }
     }
 }
 
 impl Press {
-    /// All six, with their names in lesson files.
-    pub const ALL: [(Self, &'static str); 6] = [
+    /// All seven, with their names in lesson files.
+    pub const ALL: [(Self, &'static str); 7] = [
         (Self::Start, "start"),
         (Self::Pause, "pause"),
         (Self::Step, "step"),
         (Self::Stop, "stop"),
         (Self::Reset, "reset"),
         (Self::Evaluate, "evaluate"),
+        (Self::Ablate, "ablate"),
     ];
 
     /// The button's label.
@@ -381,6 +430,7 @@ impl Press {
             Self::Stop => "Stop",
             Self::Reset => "Reset",
             Self::Evaluate => "Evaluate now",
+            Self::Ablate => "Run (What does each prior do?)",
         }
     }
 }
@@ -413,6 +463,7 @@ impl Action {
             Self::Press(Press::Pause) => Some(Check::State(RunStatus::Paused)),
             Self::Press(Press::Stop) => Some(Check::State(RunStatus::Finished)),
             Self::Press(Press::Reset) => Some(Check::State(RunStatus::Ready)),
+            Self::Press(Press::Ablate) => Some(Check::Ablated),
             Self::Tab(t) => Some(Check::Tab(*t)),
             Self::Press(Press::Step | Press::Evaluate) | Self::OpenSample => None,
         }
@@ -439,6 +490,7 @@ impl Check {
             Self::Locked(l) => format!("{} locked", l.name()),
             Self::Alert(AlertKind::Error) => "an error shown".into(),
             Self::Alert(a) => format!("a router alert ({})", a.label()),
+            Self::Ablated => "a prior ablation of the run (Router view, Priors removed)".into(),
         }
     }
 }

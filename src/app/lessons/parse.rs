@@ -1,7 +1,9 @@
 //! Lesson files: TOML into [`Lesson`], every unknown key and every word outside the fixed
 //! vocabularies an error naming its line (`LINE: problem`; the caller adds the file).
 
-use super::{Action, AlertKind, Check, Lesson, Look, PlaygroundCoeff, PlaygroundSetup, Press, Setup, Step, Value};
+use super::{
+    Action, AlertKind, Check, Lesson, Look, Measure, PlaygroundCoeff, PlaygroundSetup, Press, Setup, Step, Value,
+};
 use crate::app::state::Tab;
 use crate::config::{Coeff, Lockable, Prior, RunConfig};
 use crate::train::protocol::Hyper;
@@ -124,6 +126,7 @@ fn value(word: &str) -> Result<Value, String> {
         .iter()
         .map(|h| (Value::RunHyper(*h), format!("run.{}", h.name()))),
     );
+    names.extend(Measure::ALL.iter().map(|(m, n)| (Value::Measured(*m), (*n).to_owned())));
     let names: Vec<(Value, &str)> = names.iter().map(|(v, n)| (*v, n.as_str())).collect();
     one_of(word, "value", &names)
 }
@@ -158,6 +161,9 @@ fn action(raw: &RawAction) -> Result<Action, String> {
     }
     if let (Some(v), Some(to)) = (&raw.set, raw.to) {
         let value = value(v)?;
+        if matches!(value, Value::Measured(_)) {
+            return Err(format!("{v} is measured by the run: a step can check it, not set it"));
+        }
         value.range().check(to).map_err(|e| format!("set {v}: {e}"))?;
         return Ok(Action::Set(value, to));
     }

@@ -3,7 +3,7 @@
 //! would), Next enabled once the check holds on the same state and events the views use.
 //! `autoplay` walks the steps by itself (screenshots, demonstrations).
 
-use super::{Action as LessonAction, AlertKind, Check, Lesson, Look, PlaygroundCoeff, Press, Step, Value};
+use super::{Action as LessonAction, AlertKind, Check, Lesson, Look, Measure, PlaygroundCoeff, Press, Step, Value};
 use crate::app::panels::{Action, RunStatus};
 use crate::app::state::Tab;
 use crate::app::{Source, StudioApp};
@@ -99,6 +99,7 @@ impl StudioApp {
                 .sel()
                 .map(|r| r.history.values(None).hyper(h))
                 .filter(|v| !v.is_nan()),
+            Value::Measured(m) => self.sel().and_then(|r| measured(&r.history, m)),
         }
     }
 
@@ -132,6 +133,9 @@ impl StudioApp {
                     AlertKind::Collapse => collapse,
                     AlertKind::Any => error || dead || collapse,
                 }
+            }
+            Check::Ablated => {
+                run.is_some_and(|r| r.history.ablation.is_some() && r.history.ablation_progress.is_none())
             }
         }
     }
@@ -169,6 +173,8 @@ impl StudioApp {
             LessonAction::Set(Value::RunHyper(h), x) => {
                 vec![Action::Send(Command::SetHyper { hyper: *h, value: *x })]
             }
+            // The parser refuses to set a measured value.
+            LessonAction::Set(Value::Measured(_), _) => Vec::new(),
             LessonAction::Lock(l) => vec![Action::Send(Command::Lock {
                 what: *l,
                 target: Target::All,
@@ -181,6 +187,10 @@ impl StudioApp {
                 Press::Stop => Action::Stop,
                 Press::Reset => Action::Reset,
                 Press::Evaluate => Action::Send(Command::Evaluate),
+                Press::Ablate => {
+                    self.settings.diagnose.view = crate::app::panels::diagnose::DiagView::Priors;
+                    Action::Ablate(self.settings.diagnose.images)
+                }
             }],
             LessonAction::Tab(t) => {
                 self.settings.tab = *t;
@@ -443,4 +453,34 @@ pub struct ViewRects {
     pub live: Option<egui::Rect>,
     /// Each tab's button in the top bar.
     pub tabs: Vec<(Tab, egui::Rect)>,
+}
+
+/// A measured value of a run, as the router and ablation views show it.
+fn measured(h: &crate::app::history::RunHistory, m: Measure) -> Option<f64> {
+    match m {
+        Measure::TopShare | Measure::Entropy => {
+            let snap = h.snapshots.last()?;
+            let stats: Vec<_> = snap.blocks.iter().filter_map(|b| b.router.as_ref()).collect();
+            if stats.is_empty() {
+                return None;
+            }
+            Some(if m == Measure::TopShare {
+                stats
+                    .iter()
+                    .flat_map(|r| r.argmax_share.iter())
+                    .map(|v| f64::from(*v))
+                    .fold(0.0, f64::max)
+            } else {
+                stats.iter().map(|r| f64::from(r.entropy_norm)).sum::<f64>() / stats.len() as f64
+            })
+        }
+        Measure::Ablation(p) => {
+            let a = h.ablation.as_ref()?;
+            let row = a
+                .rows
+                .iter()
+                .find(|r| r.prior == p && r.block == crate::train::protocol::AblationBlock::ALL)?;
+            Some(100.0 * (row.score.acc - a.base.acc))
+        }
+    }
 }

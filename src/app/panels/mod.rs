@@ -3,8 +3,10 @@
 //! [`Action`]s; the app applies them after drawing (panels never change the app's state or talk
 //! to the engine themselves). The runs table and the status bar hold no state: plain functions.
 
+pub mod accuracy;
 pub mod alerts;
 pub mod curves;
+pub mod diagnose;
 pub mod filters;
 pub mod launch;
 pub mod live;
@@ -12,6 +14,7 @@ pub mod playground;
 pub mod router;
 pub mod runs;
 pub mod status;
+pub mod usage;
 
 use crate::train::protocol::Command;
 
@@ -82,6 +85,13 @@ pub enum Action {
     Show(Vec<usize>, bool),
     /// Pin this run as the baseline (None: unpin).
     Pin(Option<usize>),
+    /// A prior ablation of the run shown on this many validation images (by its worker, or
+    /// here on its saved adapter).
+    Ablate(usize),
+    /// Stop the ablation in progress.
+    CancelAblation,
+    /// Make validation image `i` the router's probe.
+    ProbeVal(usize),
 }
 
 pub use crate::train::protocol::RunStatus;

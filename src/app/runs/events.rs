@@ -48,6 +48,11 @@ impl RunsState {
             }
             Event::Snapshot(s) => run.history.on_snapshot(*s),
             Event::Eval(e) => run.history.on_eval(&e),
+            Event::Ablation(a) => {
+                run.history.ablation_progress = None;
+                run.history.ablation = Some(a);
+            }
+            Event::AblationProgress { done, total } => run.history.ablation_progress = Some((done, total)),
             Event::Applied(a) => {
                 run.targets.applied(&a.command);
                 run.history.applied.push(a);
@@ -60,6 +65,10 @@ impl RunsState {
             Event::Warning(n) => {
                 // A refused command is a warning: its target no longer waits.
                 run.targets.clear();
+                // So is a cancelled or failed ablation: its progress bar goes.
+                if n.message.starts_with("ablation") {
+                    run.history.ablation_progress = None;
+                }
                 messages.push(n, false);
             }
             Event::Error(n) | Event::Diverged(n) => {

@@ -60,6 +60,8 @@ pub struct OpenRun {
     pub targets: super::panels::live::Targets,
     /// Whether the plots draw it.
     pub shown: bool,
+    /// The app's own work for it (an ablation of its saved adapter, validation images).
+    pub jobs: super::jobs::RunJobs,
 }
 
 impl OpenRun {
@@ -75,6 +77,7 @@ impl OpenRun {
             probed: None,
             targets: super::panels::live::Targets::default(),
             shown: true,
+            jobs: super::jobs::RunJobs::default(),
         }
     }
 
@@ -135,6 +138,11 @@ impl RunsState {
     #[must_use]
     pub fn all(&self) -> &[OpenRun] {
         &self.runs
+    }
+
+    /// Every run, to change.
+    pub(super) fn all_mut(&mut self) -> &mut [OpenRun] {
+        &mut self.runs
     }
 
     /// How many runs are open.

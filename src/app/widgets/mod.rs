@@ -1,4 +1,5 @@
-//! Reusable drawing pieces: colormaps and heatmaps.
+//! Reusable drawing pieces: colormaps, heatmaps and coloured tables.
 
+pub mod cells;
 pub mod colormap;
 pub mod heatmap;

@@ -328,6 +328,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
             per_class_acc: Vec::new(),
             n: val.len() as u64,
             time_s: seconds,
+            ..EvalResult::default()
         }));
     }
     if let Some((_, t)) = accuracy {
@@ -339,6 +340,7 @@ pub fn pretrain(run: &MaeRun, interrupt: &AtomicBool, display: &mut dyn FnMut(&E
             per_class_acc: Vec::new(),
             n: test.len() as u64,
             time_s: seconds,
+            ..EvalResult::default()
         }));
     }
     reports.finish(FinishReason::Done, step, accuracy, seconds);

@@ -18,7 +18,10 @@ pub mod snapshot;
 pub use reader::{ReadStats, RecordReader, RecordTail, Restart};
 pub use snapshot::{ProbeRecord, RouterRecord, SnapshotHeader, SnapshotRecord};
 
-use super::protocol::{Applied, EvalResult, Event, FinishReason, Finished, Notice, Progress, RunInfo};
+use super::protocol::{
+    Ablation, Applied, EvalResult, Event, FinishReason, Finished, MAX_CONFUSION_CLASSES, MAX_MISCLASSIFIED,
+    Misclassified, Notice, Progress, RunInfo,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -50,6 +53,8 @@ pub enum Record {
     Finished(FinishedRecord),
     /// The worker is alive (at least every 10 s).
     Heartbeat(HeartbeatRecord),
+    /// A prior ablation (INTERFACES.md "Router diagnostics").
+    Ablation(Box<Ablation>),
     /// A kind this version does not know (skipped and counted by the reader).
     #[serde(other)]
     Unknown,
@@ -148,8 +153,60 @@ impl EvalRecord {
                 self.per_class_acc.len()
             ));
         }
+        let classes = self.confusion.len();
+        if classes > MAX_CONFUSION_CLASSES {
+            return Err(format!(
+                "confusion has {classes} rows (at most {MAX_CONFUSION_CLASSES})"
+            ));
+        }
+        if let Some(row) = self.confusion.iter().find(|r| r.len() != classes) {
+            return Err(format!(
+                "a confusion row holds {} counts for {classes} classes",
+                row.len()
+            ));
+        }
+        if self.misclassified.len() > MAX_MISCLASSIFIED {
+            return Err(format!(
+                "{} misclassified images (at most {MAX_MISCLASSIFIED})",
+                self.misclassified.len()
+            ));
+        }
         Ok(())
     }
+}
+
+/// Whether an ablation record is within the bounds on classes, blocks and priors.
+pub fn check_ablation(a: &Ablation) -> Result<(), String> {
+    use snapshot::{MAX_BLOCKS, MAX_PRIORS};
+    let rows_max = MAX_PRIORS * (MAX_BLOCKS + 1);
+    if a.rows.len() > rows_max {
+        return Err(format!("{} ablation rows (at most {rows_max})", a.rows.len()));
+    }
+    if a.usage.len() > MAX_BLOCKS {
+        return Err(format!("usage of {} blocks (at most {MAX_BLOCKS})", a.usage.len()));
+    }
+    let classes = a.base.per_class_acc.len();
+    if classes > MAX_CONFUSION_CLASSES
+        || a.rows.iter().any(|r| r.score.per_class_acc.len() != classes)
+        || a.usage
+            .iter()
+            .any(|u| u.class_share.len() > MAX_CONFUSION_CLASSES || u.hist.len() > MAX_PRIORS)
+    {
+        return Err(format!(
+            "per-class lists disagree or exceed {MAX_CONFUSION_CLASSES} classes"
+        ));
+    }
+    let cells = super::protocol::USAGE_BINS * super::protocol::USAGE_BINS;
+    if a.usage.iter().any(|u| {
+        u.hist.iter().any(|h| h.len() != cells)
+            || u.hf_corr.len() > MAX_PRIORS
+            || u.class_share.iter().any(|r| r.len() > MAX_PRIORS)
+    }) {
+        return Err(format!(
+            "a usage histogram is not {cells} cells, or lists more than {MAX_PRIORS} priors"
+        ));
+    }
+    Ok(())
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -220,6 +277,12 @@ pub struct EvalRecord {
     /// Images evaluated (0 in records written before it was recorded; then left out).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub n: u64,
+    /// Counts, `confusion[true][predicted]` (absent in older records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<Vec<u64>>,
+    /// Validation: misclassified images, the most confident first (absent in older records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub misclassified: Vec<Misclassified>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Extra,
@@ -386,8 +449,11 @@ impl Record {
                 acc: e.acc,
                 per_class_acc: e.per_class_acc.clone(),
                 n: e.n,
+                confusion: e.confusion.clone(),
+                misclassified: e.misclassified.clone(),
                 extra: Extra::new(),
             }),
+            Event::Ablation(a) => Self::Ablation(a.clone()),
             Event::Applied(a) => Self::Applied(AppliedRecord {
                 step: a.step,
                 time_s: a.time_s,
@@ -411,7 +477,11 @@ impl Record {
                 path: path_text(f.path.as_ref()),
                 extra: Extra::new(),
             }),
-            Event::Snapshot(_) | Event::Paused { .. } | Event::Resumed { .. } | Event::RunFile { .. } => return None,
+            Event::Snapshot(_)
+            | Event::Paused { .. }
+            | Event::Resumed { .. }
+            | Event::RunFile { .. }
+            | Event::AblationProgress { .. } => return None,
         })
     }
 
@@ -441,7 +511,10 @@ impl Record {
                 per_class_acc: e.per_class_acc.clone(),
                 n: e.n,
                 time_s: e.time_s,
+                confusion: e.confusion.clone(),
+                misclassified: e.misclassified.clone(),
             }),
+            Self::Ablation(a) => Event::Ablation(a.clone()),
             Self::Applied(a) => Event::Applied(Applied {
                 step: a.step,
                 command: a.command.clone(),
@@ -480,7 +553,7 @@ impl Record {
             Self::Warning(n) | Self::Error(n) => n.extra.len(),
             Self::Finished(f) => f.extra.len(),
             Self::Heartbeat(h) => h.extra.len(),
-            Self::Unknown => 0,
+            Self::Ablation(_) | Self::Unknown => 0,
         }
     }
 
@@ -532,8 +605,34 @@ mod tests {
     }
 
     #[test]
+    fn an_ablation_line_reads_back_and_a_hostile_one_is_refused() {
+        use crate::train::protocol::USAGE_BINS;
+        let line = format!(
+            r#"{{"kind":"ablation","step":40,"time_s":2.0,"split":"val","n":8,"base":{{"acc":0.5,"loss":1.0,"per_class_acc":[0.5,0.5]}},"rows":[{{"prior":"wave","block":"all","acc":0.25,"loss":2.0,"per_class_acc":[0.0,0.5]}},{{"prior":"wave","block":1,"acc":0.5,"loss":1.1,"per_class_acc":[0.5,0.5]}}],"usage":[{{"block":1,"class_share":[[0.2,0.8],[]],"hf_corr":[null,0.3],"hist":[{h},{h}]}}],"seconds":0.5}}"#,
+            h = serde_json::to_string(&vec![0u32; USAGE_BINS * USAGE_BINS]).unwrap_or_default()
+        );
+        let Ok(Record::Ablation(a)) = serde_json::from_str::<Record>(&line) else {
+            panic!("not an ablation: {line}")
+        };
+        assert_eq!(a.rows[0].block, crate::train::protocol::AblationBlock::ALL);
+        assert_eq!(a.rows[1].block, crate::train::protocol::AblationBlock::One(1));
+        assert!(a.usage[0].hf_corr[0].is_nan());
+        assert!(check_ablation(&a).is_ok());
+        // Written back: the same JSON (null for NaN, "all" for every block).
+        let again: serde_json::Value = serde_json::from_str(&Record::Ablation(a.clone()).to_line()).unwrap_or_default();
+        let first: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        assert_eq!(again, first);
+        let mut bad = a.clone();
+        bad.usage[0].hist[0].push(1);
+        assert!(check_ablation(&bad).is_err(), "a histogram of the wrong size");
+        let mut bad = a;
+        bad.rows[0].score.per_class_acc.push(1.0);
+        assert!(check_ablation(&bad).is_err(), "per-class lists of different lengths");
+    }
+
+    #[test]
     fn unknown_kinds_and_fields_are_kept_apart() {
-        let r: Record = serde_json::from_str(r#"{"kind":"ablation","step":1}"#).expect("any kind reads");
+        let r: Record = serde_json::from_str(r#"{"kind":"gradient_norms","step":1}"#).expect("any kind reads");
         assert_eq!(r, Record::Unknown);
         let r: Record = serde_json::from_str(r#"{"kind":"heartbeat","step":1,"time_s":2.0,"gpu_temp":71}"#)
             .expect("a heartbeat with a new field");

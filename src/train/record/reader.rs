@@ -413,7 +413,7 @@ mod tests {
     #[test]
     fn skips_and_counts_what_it_cannot_read() {
         let text = format!(
-            "{}not json\n{{\"kind\":\"ablation\"}}\n\u{0}\u{ff}\n{}{{\"kind\":\"progress\"}}\n",
+            "{}not json\n{{\"kind\":\"gradient_norms\"}}\n\u{0}\u{ff}\n{}{{\"kind\":\"progress\"}}\n",
             heartbeat(1),
             heartbeat(2)
         );

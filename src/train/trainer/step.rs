@@ -170,3 +170,41 @@ impl Trainer {
         Ok(result)
     }
 }
+
+impl Trainer {
+    /// A prior ablation of the model as it is now, on `images` validation images
+    /// ([`crate::train::ablation::subset_indices`]). It reads the model only: no optimizer step,
+    /// no RNG draw, no loader change, and the best-validation bookkeeping is left alone.
+    pub fn ablate(
+        &self,
+        images: usize,
+        cancel: &dyn Fn() -> bool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<crate::train::protocol::Ablation> {
+        use crate::train::ablation::{MAX_IMAGES, ablate, subset_indices};
+        if images == 0 || images > MAX_IMAGES {
+            return Err(crate::train::TrainError::Config(format!(
+                "an ablation takes 1 to {MAX_IMAGES} images, not {images}"
+            )));
+        }
+        if self.val.is_empty() {
+            return Err(crate::train::TrainError::Config(
+                "the run has no validation split to ablate on".into(),
+            ));
+        }
+        let input = EvalInput {
+            batch: self.cfg.batch.max(64),
+            normalize: &self.normalize,
+            size: self.model.backbone.cfg.img_size,
+            device: &self.device,
+            dtype: self.model.backbone.dtype(),
+        };
+        let mut set = self.val.subset(&subset_indices(self.val.len(), images));
+        let stop = self.stop.clone();
+        let cancel = || cancel() || stop.cuts_short();
+        let mut a = ablate(&self.model, &mut set, &input, &cancel, progress)?;
+        a.step = self.step;
+        a.time_s = self.time_s();
+        Ok(a)
+    }
+}

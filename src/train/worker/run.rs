@@ -224,6 +224,50 @@ fn evaluate(trainer: &mut Trainer, split: Split, out: &mut Outbox) -> Result<Opt
     }
 }
 
+/// Runs a prior ablation between steps and reports it (the `ablation` record of the run folder).
+/// Commands that arrive while it runs are kept in `deferred`, except a cancel (which ends it) and
+/// a stop (which ends it and is kept).
+fn ablate(
+    trainer: &Trainer,
+    images: usize,
+    commands: &Receiver<Command>,
+    deferred: &mut Vec<Command>,
+    out: &mut Outbox,
+    stop: &StopFlag,
+) {
+    let waiting = std::cell::RefCell::new(std::mem::take(deferred));
+    let cancelled = std::cell::Cell::new(false);
+    let cancel = || {
+        while let Ok(c) = commands.try_recv() {
+            match c {
+                Command::CancelAblation => cancelled.set(true),
+                Command::Stop => {
+                    cancelled.set(true);
+                    waiting.borrow_mut().push(c);
+                }
+                c => waiting.borrow_mut().push(c),
+            }
+        }
+        cancelled.get() || stop.request() != StopRequest::None
+    };
+    out.push(Event::AblationProgress { done: 0, total: 0 });
+    out.flush();
+    let result = {
+        let mut progress = |done: usize, total: usize| {
+            out.push(Event::AblationProgress { done, total });
+            out.flush();
+        };
+        trainer.ablate(images, &cancel, &mut progress)
+    };
+    *deferred = waiting.into_inner();
+    match result {
+        Ok(a) => out.push(Event::Ablation(Box::new(a))),
+        Err(TrainError::Cancelled) => out.push(Event::Warning(notice(Some(trainer), "ablation cancelled"))),
+        Err(e) => out.push(Event::Warning(notice(Some(trainer), format!("ablation: {e}")))),
+    }
+    out.flush();
+}
+
 /// Writes the checkpoint pair; a failure is the notice that ends the run.
 fn checkpoint(trainer: &mut Trainer) -> Result<(), Notice> {
     trainer
@@ -289,6 +333,8 @@ fn apply(
         Command::SetProbeImage { name, image } => trainer.set_probe_image(&name, image).map(|()| None),
         Command::SetChannel { channel } => trainer.set_channel(channel).map(|()| None),
         Command::FetchRunFiles => Err("fetching the run's files is for network clients (moppa train --serve)".into()),
+        // Handled by the loop (they need the command channel).
+        Command::Ablate { .. } | Command::CancelAblation => Ok(None),
     };
     match result {
         Ok(Some(applied)) => {
@@ -316,6 +362,7 @@ fn train_loop(
     let min_gap = Duration::from_secs_f64(1.0 / opts.max_snapshots_per_s.max(0.1));
     let mut last_snapshot: Option<Instant> = None;
     let every = trainer.cfg.snapshot_every.max(1);
+    let mut deferred: Vec<Command> = Vec::new();
     loop {
         // Commands take effect here, at the step boundary.
         let waiting = state != State::Running && !single;
@@ -329,11 +376,22 @@ fn train_loop(
             commands.try_recv().ok()
         };
         let mut stop_cmd = false;
-        for cmd in first.into_iter().chain(std::iter::from_fn(|| commands.try_recv().ok())) {
-            if cmd == Command::Stop {
-                stop_cmd = true;
+        let mut queue: std::collections::VecDeque<Command> = std::mem::take(&mut deferred).into();
+        queue.extend(first);
+        queue.extend(std::iter::from_fn(|| commands.try_recv().ok()));
+        while let Some(cmd) = queue.pop_front() {
+            match cmd {
+                Command::Stop => {
+                    stop_cmd = true;
+                    state = apply(trainer, cmd, state, out, &mut single, &mut snapshot_due);
+                }
+                Command::Ablate { images } => {
+                    // Commands that arrive meanwhile wait for the next boundary; a cancel ends it.
+                    ablate(trainer, images, commands, &mut deferred, out, stop);
+                }
+                Command::CancelAblation => {}
+                cmd => state = apply(trainer, cmd, state, out, &mut single, &mut snapshot_due),
             }
-            state = apply(trainer, cmd, state, out, &mut single, &mut snapshot_due);
         }
         let stopped = if diverged {
             FinishReason::Diverged
