@@ -6,7 +6,7 @@ use super::jobs::{AblationJob, DataOf, ValImages, adapter_folder};
 use super::panels::diagnose::{DiagRun, DiagView};
 use super::panels::{Action, RunStatus};
 use super::{OpenRun, Source, StudioApp};
-use crate::train::protocol::{Command, Notice};
+use crate::train::protocol::Command;
 use std::path::PathBuf;
 
 /// How the run shown can be ablated or probed.
@@ -196,11 +196,11 @@ impl StudioApp {
             match result {
                 Ok(a) => {
                     for w in a.warnings {
-                        self.messages.push(note(w), false);
+                        self.messages.info(w);
                     }
                     r.history.ablation = Some(Box::new(a.ablation));
                 }
-                Err(e) if e.ends_with("cancelled") => self.messages.push(note(e), false),
+                Err(e) if e.ends_with("cancelled") => self.messages.info(e),
                 Err(e) => self.messages.error(e),
             }
         }
@@ -214,16 +214,5 @@ impl StudioApp {
             Action::ProbeVal(index) => self.probe_val(index),
             _ => {}
         }
-    }
-}
-
-/// A note of the app's own.
-fn note(message: String) -> Notice {
-    Notice {
-        step: 0,
-        time_s: 0.0,
-        message,
-        path: None,
-        line: None,
     }
 }

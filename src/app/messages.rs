@@ -24,16 +24,12 @@ pub struct Messages {
 impl Messages {
     /// Shows an error of the app's own (a file, a dialog, a refused command).
     pub fn error(&mut self, message: String) {
-        self.push(
-            Notice {
-                step: 0,
-                time_s: 0.0,
-                message,
-                path: None,
-                line: None,
-            },
-            true,
-        );
+        self.push(own(message), true);
+    }
+
+    /// Shows a note of the app's own (not an error).
+    pub fn info(&mut self, message: String) {
+        self.push(own(message), false);
     }
 
     /// Shows a run's notice; an error counts as raised.
@@ -115,5 +111,16 @@ impl Messages {
         } else {
             Vec::new()
         }
+    }
+}
+
+/// A notice of the app's own (no step, no file).
+fn own(message: String) -> Notice {
+    Notice {
+        step: 0,
+        time_s: 0.0,
+        message,
+        path: None,
+        line: None,
     }
 }

@@ -339,24 +339,9 @@ impl EvalSet {
     ) -> Result<(), E> {
         let batch = batch.max(1);
         let size = self.resize.size;
-        let view = |chunk: &[(usize, Prepared)]| -> (Vec<f32>, Vec<u32>, Vec<usize>) {
-            let imgs: Vec<&[u8]> = chunk.iter().map(|(_, (p, _))| p.as_slice()).collect();
-            (
-                assemble(&imgs, size, norm, None),
-                chunk.iter().map(|(_, (_, l))| *l).collect(),
-                chunk.iter().map(|(i, _)| *i).collect(),
-            )
-        };
         if let Some(cache) = &self.cache {
             for chunk in cache.chunks(batch) {
-                let (pixels, labels, index) = view(chunk);
-                let rgb = chunk.iter().map(|(_, (p, _))| p.as_slice()).collect();
-                f(EvalBatch {
-                    pixels,
-                    labels,
-                    index,
-                    rgb,
-                })?;
+                f(batch_of(chunk, size, norm))?;
             }
             return Ok(());
         }
@@ -367,16 +352,20 @@ impl EvalSet {
             if ok.is_empty() {
                 continue;
             }
-            let (pixels, labels, index) = view(&ok);
-            let rgb = ok.iter().map(|(_, (p, _))| p.as_slice()).collect();
-            f(EvalBatch {
-                pixels,
-                labels,
-                index,
-                rgb,
-            })?;
+            f(batch_of(&ok, size, norm))?;
         }
         self.skipped = skipped;
         Ok(())
+    }
+}
+
+/// One batch of prepared images with their indices.
+fn batch_of<'c>(chunk: &'c [(usize, Prepared)], size: u32, norm: &Normalize) -> EvalBatch<'c> {
+    let rgb: Vec<&[u8]> = chunk.iter().map(|(_, (p, _))| p.as_slice()).collect();
+    EvalBatch {
+        pixels: assemble(&rgb, size, norm, None),
+        labels: chunk.iter().map(|(_, (_, l))| *l).collect(),
+        index: chunk.iter().map(|(i, _)| *i).collect(),
+        rgb,
     }
 }

@@ -261,6 +261,21 @@ impl LoadedAdapter {
         })
     }
 
+    /// [`Self::load`], and the dataset `data_spec`, which must have the adapter's classes.
+    fn with_data(adapter: &Path, on: OnBackbone<'_>, force: bool, data_spec: &str) -> Result<(Self, data::Dataset)> {
+        let loaded = Self::load(adapter, on, force)?;
+        let dataset = data::load(data_spec, false, 0)?;
+        if dataset.classes.len() != loaded.model.classes.len() {
+            return Err(TrainError::Config(format!(
+                "{}: the adapter has {} classes, {data_spec} has {}",
+                adapter.display(),
+                loaded.model.classes.len(),
+                dataset.classes.len()
+            )));
+        }
+        Ok((loaded, dataset))
+    }
+
     fn eval_set(&self, samples: Vec<data::Sample>) -> EvalSet {
         let cfg = &self.model.backbone.cfg;
         let resize = crate::data::transform::Resize {
@@ -290,18 +305,9 @@ pub fn evaluate_adapter(
     force: bool,
     batch: usize,
 ) -> Result<AdapterEval> {
-    let loaded = LoadedAdapter::load(adapter, on, force)?;
+    let (loaded, dataset) = LoadedAdapter::with_data(adapter, on, force, data_spec)?;
     let model = &loaded.model;
     let mut warnings: Vec<String> = loaded.forced.iter().cloned().collect();
-    let dataset = data::load(data_spec, false, 0)?;
-    if dataset.classes.len() != model.classes.len() {
-        return Err(TrainError::Config(format!(
-            "{}: the adapter has {} classes, {data_spec} has {}",
-            adapter.display(),
-            model.classes.len(),
-            dataset.classes.len()
-        )));
-    }
     let mut set = loaded.eval_set(dataset.split(split).to_vec());
     let tally = classify(model, &mut set, &loaded.input(batch), &|| false)?;
     let per_class_counts = tally.per_class_counts();
@@ -353,18 +359,9 @@ pub fn ablate_adapter(
             "an ablation takes 1 to {MAX_IMAGES} images, not {images}"
         )));
     }
-    let loaded = LoadedAdapter::load(adapter, on, force)?;
+    let (loaded, dataset) = LoadedAdapter::with_data(adapter, on, force, data_spec)?;
     let model = &loaded.model;
     let mut warnings: Vec<String> = loaded.forced.iter().cloned().collect();
-    let dataset = data::load(data_spec, false, 0)?;
-    if dataset.classes.len() != model.classes.len() {
-        return Err(TrainError::Config(format!(
-            "{}: the adapter has {} classes, {data_spec} has {}",
-            adapter.display(),
-            model.classes.len(),
-            dataset.classes.len()
-        )));
-    }
     let val = dataset.split(Split::Val);
     if val.is_empty() {
         return Err(TrainError::Config(format!(

@@ -142,13 +142,7 @@ impl Trainer {
 
     /// Evaluates the validation or test split (`None` when it has no usable image).
     pub fn evaluate(&mut self, split: Split) -> Result<Option<EvalResult>> {
-        let input = EvalInput {
-            batch: self.cfg.batch.max(64),
-            normalize: &self.normalize,
-            size: self.model.backbone.cfg.img_size,
-            device: &self.device,
-            dtype: self.model.backbone.dtype(),
-        };
+        let input = eval_input(&self.cfg, &self.normalize, &self.model, &self.device);
         let set = if split == Split::Test {
             &mut self.test
         } else {
@@ -192,13 +186,7 @@ impl Trainer {
                 "the run has no validation split to ablate on".into(),
             ));
         }
-        let input = EvalInput {
-            batch: self.cfg.batch.max(64),
-            normalize: &self.normalize,
-            size: self.model.backbone.cfg.img_size,
-            device: &self.device,
-            dtype: self.model.backbone.dtype(),
-        };
+        let input = eval_input(&self.cfg, &self.normalize, &self.model, &self.device);
         let mut set = self.val.subset(&subset_indices(self.val.len(), images));
         let stop = self.stop.clone();
         let cancel = || cancel() || stop.cuts_short();
@@ -206,5 +194,21 @@ impl Trainer {
         a.step = self.step;
         a.time_s = self.time_s();
         Ok(a)
+    }
+}
+
+/// How a run's evaluation batches become the model's input.
+fn eval_input<'a>(
+    cfg: &crate::config::RunConfig,
+    normalize: &'a crate::data::Normalize,
+    model: &crate::model::PeftModel,
+    device: &'a candle_core::Device,
+) -> EvalInput<'a> {
+    EvalInput {
+        batch: cfg.batch.max(64),
+        normalize,
+        size: model.backbone.cfg.img_size,
+        device,
+        dtype: model.backbone.dtype(),
     }
 }
