@@ -3,7 +3,6 @@
 
 use super::eval::{Resolved, n_and_interval};
 use super::{CliError, usage};
-use crate::train::ablation::MAX_IMAGES;
 use crate::train::evaluate::ablate_adapter;
 use crate::train::protocol::Ablation;
 use std::fmt::Write as _;
@@ -12,10 +11,7 @@ use std::path::Path;
 
 /// Checks `--images` (1 to [`MAX_IMAGES`]).
 pub fn check_images(images: usize) -> Result<(), CliError> {
-    if images == 0 || images > MAX_IMAGES {
-        return Err(usage(format!("--images must be 1 to {MAX_IMAGES} (got {images})")));
-    }
-    Ok(())
+    crate::train::ablation::check_images(images).map_err(|e| usage(format!("--images: {e}")))
 }
 
 /// Runs the ablation of `resolved`'s adapter on `data`, prints the table, and writes the CSV to
@@ -225,6 +221,7 @@ mod tests {
 
     #[test]
     fn images_must_be_1_to_the_maximum() {
+        use crate::train::ablation::MAX_IMAGES;
         assert!(check_images(1).is_ok() && check_images(MAX_IMAGES).is_ok());
         for bad in [0, MAX_IMAGES + 1] {
             let e = check_images(bad).err().map(|e| e.exit_code());

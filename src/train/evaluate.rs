@@ -353,12 +353,8 @@ pub fn ablate_adapter(
     cancel: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<AdapterAblation> {
-    use super::ablation::{MAX_IMAGES, ablate, subset_indices};
-    if images == 0 || images > MAX_IMAGES {
-        return Err(TrainError::Config(format!(
-            "an ablation takes 1 to {MAX_IMAGES} images, not {images}"
-        )));
-    }
+    use super::ablation::{ablate, check_images, subset_indices};
+    check_images(images)?;
     let (loaded, dataset) = LoadedAdapter::with_data(adapter, on, force, data_spec)?;
     let model = &loaded.model;
     let mut warnings: Vec<String> = loaded.forced.iter().cloned().collect();

@@ -21,6 +21,16 @@ pub const DEFAULT_IMAGES: usize = 256;
 /// The most images one ablation may be asked for.
 pub const MAX_IMAGES: usize = 100_000;
 
+/// Whether `images` is a size an ablation may be asked for (1 to [`MAX_IMAGES`]).
+pub fn check_images(images: usize) -> Result<()> {
+    if images == 0 || images > MAX_IMAGES {
+        return Err(TrainError::Config(format!(
+            "an ablation takes 1 to {MAX_IMAGES} images, not {images}"
+        )));
+    }
+    Ok(())
+}
+
 /// The fixed subset of a split of `len` images an ablation of `n` images evaluates: the first
 /// `n` of a seeded shuffle (seed 0, independent of any run's RNG), in split order. Every run and
 /// every reopening picks the same images.

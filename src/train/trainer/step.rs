@@ -175,12 +175,8 @@ impl Trainer {
         cancel: &dyn Fn() -> bool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<crate::train::protocol::Ablation> {
-        use crate::train::ablation::{MAX_IMAGES, ablate, subset_indices};
-        if images == 0 || images > MAX_IMAGES {
-            return Err(crate::train::TrainError::Config(format!(
-                "an ablation takes 1 to {MAX_IMAGES} images, not {images}"
-            )));
-        }
+        use crate::train::ablation::{ablate, check_images, subset_indices};
+        check_images(images)?;
         if self.val.is_empty() {
             return Err(crate::train::TrainError::Config(
                 "the run has no validation split to ablate on".into(),
